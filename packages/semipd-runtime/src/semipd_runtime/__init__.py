@@ -1,0 +1,1 @@
+"""semipd_runtime."""
