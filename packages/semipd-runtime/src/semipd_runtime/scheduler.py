@@ -1,0 +1,120 @@
+"""Continuous batching with chunked prefill: each step spends a token budget on decode tokens first, then on
+prefill chunks of admitted requests, then on newly admitted ones. Pages are reserved for a whole prompt at
+admission; decode grows a request page by page and preempts (recompute) the newest request when the pool is dry."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from semipd_memory import PageAllocator
+from semipd_runtime.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    requests: list[Request]
+    num_new_tokens: list[int]  # tokens each request brings this step (1 for decode)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether request i reaches the end of its known tokens this step (so a new token is sampled)."""
+        r = self.requests[i]
+        return r.num_computed + self.num_new_tokens[i] == r.seq_len
+
+
+class Scheduler:
+    def __init__(
+        self, allocator: PageAllocator, *, max_running_requests: int, chunked_prefill_size: int
+    ) -> None:
+        self.allocator = allocator
+        self.max_running = max_running_requests
+        self.token_budget = chunked_prefill_size
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch = ScheduledBatch([], [])
+        budget = self.token_budget
+        # 1. decode tokens of running requests (always scheduled: a decode step is the latency-critical part)
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING or req.num_uncomputed != 1:
+                continue
+            if not self._ensure_pages(req, req.seq_len):
+                continue  # req itself was preempted
+            batch.requests.append(req)
+            batch.num_new_tokens.append(1)
+            budget -= 1
+        # 2. further chunks of admitted prefills, 3. new admissions (FCFS; stop at the first that doesn't fit)
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.num_uncomputed > 1 and req not in batch.requests:
+                n = min(req.num_uncomputed, budget)
+                batch.requests.append(req)
+                batch.num_new_tokens.append(n)
+                budget -= n
+        while budget > 0 and self.waiting and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            slot = self.allocator.alloc(self.allocator.pages_needed(req.seq_len))
+            if slot is None:
+                break
+            self.waiting.popleft()
+            req.slot, req.status = slot, RequestStatus.RUNNING
+            self.running.append(req)
+            n = min(req.num_uncomputed, budget)
+            batch.requests.append(req)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        return batch if batch.requests else None
+
+    def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
+        """Grow req to hold num_tokens, preempting the newest other running requests if needed."""
+        assert req.slot is not None
+        while True:
+            missing = self.allocator.pages_needed(num_tokens) - len(self.allocator.pages(req.slot))
+            if missing <= 0 or self.allocator.extend(req.slot, missing):
+                return True
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is req:
+                return False
+
+    def preempt(self, req: Request) -> None:
+        """Recompute-style preemption: drop its cache, keep its tokens, queue it first."""
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        self._release(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+
+    def _release(self, req: Request) -> None:
+        if req.slot is not None:
+            self.allocator.free(req.slot)
+            req.slot = None
