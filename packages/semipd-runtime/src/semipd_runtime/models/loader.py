@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +60,36 @@ def build_empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype
     return model.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
 
 
+def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Tensor]], source: str = "") -> None:
+    """Copy HF-named tensors into `model` (fusing QKV / gate-up); every parameter must be filled."""
+    cfg = model.config
+    params = dict(model.named_parameters())
+    loaded: dict[str, int] = {}
+    for hf_name, src in tensors:
+        target = map_hf_name(cfg, hf_name)
+        if target is None:
+            continue
+        name, rows = target
+        if name not in params:
+            raise ValueError(f"{source}: tensor {hf_name} has no place in {cfg.architecture}")
+        dst = params[name].data if rows is None else params[name].data[rows[0] : rows[0] + rows[1]]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"{source}: {hf_name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        dst.copy_(src)
+        loaded[name] = loaded.get(name, 0) + 1
+    expected = {n: (3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1) for n in params}
+    missing = [n for n, k in expected.items() if loaded.get(n, 0) < k]
+    if missing:
+        raise ValueError(f"{source} lacks weights for: {', '.join(missing[:8])}")
+
+
+def _safetensors_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:  # mmap: tensors are read lazily
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
 def load_model(
     model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
 ) -> LlamaForCausalLM:
@@ -67,37 +98,17 @@ def load_model(
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model directory {model_dir} has no *.safetensors file")
-    device = torch.device(device)
-    model = build_empty_model(cfg, device, dtype or cfg.torch_dtype)
-    params = dict(model.named_parameters())
-    loaded: dict[str, int] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():
-                target = map_hf_name(cfg, hf_name)
-                if target is None:
-                    continue
-                name, rows = target
-                if name not in params:
-                    raise ValueError(f"{file.name}: tensor {hf_name} has no place in {cfg.architecture}")
-                dst = params[name].data if rows is None else params[name].data[rows[0] : rows[0] + rows[1]]
-                src = f.get_tensor(hf_name)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"{hf_name}: shape {tuple(src.shape)} != expected {tuple(dst.shape)}")
-                dst.copy_(src)
-                loaded[name] = loaded.get(name, 0) + 1
-    expected = {n: (3 if "qkv_proj" in n else 2 if "gate_up_proj" in n else 1) for n in params}
-    missing = [n for n, k in expected.items() if loaded.get(n, 0) < k]
-    if missing:
-        raise ValueError(f"model directory {model_dir} lacks weights for: {', '.join(missing[:8])}")
+    model = build_empty_model(cfg, torch.device(device), dtype or cfg.torch_dtype)
+    load_weights(model, _safetensors_items(files), source=f"model directory {model_dir}")
     return model
 
 
 def init_random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
     """Random weights at real shapes, for GPU benchmarks of models we don't ship (norms stay at one)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         else:
-            p.data.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.data.normal_(0.0, std, generator=gen)
