@@ -70,7 +70,7 @@ class EngineCore:
         self.kv_pool = KVPool(
             mcfg.num_layers, num_pages, cfg.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device
         )
-        self.runner = ModelRunner(self.model, self.kv_pool, self.allocator, cfg.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_pool, cfg.page_size, cfg.max_model_len)
         self.scheduler = Scheduler(
             self.allocator,
             max_running_requests=cfg.max_running_requests,
@@ -145,7 +145,12 @@ class EngineCore:
         if batch is None:
             return events
         sample_rows = [i for i in range(len(batch.requests)) if batch.samples(i)]
-        logits = self.runner.forward(batch.requests, batch.num_new_tokens, sample_rows)
+        chunks = [r.token_slice(r.num_computed, r.num_computed + n)
+                  for r, n in zip(batch.requests, batch.num_new_tokens)]
+        table = self.allocator.req_to_page
+        slots = torch.tensor([r.slot for r in batch.requests], dtype=torch.long, device=table.device)
+        page_table = table.index_select(0, slots)
+        logits = self.runner.forward(chunks, [r.num_computed for r in batch.requests], page_table, sample_rows)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed += n
         self.num_steps += 1

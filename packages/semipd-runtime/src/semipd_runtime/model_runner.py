@@ -1,4 +1,5 @@
-"""ModelRunner: owns the model, the KV pool and the rotary table; turns a scheduled batch into one forward pass."""
+"""ModelRunner: owns the model, the KV pool view and the rotary table; turns token chunks + page tables into one
+forward pass. It allocates nothing in the pool: callers say which pages each request's tokens live in."""
 
 from __future__ import annotations
 
@@ -6,18 +7,16 @@ import torch
 from torch import Tensor
 
 from semipd_kernels import ops
-from semipd_memory import KVPool, PageAllocator
+from semipd_memory import KVPool
 from semipd_runtime.forward_batch import AttentionMetadata
 from semipd_runtime.models.llama import LlamaForCausalLM
-from semipd_runtime.request import Request
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_pool: KVPool, allocator: PageAllocator, max_model_len: int):
+    def __init__(self, model: LlamaForCausalLM, kv_pool: KVPool, page_size: int, max_model_len: int) -> None:
         cfg = model.config
-        self.model, self.kv_pool, self.allocator = model, kv_pool, allocator
+        self.model, self.kv_pool, self.page_size = model, kv_pool, page_size
         self.device = next(model.parameters()).device
-        self.page_size = allocator.page_size
         self.cos_sin_cache = ops.rope_cos_sin_cache(
             cfg.head_dim,
             max(max_model_len, cfg.max_position_embeddings),
@@ -26,32 +25,35 @@ class ModelRunner:
             device=self.device,
         )
 
+    def page_table_from_rows(self, rows: list[list[int]]) -> Tensor:
+        """int32 [B, max_pages] from explicit page lists (padding -1), for workers that don't own the allocator."""
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32, device=self.device)
+
     def build_metadata(
-        self, requests: list[Request], num_new: list[int], sample_rows: list[int]
+        self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int]
     ) -> tuple[Tensor, AttentionMetadata]:
-        ids: list[int] = []
-        positions: list[int] = []
-        for req, n in zip(requests, num_new):
-            ids += req.token_slice(req.num_computed, req.num_computed + n)
-            positions += range(req.num_computed, req.num_computed + n)
+        """chunks[i]: new token ids of request i, whose first sits at position starts[i]; page_table row i
+        holds its pages (at least up to starts[i] + len(chunks[i]))."""
         dev, ps = self.device, self.page_size
+        num_new = [len(c) for c in chunks]
+        ids = [t for c in chunks for t in c]
+        positions = [p for s, n in zip(starts, num_new) for p in range(s, s + n)]
         cu = [0]
         for n in num_new:
             cu.append(cu[-1] + n)
-        seq_lens_list = [r.num_computed + n for r, n in zip(requests, num_new)]
-        max_pages = -(-max(seq_lens_list) // ps)
-        slots = torch.tensor([r.slot for r in requests], dtype=torch.long, device=dev)
-        page_table = self.allocator.req_to_page.index_select(0, slots)[:, :max_pages].contiguous()
+        seq_lens = [s + n for s, n in zip(starts, num_new)]
+        page_table = page_table[:, : -(-max(seq_lens) // ps)].contiguous()
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         tok_req = torch.repeat_interleave(
-            torch.arange(len(requests), device=dev), torch.tensor(num_new, device=dev)
+            torch.arange(len(chunks), device=dev), torch.tensor(num_new, device=dev)
         )
         slot_mapping = page_table[tok_req, pos // ps].long() * ps + pos % ps
         meta = AttentionMetadata(
             positions=pos,
             slot_mapping=slot_mapping,
             page_table=page_table,
-            seq_lens=torch.tensor(seq_lens_list, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             logits_indices=torch.tensor([cu[i + 1] - 1 for i in sample_rows], dtype=torch.long, device=dev),
             is_decode=all(n == 1 for n in num_new),
@@ -61,6 +63,9 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long, device=dev), meta
 
     @torch.inference_mode()
-    def forward(self, requests: list[Request], num_new: list[int], sample_rows: list[int]) -> Tensor:
-        input_ids, meta = self.build_metadata(requests, num_new, sample_rows)
+    def forward(
+        self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int]
+    ) -> Tensor:
+        """float32 logits [len(sample_rows), vocab] for the last new token of each request in sample_rows."""
+        input_ids, meta = self.build_metadata(chunks, starts, page_table, sample_rows)
         return self.model(input_ids, meta)
