@@ -1,0 +1,1 @@
+"""Triton implementations, one module per kernel family, each with the signature of its `reference` twin."""
