@@ -13,14 +13,14 @@ import torch
 
 from semipd_memory import KVPool, PageAllocator
 from semipd_runtime.errors import InvalidRequestError
-from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent
+from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import Sampler
-from semipd_runtime.scheduler import Scheduler
+from semipd_runtime.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,17 @@ class CoreConfig:
     num_pages: int | None = None
     mem_fraction_static: float = 0.85
     cpu_kv_budget_bytes: int = 1 << 30
+    # per-state timeouts (seconds, None = no limit): an expired request ends with finish_reason "abort"
+    queue_timeout_s: float | None = None
+    prefill_timeout_s: float | None = None
+    decode_timeout_s: float | None = None
+    # semi-PD
+    mode: str = "unified"  # "unified" | "semi-pd"
+    sm_partition: str = "none"  # "none" | "green" | "mps"
+    prefill_placement: str = "process"  # "process" | "thread"
+    prefill_sm_percent: int = 50
+    decode_sm_percent: int = 50
+    max_prefill_tokens: int = 8192  # tokens per batch sent to the prefill worker (a longer prompt goes alone)
 
 
 def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -81,6 +92,7 @@ class EngineCore:
         self.eos = set(cfg.eos_token_ids)
         self.num_steps = 0
         self.pending: list[TokenEvent] = []  # events produced outside step() (aborts, rejections)
+        self._last_expiry = 0.0
         log.info("KV pool: %d pages x %d tokens on %s (%s)", num_pages, cfg.page_size, device, cfg.dtype)
 
     # --- requests -------------------------------------------------------------------------------------------
@@ -108,23 +120,39 @@ class EngineCore:
 
     def add_request(self, msg: AddRequest) -> None:
         if msg.rid in self.requests:
-            self.pending.append(TokenEvent(msg.rid, [], None, "abort", f"duplicate request id {msg.rid}"))
+            self.pending.append(TokenEvent(msg.rid, [], None, "abort", f"duplicate request id {msg.rid}", 400))
             return
         try:
             self.check_fits(len(msg.prompt_ids), msg.sampling.max_tokens)
         except InvalidRequestError as e:
-            self.pending.append(TokenEvent(msg.rid, [], None, "abort", e.message))
+            self.pending.append(TokenEvent(msg.rid, [], None, "abort", e.message, 400))
             return
         req = Request(msg.rid, list(msg.prompt_ids), msg.sampling)
         self.requests[msg.rid] = req
         self.scheduler.add(req)
 
-    def abort(self, rid: str, reason: str = "abort") -> None:
+    def abort(self, rid: str, reason: str = "abort", error: str | None = None, status: int = 0) -> None:
         req = self.requests.pop(rid, None)
         if req is None or req.status is RequestStatus.FINISHED:
             return
         self.scheduler.finish(req, reason)
-        self.pending.append(TokenEvent(rid, [], None, reason))
+        self.pending.append(TokenEvent(rid, [], None, reason, error, status))
+
+    def expire(self) -> None:
+        """Abort requests that stayed too long in one state (checked at most twice a second)."""
+        now = time.monotonic()
+        if now - self._last_expiry < 0.5:
+            return
+        self._last_expiry = now
+        limits = {
+            RequestStatus.WAITING: self.cfg.queue_timeout_s,
+            RequestStatus.PREFILLING: self.cfg.prefill_timeout_s,
+            RequestStatus.RUNNING: self.cfg.decode_timeout_s,
+        }
+        for req in list(self.requests.values()):
+            limit = limits.get(req.status)
+            if limit is not None and now - req.state_since > limit:
+                self.abort(req.rid, "abort", f"request timed out while {req.status.value}", 504)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -140,10 +168,15 @@ class EngineCore:
 
     # --- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        self.expire()
         events, self.pending = self.pending, []
         batch = self.scheduler.schedule()
-        if batch is None:
-            return events
+        if batch is not None:
+            events += self.run_batch(batch)
+        return events
+
+    def run_batch(self, batch: ScheduledBatch) -> list[TokenEvent]:
+        """One forward over the batch, sample where a request reached its last known token, emit events."""
         sample_rows = [i for i in range(len(batch.requests)) if batch.samples(i)]
         chunks = [r.token_slice(r.num_computed, r.num_computed + n)
                   for r, n in zip(batch.requests, batch.num_new_tokens)]
@@ -155,17 +188,18 @@ class EngineCore:
             req.num_computed += n
         self.num_steps += 1
         if not sample_rows:
-            return events
+            return []
         reqs = [batch.requests[i] for i in sample_rows]
         tokens, logprobs = self.sampler(logits, [r.sampling for r in reqs], [len(r.output_ids) for r in reqs])
-        for req, tok, lp in zip(reqs, tokens, logprobs):
-            req.output_ids.append(tok)
-            reason = self._finish_reason(req, tok)
-            if reason is not None:
-                self.scheduler.finish(req, reason)
-                self.requests.pop(req.rid, None)
-            events.append(TokenEvent(req.rid, [tok], None if lp is None else [lp], reason))
-        return events
+        return [self.accept_token(req, tok, lp) for req, tok, lp in zip(reqs, tokens, logprobs)]
+
+    def accept_token(self, req: Request, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
+        req.output_ids.append(tok)
+        reason = self._finish_reason(req, tok)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            self.requests.pop(req.rid, None)
+        return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason)
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         s = req.sampling
@@ -174,6 +208,9 @@ class EngineCore:
         if len(req.output_ids) >= s.max_tokens or req.seq_len >= self.cfg.max_model_len:
             return "length"
         return None
+
+    def close(self) -> None:
+        """Release workers the core started (none for the unified core)."""
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[TokenEvent]:
         """Offline helper: step until every request finished."""

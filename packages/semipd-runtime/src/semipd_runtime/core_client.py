@@ -11,12 +11,14 @@ import os
 import queue
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import msgspec
 import zmq
 
 from semipd_runtime.core import CoreConfig, EngineCore
+from semipd_runtime.core_factory import create_core
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -30,6 +32,22 @@ from semipd_runtime.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 OutputCallback = Callable[[FromCore], None]
 
 
@@ -45,6 +63,7 @@ def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: Outpu
             elif isinstance(msg, StatsRequest):
                 emit(StepOutput([], core.stats()))
             elif isinstance(msg, Shutdown):
+                core.close()
                 return
         if core.has_work() or core.pending:
             events = core.step()
@@ -61,7 +80,7 @@ class ThreadCoreClient:
     def __init__(self, cfg: CoreConfig, on_output: OutputCallback) -> None:
         self.inbox: queue.Queue[ToCore] = queue.Queue()
         self.on_output = on_output
-        self.core = EngineCore(cfg)
+        self.core = create_core(cfg)
         self.alive = True
         on_output(CoreReady(self.core.stats(), cfg.page_size, cfg.max_model_len))
         self.thread = threading.Thread(target=self._run, name="semipd-core", daemon=True)
@@ -123,7 +142,7 @@ def run_core_process(cfg: CoreConfig, in_addr: str, out_addr: str, log_level: in
         return msgs
 
     try:
-        core = EngineCore(cfg)
+        core = create_core(cfg)
         emit(CoreReady(core.stats(), cfg.page_size, cfg.max_model_len))
         core_loop(core, get, emit)
     except Exception as e:
@@ -138,7 +157,8 @@ def run_core_process(cfg: CoreConfig, in_addr: str, out_addr: str, log_level: in
 class ProcessCoreClient:
     """The core runs in a child process; a reader thread here receives its outputs and watches it live."""
 
-    def __init__(self, cfg: CoreConfig, on_output: OutputCallback, startup_timeout_s: float = 600.0) -> None:
+    def __init__(self, cfg: CoreConfig, on_output: OutputCallback, startup_timeout_s: float = 600.0,
+                 env: dict[str, str] | None = None) -> None:
         self.on_output = on_output
         self._dir = tempfile.TemporaryDirectory(prefix="semipd-")
         in_addr, out_addr = f"ipc://{self._dir.name}/in", f"ipc://{self._dir.name}/out"
@@ -154,7 +174,8 @@ class ProcessCoreClient:
             name="semipd-core",
             daemon=True,
         )
-        self.proc.start()
+        with environment(env or {}):  # spawn copies os.environ: MPS reads its percentage at CUDA init
+            self.proc.start()
         self.alive = True
         self._closing = False
         first = self._wait_first(startup_timeout_s)

@@ -34,6 +34,7 @@ from semipd_runtime.messages import (
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.default_model import resolve_model_path
 from semipd_runtime.outputs import RequestOutput
+from semipd_runtime.partition import percent_from_env
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_runtime.tokenizer import Tokenizer
 from semipd_runtime.tracked_request import TrackedRequest
@@ -58,9 +59,24 @@ class Engine:
         dtype: str | None = None,
         device: str | None = None,
         core: str = "thread",
+        sm_partition: str = "none",
+        prefill_sm_percent: int | None = None,
+        decode_sm_percent: int | None = None,
+        prefill_placement: str = "process",
+        max_prefill_tokens: int = 8192,
+        queue_timeout_s: float | None = None,
+        prefill_timeout_s: float | None = None,
+        decode_timeout_s: float | None = None,
     ) -> None:
-        if mode != "unified":
-            raise ValueError(f"mode {mode!r} is not available yet; use mode='unified'")
+        if mode not in ("unified", "semi-pd"):
+            raise ValueError(f"mode must be 'unified' or 'semi-pd', got {mode!r}")
+        if sm_partition not in ("none", "green", "mps"):
+            raise ValueError(f"sm_partition must be one of none, green, mps; got {sm_partition!r}")
+        if prefill_placement not in ("process", "thread"):
+            raise ValueError(f"prefill_placement must be 'process' or 'thread', got {prefill_placement!r}")
+        prefill_pct = percent_from_env("prefill_sm_percent", prefill_sm_percent, "SEMI_PD_PREFILL_SM_PERCENTILE", 50)
+        decode_pct = percent_from_env("decode_sm_percent", decode_sm_percent, "SEMI_PD_DECODE_SM_PERCENTILE",
+                                      100 - prefill_pct if prefill_sm_percent is not None else 50)
         if core not in ("thread", "process"):
             raise ValueError(f"core must be 'thread' or 'process', got {core!r}")
         for name, v in (("max_running_requests", max_running_requests), ("page_size", page_size),
@@ -91,8 +107,12 @@ class Engine:
             model_path=str(path), device=device, dtype=dtype, max_model_len=self.max_model_len,
             eos_token_ids=sorted(eos), max_running_requests=max_running_requests,
             chunked_prefill_size=chunked_prefill_size, page_size=page_size, num_pages=num_pages,
-            mem_fraction_static=mem_fraction_static,
+            mem_fraction_static=mem_fraction_static, queue_timeout_s=queue_timeout_s,
+            prefill_timeout_s=prefill_timeout_s, decode_timeout_s=decode_timeout_s, mode=mode,
+            sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
+            decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens,
         )
+        self.mode = mode
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[TrackedRequest, int]] = {}  # core rid -> (request, completion index)
         self._stats = EngineStats()
@@ -100,8 +120,18 @@ class Engine:
         self._dead: str | None = None
         self._page_size = page_size
         self._ids = itertools.count()
-        client_cls = ProcessCoreClient if core == "process" else ThreadCoreClient
-        self._client = client_cls(self._cfg, self._on_output)
+        if mode == "semi-pd" and sm_partition == "mps":
+            # under MPS every role is a process started with its SM percentage
+            from semipd_runtime.partition import check_mps_daemon
+
+            check_mps_daemon()
+            core = "process"
+            env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(decode_pct)}
+            self._client: ThreadCoreClient | ProcessCoreClient = ProcessCoreClient(self._cfg, self._on_output, env=env)
+        elif core == "process":
+            self._client = ProcessCoreClient(self._cfg, self._on_output)
+        else:
+            self._client = ThreadCoreClient(self._cfg, self._on_output)
         if self._dead:
             raise RuntimeError(self._dead)
         log.info("engine ready: model %s, %d KV pages of %d tokens, context %d, core=%s",
@@ -147,6 +177,8 @@ class Engine:
         self._check_fits(len(ids), params)
         if self._dead:
             raise EngineDeadError(self._dead)
+        if not self._stats.healthy:
+            raise EngineDeadError(self._stats.health_error or "engine is unhealthy")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         req = TrackedRequest(rid, ids, params, self.tokenizer, sink)
         base_seed = params.seed if params.seed is not None else random.getrandbits(62)
@@ -256,7 +288,8 @@ class Engine:
     def stats(self) -> dict[str, int]:
         s = self._stats
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "pages_used": s.pages_used,
-                "pages_total": s.pages_total, "prefill_sm": s.prefill_sm, "decode_sm": s.decode_sm}
+                "pages_total": s.pages_total, "prefill_sm": s.prefill_sm, "decode_sm": s.decode_sm,
+                "healthy": int(s.healthy)}
 
     def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, int]:
         """Ask the core for fresh numbers (waits for its next report)."""
@@ -269,7 +302,10 @@ class Engine:
         return self.stats()
 
     async def check_health(self, timeout_s: float = 5.0) -> None:
+        """Raises EngineDeadError unless the core answers and all its workers are alive."""
         await asyncio.get_running_loop().run_in_executor(None, self.refresh_stats, timeout_s)
+        if not self._stats.healthy:
+            raise EngineDeadError(self._stats.health_error or "engine is unhealthy")
 
     @property
     def is_alive(self) -> bool:

@@ -46,13 +46,15 @@ class TokenLogprobMsg(msgspec.Struct, array_like=True):
 
 
 class TokenEvent(msgspec.Struct, array_like=True):
-    """New tokens of one request; finish_reason set on its last event."""
+    """New tokens of one request; finish_reason set on its last event. `error` + `status` (an HTTP-like code:
+    400 rejected, 503 a worker died, 504 timed out) explain an abort the client did not ask for."""
 
     rid: str
     token_ids: list[int]
     logprobs: list[TokenLogprobMsg] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    status: int = 0
 
 
 class EngineStats(msgspec.Struct):
@@ -63,6 +65,8 @@ class EngineStats(msgspec.Struct):
     prefill_sm: int = 0
     decode_sm: int = 0
     num_steps: int = 0
+    healthy: bool = True
+    health_error: str = ""
 
 
 class StepOutput(msgspec.Struct, tag=True):
@@ -81,6 +85,45 @@ class CoreReady(msgspec.Struct, tag=True):
 class CoreFailure(msgspec.Struct, tag=True):
     message: str
 
+
+# --- semi-PD: decode worker (allocator owner) <-> prefill worker -------------------------------------------------
+class PrefillItem(msgspec.Struct, array_like=True):
+    rid: str
+    token_ids: list[int]  # every token to put in the cache (prompt, plus outputs when resuming a preempted request)
+    pages: list[int]  # pages reserved for them by the decode worker; the prefill worker writes only these
+    sampling: CoreSampling
+    step: int  # sampling step of the token to sample (len(output_ids)), so seeds give the same stream as unified
+
+
+class PrefillBatch(msgspec.Struct, tag=True):
+    batch_id: int
+    items: list[PrefillItem]
+
+
+class PrefillResult(msgspec.Struct, array_like=True):
+    rid: str
+    token_id: int
+    logprob: TokenLogprobMsg | None = None
+
+
+class PrefillDone(msgspec.Struct, tag=True):
+    batch_id: int
+    results: list[PrefillResult]
+    num_tokens: int
+    elapsed_s: float
+
+
+class PrefillFailed(msgspec.Struct, tag=True):
+    batch_id: int
+    message: str
+
+
+class PrefillReady(msgspec.Struct, tag=True):
+    sm_count: int = 0
+
+
+ToPrefill = PrefillBatch | Shutdown
+FromPrefill = PrefillDone | PrefillFailed | PrefillReady
 
 ToCore = AddRequest | AbortRequest | StatsRequest | Shutdown
 FromCore = StepOutput | CoreReady | CoreFailure

@@ -11,6 +11,7 @@ from semipd_runtime.messages import CoreSampling, TokenLogprobMsg
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    PREFILLING = "prefilling"  # semi-PD: its prefill batch is with the prefill worker
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -21,6 +22,7 @@ class Request:
     prompt_ids: list[int]
     sampling: CoreSampling
     arrival_time: float = field(default_factory=time.monotonic)
+    state_since: float = field(default_factory=time.monotonic)  # when it entered its current status
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     slot: int | None = None  # row of the page allocator's req_to_page

@@ -4,6 +4,7 @@ admission; decode grows a request page by page and preempts (recompute) the newe
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -50,10 +51,14 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule_decode(self) -> ScheduledBatch | None:
+        """Only the decode tokens (semi-PD's decode worker; prefill happens elsewhere)."""
+        batch = self._decodes()
+        return batch if batch.requests else None
+
+    def _decodes(self) -> ScheduledBatch:
+        # decode tokens of running requests are always scheduled: a decode step is the latency-critical part
         batch = ScheduledBatch([], [])
-        budget = self.token_budget
-        # 1. decode tokens of running requests (always scheduled: a decode step is the latency-critical part)
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or req.num_uncomputed != 1:
                 continue
@@ -61,7 +66,11 @@ class Scheduler:
                 continue  # req itself was preempted
             batch.requests.append(req)
             batch.num_new_tokens.append(1)
-            budget -= 1
+        return batch
+
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._decodes()
+        budget = self.token_budget - len(batch.requests)
         # 2. further chunks of admitted prefills, 3. new admissions (FCFS; stop at the first that doesn't fit)
         for req in self.running:
             if budget <= 0:
@@ -77,7 +86,7 @@ class Scheduler:
             if slot is None:
                 break
             self.waiting.popleft()
-            req.slot, req.status = slot, RequestStatus.RUNNING
+            req.slot, req.status, req.state_since = slot, RequestStatus.RUNNING, time.monotonic()
             self.running.append(req)
             n = min(req.num_uncomputed, budget)
             batch.requests.append(req)
@@ -102,7 +111,7 @@ class Scheduler:
         self.running.remove(req)
         self._release(req)
         req.num_computed = 0
-        req.status = RequestStatus.WAITING
+        req.status, req.state_since = RequestStatus.WAITING, time.monotonic()
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 

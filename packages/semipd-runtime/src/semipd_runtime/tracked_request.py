@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from semipd_runtime.errors import EngineDeadError, InvalidRequestError
 from semipd_runtime.messages import TokenEvent
 from semipd_runtime.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from semipd_runtime.sampling_params import SamplingParams
@@ -67,10 +68,9 @@ class TrackedRequest:
                 c.finish_reason = ev.finish_reason
                 if ev.finish_reason == "stop" and ev.token_ids:
                     c.stop_reason = ev.token_ids[-1]
-            if ev.error is not None and self.error is None:
-                from semipd_runtime.errors import InvalidRequestError
-
-                self.error = InvalidRequestError(ev.error)
+            if ev.error is not None and self.error is None and ev.status in (400, 503):
+                # rejected by the core (400) or its worker died (503); a timeout (504) just ends with "abort"
+                self.error = (InvalidRequestError if ev.status == 400 else EngineDeadError)(ev.error)
             if c.finish_reason is not None and self.finished:
                 self.metrics["finished"] = time.monotonic()
             return stop_hit

@@ -1,0 +1,46 @@
+"""Build the engine core a CoreConfig asks for: unified, or semi-PD with its prefill worker and SM partition."""
+
+from __future__ import annotations
+
+import logging
+
+from semipd_runtime.core import CoreConfig, EngineCore
+from semipd_runtime.model_runner import ModelRunner
+from semipd_runtime.partition import SmPartition, create_partition
+from semipd_runtime.prefill_worker import PrefillWorker, ThreadPrefillChannel
+from semipd_runtime.semipd_core import PrefillChannel, SemiPDCore
+
+log = logging.getLogger(__name__)
+
+
+def prefill_placement(cfg: CoreConfig) -> str:
+    """green needs threads (contexts isolate only inside one process); mps needs processes."""
+    if cfg.sm_partition == "green":
+        return "thread"
+    if cfg.sm_partition == "mps":
+        return "process"
+    return cfg.prefill_placement
+
+
+def create_core(cfg: CoreConfig, partition: SmPartition | None = None) -> EngineCore:
+    if cfg.mode == "unified":
+        return EngineCore(cfg)
+    if cfg.mode != "semi-pd":
+        raise ValueError(f"mode must be 'unified' or 'semi-pd', got {cfg.mode!r}")
+    part = partition or create_partition(cfg.sm_partition, cfg.prefill_sm_percent, cfg.decode_sm_percent)
+    placement = prefill_placement(cfg)
+
+    def make_channel(core: SemiPDCore) -> PrefillChannel:
+        if placement == "thread":
+            runner = ModelRunner(core.model, core.kv_pool, cfg.page_size, cfg.max_model_len)
+            return ThreadPrefillChannel(PrefillWorker(runner, cfg.chunked_prefill_size),
+                                        part.role_context_factory("prefill"), part.sm_count["prefill"])
+        from semipd_runtime.prefill_process import ProcessPrefillChannel
+
+        return ProcessPrefillChannel(core, part)
+
+    core = SemiPDCore(cfg, make_channel, decode_context=part.role_context_factory("decode"),
+                      sm_split=(part.sm_count["prefill"], part.sm_count["decode"]))
+    log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d", part.kind, placement,
+             part.sm_count["prefill"], part.sm_count["decode"])
+    return core

@@ -1,0 +1,156 @@
+"""SM partition backends: how the prefill and decode roles are confined to their share of the GPU's SMs.
+
+| backend | roles run as | confinement |
+|---|---|---|
+| `green` | threads of one process | disjoint SM groups from the driver API (cuDevSmResourceSplitByCount -> cuDevResourceGenerateDesc -> cuGreenCtxCreate -> cuGreenCtxStreamCreate), entered as torch ExternalStreams |
+| `mps`   | processes | MPS daemon + CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per process (a cap, not a disjoint set) |
+| `none`  | processes (or threads on CPU) | none: time-sliced by the driver |
+
+torch's own `GreenContext.create` carves each context from the whole device (the two overlap), so it is not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+log = logging.getLogger(__name__)
+ROLES = ("prefill", "decode")
+
+
+class SmPartition:
+    """Base: no confinement. `role_context(role)` is entered by the thread running that role."""
+
+    kind = "none"
+
+    def __init__(self, prefill_percent: int, decode_percent: int) -> None:
+        for name, v in (("prefill_sm_percent", prefill_percent), ("decode_sm_percent", decode_percent)):
+            if not 1 <= v <= 100:
+                raise ValueError(f"{name} must be in [1, 100], got {v}")
+        self.percent = {"prefill": prefill_percent, "decode": decode_percent}
+        self.sm_count = {"prefill": 0, "decode": 0}
+
+    def role_context_factory(self, role: str) -> Callable[[], AbstractContextManager[Any]]:
+        return nullcontext
+
+    def process_env(self, role: str) -> dict[str, str]:
+        """Environment a process running `role` must start with."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def _device_sm_count() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+        if torch.cuda.is_available() else 0
+
+
+class MpsPartition(SmPartition):
+    kind = "mps"
+
+    def __init__(self, prefill_percent: int, decode_percent: int) -> None:
+        super().__init__(prefill_percent, decode_percent)
+        check_mps_daemon()
+        total = _device_sm_count()
+        self.sm_count = {r: round(total * self.percent[r] / 100) for r in ROLES}  # a cap, as MPS applies it
+
+    def process_env(self, role: str) -> dict[str, str]:
+        return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(self.percent[role])}
+
+
+def check_mps_daemon() -> None:
+    """Raise with instructions if no MPS control daemon answers."""
+    ctl = shutil.which("nvidia-cuda-mps-control")
+    hint = ("start it with `nvidia-cuda-mps-control -d` (as root; stop with `echo quit | nvidia-cuda-mps-control`)"
+            " or use --sm-partition green")
+    if ctl is None:
+        raise RuntimeError(f"--sm-partition mps needs the MPS control daemon, but nvidia-cuda-mps-control is not "
+                           f"installed; {hint}")
+    try:
+        r = subprocess.run([ctl], input="get_default_active_thread_percentage\n", capture_output=True, text=True,
+                           timeout=5)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"the MPS control daemon does not answer; {hint}") from e
+    if r.returncode != 0:
+        raise RuntimeError(f"the MPS control daemon is not running ({r.stderr.strip() or r.stdout.strip()}); {hint}")
+
+
+class GreenPartition(SmPartition):
+    """Two disjoint SM groups of one device, each with its own stream; the roles are threads."""
+
+    kind = "green"
+
+    def __init__(self, prefill_percent: int, decode_percent: int, device_index: int = 0) -> None:
+        super().__init__(prefill_percent, decode_percent)
+        import torch
+        from cuda.bindings import driver as cu  # shipped with torch's CUDA wheels
+
+        self._cu = cu
+        torch.cuda.init()
+        torch.zeros(1, device=f"cuda:{device_index}")  # make torch's primary context current first
+        self._dev = self._ok(cu.cuDeviceGet(device_index))
+        full = self._ok(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+        total = full.sm.smCount
+        want_decode = max(1, round(total * decode_percent / 100))
+        groups, _, rest = self._ok(cu.cuDevSmResourceSplitByCount(1, full, 0, want_decode))
+        self._contexts: list[Any] = []
+        self._streams: dict[str, Any] = {}
+        for role, res in (("decode", groups[0]), ("prefill", rest)):
+            desc = self._ok(cu.cuDevResourceGenerateDesc([res], 1))
+            ctx = self._ok(cu.cuGreenCtxCreate(desc, self._dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+            stream = self._ok(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+            self._contexts.append(ctx)
+            self._streams[role] = torch.cuda.ExternalStream(int(stream))
+            self.sm_count[role] = res.sm.smCount
+        if prefill_percent + decode_percent < 100:
+            log.info("green partition: prefill takes every SM decode does not (%d)", self.sm_count["prefill"])
+        log.info("green partition granted: decode %d SMs, prefill %d SMs (of %d)",
+                 self.sm_count["decode"], self.sm_count["prefill"], total)
+
+    def _ok(self, r: Any) -> Any:
+        err, *rest = r if isinstance(r, tuple) else (r,)
+        if err != self._cu.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"CUDA driver call failed: {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def role_context_factory(self, role: str) -> Callable[[], AbstractContextManager[Any]]:
+        import torch
+
+        stream = self._streams[role]
+        return lambda: torch.cuda.stream(stream)
+
+    def close(self) -> None:
+        for ctx in self._contexts:
+            self._cu.cuGreenCtxDestroy(ctx)
+        self._contexts.clear()
+
+
+def create_partition(kind: str, prefill_percent: int, decode_percent: int) -> SmPartition:
+    if kind == "green":
+        return GreenPartition(prefill_percent, decode_percent)
+    if kind == "mps":
+        return MpsPartition(prefill_percent, decode_percent)
+    if kind == "none":
+        return SmPartition(prefill_percent, decode_percent)
+    raise ValueError(f"sm_partition must be one of green, mps, none; got {kind!r}")
+
+
+def percent_from_env(name: str, value: int | None, alias: str, default: int) -> int:
+    """CLI value, else Semi-PD's environment variable (SEMI_PD_PREFILL_SM_PERCENTILE ...), else default."""
+    if value is not None:
+        return value
+    raw = os.environ.get(alias)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"{alias}={raw!r} is not an integer percentage (for {name})") from e

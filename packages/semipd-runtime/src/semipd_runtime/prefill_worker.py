@@ -1,0 +1,127 @@
+"""PrefillWorker: runs prefill batches (chunked) into pages the decode worker reserved, samples each request's
+first token, reports done. It owns no allocator and allocates nothing in the shared pool.
+
+`ThreadPrefillChannel` runs it as a thread of the decode worker's process (green contexts, or CPU);
+the process placement lives in `prefill_process.py`."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from semipd_runtime.messages import (
+    FromPrefill,
+    PrefillBatch,
+    PrefillDone,
+    PrefillFailed,
+    PrefillReady,
+    PrefillResult,
+    Shutdown,
+    ToPrefill,
+)
+from semipd_runtime.model_runner import ModelRunner
+from semipd_runtime.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class PrefillWorker:
+    def __init__(self, runner: ModelRunner, chunk_size: int) -> None:
+        self.runner = runner
+        self.chunk_size = chunk_size
+        self.sampler = Sampler()
+
+    def run(self, batch: PrefillBatch) -> PrefillDone:
+        t0 = time.perf_counter()
+        items = batch.items
+        table = self.runner.page_table_from_rows([it.pages for it in items])
+        done = [0] * len(items)
+        results: list[PrefillResult] = []
+        while any(d < len(it.token_ids) for d, it in zip(done, items)):
+            budget, rows, chunks, starts = self.chunk_size, [], [], []
+            for i, it in enumerate(items):
+                left = len(it.token_ids) - done[i]
+                if left <= 0 or budget <= 0:
+                    continue
+                n = min(left, budget)
+                rows.append(i)
+                chunks.append(it.token_ids[done[i] : done[i] + n])
+                starts.append(done[i])
+                budget -= n
+            sample_rows = [j for j, i in enumerate(rows) if starts[j] + len(chunks[j]) == len(items[i].token_ids)]
+            sub_table = table.index_select(0, torch.tensor(rows, device=table.device))
+            logits = self.runner.forward(chunks, starts, sub_table, sample_rows)
+            for j, i in enumerate(rows):
+                done[i] += len(chunks[j])
+            if sample_rows:
+                finished = [items[rows[j]] for j in sample_rows]
+                tokens, lps = self.sampler(logits, [it.sampling for it in finished], [it.step for it in finished])
+                results += [PrefillResult(it.rid, t, lp) for it, t, lp in zip(finished, tokens, lps)]
+        n_tokens = sum(len(it.token_ids) for it in items)
+        return PrefillDone(batch.batch_id, results, n_tokens, time.perf_counter() - t0)
+
+
+def prefill_loop(worker: PrefillWorker, recv: Callable[[], ToPrefill], send: Callable[[FromPrefill], None]) -> None:
+    while True:
+        msg = recv()
+        if isinstance(msg, Shutdown):
+            return
+        try:
+            send(worker.run(msg))
+        except Exception as e:
+            log.exception("prefill batch %d failed", msg.batch_id)
+            send(PrefillFailed(msg.batch_id, f"prefill worker failed: {e!r}"))
+            raise
+
+
+class ThreadPrefillChannel:
+    """The prefill worker as a thread sharing the decode worker's model and KV pool objects directly."""
+
+    def __init__(
+        self, worker: PrefillWorker, role_context: Callable[[], AbstractContextManager[object]] = nullcontext,
+        sm_count: int = 0,
+    ) -> None:
+        self.inbox: queue.Queue[ToPrefill] = queue.Queue()
+        self.outbox: queue.Queue[FromPrefill] = queue.Queue()
+        self.worker, self.role_context = worker, role_context
+        self.alive = True
+        self.outbox.put(PrefillReady(sm_count))
+        self.thread = threading.Thread(target=self._run, name="semipd-prefill", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self.role_context():
+                prefill_loop(self.worker, self.inbox.get, self.outbox.put)
+        except Exception:
+            pass  # already reported as PrefillFailed
+        finally:
+            self.alive = False
+
+    def send(self, batch: PrefillBatch) -> None:
+        self.inbox.put(batch)
+
+    def poll(self, timeout_s: float) -> list[FromPrefill]:
+        out: list[FromPrefill] = []
+        try:
+            out.append(self.outbox.get(timeout=timeout_s) if timeout_s > 0 else self.outbox.get_nowait())
+            while True:
+                out.append(self.outbox.get_nowait())
+        except queue.Empty:
+            return out
+
+    def kill(self) -> None:
+        """Test hook: make the worker stop as if it died (the thread can't be killed; it just stops serving)."""
+        self.inbox.put(Shutdown())
+        self.thread.join(timeout=10)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.inbox.put(Shutdown())
+            self.thread.join(timeout=10)
