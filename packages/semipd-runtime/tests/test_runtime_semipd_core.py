@@ -1,0 +1,136 @@
+"""Semi-PD decode core + prefill worker (thread placement, no partition) on small random models, CPU."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.core_factory import create_core  # noqa: E402
+from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
+from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
+
+from test_runtime_parity_random import write_random_model  # noqa: E402
+
+
+def make_core(path: Path, mode: str, **kw: object) -> EngineCore:
+    cfg = CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=256, eos_token_ids=[],
+                     num_pages=kw.pop("num_pages", 200), page_size=4, mode=mode, prefill_placement="thread",
+                     chunked_prefill_size=kw.pop("chunked_prefill_size", 16), max_prefill_tokens=48, **kw)
+    return create_core(cfg)
+
+
+def run(core: EngineCore, prompts: list[list[int]], sampling: CoreSampling) -> dict[str, list[int]]:
+    for i, p in enumerate(prompts):
+        core.add_request(AddRequest(f"r{i}", p, sampling))
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    reasons = {}
+    for _ in range(100_000):
+        for ev in core.step():
+            out[ev.rid] += ev.token_ids
+            if ev.finish_reason:
+                reasons[ev.rid] = ev.finish_reason
+        if not core.has_work() and not core.pending:
+            break
+    assert set(reasons) == set(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("llama")
+    write_random_model("llama-tied", d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 30, 7, 70, 1, 20, 45, 12)]
+
+
+@pytest.mark.parametrize("sampling", [
+    CoreSampling(temperature=0.0, max_tokens=10, ignore_eos=True),
+    CoreSampling(temperature=0.9, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True),
+])
+def test_semipd_equals_unified(model_dir: Path, prompts: list[list[int]], sampling: CoreSampling) -> None:
+    unified = make_core(model_dir, "unified")
+    want = run(unified, prompts, sampling)
+    semi = make_core(model_dir, "semi-pd")
+    assert isinstance(semi, SemiPDCore)
+    try:
+        got = run(semi, prompts, sampling)
+        semi.allocator.check_integrity()
+        assert semi.allocator.num_free_pages == semi.allocator.num_pages
+    finally:
+        semi.close()
+    assert got == want
+
+
+def test_semipd_random_aborts_keep_pool_clean(model_dir: Path, prompts: list[list[int]]) -> None:
+    core = make_core(model_dir, "semi-pd")
+    assert isinstance(core, SemiPDCore)
+    rng = random.Random(0)
+    try:
+        for round_ in range(3):
+            rids = [f"x{round_}-{i}" for i in range(len(prompts))]
+            for rid, p in zip(rids, prompts):
+                core.add_request(AddRequest(rid, p, CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)))
+            finished: set[str] = set()
+            aborted_prefilling = 0
+            for step in range(10_000):
+                if rng.random() < 0.3:
+                    victim = rng.choice(rids)
+                    req = core.requests.get(victim)
+                    if req is not None and req.status.value == "prefilling":
+                        aborted_prefilling += 1
+                    core.abort(victim)
+                for ev in core.step():
+                    if ev.finish_reason:
+                        assert ev.rid not in finished, "finished twice"
+                        finished.add(ev.rid)
+                core.allocator.check_integrity()
+                if not core.has_work() and not core.pending:
+                    break
+            assert finished == set(rids)
+            assert core.allocator.num_free_pages == core.allocator.num_pages
+        assert not core.parked
+    finally:
+        core.close()
+
+
+def test_dead_prefill_worker_fails_its_requests(model_dir: Path, prompts: list[list[int]]) -> None:
+    core = make_core(model_dir, "semi-pd")
+    assert isinstance(core, SemiPDCore)
+    try:
+        core.add_request(AddRequest("early", prompts[0], CoreSampling(temperature=0.0, max_tokens=30,
+                                                                     ignore_eos=True)))
+        events = []
+        while not any(ev.token_ids for ev in events):
+            events += core.step()
+        core.channel.kill()  # type: ignore[attr-defined]
+        for i, p in enumerate(prompts[1:4]):
+            core.add_request(AddRequest(f"late{i}", p, CoreSampling(temperature=0.0, max_tokens=5)))
+        for _ in range(10_000):
+            events += core.step()
+            if not core.has_work() and not core.pending:
+                break
+        by_rid: dict[str, list] = {}
+        for ev in events:
+            by_rid.setdefault(ev.rid, []).append(ev)
+        # the running request keeps decoding to its end; the others fail with 503 / abort
+        assert by_rid["early"][-1].finish_reason == "length"
+        assert sum(len(e.token_ids) for e in by_rid["early"]) == 30
+        for i in range(3):
+            last = by_rid[f"late{i}"][-1]
+            assert last.finish_reason == "abort" and last.status == 503
+        assert not core.stats().healthy
+        core.allocator.check_integrity()
+        assert core.allocator.num_free_pages == core.allocator.num_pages
+    finally:
+        core.close()
