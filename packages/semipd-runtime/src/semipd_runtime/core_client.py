@@ -70,7 +70,16 @@ def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: Outpu
             emit(StepOutput(events, core.stats()))
             idle_reported = False
         elif not idle_reported:
-            emit(StepOutput([], core.stats()))
+            stats = core.stats()
+            try:  # cheap, catches leaks early: when idle every page must be free
+                core.allocator.check_integrity()
+                if core.allocator.num_used_pages:
+                    stats.integrity_error = f"{core.allocator.num_used_pages} pages in use while idle"
+            except AssertionError as e:
+                stats.integrity_error = str(e) or "integrity check failed"
+            if stats.integrity_error:
+                log.error("allocator integrity: %s", stats.integrity_error)
+            emit(StepOutput([], stats))
             idle_reported = True
 
 

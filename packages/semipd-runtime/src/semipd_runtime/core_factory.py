@@ -6,6 +6,7 @@ import logging
 
 from semipd_runtime.core import CoreConfig, EngineCore
 from semipd_runtime.model_runner import ModelRunner
+from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.partition import SmPartition, create_partition
 from semipd_runtime.prefill_worker import PrefillWorker, ThreadPrefillChannel
 from semipd_runtime.semipd_core import PrefillChannel, SemiPDCore
@@ -22,9 +23,12 @@ def prefill_placement(cfg: CoreConfig) -> str:
     return cfg.prefill_placement
 
 
-def create_core(cfg: CoreConfig, partition: SmPartition | None = None) -> EngineCore:
+def create_core(
+    cfg: CoreConfig, partition: SmPartition | None = None, model: LlamaForCausalLM | None = None
+) -> EngineCore:
+    """`model`: an already built model (benchmarks with random weights); otherwise loaded from cfg.model_path."""
     if cfg.mode == "unified":
-        return EngineCore(cfg)
+        return EngineCore(cfg, model=model)
     if cfg.mode != "semi-pd":
         raise ValueError(f"mode must be 'unified' or 'semi-pd', got {cfg.mode!r}")
     part = partition or create_partition(cfg.sm_partition, cfg.prefill_sm_percent, cfg.decode_sm_percent)
@@ -39,7 +43,7 @@ def create_core(cfg: CoreConfig, partition: SmPartition | None = None) -> Engine
 
         return ProcessPrefillChannel(core, part)
 
-    core = SemiPDCore(cfg, make_channel, decode_context=part.role_context_factory("decode"),
+    core = SemiPDCore(cfg, make_channel, model=model, decode_context=part.role_context_factory("decode"),
                       sm_split=(part.sm_count["prefill"], part.sm_count["decode"]))
     log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d", part.kind, placement,
              part.sm_count["prefill"], part.sm_count["decode"])

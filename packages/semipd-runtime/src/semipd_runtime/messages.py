@@ -67,6 +67,8 @@ class EngineStats(msgspec.Struct):
     num_steps: int = 0
     healthy: bool = True
     health_error: str = ""
+    integrity_error: str = ""  # from the allocator's check when the core went idle ("" = clean)
+    prefill_pid: int = 0  # semi-PD with a prefill process
 
 
 class StepOutput(msgspec.Struct, tag=True):
@@ -120,6 +122,9 @@ class PrefillFailed(msgspec.Struct, tag=True):
 
 class PrefillReady(msgspec.Struct, tag=True):
     sm_count: int = 0
+    pid: int = 0
+    mapped_bytes: int = 0  # weights + KV pool the worker maps from the decode worker (not copies)
+    all_shared: bool = True  # every weight and the pool are views of shared memory
 
 
 ToPrefill = PrefillBatch | Shutdown

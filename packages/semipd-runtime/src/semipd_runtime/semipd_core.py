@@ -57,6 +57,7 @@ class SemiPDCore(EngineCore):
         self.max_batches_in_flight = 2  # one running, one queued behind it: the prefill worker never idles
         self.prefill_error = ""
         self.prefill_sm, self.decode_sm = sm_split
+        self.prefill_info = PrefillReady()
         self.channel = make_channel(self)
 
     # --- requests -------------------------------------------------------------------------------------------
@@ -81,6 +82,7 @@ class SemiPDCore(EngineCore):
         s.num_running += len(self.prefilling)
         s.prefill_sm, s.decode_sm = self.prefill_sm, self.decode_sm
         s.healthy, s.health_error = not self.prefill_error, self.prefill_error
+        s.prefill_pid = self.prefill_info.pid
         return s
 
     # --- the step -------------------------------------------------------------------------------------------
@@ -140,6 +142,7 @@ class SemiPDCore(EngineCore):
         for msg in msgs:
             if isinstance(msg, PrefillReady):
                 self.prefill_sm = msg.sm_count or self.prefill_sm
+                self.prefill_info = msg
             elif isinstance(msg, PrefillFailed):
                 events += self._prefill_died(msg.message)
             elif isinstance(msg, PrefillDone):
