@@ -1,0 +1,169 @@
+"""`semipd-server`: build the engine (its core in a child process), serve the app on Hypercorn, drain on
+SIGINT/SIGTERM (new requests get 503, in-flight ones finish), then stop the engine so no child is left behind."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hypercorn.asyncio import serve as hypercorn_serve
+from hypercorn.config import Config as HypercornConfig
+
+from semipd_server.app import build_app
+from semipd_server.state import ServerState
+
+log = logging.getLogger("semipd_server")
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="semipd-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="OpenAI-compatible server for semipd (semi-disaggregated prefill/decode on one GPU).")
+    m = p.add_argument_group("model")
+    m.add_argument("--model-path", default=None,
+                   help="Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct")
+    m.add_argument("--served-model-name", default=None, help="model name clients must send (default: the model's)")
+    m.add_argument("--context-length", type=_positive, default=None, help="max tokens per request (prompt+output)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
+    m.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    h = p.add_argument_group("HTTP")
+    h.add_argument("--host", default="127.0.0.1", help="address to bind")
+    h.add_argument("--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)")
+    h.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on the API routes")
+    h.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds to let in-flight requests finish after SIGINT/SIGTERM before aborting them")
+    h.add_argument("--log-requests", action="store_true", help="write an access log line per request")
+    s = p.add_argument_group("scheduling and memory")
+    s.add_argument("--max-running-requests", type=_positive, default=64, help="requests decoded together")
+    s.add_argument("--max-queued-requests", type=_non_negative, default=None,
+                   help="requests allowed to wait beyond the running ones; more get HTTP 429 (default: no limit)")
+    s.add_argument("--chunked-prefill-size", type=_positive, default=512, help="prefill tokens per step")
+    s.add_argument("--page-size", type=_positive, default=16, help="tokens per KV cache page")
+    s.add_argument("--num-pages", type=_positive, default=None, help="KV pages (default: from memory)")
+    s.add_argument("--mem-fraction-static", type=float, default=0.85,
+                   help="fraction of GPU memory for weights + KV cache")
+    d = p.add_argument_group("prefill/decode disaggregation")
+    d.add_argument("--mode", choices=["unified", "semi-pd"], default="unified",
+                   help="unified: chunked prefill mixed with decode; semi-pd: separate prefill and decode workers")
+    d.add_argument("--sm-partition", choices=["none", "green", "mps"], default="none",
+                   help="how semi-pd confines each worker to its share of SMs")
+    d.add_argument("--prefill-sm-percent", type=int, default=None, help="prefill worker's SM share (semi-pd)")
+    d.add_argument("--decode-sm-percent", type=int, default=None, help="decode worker's SM share (semi-pd)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    return p
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine(...) keyword arguments from the CLI; the core always runs in its own process behind the server."""
+    return dict(
+        mode=args.mode, max_running_requests=args.max_running_requests,
+        max_queued_requests=args.max_queued_requests, chunked_prefill_size=args.chunked_prefill_size,
+        page_size=args.page_size, num_pages=args.num_pages, mem_fraction_static=args.mem_fraction_static,
+        max_model_len=args.context_length, dtype=args.dtype, device=args.device, core="process",
+        sm_partition=args.sm_partition, prefill_sm_percent=args.prefill_sm_percent,
+        decode_sm_percent=args.decode_sm_percent)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind here (not in Hypercorn) so that port 0 works and the real address can be logged."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> None:
+    app = build_app(engine, args.served_model_name, args.api_key)
+    state: ServerState = app.state.server
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.graceful_timeout = 5.0
+    config.accesslog = logging.getLogger("semipd_server.access") if args.log_requests else None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def drain() -> None:
+        if not await state.wait_idle(args.drain_timeout):
+            log.warning("drain timeout (%.0fs): %d requests still in flight are aborted", args.drain_timeout,
+                        state.in_flight)
+        shutdown.set()
+
+    def on_signal(name: str) -> None:
+        if state.draining:  # a second signal: stop waiting
+            log.warning("%s again: stopping now", name)
+            shutdown.set()
+            return
+        log.info("%s: draining (%d requests in flight; new ones get 503)", name, state.in_flight)
+        state.start_draining()
+        loop.create_task(drain())
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    stats = engine.stats()
+    log.info("model %s (%s mode, context %d tokens), %d KV pages of %d tokens, max running %d, max queued %s",
+             state.model_name, args.mode, engine.max_model_len, stats.get("pages_total", 0), args.page_size,
+             args.max_running_requests,
+             "unlimited" if args.max_queued_requests is None else args.max_queued_requests)
+    log.info("listening on %s (OpenAI API under /v1; auth %s)", _url(sock), "on" if args.api_key else "off")
+    await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+    log.info("HTTP server stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        log.error("cannot bind %s:%d: %s", args.host, args.port, e)
+        return 2
+    from semipd_runtime import Engine  # heavy (torch): after argument errors have had their chance
+
+    log.info("starting engine core (model %s)", args.model_path or "default SmolLM2-135M-Instruct")
+    try:
+        engine = Engine(args.model_path, **engine_kwargs(args))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        log.error("engine failed to start: %s", e)
+        sock.close()
+        return 2
+    try:
+        asyncio.run(serve(engine, args, sock))
+    finally:
+        log.info("stopping engine core")
+        engine.shutdown()
+        sock.close()
+        log.info("bye")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Prometheus metrics with vLLM-like names (`semipd:` prefix), in a per-app CollectorRegistry so that several
+apps (tests) never share or double-register series."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from semipd_runtime import RequestOutput
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, labels = self.registry, ["model_name"]
+        self.model_name = model_name
+        self.ttft = Histogram("semipd:time_to_first_token_seconds", "Time from arrival to the first output token",
+                              labels, buckets=_TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("semipd:time_per_output_token_seconds",
+                              "Per request: (e2e - ttft) / (output tokens - 1)", labels, buckets=_TPOT_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("semipd:inter_token_latency_seconds",
+                             "Gap between consecutive output tokens, as streamed", labels, buckets=_TPOT_BUCKETS,
+                             registry=r)
+        self.e2e = Histogram("semipd:e2e_request_latency_seconds", "Time from arrival to the last token",
+                             labels, buckets=_E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("semipd:prompt_tokens", "Prompt tokens of finished requests", labels,
+                                     registry=r)
+        self.generation_tokens = Counter("semipd:generation_tokens", "Generated tokens", labels, registry=r)
+        self.request_success = Counter("semipd:request_success", "Finished requests by finish reason",
+                                       labels + ["finished_reason"], registry=r)
+        self.request_errors = Counter("semipd:request_errors", "Requests answered with an error, by HTTP status",
+                                      labels + ["status"], registry=r)
+        self.running = Gauge("semipd:num_requests_running", "Requests the engine is running", labels, registry=r)
+        self.waiting = Gauge("semipd:num_requests_waiting", "Requests waiting in the engine's queue", labels,
+                             registry=r)
+        self.in_flight = Gauge("semipd:num_requests_in_flight", "HTTP generation requests being served", labels,
+                               registry=r)
+        self.pages_used = Gauge("semipd:kv_pages_used", "KV cache pages in use", labels, registry=r)
+        self.pages_total = Gauge("semipd:kv_pages_total", "KV cache pages in the pool", labels, registry=r)
+        self.kv_usage = Gauge("semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)", labels,
+                              registry=r)
+        self.sm_split = Gauge("semipd:sm_split", "SMs granted to each role (0 when not partitioned)",
+                              labels + ["role"], registry=r)
+        self.draining = Gauge("semipd:server_draining", "1 while the server drains before exit", labels,
+                              registry=r)
+        for fam in (self.running, self.waiting, self.in_flight, self.pages_used, self.pages_total,
+                    self.kv_usage, self.draining):
+            fam.labels(model_name).set(0)
+        # create the unlabelled-looking children now so that every series exists (at 0) from the first scrape
+        for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
+            fam.labels(model_name)
+        for reason in ("stop", "length", "abort"):
+            self.request_success.labels(model_name, reason)
+
+    def update_engine_stats(self, stats: Mapping[str, int]) -> None:
+        m = self.model_name
+        self.running.labels(m).set(stats.get("num_running", 0))
+        self.waiting.labels(m).set(stats.get("num_waiting", 0))
+        used, total = stats.get("pages_used", 0), stats.get("pages_total", 0)
+        self.pages_used.labels(m).set(used)
+        self.pages_total.labels(m).set(total)
+        self.kv_usage.labels(m).set(used / total if total else 0.0)
+        for role in ("prefill", "decode"):
+            self.sm_split.labels(m, role).set(stats.get(f"{role}_sm", 0))
+
+    def error(self, status: int) -> None:
+        self.request_errors.labels(self.model_name, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self) -> RequestTracker:
+        return RequestTracker(self)
+
+
+class RequestTracker:
+    """Latency bookkeeping of one HTTP request (all its prompts and completions); feeds the histograms."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.max_tokens_seen = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    def on_output(self, out: RequestOutput) -> None:
+        """Call for every streamed RequestOutput (delta fields since the previous one)."""
+        new = sum(len(c.delta_token_ids) for c in out.outputs)
+        if new == 0:
+            return
+        now = time.monotonic()
+        m = self.metrics
+        if self.first_token is None:
+            self.first_token = now
+            m.ttft.labels(m.model_name).observe(now - self.arrival)
+        elif self.last_token is not None:
+            gap = (now - self.last_token) / max(1, max(len(c.delta_token_ids) for c in out.outputs))
+            m.itl.labels(m.model_name).observe(gap)
+        self.last_token = now
+        self.generation_tokens += new
+        self.max_tokens_seen = max(self.max_tokens_seen, *(len(c.token_ids) for c in out.outputs))
+
+    def on_finish(self, prompt_tokens: int, finish_reasons: list[str | None]) -> None:
+        m, name = self.metrics, self.metrics.model_name
+        now = time.monotonic()
+        m.e2e.labels(name).observe(now - self.arrival)
+        if self.first_token is not None and self.last_token is not None and self.max_tokens_seen > 1:
+            m.tpot.labels(name).observe((self.last_token - self.first_token) / (self.max_tokens_seen - 1))
+        m.prompt_tokens.labels(name).inc(prompt_tokens)
+        m.generation_tokens.labels(name).inc(self.generation_tokens)
+        for reason in finish_reasons:
+            m.request_success.labels(name, reason or "abort").inc()

@@ -1,0 +1,109 @@
+"""OpenAI response objects (completions and chat, whole and as stream chunks), usage and logprobs shapes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from semipd_runtime import CompletionOutput, TokenLogprob
+
+
+class TokenStrings:
+    """Token id -> (text, raw UTF-8 bytes) for logprobs. A byte-level BPE token can hold part of a character;
+    its bytes are exact while its text shows the replacement character, as OpenAI does."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.text = lru_cache(maxsize=65536)(self._text)
+        self.raw = lru_cache(maxsize=65536)(self._raw)
+
+    def _text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _raw(self, token_id: int) -> list[int]:
+        to_bytes = getattr(self._tokenizer, "token_bytes", None)
+        if callable(to_bytes):
+            return list(to_bytes(token_id))
+        return list(self.text(token_id).encode("utf-8"))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(lps: Sequence[TokenLogprob], strings: TokenStrings, offset: int) -> dict[str, Any]:
+    """Legacy completions shape: tokens / token_logprobs / top_logprobs (dict per token) / text_offset."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        text = strings.text(lp.token_id)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({strings.text(t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(lps: Sequence[TokenLogprob], strings: TokenStrings) -> dict[str, Any]:
+    """Chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        return {"token": strings.text(token_id), "logprob": logprob, "bytes": strings.raw(token_id)}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in lps]}
+
+
+class ResponseBuilder:
+    """Common fields of one response: id, created, model, and the choice index of (prompt i, completion j)."""
+
+    def __init__(self, response_id: str, model: str, n: int, strings: TokenStrings) -> None:
+        self.id = response_id
+        self.model = model
+        self.n = n
+        self.created = int(time.time())
+        self.strings = strings
+
+    def index(self, prompt_index: int, completion: CompletionOutput) -> int:
+        return prompt_index * self.n + completion.index
+
+    def envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
+
+    # --- /v1/completions --------------------------------------------------------------------------------------
+    def completion_choice(self, prompt_index: int, c: CompletionOutput, prefix: str, want_logprobs: bool,
+                          text_offset: int = 0) -> dict[str, Any]:
+        return {"index": self.index(prompt_index, c), "text": prefix + c.text,
+                "logprobs": completion_logprobs(c.logprobs or [], self.strings, text_offset + len(prefix))
+                if want_logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def completion_chunk(self, prompt_index: int, c: CompletionOutput, text: str, want_logprobs: bool,
+                         text_offset: int, finish_reason: str | None, with_usage_field: bool) -> dict[str, Any]:
+        choice = {"index": self.index(prompt_index, c), "text": text,
+                  "logprobs": completion_logprobs(c.delta_logprobs or [], self.strings, text_offset)
+                  if want_logprobs else None,
+                  "finish_reason": finish_reason}
+        extra = {"usage": None} if with_usage_field else {}
+        return self.envelope("text_completion", [choice], **extra)
+
+    # --- /v1/chat/completions ---------------------------------------------------------------------------------
+    def chat_choice(self, prompt_index: int, c: CompletionOutput, want_logprobs: bool) -> dict[str, Any]:
+        return {"index": self.index(prompt_index, c), "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs or [], self.strings) if want_logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+
+    def chat_chunk(self, index: int, delta: dict[str, Any], logprobs: Sequence[TokenLogprob] | None,
+                   finish_reason: str | None, with_usage_field: bool) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta,
+                  "logprobs": chat_logprobs(logprobs, self.strings) if logprobs is not None else None,
+                  "finish_reason": finish_reason}
+        extra = {"usage": None} if with_usage_field else {}
+        return self.envelope("chat.completion.chunk", [choice], **extra)
+
+    def usage_chunk(self, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return self.envelope(obj, [], usage=usage(prompt_tokens, completion_tokens))

@@ -1,0 +1,197 @@
+"""POST /v1/completions and POST /v1/chat/completions, streamed (SSE) or whole."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from semipd_runtime import RequestOutput, SamplingParams
+from semipd_server.errors import ApiError, bad_request
+from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
+from semipd_server.metrics import RequestTracker
+from semipd_server.openai_format import ResponseBuilder, usage
+from semipd_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_max_tokens,
+    chat_messages,
+    chat_params,
+    completion_params,
+    completion_prompts,
+    decode_body,
+)
+from semipd_server.sse import DONE, sse_event, sse_response
+from semipd_server.state import ServerState
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server  # type: ignore[no-any-return]
+
+
+async def _collect(gens: list[Generation], tracker: RequestTracker) -> dict[int, RequestOutput]:
+    """Run every generation to the end; the last output of each holds the cumulative text/tokens/logprobs."""
+    last: dict[int, RequestOutput] = {}
+    async for i, out in merged(gens):
+        tracker.on_output(out)
+        last[i] = out
+    return last
+
+
+def _finish(tracker: RequestTracker, last: dict[int, RequestOutput], n_gens: int, n: int) -> None:
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in last.values())
+    reasons = [c.finish_reason for o in last.values() for c in o.outputs]
+    reasons += ["abort"] * (n_gens * n - len(reasons))  # streams that never produced anything (disconnect)
+    tracker.on_finish(prompt_tokens, reasons)
+
+
+def _usage_of(last: dict[int, RequestOutput]) -> dict[str, int]:
+    return usage(sum(len(o.prompt_token_ids) for o in last.values()),
+                 sum(len(c.token_ids) for o in last.values() for c in o.outputs))
+
+
+# --- /v1/completions ------------------------------------------------------------------------------------------
+async def create_completion(request: Request) -> Response:
+    state = _state(request)
+    req = decode_body(await request.body(), CompletionRequest)
+    state.check_model(req.model)
+    params = completion_params(req)
+    prompts = completion_prompts(req)
+    include_usage = _include_usage(req)
+    builder = ResponseBuilder(new_request_id("cmpl"), state.model_name, params.n, state.strings)
+    tracker = state.metrics.tracker()
+    gens = await start_all(state.engine, prompts, params, builder.id)
+    prefixes = [(p if isinstance(p, str) else state.engine.tokenizer.decode(p)) if req.echo else ""
+                for p in prompts]
+    want_lp = req.logprobs is not None
+    if req.stream:
+        return sse_response(_stream_completion(gens, builder, tracker, prefixes, want_lp, include_usage, params.n))
+    last: dict[int, RequestOutput] = {}
+    try:
+        last = await run_until_disconnect(_collect(gens, tracker), request.receive)
+    finally:
+        _finish(tracker, last, len(gens), params.n)
+    choices = [builder.completion_choice(i, c, prefixes[i], want_lp) for i in sorted(last)
+               for c in last[i].outputs]
+    choices.sort(key=lambda ch: ch["index"])
+    return JSONResponse(builder.envelope("text_completion", choices, usage=_usage_of(last)))
+
+
+def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+async def _stream_completion(gens: list[Generation], builder: ResponseBuilder, tracker: RequestTracker,
+                             prefixes: list[str], want_lp: bool, include_usage: bool,
+                             n: int) -> AsyncIterator[bytes]:
+    last: dict[int, RequestOutput] = {}
+    offsets: dict[int, int] = {}  # choice index -> characters sent so far (text_offset of logprobs)
+    done: set[int] = set()
+    try:
+        async for i, out in merged(gens):
+            tracker.on_output(out)
+            last[i] = out
+            for c in out.outputs:
+                idx = builder.index(i, c)
+                if idx in done:
+                    continue
+                text = c.delta_text
+                if idx not in offsets:
+                    text = prefixes[i] + text
+                    offsets[idx] = 0
+                new_logprobs = want_lp and bool(c.delta_logprobs)
+                if not text and not new_logprobs and c.finish_reason is None:
+                    continue
+                yield sse_event(builder.completion_chunk(i, c, text, want_lp, offsets[idx] + len(text)
+                                                         - len(c.delta_text), c.finish_reason, include_usage))
+                offsets[idx] += len(text)
+                if c.finish_reason is not None:
+                    done.add(idx)
+        if include_usage:
+            u = _usage_of(last)
+            yield sse_event(builder.usage_chunk("text_completion", u["prompt_tokens"], u["completion_tokens"]))
+        yield DONE
+    except ApiError as e:  # the engine failed after the 200 header went out: report in-band, then end
+        tracker.metrics.error(e.status)
+        yield b"data: " + e.sse_payload().encode() + b"\n\n"
+        yield DONE
+    finally:
+        _finish(tracker, last, len(gens), n)
+
+
+# --- /v1/chat/completions -------------------------------------------------------------------------------------
+def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    messages = chat_messages(req)
+    tokenizer = state.engine.tokenizer
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - a template's own error (e.g. role order) is the client's to fix
+        raise bad_request(f"the chat template rejected these messages: {e}", "messages") from None
+    # the template already wrote any BOS; adding special tokens again would double it
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_sampling(state: ServerState, req: ChatCompletionRequest, n_prompt: int) -> SamplingParams:
+    max_tokens = chat_max_tokens(req)
+    if max_tokens is None:  # OpenAI's default: as much as the context leaves
+        max_tokens = max(1, state.max_model_len - n_prompt)
+    return chat_params(req, max_tokens)
+
+
+async def create_chat_completion(request: Request) -> Response:
+    state = _state(request)
+    req = decode_body(await request.body(), ChatCompletionRequest)
+    state.check_model(req.model)
+    include_usage = _include_usage(req)
+    prompt_ids = _chat_prompt_ids(state, req)
+    params = _chat_sampling(state, req, len(prompt_ids))
+    builder = ResponseBuilder(new_request_id("chatcmpl"), state.model_name, params.n, state.strings)
+    tracker = state.metrics.tracker()
+    gens = await start_all(state.engine, [prompt_ids], params, builder.id)
+    if req.stream:
+        return sse_response(_stream_chat(gens, builder, tracker, req.logprobs, include_usage, params.n))
+    last: dict[int, RequestOutput] = {}
+    try:
+        last = await run_until_disconnect(_collect(gens, tracker), request.receive)
+    finally:
+        _finish(tracker, last, len(gens), params.n)
+    choices = sorted((builder.chat_choice(i, c, req.logprobs) for i in last for c in last[i].outputs),
+                     key=lambda ch: ch["index"])
+    return JSONResponse(builder.envelope("chat.completion", choices, usage=_usage_of(last)))
+
+
+async def _stream_chat(gens: list[Generation], builder: ResponseBuilder, tracker: RequestTracker,
+                       want_lp: bool, include_usage: bool, n: int) -> AsyncIterator[bytes]:
+    last: dict[int, RequestOutput] = {}
+    done: set[int] = set()
+    try:
+        # the role comes first, before any token, as OpenAI streams it
+        for j in range(n):
+            yield sse_event(builder.chat_chunk(j, {"role": "assistant", "content": ""}, [] if want_lp else None,
+                                               None, include_usage))
+        async for i, out in merged(gens):
+            tracker.on_output(out)
+            last[i] = out
+            for c in out.outputs:
+                idx = builder.index(i, c)
+                if idx in done:
+                    continue
+                lps = (c.delta_logprobs or []) if want_lp else None
+                if c.delta_text or lps:
+                    yield sse_event(builder.chat_chunk(idx, {"content": c.delta_text}, lps, None, include_usage))
+                if c.finish_reason is not None:
+                    yield sse_event(builder.chat_chunk(idx, {}, None, c.finish_reason, include_usage))
+                    done.add(idx)
+        if include_usage:
+            u = _usage_of(last)
+            yield sse_event(builder.usage_chunk("chat.completion.chunk", u["prompt_tokens"], u["completion_tokens"]))
+        yield DONE
+    except ApiError as e:
+        tracker.metrics.error(e.status)
+        yield b"data: " + e.sse_payload().encode() + b"\n\n"
+        yield DONE
+    finally:
+        _finish(tracker, last, len(gens), n)

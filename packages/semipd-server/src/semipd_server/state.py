@@ -1,0 +1,77 @@
+"""What every route shares: the engine, served model name, metrics, API key and the drain state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from semipd_server.errors import ApiError
+from semipd_server.metrics import ServerMetrics
+from semipd_server.openai_format import TokenStrings
+
+
+@dataclass
+class ServerState:
+    engine: Any  # semipd_runtime.Engine (typed loosely so unit tests can hand in a small fake)
+    model_name: str
+    api_key: str | None = None
+    metrics: ServerMetrics = field(init=False)
+    strings: TokenStrings = field(init=False)
+    draining: bool = False
+    created: float = field(default_factory=time.time)
+    in_flight: int = 0
+    _idle: asyncio.Event | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self.model_name)
+        self.strings = TokenStrings(self.engine.tokenizer)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.max_model_len)
+
+    def check_model(self, requested: str | None) -> None:
+        """OpenAI clients must name a model; only the one served is accepted."""
+        if requested is not None and requested != self.model_name:
+            raise ApiError(400, f"model {requested!r} is not served here; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+
+    # --- in-flight accounting for the graceful drain ----------------------------------------------------------
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.metrics.in_flight.labels(self.model_name).set(self.in_flight)
+        if self._idle is not None:
+            self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.labels(self.model_name).set(self.in_flight)
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def start_draining(self) -> None:
+        self.draining = True
+        self.metrics.draining.labels(self.model_name).set(1)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no generation request is in flight; False if `timeout_s` passed first."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def engine_stats(self) -> dict[str, int]:
+        """Fresh numbers from the engine core when it can give them (one round trip), else its last report."""
+        refresh = getattr(self.engine, "refresh_stats", None)
+        if refresh is not None:
+            try:
+                return dict(await asyncio.get_running_loop().run_in_executor(None, refresh, 2.0))
+            except Exception:  # noqa: BLE001 - a dead core still has last-known stats to show
+                pass
+        return dict(self.engine.stats())
