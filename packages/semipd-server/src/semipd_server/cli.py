@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -35,9 +36,19 @@ def _non_negative(text: str) -> int:
     return v
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" unless the help already explains the default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="semipd-server", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="semipd-server", formatter_class=_HelpFormatter,
         description="OpenAI-compatible server for semipd (semi-disaggregated prefill/decode on one GPU).")
     m = p.add_argument_group("model")
     m.add_argument("--model-path", default=None,
@@ -50,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
     h.add_argument("--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)")
-    h.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>' on the API routes")
+    h.add_argument("--api-key", default=os.environ.get("SEMIPD_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on the API routes (default: $SEMIPD_API_KEY, else off)")
     h.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds to let in-flight requests finish after SIGINT/SIGTERM before aborting them")
     h.add_argument("--log-requests", action="store_true", help="write an access log line per request")
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how semi-pd confines each worker to its share of SMs")
     d.add_argument("--prefill-sm-percent", type=int, default=None, help="prefill worker's SM share (semi-pd)")
     d.add_argument("--decode-sm-percent", type=int, default=None, help="decode worker's SM share (semi-pd)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity")
     return p
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -10,23 +12,53 @@ from typing import Any
 from semipd_runtime import CompletionOutput, TokenLogprob
 
 
+def _byte_level_table() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable character a byte-level BPE vocab uses for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
 class TokenStrings:
     """Token id -> (text, raw UTF-8 bytes) for logprobs. A byte-level BPE token can hold part of a character;
     its bytes are exact while its text shows the replacement character, as OpenAI does."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        self._pieces = getattr(tokenizer, "id_to_token", None)
+        self._byte_level = _decoder_kinds(tokenizer) & {"ByteLevel"} != set()
+        self._table = _byte_level_table()
         self.text = lru_cache(maxsize=65536)(self._text)
         self.raw = lru_cache(maxsize=65536)(self._raw)
 
     def _text(self, token_id: int) -> str:
-        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
 
     def _raw(self, token_id: int) -> list[int]:
-        to_bytes = getattr(self._tokenizer, "token_bytes", None)
-        if callable(to_bytes):
-            return list(to_bytes(token_id))
+        piece = self._pieces(token_id) if callable(self._pieces) else None
+        if piece:
+            if self._byte_level and all(ch in self._table for ch in piece):
+                return [self._table[ch] for ch in piece]
+            if (m := _BYTE_FALLBACK.match(piece)) is not None:  # sentencepiece byte fallback
+                return [int(m.group(1), 16)]
         return list(self.text(token_id).encode("utf-8"))
+
+
+def _decoder_kinds(tokenizer: Any) -> set[str]:
+    """Decoder types of a `tokenizers` backend (e.g. {"ByteLevel"}), empty when unknown."""
+    backend = getattr(tokenizer, "backend", None)
+    try:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - not a `tokenizers` backend
+        return set()
+    return {decoder.get("type", "")} | {d.get("type", "") for d in decoder.get("decoders") or []}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
