@@ -4,5 +4,33 @@ from __future__ import annotations
 
 from semipd_memory.kv_pool import KVPool
 from semipd_memory.page_allocator import OutOfPagesError, PageAllocator
+from semipd_memory.sharing import (
+    OwnerInfo,
+    SharedMemoryError,
+    SharedStorage,
+    SharedTensor,
+    SharedTensorsHandle,
+    export,
+    export_tensors,
+    import_,
+    import_tensors,
+    live_exports,
+    release_export,
+)
 
-__all__ = ["KVPool", "OutOfPagesError", "PageAllocator"]
+__all__ = [
+    "KVPool",
+    "OutOfPagesError",
+    "OwnerInfo",
+    "PageAllocator",
+    "SharedMemoryError",
+    "SharedStorage",
+    "SharedTensor",
+    "SharedTensorsHandle",
+    "export",
+    "export_tensors",
+    "import_",
+    "import_tensors",
+    "live_exports",
+    "release_export",
+]
