@@ -99,11 +99,11 @@ class Tokenizer:
         if (tok_eos := self._id_of(self.eos_token)) is not None:
             eos.append(tok_eos)
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
-        # transformers rebuilds the post-processor when the config states add_bos/eos_token; else tokenizer.json rules
-        self._explicit_specials = ("add_bos_token" in tokenizer_config or "add_eos_token" in tokenizer_config
-                                   or backend.post_processor is None)
-        self.add_bos_token = bool(tokenizer_config.get("add_bos_token", False)) and self.bos_token_id is not None
+        # BOS/EOS on encode: tokenizer.json's post-processor decides (as in transformers 5, which ignores the config
+        # flags whenever tokenizer.json exists); the tokenizer_config flags only fill in when there is none
+        self._config_specials = backend.post_processor is None
         eos_id = self._id_of(self.eos_token)
+        self.add_bos_token = bool(tokenizer_config.get("add_bos_token", False)) and self.bos_token_id is not None
         self.add_eos_token = bool(tokenizer_config.get("add_eos_token", False)) and eos_id is not None
         self._eos_for_encode = eos_id
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
@@ -138,7 +138,7 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        if not (add_special_tokens and self._explicit_specials):
+        if not (add_special_tokens and self._config_specials):
             return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
         ids = list(self.backend.encode(text, add_special_tokens=False).ids)
         if self.add_bos_token:
