@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from semipd_memory.kv_pool import KVPool
 from semipd_memory.page_allocator import OutOfPagesError, PageAllocator
+from semipd_memory.shared_weights import SharedModelWeights, bind_tensors, module_tensors
 from semipd_memory.sharing import (
     OwnerInfo,
     SharedMemoryError,
@@ -24,13 +25,16 @@ __all__ = [
     "OwnerInfo",
     "PageAllocator",
     "SharedMemoryError",
+    "SharedModelWeights",
     "SharedStorage",
     "SharedTensor",
     "SharedTensorsHandle",
+    "bind_tensors",
     "export",
     "export_tensors",
     "import_",
     "import_tensors",
     "live_exports",
+    "module_tensors",
     "release_export",
 ]

@@ -263,7 +263,7 @@ def _open_cpu(s: SharedStorage, handle: SharedTensorsHandle) -> torch.UntypedSto
 
 # --- owner identity -------------------------------------------------------------------------------------------
 def _process_start_time(pid: int) -> int | None:
-    """Start time of `pid` (clock ticks since boot) or None when no such process exists (Linux /proc)."""
+    """Start time of `pid` (clock ticks since boot) or None when no such process runs (Linux /proc)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -273,6 +273,8 @@ def _process_start_time(pid: int) -> int | None:
         return 0
     # the command name may contain spaces and parentheses: fields start after the last ")"
     fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):  # exited, not yet reaped: its memory is already gone
+        return None
     return int(fields[19])
 
 
