@@ -1,0 +1,406 @@
+"""SLO-aware SM partitioner: choose the prefill/decode SM split that keeps TTFT and TPOT inside their SLOs.
+
+Pure Python + numpy; it imports nothing else from semipd, so any engine can feed it step timings and queue state:
+
+    p = SloPartitioner(SloPartitionerConfig(slo_ttft_ms=1000, slo_tpot_ms=50), profile=LatencyProfile.load(path))
+    p.observe_prefill(new_tokens, cached_tokens, sm_share, seconds)   # after every prefill step
+    p.observe_decode(batch, context_tokens, sm_share, seconds)        # after every decode step
+    p.observe_arrival(t, prompt_tokens)                               # when a request arrives
+    p.update_queue(waiting_prompt_tokens, running_batch, running_context_tokens)
+    d = p.decide(now)            # re-evaluates every repartition_interval_s; d.changed -> apply the new split
+
+Per candidate split it predicts TTFT = queue wait + the request's own prefill at the prefill share, and TPOT = one
+decode step of the running batch at the decode share (latency models: `latency_model.py`). The queue wait is an
+M/D/1 term for Poisson arrivals (bounded by what a queue can build within the horizon) plus a fluid term for backlog
+beyond that, draining at (1 - rho); rho = arrival rate x amortized prefill time per request (prefills batched up to
+`prefill_token_budget` tokens). A split scores min(slo_ttft / ttft, slo_tpot / tpot): >= 1 means both SLOs are
+predicted to hold, the largest score has the most headroom (or, when no split meets both, the smallest worst-case
+overshoot). It moves only when the best score beats the current one by `hysteresis` (relative) and the current split
+has been held `min_dwell_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from semipd_runtime.latency_model import (
+    DecodeLatencyModel,
+    LatencyProfile,
+    PrefillLatencyModel,
+    decode_features,
+    prefill_features,
+)
+
+log = logging.getLogger(__name__)
+POLICIES = ("static", "slo")
+
+
+def sm_split_candidates(total_sms: int = 132, sm_step: int = 8) -> tuple[tuple[float, float], ...]:
+    """(prefill %, decode %) with prefill on a multiple of `sm_step` SMs (the green-context split granularity) and
+    decode on the rest, both >= sm_step: 8/124, 16/116, ..., 120/12 for 132 SMs. Percents are exact (x 100 / total),
+    so `round(percent * total_sms / 100)` gives the SM counts back."""
+    if isinstance(total_sms, bool) or not isinstance(total_sms, int) or total_sms < 2:
+        raise ValueError(f"total_sms must be an int >= 2, got {total_sms!r}")
+    if isinstance(sm_step, bool) or not isinstance(sm_step, int) or not 1 <= sm_step <= total_sms // 2:
+        raise ValueError(f"sm_step must be an int in [1, total_sms // 2], got {sm_step!r}")
+    splits = []
+    for prefill_sms in range(sm_step, total_sms - sm_step + 1, sm_step):
+        splits.append((100.0 * prefill_sms / total_sms, 100.0 * (total_sms - prefill_sms) / total_sms))
+    return tuple(splits)
+
+
+@dataclass(frozen=True, slots=True)
+class SloPartitionerConfig:
+    """Knobs of the SLO partitioner; `candidates` None -> `sm_split_candidates(total_sms, sm_step)`.
+
+    Each candidate is (prefill %, decode %) of the SMs; they may sum to more than 100 for MPS caps.
+    `initial_split` None -> the candidate closest to an even split; under policy "static" it never moves.
+    """
+
+    slo_ttft_ms: float = 1000.0
+    slo_tpot_ms: float = 50.0
+    policy: str = "slo"
+    repartition_interval_s: float = 2.0
+    min_dwell_s: float = 6.0
+    hysteresis: float = 0.1
+    candidates: tuple[tuple[float, float], ...] | None = None
+    total_sms: int = 132
+    sm_step: int = 8
+    initial_split: tuple[float, float] | None = None
+    prefill_token_budget: int = 8192  # most new tokens one prefill step batches
+    rate_window_s: float = 20.0  # arrival rate and prompt-length statistics look back this far
+    window: int = 256  # samples kept per SM share in each latency model
+    forgetting: float = 0.99  # per-sample weight decay inside each share's window
+    min_samples: int = 8  # per latency model before the first non-static decision
+
+    def __post_init__(self) -> None:
+        positive = ("slo_ttft_ms", "slo_tpot_ms", "repartition_interval_s", "rate_window_s")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("min_dwell_s", "hysteresis"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        for name in ("prefill_token_budget", "window", "min_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "window" else 1):
+                raise ValueError(f"{name} must be an int >= {2 if name == 'window' else 1}, got {v!r}")
+        if isinstance(self.forgetting, bool) or not 0 < self.forgetting <= 1:
+            raise ValueError(f"forgetting must be in (0, 1], got {self.forgetting!r}")
+        candidates = sm_split_candidates(self.total_sms, self.sm_step) if self.candidates is None \
+            else tuple(_check_split(c, "candidates") for c in self.candidates)
+        if not candidates:
+            raise ValueError("candidates must hold at least one (prefill %, decode %) split")
+        if len(set(candidates)) != len(candidates):
+            raise ValueError(f"candidates must not repeat a split, got {candidates}")
+        object.__setattr__(self, "candidates", candidates)
+        if self.initial_split is None:
+            initial = min(candidates, key=lambda c: (abs(c[0] - c[1]), -c[1]))
+        else:
+            initial = _check_split(self.initial_split, "initial_split")
+            if initial not in candidates:
+                raise ValueError(f"initial_split {initial} must be one of the candidates {candidates}")
+        object.__setattr__(self, "initial_split", initial)
+
+
+def _check_split(split: object, name: str) -> tuple[float, float]:
+    try:
+        p, d = split  # type: ignore[misc]
+        p, d = float(p), float(d)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: each split must be a pair (prefill %, decode %), got {split!r}") from None
+    if not (0 < p <= 100 and 0 < d <= 100):
+        raise ValueError(f"{name}: percents must be in (0, 100], got {split!r}")
+    return (p, d)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadState:
+    """The load a decision was made for: arrivals over rate_window_s, queue and decode batch averaged over the
+    queue updates since the previous decision (per-step snapshots are noisy; their mean is what the window saw)."""
+
+    arrival_rate: float  # requests/s
+    mean_prompt_tokens: float
+    mean_prompt_attn: float  # mean of n (n + 1) / 2: causal attention work of one prompt
+    waiting_requests: float
+    waiting_tokens: float
+    waiting_attn: float
+    decode_batch: float
+    decode_context_tokens: float
+
+
+@dataclass(frozen=True, slots=True)
+class SplitPrediction:
+    """Predicted latencies of one candidate split; score >= 1 means both SLOs are predicted to hold."""
+
+    prefill_percent: float
+    decode_percent: float
+    ttft_ms: float
+    tpot_ms: float
+    queue_wait_ms: float
+    prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
+    score: float
+
+    @property
+    def meets_slo(self) -> bool:
+        return self.score >= 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The split to run (percent of the SMs and SM counts), why, and the predictions behind it."""
+
+    time: float
+    prefill_percent: float
+    decode_percent: float
+    prefill_sms: int
+    decode_sms: int
+    changed: bool  # True once, at the decide() call that moved the split
+    reason: str
+    predicted: SplitPrediction | None  # at the chosen split (None while warming up)
+    best: SplitPrediction | None  # the best-scoring candidate (may differ: hysteresis / dwell)
+    candidates: tuple[SplitPrediction, ...]
+    load: LoadState
+
+    @property
+    def split(self) -> tuple[float, float]:
+        return (self.prefill_percent, self.decode_percent)
+
+    def as_dict(self) -> dict[str, object]:
+        """Flat values for a log line or metrics (no per-candidate detail)."""
+        keys = ("time", "prefill_percent", "decode_percent", "prefill_sms", "decode_sms", "changed", "reason")
+        out: dict[str, object] = {k: getattr(self, k) for k in keys}
+        out.update(arrival_rate=self.load.arrival_rate, waiting_requests=self.load.waiting_requests,
+                   decode_batch=self.load.decode_batch)
+        if self.predicted is not None:
+            out.update(predicted_ttft_ms=self.predicted.ttft_ms, predicted_tpot_ms=self.predicted.tpot_ms,
+                       predicted_score=self.predicted.score, prefill_utilization=self.predicted.prefill_utilization)
+        if self.best is not None:
+            out.update(best_prefill_percent=self.best.prefill_percent, best_score=self.best.score)
+        return out
+
+
+def predict_queue_wait_s(per_request_s: float, backlog_s: float, arrival_rate: float,
+                         horizon_s: float) -> tuple[float, float]:
+    """(mean wait before prefill starts for a request arriving in the next `horizon_s`, rho).
+
+    `per_request_s`: amortized prefill time per request; `backlog_s`: prefill time of what waits now.
+    Stochastic part (Poisson arrivals, fixed service): the M/D/1 mean wait rho*S / (2(1 - rho)), but never more
+    than a queue that started empty builds within the horizon (random-walk growth sqrt(2 rho S t / pi) averaged
+    over t in [0, horizon]); that keeps it finite and smooth through rho = 1, so a noisy rate estimate near
+    saturation does not make it jump. Fluid part: only backlog beyond that typical queue counts (the M/D/1 term
+    already is the mean backlog an arrival sees); it drains at (1 - rho) per second (grows at rho - 1 when
+    overloaded) and a newcomer at time t waits what is left at t, averaged over [0, horizon].
+    """
+    rho = arrival_rate * per_request_s
+    drain = 1.0 - rho
+    transient = (2.0 / 3.0) * math.sqrt(2.0 * rho * per_request_s * horizon_s / math.pi)
+    stochastic = min(rho * per_request_s / (2 * drain), transient) if drain > 0 else transient
+    excess = max(0.0, backlog_s - stochastic)
+    if drain > 0 and excess <= drain * horizon_s:
+        fluid = excess * excess / (2 * drain * horizon_s)
+    else:
+        fluid = excess - drain * horizon_s / 2
+    return stochastic + fluid, rho
+
+
+class SloPartitioner:
+    """Fits prefill/decode step-latency models online and picks the SM split; see the module docstring."""
+
+    def __init__(self, config: SloPartitionerConfig | None = None, profile: LatencyProfile | None = None) -> None:
+        self.config = config or SloPartitionerConfig()
+        model_args = dict(window=self.config.window, forgetting=self.config.forgetting)
+        self.prefill_model = PrefillLatencyModel(**model_args)
+        self.decode_model = DecodeLatencyModel(**model_args)
+        self._arrivals: deque[tuple[float, int]] = deque(maxlen=1_000_000)
+        self._first_arrival: float | None = None
+        # queue snapshot sums since the last decision: [count, waiting reqs, tokens, attn, decode batch, context]
+        self._queue_sum = np.zeros(6)
+        self._queue_last = np.zeros(6)
+        self._split = self.config.initial_split
+        assert self._split is not None
+        self._last_switch = -math.inf
+        self._last_eval = -math.inf
+        self._last: Decision | None = None
+        self.switches = 0
+        if profile is not None:
+            self.seed(profile)
+
+    # --- inputs -------------------------------------------------------------------------------------------------
+    def seed(self, profile: LatencyProfile) -> None:
+        """Add measured samples (a startup profile); live observations later replace them share by share."""
+        for ps in profile.prefill:
+            self.prefill_model.add_sample(ps)
+        for ds in profile.decode:
+            self.decode_model.add_sample(ds)
+
+    def export_profile(self, key: dict[str, str] | None = None) -> LatencyProfile:
+        """The samples now held (profile + live), e.g. to save as the next start's profile."""
+        return LatencyProfile(key=dict(key or {}), prefill=self.prefill_model.samples(),  # type: ignore[arg-type]
+                              decode=self.decode_model.samples())  # type: ignore[arg-type]
+
+    def observe_prefill(self, new_tokens: int | Sequence[int], cached_tokens: int | Sequence[int], sm_share: float,
+                        seconds: float) -> None:
+        """One prefill step: new tokens (total, or one int per request), cached-prefix tokens, SM share in (0, 1]."""
+        self.prefill_model.observe(new_tokens, cached_tokens, sm_share, seconds)
+
+    def observe_decode(self, batch: int, context_tokens: int, sm_share: float, seconds: float) -> None:
+        """One decode step of `batch` sequences holding `context_tokens` tokens in all, at SM share in (0, 1]."""
+        self.decode_model.observe(batch, context_tokens, sm_share, seconds)
+
+    def observe_arrival(self, t: float, prompt_tokens: int) -> None:
+        """A request arrived at time `t` (same clock as decide's `now`) with `prompt_tokens` to prefill."""
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"t must be a finite time, got {t!r}")
+        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, (int, np.integer)) or prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens must be an int >= 1, got {prompt_tokens!r}")
+        self._arrivals.append((float(t), int(prompt_tokens)))
+        self._first_arrival = t if self._first_arrival is None else min(self._first_arrival, t)
+
+    def update_queue(self, waiting_prompt_tokens: Sequence[int], running_batch: int,
+                     running_context_tokens: int) -> None:
+        """Queue state now (call it every step or so): prompt tokens still to prefill per waiting request, and the
+        running decode batch with its total context tokens. decide() uses the mean since the last decision."""
+        waiting = np.asarray(list(waiting_prompt_tokens), dtype=np.float64)
+        if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in waiting_prompt_tokens):
+            raise ValueError(f"waiting_prompt_tokens must be ints >= 0, got {waiting_prompt_tokens!r}")
+        for name, v in (("running_batch", running_batch), ("running_context_tokens", running_context_tokens)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        waiting = waiting[waiting > 0]
+        snap = np.array([1.0, len(waiting), waiting.sum(), (waiting * (waiting + 1) / 2).sum(), running_batch,
+                         running_context_tokens])
+        self._queue_sum += snap
+        self._queue_last = snap
+
+    # --- predictions --------------------------------------------------------------------------------------------
+    def load_state(self, now: float, consume: bool = False) -> LoadState:
+        """The load seen at `now`; `consume` starts a new queue-averaging window (decide() does)."""
+        window = self.config.rate_window_s
+        while self._arrivals and self._arrivals[0][0] < now - window:
+            self._arrivals.popleft()
+        recent = np.asarray([n for t, n in self._arrivals if t <= now], dtype=np.float64)
+        if self._first_arrival is None:
+            rate = 0.0
+        else:  # a young partitioner has seen less than one window: divide by what it has seen (>= 1 s)
+            rate = len(recent) / min(window, max(now - self._first_arrival, min(1.0, window)))
+        q = self._queue_sum / self._queue_sum[0] if self._queue_sum[0] else self._queue_last
+        if consume and self._queue_sum[0]:
+            self._queue_last = q
+            self._queue_sum = np.zeros(6)
+        if len(recent):
+            mean_n, mean_attn = float(recent.mean()), float((recent * (recent + 1) / 2).mean())
+        elif q[1] > 0:  # no recent arrivals: the waiting requests say what prompts look like
+            mean_n, mean_attn = q[2] / q[1], q[3] / q[1]
+        else:
+            mean_n = mean_attn = 0.0
+        return LoadState(rate, mean_n, mean_attn, *(float(v) for v in q[1:]))
+
+    def predict(self, prefill_percent: float, decode_percent: float, load: LoadState) -> SplitPrediction:
+        """Predicted TTFT / TPOT / score at one split from the fitted models under `load`."""
+        cfg = self.config
+        p_share, d_share = prefill_percent / 100.0, decode_percent / 100.0
+        pm = self.prefill_model
+        if load.mean_prompt_tokens > 0:  # k mean-sized requests share one step's overhead
+            k = max(1.0, math.floor(cfg.prefill_token_budget / load.mean_prompt_tokens))
+            per_request = pm.predict_features(
+                np.array([1.0, k * load.mean_prompt_tokens, k * load.mean_prompt_attn]), p_share) / k
+            own = pm.predict_features(np.array([1.0, load.mean_prompt_tokens, load.mean_prompt_attn]), p_share)
+        else:
+            per_request = own = pm.predict_features(np.array([1.0, 0.0, 0.0]), p_share)
+        backlog = 0.0
+        if load.waiting_tokens > 0:
+            steps = max(1.0, load.waiting_tokens / cfg.prefill_token_budget)
+            backlog = pm.predict_features(np.array([steps, load.waiting_tokens, load.waiting_attn]), p_share)
+        # a split chosen now runs at least min_dwell_s: judge it over that long
+        horizon = max(cfg.repartition_interval_s, cfg.min_dwell_s)
+        wait, rho = predict_queue_wait_s(per_request, backlog, load.arrival_rate, horizon)
+        ttft = wait + own
+        # nothing decodes: judge TPOT on one sequence of a mean prompt (the next request's first decode steps)
+        batch = max(1.0, load.decode_batch)
+        context = load.decode_context_tokens if load.decode_batch > 0 else load.mean_prompt_tokens
+        tpot = self.decode_model.predict_features(decode_features(batch, context), d_share)
+        score = min(cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot))
+        return SplitPrediction(prefill_percent, decode_percent, 1000 * ttft, 1000 * tpot, 1000 * wait, rho, score)
+
+    # --- decisions ----------------------------------------------------------------------------------------------
+    @property
+    def current_split(self) -> tuple[float, float]:
+        return self._split
+
+    def force_split(self, prefill_percent: float, decode_percent: float, now: float) -> None:
+        """Tell the partitioner the engine runs this split (e.g. it could not apply the chosen one)."""
+        split = _check_split((prefill_percent, decode_percent), "split")
+        if split not in self.config.candidates:  # type: ignore[operator]
+            raise ValueError(f"split {split} is not one of the candidates")
+        if split != self._split:
+            self._split, self._last_switch = split, now
+
+    def warmup_reason(self) -> str | None:
+        """Why the models cannot be trusted yet (None when they can)."""
+        for name, model in (("prefill", self.prefill_model), ("decode", self.decode_model)):
+            if model.num_samples < self.config.min_samples:
+                return f"warming up: {model.num_samples}/{self.config.min_samples} {name} samples"
+            if len(model.shares) < 2:
+                return f"warming up: {name} samples at {len(model.shares)} SM share(s), need 2 (seed a profile)"
+        return None
+
+    def decide(self, now: float) -> Decision:
+        """The split to run at `now`. Re-evaluates once per repartition_interval_s; in between it returns the
+        last decision with changed=False. Apply the split when `changed` is True."""
+        if not math.isfinite(now):
+            raise ValueError(f"now must be a finite time, got {now!r}")
+        if self._last is not None and now - self._last_eval < self.config.repartition_interval_s:
+            return dataclasses.replace(self._last, time=now, changed=False)
+        self._last_eval = now
+        decision = self._evaluate(now)
+        self._last = decision
+        level = logging.INFO if decision.changed else logging.DEBUG
+        log.log(level, "slo partition %s", decision.as_dict())
+        return decision
+
+    def _evaluate(self, now: float) -> Decision:
+        cfg = self.config
+        load = self.load_state(now, consume=True)
+        not_ready = self.warmup_reason()
+        if not_ready is not None:
+            reason = "static policy" if cfg.policy == "static" else not_ready
+            return self._decision(now, self._split, False, reason, None, None, (), load)
+        preds = tuple(self.predict(p, d, load) for p, d in cfg.candidates)  # type: ignore[union-attr]
+        current = next(p for p in preds if (p.prefill_percent, p.decode_percent) == self._split)
+        # ties: stay, else the split nearest the current one (fewest SMs moved)
+        best = max(preds, key=lambda p: (p.score, p is current, -abs(p.prefill_percent - self._split[0])))
+        if cfg.policy == "static":
+            return self._decision(now, self._split, False, "static policy", current, best, preds, load)
+        if best is current or best.score <= current.score:
+            reason = f"current split is best (score {current.score:.3f})"
+        elif now - self._last_switch < cfg.min_dwell_s:
+            reason = f"hold: dwell {now - self._last_switch:.2f}s < min_dwell_s {cfg.min_dwell_s}s"
+        elif best.score < current.score * (1 + cfg.hysteresis):
+            reason = (f"hold: best {best.prefill_percent:.1f}% scores {best.score:.3f} vs {current.score:.3f}, "
+                      f"gain under hysteresis {cfg.hysteresis}")
+        else:
+            kind = "meets both SLOs with most headroom" if best.meets_slo else "no split meets both SLOs; best"
+            reason = f"move: {kind} (score {best.score:.3f} vs {current.score:.3f})"
+            self._split, self._last_switch = (best.prefill_percent, best.decode_percent), now
+            self.switches += 1
+            return self._decision(now, self._split, True, reason, best, best, preds, load)
+        return self._decision(now, self._split, False, reason, current, best, preds, load)
+
+    def _decision(self, now: float, split: tuple[float, float], changed: bool, reason: str,
+                  predicted: SplitPrediction | None, best: SplitPrediction | None,
+                  preds: tuple[SplitPrediction, ...], load: LoadState) -> Decision:
+        total = self.config.total_sms
+        return Decision(now, split[0], split[1], round(total * split[0] / 100), round(total * split[1] / 100),
+                        changed, reason, predicted, best, preds, load)
