@@ -1,5 +1,6 @@
-"""GGUF -> HF conversion: the real default model against transformers' own GGUF loader, a synthetic GGUF round
-trip (exact weights, Q/K un-permutation, untied head), the cache (written once, atomic, reused) and path errors."""
+"""GGUF -> HF conversion: the real default model against transformers' own GGUF loader, a synthetic GGUF
+round trip (exact weights, Q/K un-permutation, untied head), the cache (written once, atomic, reused) and
+path errors."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# --- the real default model ------------------------------------------------------------------------------------
+# --- the real default model ---
 
 def test_default_model_files(default_model_dir: Path) -> None:
     cfg = json.loads((default_model_dir / "config.json").read_text())
@@ -53,8 +54,8 @@ def test_default_model_files(default_model_dir: Path) -> None:
     assert cfg["tie_word_embeddings"] is True and cfg["rope_theta"] == 100000.0
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["torch_dtype"]) == (1, 2, "float32")
     tok_cfg = json.loads((default_model_dir / "tokenizer_config.json").read_text())
-    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["pad_token"]) == ("<|im_start|>", "<|im_end|>",
-                                                                                 "<|im_end|>")
+    specials = (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["pad_token"])
+    assert specials == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     assert "<|im_start|>assistant" in tok_cfg["chat_template"]
     assert json.loads((default_model_dir / "generation_config.json").read_text())["eos_token_id"] == 2
     weights = load_file(str(default_model_dir / "model.safetensors"))
@@ -96,11 +97,11 @@ def test_logits_equal_transformers_gguf_load(default_model_dir: Path, hf_gguf_mo
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-# --- synthetic GGUF round trip ----------------------------------------------------------------------------------
+# --- synthetic GGUF round trip ---
 
 def _byte_alphabet() -> list[str]:
     # GPT-2's printable spelling of the 256 bytes (the form byte-level vocabularies are stored in)
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     extra = 0
     chars = []
     for b in range(256):
@@ -116,7 +117,8 @@ def _write_tiny_gguf(path: Path, weights: dict[str, np.ndarray], heads: int, kv_
                      arch: str = "llama", f16: set[str] = frozenset()) -> list[str]:
     import gguf
 
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + _byte_alphabet() + ["he", "ll", "hell", "hello"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + _byte_alphabet() + ["he", "ll", "hell", "hello"]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(2)
     writer.add_context_length(64)
@@ -148,7 +150,8 @@ def test_synthetic_gguf_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     heads, kv_heads, head_dim, hidden, inter, vocab = 4, 2, 4, 16, 24, 263
     hf = {"model.embed_tokens.weight": rng.standard_normal((vocab, hidden)),
-          "model.norm.weight": rng.standard_normal(hidden), "lm_head.weight": rng.standard_normal((vocab, hidden))}
+          "model.norm.weight": rng.standard_normal(hidden),
+          "lm_head.weight": rng.standard_normal((vocab, hidden))}
     gg = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
           "output.weight": "lm_head.weight"}
     shapes = {"attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
@@ -157,7 +160,8 @@ def test_synthetic_gguf_round_trip(tmp_path: Path) -> None:
               "attn_norm": (hidden,), "ffn_norm": (hidden,)}
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}
     for layer in range(2):
         for kind, shape in shapes.items():
             key = f"model.layers.{layer}.{names[kind]}.weight"
@@ -184,12 +188,14 @@ def test_synthetic_gguf_round_trip(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got[name], expect, err_msg=name)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and cfg["head_dim"] == head_dim and cfg["vocab_size"] == vocab
-    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rope_theta"]) == (heads, kv_heads, 5000.0)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (heads, kv_heads)
+    assert cfg["rope_theta"] == 5000.0
 
     from tokenizers import Tokenizer as HFTokenizer
     tok = HFTokenizer.from_file(str(out / "tokenizer.json"))
     enc = tok.encode("hello<|im_end|>12")
-    assert enc.ids == [1, tokens.index("hello"), 2, tokens.index("1"), tokens.index("2")]  # add_bos_token was set
+    # add_bos_token was set; digits are split apart ("smollm" pre-tokenizer)
+    assert enc.ids == [1, tokens.index("hello"), 2, tokens.index("1"), tokens.index("2")]
     assert tok.decode(enc.ids, skip_special_tokens=True) == "hello12"
     tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_cfg["add_bos_token"] is True and tok_cfg["chat_template"].startswith("{% for m in messages %}")
@@ -213,42 +219,57 @@ def test_unsupported_gguf_is_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-# --- cache, CLI, path resolution --------------------------------------------------------------------------------
+# --- cache, CLI, path resolution ---
 
-def test_cache_written_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       default_model_dir: Path) -> None:
+def _tiny_gguf(path: Path) -> Path:
+    _write_tiny_gguf(path, {"token_embd.weight": np.ones((263, 16), np.float32),
+                            "output_norm.weight": np.ones(16, np.float32)}, 4, 2)
+    return path
+
+
+def test_cache_written_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEMIPD_CACHE_DIR", str(tmp_path / "cache"))
-    gguf = default_gguf_path()
+    gguf = _tiny_gguf(tmp_path / "tiny.gguf")
     target = cache_dir_for(gguf)
     assert target.parent == tmp_path / "cache" / "models" and not target.exists()
     results: list[Path] = []
     workers = [threading.Thread(target=lambda: results.append(converted_gguf_dir(gguf, progress=False)))
-               for _ in range(2)]
+               for _ in range(3)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    assert results == [target, target]
+    assert results == [target] * 3
     before = _snapshot(target)
     assert set(before) == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                            "tokenizer_config.json"}
     assert [p.name for p in target.parent.iterdir() if ".tmp-" in p.name] == []
-    start = time.perf_counter()
+    time.sleep(0.01)
     assert converted_gguf_dir(gguf, progress=False) == target == resolve_model_path(gguf)
-    assert time.perf_counter() - start < 1.0
     assert _snapshot(target) == before  # nothing rewritten
-    # same bytes as the default model converted in the user cache
-    for name in before:
-        assert (target / name).read_bytes() == (default_model_dir / name).read_bytes(), name
-    # a directory without config.json (a crash mid-way of an older converter) is replaced, not trusted
-    (target / "config.json").unlink()
-    assert (converted_gguf_dir(gguf, progress=False) / "config.json").is_file()
+    # a changed file (new mtime) gets its own directory, converted afresh; a half-written directory without
+    # config.json (left by a crashed older converter) and stale temp dirs are replaced, not trusted
+    os.utime(gguf, ns=(time.time_ns(), time.time_ns() + 10**9))
+    fresh = cache_dir_for(gguf)
+    assert fresh != target
+    fresh.mkdir()
+    (fresh / "junk").write_text("x")
+    (fresh.parent / f".{fresh.name}.tmp-dead").mkdir()
+    assert converted_gguf_dir(gguf, progress=False) == fresh
+    assert set(_snapshot(fresh)) == set(before)
+    assert [p.name for p in fresh.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_default_model_cache_reused(default_model_dir: Path) -> None:
+    before = _snapshot(default_model_dir)
+    start = time.perf_counter()
+    assert default_model_path() == default_model_dir
+    assert time.perf_counter() - start < 1.0
+    assert _snapshot(default_model_dir) == before
 
 
 def test_cli_out_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tiny = tmp_path / "tiny.gguf"
-    _write_tiny_gguf(tiny, {"token_embd.weight": np.ones((263, 16), np.float32),
-                            "output_norm.weight": np.ones(16, np.float32)}, 4, 2)
+    tiny = _tiny_gguf(tmp_path / "tiny.gguf")
     assert main([str(tiny), "--out", str(tmp_path / "hf"), "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()

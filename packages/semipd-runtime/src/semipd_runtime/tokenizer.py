@@ -1,5 +1,5 @@
-"""Tokenizer from a Hugging Face directory (tokenizer.json + tokenizer_config.json + generation_config.json) with
-the chat template rendered the way transformers renders it, and an incremental detokenizer for streaming."""
+"""Tokenizer from a Hugging Face directory (tokenizer.json + tokenizer_config.json + generation_config.json)
+with the chat template rendered as transformers renders it, and an incremental detokenizer for streaming."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _as_id_list(value: Any) -> list[int]:
 
 
 class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (marks assistant spans for training masks): render the body as is."""
+    """`{% generation %}...{% endgeneration %}` (marks assistant spans for training): render the body."""
 
     tags = {"generation"}
 
@@ -58,7 +58,8 @@ def _raise_exception(message: str) -> None:
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # jinja's own tojson HTML-escapes (<, >, &, '), which chat templates must not do
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -77,16 +78,17 @@ def _compile_template(source: str) -> jinja2.Template:
 
 
 class Tokenizer:
-    """Encode/decode with a `tokenizers` backend; special tokens and chat template from the HF config files."""
+    """Encode/decode with a `tokenizers` backend; special tokens and chat template from the HF configs."""
 
     def __init__(self, backend: _HFTokenizer, tokenizer_config: dict[str, Any],
                  generation_config: dict[str, Any] | None = None, chat_template: str | None = None) -> None:
         self.backend = backend
         self.config = tokenizer_config
         self.chat_template = chat_template
-        self.special_tokens: dict[str, str] = {
-            key: text for key in _SPECIAL_TOKEN_KEYS if (text := _token_text(tokenizer_config.get(key))) is not None
-        }
+        self.special_tokens: dict[str, str] = {}
+        for key in _SPECIAL_TOKEN_KEYS:
+            if (text := _token_text(tokenizer_config.get(key))) is not None:
+                self.special_tokens[key] = text
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
         self.pad_token = self.special_tokens.get("pad_token")
@@ -99,11 +101,12 @@ class Tokenizer:
         if (tok_eos := self._id_of(self.eos_token)) is not None:
             eos.append(tok_eos)
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
-        # BOS/EOS on encode: tokenizer.json's post-processor decides (as in transformers 5, which ignores the config
-        # flags whenever tokenizer.json exists); the tokenizer_config flags only fill in when there is none
+        # BOS/EOS on encode: tokenizer.json's post-processor decides (as in transformers 5, which ignores the
+        # config flags whenever tokenizer.json exists); the tokenizer_config flags only apply without one
         self._config_specials = backend.post_processor is None
         eos_id = self._id_of(self.eos_token)
-        self.add_bos_token = bool(tokenizer_config.get("add_bos_token", False)) and self.bos_token_id is not None
+        self.add_bos_token = bool(tokenizer_config.get("add_bos_token", False)) and (
+            self.bos_token_id is not None)
         self.add_eos_token = bool(tokenizer_config.get("add_eos_token", False)) and eos_id is not None
         self._eos_for_encode = eos_id
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
@@ -152,29 +155,33 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
-        """Render `messages` to the prompt string (encode it with add_special_tokens=False, as transformers does)."""
+        """Render `messages` to the prompt string (encode it with add_special_tokens=False, as transformers
+        does)."""
         if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template (no chat_template in tokenizer_config.json and no "
-                             "chat_template.jinja); pass a plain prompt instead")
+            raise ValueError("this tokenizer has no chat template (no chat_template in tokenizer_config.json "
+                             "and no chat_template.jinja); pass a plain prompt instead")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("messages must be a list of dicts")
         if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
             raise TypeError("tools must be a list of JSON-schema dicts or None")
         variables = {**self.special_tokens, **template_kwargs}
         return _compile_template(self.chat_template).render(
-            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **variables)
+            messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
+            **variables)
 
 
 class IncrementalDetokenizer:
     """Turns a growing list of generated ids into text deltas that never split a UTF-8 character.
 
-    Decodes a short window: ids [prefix_offset, read_offset) were already emitted, ids from read_offset on are new.
+    Decodes a short window: ids [prefix_offset, read_offset) were already emitted, ids from read_offset on are
+    new.
     The window starts inside the prompt so that tokenizers which drop a leading space at the start of a decode
     (sentencepiece) still produce it for the first generated token."""
 
     _PROMPT_CONTEXT = 5
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int],
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._ids: list[int] = [int(i) for i in prompt_ids[-self._PROMPT_CONTEXT:]]
@@ -186,7 +193,7 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(self._ids[start:end], skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_ids: Iterable[int]) -> str:
-        """Append generated ids; return the text they complete (possibly "" while a character is unfinished)."""
+        """Append generated ids; return the text they complete ("" while a character is unfinished)."""
         self._ids.extend(int(i) for i in new_ids)
         prefix_text = self._decode(self._prefix_offset, self._read_offset)
         full_text = self._decode(self._prefix_offset)
@@ -198,7 +205,7 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """At the end of a sequence: emit whatever is held back (an unfinished character decodes as U+FFFD)."""
+        """At the end of a sequence: emit what is held back (an unfinished character decodes as U+FFFD)."""
         prefix_text = self._decode(self._prefix_offset, self._read_offset)
         full_text = self._decode(self._prefix_offset)
         delta = full_text[len(prefix_text):] if full_text.startswith(prefix_text) else ""

