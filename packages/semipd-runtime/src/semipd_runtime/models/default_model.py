@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,7 +102,7 @@ def converted_gguf_dir(gguf_path: str | os.PathLike[str], *, progress: bool = Tr
             if not (out / "config.json").is_file():  # lost a race against a writer without the lock
                 raise
         if progress:
-            print(f"converted {src.name} -> {out} in {time.perf_counter() - start:.1f}s", flush=True)
+            print(f"converted {src.name} -> {out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return out
 
 
