@@ -119,14 +119,16 @@ def export_tensors(tensors: Mapping[str, Tensor]) -> SharedTensorsHandle:
             )
     assert device is not None
     storages: list[SharedStorage] = []
-    storage_index: dict[int, int] = {}  # data_ptr of a storage -> its index (tied weights, views: share once)
+    # one entry per storage (tied weights, views share it); keyed by the StorageImpl, whose data_ptr changes when
+    # a CPU storage moves into shared memory
+    storage_index: dict[int, int] = {}
     entries: list[SharedTensor] = []
     for name, t in tensors.items():
         storage = t.untyped_storage()
         if storage.nbytes() == 0:
             index = -1
         else:
-            key = storage.data_ptr()
+            key = storage._cdata
             if key not in storage_index:
                 storage_index[key] = len(storages)
                 storages.append(_share_cuda(storage) if device.type == "cuda" else _share_cpu(storage))
