@@ -313,3 +313,86 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             bench_serving.main(argv)
         assert needle in capsys.readouterr().err
+
+
+# --- end to end against the real server ----------------------------------------------------------------------
+
+def _server_available() -> bool:
+    try:
+        import semipd_server.cli  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means there is no server to run against
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m semipd_server.cli` with the default model on a free port; waits for /health."""
+    import httpx
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed after the process
+    proc = subprocess.Popen([sys.executable, "-m", "semipd_server.cli", "--host", "127.0.0.1", "--port", str(port),
+                             "--num-pages", "128", "--max-running-requests", "8", "--log-level", "warning"],
+                            stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"semipd-server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2.0, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"semipd-server not healthy after 240 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@pytest.mark.skipif(not _server_available(), reason="semipd_server.cli is not importable")
+def test_end_to_end_against_real_server(real_server: str, tmp_path: Path) -> None:
+    out, plot_dir = tmp_path / "results.json", tmp_path / "plots"
+    cmd = [sys.executable, str(BENCH_DIR / "bench_serving.py"), "--base-url", real_server, "--dataset", "uniform",
+           "--input-len", "12", "--output-len", "6", "--range-ratio", "0.3", "--num-prompts", "6",
+           "--request-rates", "4", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "10000", "--label", "semipd-cpu",
+           "--out", str(out), "--no-progress"] + (["--plot-dir", str(plot_dir)] if HAVE_MATPLOTLIB else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "== semipd-cpu @ 4 req/s: 6/6 ok" in done.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["server"]["model"] and run["server"]["max_model_len"] > 0
+    (point,) = run["rates"]
+    s = point["summary"]
+    assert (s["num_requests"], s["completed"], s["failed"], s["errors"]) == (6, 6, 0, {})
+    assert s["slo_attainment"] == 1.0 and s["goodput"] == pytest.approx(6 / s["duration_s"])
+    for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        assert set(s[key]) == {"mean", "p50", "p90", "p95", "p99"} and 0 < s[key]["p50"] <= s[key]["p99"]
+    assert s["itl_ms"]["p99.8"] >= s["itl_ms"]["p50"] > 0
+    rows = point["requests"]
+    # ignore_eos + max_tokens: exactly the planned output length; prompt length as the server counted it
+    assert [r["output_tokens"] for r in rows] == [r["planned_output_tokens"] for r in rows]
+    assert all(r["ok"] and r["prompt_tokens"] >= r["planned_prompt_tokens"] // 2 for r in rows)
+    assert s["total_output_tokens"] == sum(r["output_tokens"] for r in rows)
+    # semipd exposes semipd:sm_split (0/0 when not partitioned): the poller must have read it
+    assert point["sm_split"] and all(len(x) == 3 for x in point["sm_split"])
+    if HAVE_MATPLOTLIB:
+        for name in ("slo_attainment_vs_rate.png", "latency_cdf.png"):
+            assert (plot_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
