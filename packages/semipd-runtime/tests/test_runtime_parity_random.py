@@ -43,9 +43,9 @@ def write_random_model(kind: str, out: Path, seed: int = 0) -> torch.nn.Module:
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    model.generation_config.eos_token_id = None  # compared with ignore_eos: no EOS suppression or stopping
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=0, eos_token_id=None)
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
