@@ -94,6 +94,7 @@ def _cmd_import(st: _State, handle: SharedTensorsHandle) -> dict[str, Any]:
     after = torch.cuda.memory_allocated() if handle.device_type == "cuda" else 0
     return {"sums": {n: float(t.double().sum()) for n, t in tensors.items()},
             "shared": all(t.is_cuda or t.is_shared() for t in tensors.values()),
+            "ptrs": {n: t.data_ptr() for n, t in tensors.items()},
             "allocated_growth": after - before}
 
 

@@ -196,6 +196,21 @@ def test_two_process_weights_same_logits_and_shared(worker: ipc.Worker) -> None:
     weights.close()
 
 
+def test_importer_maps_a_handle_once_and_sees_later_writes(worker: ipc.Worker) -> None:
+    a = torch.zeros(1000, dtype=torch.float64)
+    b = torch.full((7, 3), 2.0)
+    handle = export_tensors({"a": a, "a_tail": a[900:], "b": b})
+    a += 1.5  # after the export, in place
+    b[0] = 5.0
+    first = worker.call("import", handle=handle)
+    assert first["shared"] and first["sums"] == {"a": 1500.0, "a_tail": 150.0, "b": 2.0 * 18 + 15.0}
+    assert first["ptrs"]["a_tail"] == first["ptrs"]["a"] + 900 * 8  # one mapping, views keep their offsets
+    a[:] = 0
+    second = worker.call("import", handle=handle)
+    assert second["ptrs"] == first["ptrs"] and second["sums"]["a"] == 0.0
+    release_export(handle)
+
+
 def test_import_after_owner_died_fails_clearly() -> None:
     owner = ipc.Worker()
     try:

@@ -17,6 +17,7 @@ from semipd_memory.sharing import (
     import_tensors,
     live_exports,
     release_export,
+    release_import,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "live_exports",
     "module_tensors",
     "release_export",
+    "release_import",
 ]

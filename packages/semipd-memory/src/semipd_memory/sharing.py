@@ -90,6 +90,9 @@ class SharedTensorsHandle:
 
 # export_id -> the exported tensors: keeps the owner's memory alive while importers may use it
 _EXPORTS: dict[str, dict[str, Tensor]] = {}
+# export_id -> storages this (importing) process opened: a second import of one handle maps nothing new (CUDA IPC
+# allows one mapping of a block per process, and its ref counter must be released once per export)
+_IMPORTED: dict[str, list[torch.UntypedStorage]] = {}
 
 
 def export_tensors(tensors: Mapping[str, Tensor]) -> SharedTensorsHandle:
@@ -166,12 +169,13 @@ def import_tensors(handle: SharedTensorsHandle) -> dict[str, Tensor]:
     _check_owner_alive(handle)
     if handle.device_type == "cuda":
         device = torch.device("cuda", _local_cuda_index(handle))
-        opened = [_open_cuda(s, device.index, handle) for s in handle.storages]
+        opened = _IMPORTED.get(handle.export_id) or [_open_cuda(s, device.index, handle) for s in handle.storages]
     elif handle.device_type == "cpu":
         device = torch.device("cpu")
-        opened = [_open_cpu(s, handle) for s in handle.storages]
+        opened = _IMPORTED.get(handle.export_id) or [_open_cpu(s, handle) for s in handle.storages]
     else:
         raise SharedMemoryError(f"handle has unknown device_type {handle.device_type!r}")
+    _IMPORTED[handle.export_id] = opened
     out: dict[str, Tensor] = {}
     for entry in handle.tensors:
         dtype = _dtype(entry.dtype)
@@ -188,6 +192,11 @@ def release_export(handle: SharedTensorsHandle) -> None:
     """Owner side: stop keeping the exported tensors alive (only once no importer uses them any more)."""
     if _EXPORTS.pop(handle.export_id, None) is None:
         raise ValueError(f"handle {handle.export_id[:8]} is not a live export of this process")
+
+
+def release_import(handle: SharedTensorsHandle) -> None:
+    """Importer side: forget the mapping of `handle` (it goes away once the tensors built on it are gone)."""
+    _IMPORTED.pop(handle.export_id, None)
 
 
 def live_exports() -> int:
