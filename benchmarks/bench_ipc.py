@@ -303,6 +303,7 @@ def check_errors(device: str) -> dict:
         live = import_tensors(handle)
         opened_live = bool(torch.equal(live["x"].cpu(), torch.arange(4096, dtype=torch.float32)))
         del live
+        release_import(handle)  # unmapped while the owner lives: no warning from torch at exit
         hidden = ""
         if device == "cuda":
             blind = Child("cpu", env={"CUDA_VISIBLE_DEVICES": ""})
