@@ -52,7 +52,7 @@ def test_decode_attention_many_splits_and_short_rows() -> None:
 
 def test_choose_num_splits() -> None:
     assert dec.choose_num_splits(batch=64, num_kv_heads=8, max_context=4096, num_sms=132) == 2
-    assert dec.choose_num_splits(batch=1, num_kv_heads=8, max_context=32768, num_sms=132) == 64
+    assert dec.choose_num_splits(batch=1, num_kv_heads=8, max_context=32768, num_sms=132) == 32
     assert dec.choose_num_splits(batch=1, num_kv_heads=8, max_context=100, num_sms=132) == 1
 
 

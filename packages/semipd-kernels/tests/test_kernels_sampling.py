@@ -43,7 +43,7 @@ def test_sample_same_tokens_as_reference(bsz: int, vocab: int, spread: float, se
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(bsz, vocab, generator=g) * spread).to(DEVICE)
     args = _params(bsz, vocab, g)
-    got = sampling.sample(logits, **args, block_v=128)
+    got = sampling.sample(logits, **args, block_v=128, radix_block_v=64)
     assert got.dtype == torch.int64
     assert torch.equal(got, ref.sample(logits, **args))
 
@@ -57,7 +57,7 @@ def test_sample_ties_and_masked_vocab() -> None:
     logits = logits.to(DEVICE)
     args = _params(bsz, vocab, g)
     args["top_k"] = torch.tensor([1, 2, 3, 5, 40, 0] * 2, dtype=torch.int32, device=DEVICE)
-    got = sampling.sample(logits, **args, block_v=64)
+    got = sampling.sample(logits, **args, block_v=64, radix_block_v=32)
     assert torch.equal(got, ref.sample(logits, **args))
     assert torch.isfinite(logits.gather(1, got[:, None])).all()
 
@@ -70,9 +70,9 @@ def test_sample_top_k_support_and_row_independence() -> None:
         "top_p": torch.ones(n), "min_p": torch.zeros(n), "seeds": torch.arange(n), "steps": torch.zeros(n).long(),
     }
     args = {k: v.to(DEVICE) for k, v in args.items()}
-    got = sampling.sample(logits, **args, block_v=32)
+    got = sampling.sample(logits, **args, block_v=32, radix_block_v=32)
     assert set(got.tolist()) == {61, 62, 63}
-    single = sampling.sample(logits[5:6], **{k: v[5:6] for k, v in args.items()}, block_v=32)
+    single = sampling.sample(logits[5:6], **{k: v[5:6] for k, v in args.items()}, block_v=32, radix_block_v=32)
     assert single.item() == got[5].item()  # a row's token does not depend on its batch position
 
 
