@@ -19,7 +19,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside us, however we were loaded
 import serving_data as data  # noqa: E402
@@ -169,8 +170,6 @@ async def run_at_rate(client: httpx.AsyncClient, target: Target, requests: Seque
                       metrics_interval_s: float, rng: np.random.Generator,
                       progress: bool) -> tuple[list[RequestRecord], float, list[list[float]]]:
     """Send `requests` at their arrival times (no new sends after `duration_s`), wait for all of them."""
-    from tqdm.asyncio import tqdm
-
     offsets = data.arrival_offsets(len(requests), rate, burstiness, rng)
     if duration_s is not None:
         offsets = offsets[offsets <= duration_s]
@@ -227,19 +226,20 @@ async def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         info = {} if args.model and args.max_model_len else await discover(client, args.base_url)
         model = args.model or info["id"]
         max_model_len = args.max_model_len or int(info.get("max_model_len") or 4096)
-        rng = np.random.default_rng(args.seed)
-        requests = build_requests(args, max_model_len, rng)
+        make_requests = request_maker(args, max_model_len)
+        workloads = [make_requests(np.random.default_rng([args.seed, i]))
+                     for i in range(len(args.request_rates))]
         target = Target(args.base_url, model, args.endpoint, not args.no_ignore_eos, args.temperature,
                         json.loads(args.extra_body) if args.extra_body else {})
-        warm = await send_request(client, target, SampleRequest(data.random_words(8, rng), 8, 2), 0.0)
+        warm_up = SampleRequest(data.random_words(8, np.random.default_rng(args.seed)), 8, 2)
+        warm = await send_request(client, target, warm_up, 0.0)
         if not warm.ok:
             raise SystemExit(f"error: warm-up request to {target.url} failed: {warm.error}")
         points = []
-        for rate in args.request_rates:
+        for i, (rate, requests) in enumerate(zip(args.request_rates, workloads)):
             records, duration, samples = await run_at_rate(
                 client, target, requests, rate, args.burstiness, args.max_concurrency, args.duration_s,
-                args.metrics_interval_s, np.random.default_rng([args.seed, len(points)]),
-                not args.no_progress)
+                args.metrics_interval_s, np.random.default_rng([args.seed, i, 1]), not args.no_progress)
             summary = data.summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
             print_summary(args.label, rate, summary)
             points.append({"request_rate": "inf" if math.isinf(rate) else rate, "burstiness": args.burstiness,
@@ -252,16 +252,21 @@ async def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                        "max_model_len": max_model_len}, "config": config, "rates": points}
 
 
-def build_requests(args: argparse.Namespace, max_model_len: int,
-                   rng: np.random.Generator) -> list[SampleRequest]:
+MakeRequests = Callable[[np.random.Generator], list[SampleRequest]]
+
+
+def request_maker(args: argparse.Namespace, max_model_len: int) -> MakeRequests:
+    """Each rate gets its own prompts (same length distribution; the same per rate whatever the engine), so a
+    server's prefix cache cannot reuse one rate's prompts in the next."""
     if args.dataset == "sharegpt":
         if args.dataset_path is None:
             raise SystemExit("error: --dataset sharegpt needs --dataset-path FILE")
-        return data.sharegpt_requests(Path(args.dataset_path), args.num_prompts, max_model_len, rng,
-                                      args.tokenizer, args.sharegpt_output_len)
-    return data.synthetic_requests(args.dataset, args.num_prompts, args.input_len, args.output_len,
-                                   args.range_ratio, args.long_fraction, args.long_input_len,
-                                   args.long_output_len or args.output_len, max_model_len, rng)
+        pool = data.load_sharegpt(Path(args.dataset_path), max_model_len, args.tokenizer,
+                                  args.sharegpt_output_len)
+        return lambda rng: data.sample_requests(pool, args.num_prompts, rng)
+    return lambda rng: data.synthetic_requests(
+        args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.long_fraction,
+        args.long_input_len, args.long_output_len or args.output_len, max_model_len, rng)
 
 
 def print_summary(label: str, rate: float, s: dict[str, Any]) -> None:

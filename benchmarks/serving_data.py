@@ -121,20 +121,20 @@ def _token_counter(tokenizer: str | None) -> Any:
     return lambda text: len(tok.encode(text, add_special_tokens=False).ids)
 
 
-def sharegpt_requests(path: Path, n: int, max_model_len: int, rng: np.random.Generator,
-                      tokenizer: str | None = None,
-                      fixed_output_len: int | None = None) -> list[SampleRequest]:
-    """ShareGPT-format JSON: [{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}]:
-    the first human turn is the prompt, the following reply's length the output length. Pairs shorter than 4
-    tokens either way, or longer than max_model_len together, are dropped; `n` are drawn at random."""
+def load_sharegpt(path: Path, max_model_len: int, tokenizer: str | None = None,
+                  fixed_output_len: int | None = None) -> list[SampleRequest]:
+    """Every usable pair of a ShareGPT-format JSON file,
+    [{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}, ...]:
+    the first human turn is the prompt, the length of the reply after it the output length. Pairs shorter than
+    4 tokens either way, or longer than max_model_len together, are dropped."""
     if not path.is_file():
         raise ValueError(f"dataset_path {str(path)!r} is not a file")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, list):
+    content = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(content, list):
         raise ValueError(f"dataset_path {str(path)!r}: expected a JSON list of conversations")
     count = _token_counter(tokenizer)
     pairs = []
-    for entry in data:
+    for entry in content:
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not turns or len(turns) < 2 or not all(isinstance(t, dict) for t in turns[:2]):
             continue
@@ -149,11 +149,16 @@ def sharegpt_requests(path: Path, n: int, max_model_len: int, rng: np.random.Gen
     if not pairs:
         raise ValueError(f"dataset_path {str(path)!r}: no usable conversation within "
                          f"max_model_len={max_model_len}")
-    if len(pairs) < n:
-        print(f"note: only {len(pairs)} usable conversations; sampling {n} with repetition", file=sys.stderr)
-    idx = rng.choice(len(pairs), size=n, replace=len(pairs) < n)
-    return [pairs[i] for i in idx]
+    return pairs
 
+
+def sample_requests(pool: Sequence[SampleRequest], n: int, rng: np.random.Generator) -> list[SampleRequest]:
+    """`n` requests drawn at random from `pool`, without repetition unless the pool is smaller than `n`."""
+    if not pool:
+        raise ValueError("pool is empty")
+    if len(pool) < n:
+        print(f"note: only {len(pool)} usable conversations; sampling {n} with repetition", file=sys.stderr)
+    return [pool[i] for i in rng.choice(len(pool), size=n, replace=len(pool) < n)]
 
 
 # --- records and statistics ---------------------------------------------------------------------------------
@@ -328,9 +333,14 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], target: float = 0.9) -> 
         rate, kind = rate_at_attainment(rates, [per_rate[r]["slo_attainment"] for r in rates], target)
         if i == 0:
             base = rate
-        text = {"interpolated": f"{rate:.3g} req/s", "lower_bound": f">= {rate:.3g} req/s (never fell below)",
-                "not_reached": "below target at every rate", "no_data": "no data"}[kind]
-        ratio = f"  ({rate / base:.2f}x {labels[0]})" if i and rate and base else ""
+        if kind == "interpolated":
+            text = f"{rate:.3g} req/s"
+        elif kind == "lower_bound":
+            text = f">= {format_rate(rate)} req/s (never fell below)"
+        else:
+            text = "below target at every rate" if kind == "not_reached" else "no data"
+        comparable = i and rate and base and math.isfinite(rate) and math.isfinite(base)
+        ratio = f"  ({rate / base:.2f}x {labels[0]})" if comparable else ""
         lines.append(f"  {label}: {text}{ratio}")
     return "\n".join(lines)
 

@@ -98,10 +98,16 @@ def _run(label: str, attainments: dict[float, float]) -> dict[str, Any]:
 
 def test_comparison_table_lists_labels_and_rate_at_90() -> None:
     text = data.comparison_table([_run("unified", {1.0: 1.0, 2.0: 0.8, 4.0: 0.2}),
-                                  _run("semi-pd", {1.0: 1.0, 2.0: 0.95, 4.0: 0.85})])
+                                  _run("semi-pd", {1.0: 1.0, 2.0: 0.95, 4.0: 0.85}),
+                                  _run("overloaded", {math.inf: 0.1}),
+                                  _run("idle", {1.0: 1.0, math.inf: 1.0})])
     assert "unified" in text and "semi-pd" in text and "== TTFT p99 ms" in text
-    assert "unified: 1.5 req/s" in text  # 1 + (1.0 - 0.9) / (1.0 - 0.8)
-    assert "semi-pd: 3 req/s  (2.00x unified)" in text  # 2 + 0.05 / 0.1 * 2
+    assert "unified: 1.5 req/s\n" in text  # 1 + (1.0 - 0.9) / (1.0 - 0.8)
+    assert "semi-pd: 3 req/s  (2.00x unified)\n" in text  # 2 + 0.05 / 0.1 * 2
+    assert "overloaded: below target at every rate\n" in text
+    assert text.endswith("idle: >= inf req/s (never fell below)")
+    inf_row = next(line for line in text.splitlines() if line.strip().startswith("inf"))
+    assert inf_row.split() == ["inf", "-", "-", "10.00", "100.00"]  # first block: attainment %
 
 
 # --- workload -----------------------------------------------------------------------------------------------
@@ -164,14 +170,18 @@ def test_sharegpt_dataset(tmp_path: Path) -> None:
     ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(convs))
-    reqs = data.sharegpt_requests(path, 3, max_model_len=128, rng=np.random.default_rng(0))
-    assert [(r.prompt, r.prompt_len, r.output_len) for r in reqs] == [("a" * 40, 10, 20)] * 3
-    fixed = data.sharegpt_requests(path, 1, 128, np.random.default_rng(0), fixed_output_len=7)
-    assert fixed[0].output_len == 7
+    pool = data.load_sharegpt(path, max_model_len=128)
+    assert [(r.prompt, r.prompt_len, r.output_len) for r in pool] == [("a" * 40, 10, 20)]
+    reqs = data.sample_requests(pool, 3, np.random.default_rng(0))  # fewer pairs than asked: repeats
+    assert [r.prompt for r in reqs] == ["a" * 40] * 3
+    assert data.load_sharegpt(path, 128, fixed_output_len=7)[0].output_len == 7
     with pytest.raises(ValueError, match="dataset_path"):
-        data.sharegpt_requests(path, 1, max_model_len=16, rng=np.random.default_rng(0))
+        data.load_sharegpt(path, max_model_len=16)
     with pytest.raises(ValueError, match="dataset_path"):
-        data.sharegpt_requests(tmp_path / "missing.json", 1, 128, np.random.default_rng(0))
+        data.load_sharegpt(tmp_path / "missing.json", 128)
+    big_pool = data.synthetic_requests("fixed", 50, 4, 4, 0.0, 0.0, 4, 4, 64, np.random.default_rng(0))
+    drawn = data.sample_requests(big_pool, 50, np.random.default_rng(1))
+    assert len({r.prompt for r in drawn}) == 50  # a large enough pool: no repetition
 
 
 def test_sm_split_from_prometheus_text() -> None:
