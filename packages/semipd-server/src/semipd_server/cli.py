@@ -103,7 +103,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(addr)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -116,7 +115,8 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
     app = build_app(engine, args.served_model_name, args.api_key)
     state: ServerState = app.state.server
     config = HypercornConfig()
-    config.bind = [f"fd://{sock.fileno()}"]
+    url = _url(sock)
+    config.bind = [f"fd://{sock.detach()}"]  # Hypercorn owns (and closes) the listening socket from here on
     config.graceful_timeout = 5.0
     config.accesslog = logging.getLogger("semipd_server.access") if args.log_requests else None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -145,7 +145,7 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
              state.model_name, args.mode, engine.max_model_len, stats.get("pages_total", 0), args.page_size,
              args.max_running_requests,
              "unlimited" if args.max_queued_requests is None else args.max_queued_requests)
-    log.info("listening on %s (OpenAI API under /v1; auth %s)", _url(sock), "on" if args.api_key else "off")
+    log.info("listening on %s (OpenAI API under /v1; auth %s)", url, "on" if args.api_key else "off")
     await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
     log.info("HTTP server stopped")
 
@@ -172,7 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         log.info("stopping engine core")
         engine.shutdown()
-        sock.close()
         log.info("bye")
     return 0
 
