@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from semipd_runtime import Engine, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, child_pids  # noqa: E402
 
 pytestmark = pytest.mark.slow
 KEY = "e2e-key"
@@ -209,3 +211,30 @@ def test_metrics_parse_and_counters_move(server: ServerProcess) -> None:
     for role in ("prefill", "decode"):
         assert f'semipd:sm_split{{"role": "{role}"}}' in after
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_dead_engine_gives_503_and_ends_open_streams(server: ServerProcess) -> None:
+    """Last in this module: kills the server's engine core process (the fixture then checks a clean exit)."""
+    # the engine core is the server's multiprocessing "spawn" child
+    (core_pid,) = [p for p in child_pids(server.proc.pid) if "spawn_main" in proc_cmdline(p)]
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=server.headers(), timeout=120,
+                      json={"prompt": "Go on forever:", "max_tokens": 2000, "ignore_eos": True,
+                            "stream": True}) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # generating
+        os.kill(core_pid, signal.SIGKILL)
+        rest = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["type"] == "service_unavailable"
+    health = httpx.get(f"{server.url}/health", timeout=30)
+    assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
+    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers(), timeout=30,
+                   json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
