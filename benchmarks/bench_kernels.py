@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py --out results/kernels.json            # all benchmarks
     python benchmarks/bench_kernels.py --only decode,prefill --out k.json     # a subset
-    python benchmarks/bench_kernels.py --green --out k.json                   # + GEMM on green-context SM shares
+    python benchmarks/bench_kernels.py --green --out k.json                   # + GEMM on green SM shares
     python benchmarks/bench_kernels.py --check --out check.json               # GPU correctness at real shapes
 
 Shapes are Llama-3.1-8B's (32 q / 8 kv heads, head_dim 128, hidden 4096, bf16). Times are medians of
@@ -34,7 +34,8 @@ def _bench(fn: Callable[[], Any]) -> float:
 
 
 def _bench_graph(fn: Callable[[], Any]) -> float:
-    """Median milliseconds of a CUDA-graph replay of fn (no Python or launch overhead, as the engine's decode)."""
+    """Median milliseconds of a CUDA-graph replay of fn (no Python or launch overhead, as the engine's
+    decode)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -49,7 +50,8 @@ def _bench_graph(fn: Callable[[], Any]) -> float:
 
 def _row(kind: str, case: str, **fields: Any) -> dict[str, Any]:
     row = {"bench": kind, "case": case, **fields}
-    print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+    print("  ".join(fields), flush=True)
     return row
 
 
@@ -81,16 +83,14 @@ def bench_decode() -> list[dict[str, Any]]:
                          hbm_fraction=tbps / HBM_TBPS, ours_graph_ms=graph_ms, graph_TBps=graph_tbps,
                          graph_hbm_fraction=graph_tbps / HBM_TBPS, sdpa_gathered_ms=sdpa_ms,
                          speedup_vs_sdpa=sdpa_ms / ms))
-        del kc, vc, keys, vals
         torch.cuda.empty_cache()
     return rows
 
 
 def bench_prefill() -> list[dict[str, Any]]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from semipd_kernels.testing import paged_kv
     from semipd_kernels.triton.prefill_attention import prefill_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
     for prefix, new in ((0, 1024), (0, 4096), (0, 8192), (0, 16384), (8192, 2048)):
@@ -113,10 +113,10 @@ def bench_prefill() -> list[dict[str, Any]]:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 sdpa_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                     qh, kh, vh, is_causal=True, scale=D**-0.5))
-            row |= {"sdpa_flash_ms": sdpa_ms, "sdpa_TFLOPs": flops / sdpa_ms / 1e9, "ratio_vs_sdpa": sdpa_ms / ms}
+            row |= {"sdpa_flash_ms": sdpa_ms, "sdpa_TFLOPs": flops / sdpa_ms / 1e9,
+                    "ratio_vs_sdpa": sdpa_ms / ms}
         rows.append(_row("prefill_attention", f"prefix={prefix} new={new}", **row,
                          peak_fraction=row["ours_TFLOPs"] / BF16_TFLOPS))
-        del kc, vc
         torch.cuda.empty_cache()
     return rows
 
@@ -136,11 +136,14 @@ def bench_elementwise() -> list[dict[str, Any]]:
         k = torch.randn(t, HK, D, dtype=DT, device="cuda")
         pos = torch.randint(0, 65536, (t,), device="cuda")
         cases = {
-            "rms_norm": (lambda: norm.rms_norm(x, w, 1e-5), lambda: ref.rms_norm(x, w, 1e-5), 2 * x.numel() * 2),
+            "rms_norm": (lambda: norm.rms_norm(x, w, 1e-5), lambda: ref.rms_norm(x, w, 1e-5),
+                         2 * x.numel() * 2),
             "fused_add_rms_norm": (lambda: norm.fused_add_rms_norm(x, r, w, 1e-5),
                                    lambda: ref.fused_add_rms_norm(x, r, w, 1e-5), 4 * x.numel() * 2),
-            "silu_and_mul": (lambda: activation.silu_and_mul(gu), lambda: ref.silu_and_mul(gu), 3 * t * INTER * 2),
-            "rotary": (lambda: rotary.apply_rotary(q, k, pos, cache), lambda: ref.apply_rotary(q, k, pos, cache),
+            "silu_and_mul": (lambda: activation.silu_and_mul(gu), lambda: ref.silu_and_mul(gu),
+                             3 * t * INTER * 2),
+            "rotary": (lambda: rotary.apply_rotary(q, k, pos, cache),
+                       lambda: ref.apply_rotary(q, k, pos, cache),
                        2 * (q.numel() + k.numel()) * 2 + t * D * 4),
         }
         for name, (ours, torch_fn, nbytes) in cases.items():
@@ -224,7 +227,8 @@ def run_check(out: str | None) -> int:
     for r in results:
         print(json.dumps(r), flush=True)
     failed = [r["check"] for r in results if not r["ok"]]
-    print(f"{len(results) - len(failed)}/{len(results)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed"
+          + (f"; failed: {failed}" if failed else ""))
     if out:
         with open(out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
@@ -232,7 +236,8 @@ def run_check(out: str | None) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--only", default="decode,prefill,elementwise,sampling,gemm",
                         help="comma-separated subset of: decode, prefill, elementwise, sampling, gemm")
@@ -253,7 +258,8 @@ def main() -> int:
     if unknown:
         parser.error(f"--only: unknown benchmark(s) {unknown}; choose from {list(benches)}")
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "hbm_TBps": HBM_TBPS, "results": []}
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "hbm_TBps": HBM_TBPS,
+                              "results": []}
     import triton
 
     report["triton"] = triton.__version__

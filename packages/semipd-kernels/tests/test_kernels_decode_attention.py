@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from semipd_kernels import reference as ref
 from semipd_kernels.testing import assert_close, paged_kv, test_device
 from semipd_kernels.triton import decode_attention as dec
@@ -61,4 +60,5 @@ def test_decode_attention_rejects_bad_gqa() -> None:
     q = torch.zeros(1, 4, 64, device=DEVICE)
     table = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="multiple"):
-        dec.decode_attention(q, k_cache, k_cache.clone(), table, torch.ones(1, dtype=torch.int32, device=DEVICE), 1.0)
+        lens = torch.ones(1, dtype=torch.int32, device=DEVICE)
+        dec.decode_attention(q, k_cache, k_cache.clone(), table, lens, 1.0)

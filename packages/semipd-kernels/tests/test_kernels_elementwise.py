@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from semipd_kernels import reference as ref
 from semipd_kernels.testing import assert_close, test_device
 from semipd_kernels.triton import activation, kv_store, norm, rotary
@@ -22,7 +21,9 @@ def _randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 
 @FEW
-@given(rows=st.integers(0, 5), hidden=st.sampled_from([8, 48, 64, 200]), dtype=DTYPES, seed=st.integers(0, 99))
+@given(
+    rows=st.integers(0, 5), hidden=st.sampled_from([8, 48, 64, 200]), dtype=DTYPES, seed=st.integers(0, 99)
+)
 def test_rms_norm_matches_reference(rows: int, hidden: int, dtype: torch.dtype, seed: int) -> None:
     x = _randn(rows, hidden, dtype=dtype, seed=seed)
     w = _randn(hidden, dtype=dtype, seed=seed + 1)
@@ -103,7 +104,8 @@ def test_store_kv_matches_reference(
     slots = slots.to(DEVICE)
     k = _randn(tokens, kv_heads, head_dim, dtype=dtype, seed=seed)
     v = _randn(tokens, kv_heads, head_dim, dtype=dtype, seed=seed + 1)
-    caches = [torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    caches = [torch.zeros(shape, dtype=dtype, device=DEVICE) for _ in range(4)]
     kv_store.store_kv(k, v, caches[0], caches[1], slots)
     ref.store_kv(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

@@ -1,11 +1,11 @@
-"""Triton paged causal prefill attention (cached prefix, chunked prefill, mixed decode rows) vs the reference."""
+"""Triton paged causal prefill attention (cached prefix, chunked prefill, mixed decode rows) vs the
+reference."""
 
 from __future__ import annotations
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from semipd_kernels import reference as ref
 from semipd_kernels.testing import assert_close, paged_kv, test_device
 from semipd_kernels.triton import prefill_attention as pre
@@ -27,7 +27,9 @@ def _run(
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
-    out = pre.prefill_attention(q, k_cache, v_cache, table, cu_t, lens, scale, block_m=block_m, block_n=block_n)
+    out = pre.prefill_attention(
+        q, k_cache, v_cache, table, cu_t, lens, scale, block_m=block_m, block_n=block_n
+    )
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out, ref.prefill_attention(q, k_cache, v_cache, table, cu_t, lens, scale))
 

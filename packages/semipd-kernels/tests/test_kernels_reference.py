@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from semipd_kernels import ops
 from semipd_kernels import reference as ref
 from semipd_kernels.testing import paged_kv
@@ -111,12 +110,14 @@ def test_decode_and_prefill_reference_match_per_token_loops() -> None:
     # prefill: the new tokens are the last q_len positions of each sequence, causal
     cu = torch.tensor([0, 2, 3, 7], dtype=torch.int32)
     qp = torch.randn(7, hk * group, d, generator=g)
-    outp = ref.prefill_attention(qp, k_cache, v_cache, table, cu, torch.tensor(seq_lens, dtype=torch.int32), scale)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    outp = ref.prefill_attention(qp, k_cache, v_cache, table, cu, lens, scale)
     for b, (n, m) in enumerate(zip(seq_lens, q_lens)):
         for i in range(m):
             visible = n - m + i + 1
             exp = _attend_one(
-                qp[cu[b] + i], _token_kv(k_cache, table, b, visible), _token_kv(v_cache, table, b, visible), scale
+                qp[cu[b] + i], _token_kv(k_cache, table, b, visible), _token_kv(v_cache, table, b, visible),
+                scale,
             )
             torch.testing.assert_close(outp[cu[b] + i], exp)
 
@@ -124,7 +125,8 @@ def test_decode_and_prefill_reference_match_per_token_loops() -> None:
 def _sample_args(b: int, **kw: object) -> dict[str, torch.Tensor]:
     args = {
         "temperature": torch.ones(b), "top_k": torch.zeros(b, dtype=torch.int32), "top_p": torch.ones(b),
-        "min_p": torch.zeros(b), "seeds": torch.arange(b, dtype=torch.int64), "steps": torch.zeros(b, dtype=torch.int64),
+        "min_p": torch.zeros(b), "seeds": torch.arange(b, dtype=torch.int64),
+        "steps": torch.zeros(b, dtype=torch.int64),
     }
     args.update(kw)  # type: ignore[arg-type]
     return args
@@ -139,7 +141,8 @@ def test_sample_greedy_is_argmax() -> None:
 def test_sample_filters_restrict_the_support() -> None:
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[None].repeat(400, 1)
     seeds = torch.arange(400, dtype=torch.int64)
-    top_k = ref.sample(logits, **_sample_args(400, seeds=seeds, top_k=torch.full((400,), 2, dtype=torch.int32)))
+    two = torch.full((400,), 2, dtype=torch.int32)
+    top_k = ref.sample(logits, **_sample_args(400, seeds=seeds, top_k=two))
     assert set(top_k.tolist()) == {0, 1}
     top_p = ref.sample(logits, **_sample_args(400, seeds=seeds, top_p=torch.full((400,), 0.79)))
     assert set(top_p.tolist()) == {0, 1}  # 0.5 + 0.3 >= 0.79 needs exactly the top two
@@ -160,7 +163,8 @@ def test_sample_frequencies_follow_the_distribution() -> None:
 def test_sample_row_depends_only_on_its_own_inputs() -> None:
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 300, generator=g)
-    args = _sample_args(6, seeds=torch.randint(-(2**62), 2**62, (6,), generator=g), steps=torch.arange(6) * 11)
+    seeds = torch.randint(-(2**62), 2**62, (6,), generator=g)
+    args = _sample_args(6, seeds=seeds, steps=torch.arange(6) * 11)
     tokens = ref.sample(logits, **args)
     perm = torch.tensor([5, 2, 0, 4, 1, 3])
     permuted = ref.sample(logits[perm], **{k: v[perm] for k, v in args.items()})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from semipd_kernels import reference as ref
 from semipd_kernels import rng
 from semipd_kernels.testing import test_device
@@ -67,12 +66,14 @@ def test_sample_top_k_support_and_row_independence() -> None:
     logits = torch.linspace(0.0, 1.0, vocab).repeat(n, 1).to(DEVICE)  # token 63 best, then 62, ...
     args = {
         "temperature": torch.full((n,), 5.0), "top_k": torch.full((n,), 3, dtype=torch.int32),
-        "top_p": torch.ones(n), "min_p": torch.zeros(n), "seeds": torch.arange(n), "steps": torch.zeros(n).long(),
+        "top_p": torch.ones(n), "min_p": torch.zeros(n), "seeds": torch.arange(n),
+        "steps": torch.zeros(n).long(),
     }
     args = {k: v.to(DEVICE) for k, v in args.items()}
     got = sampling.sample(logits, **args, block_v=32, radix_block_v=32)
     assert set(got.tolist()) == {61, 62, 63}
-    single = sampling.sample(logits[5:6], **{k: v[5:6] for k, v in args.items()}, block_v=32, radix_block_v=32)
+    row5 = {k: v[5:6] for k, v in args.items()}
+    single = sampling.sample(logits[5:6], **row5, block_v=32, radix_block_v=32)
     assert single.item() == got[5].item()  # a row's token does not depend on its batch position
 
 

@@ -1,6 +1,7 @@
 """semipd_kernels: Triton kernels for paged attention and layer ops, each with a torch reference twin.
 
-Call everything through `semipd_kernels.ops` (backend switch); `semipd_kernels.reference` holds the torch twins.
+Call everything through `semipd_kernels.ops` (backend switch); `semipd_kernels.reference` holds the torch
+twins.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def check_rotary(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor)
     if positions.shape[0] != t:
         _fail(f"positions has {positions.shape[0]} entries, q has {t} tokens")
     if d % 2 or cos_sin_cache.shape[1] != d:
-        _fail(f"cos_sin_cache must be [max_positions, {d}] for head_dim {d}, got {tuple(cos_sin_cache.shape)}")
+        _fail(f"cos_sin_cache must be [max_positions, {d}] for head_dim {d}, "
+              f"got {tuple(cos_sin_cache.shape)}")
     check_same_device([("q", q), ("k", k), ("positions", positions), ("cos_sin_cache", cos_sin_cache)])
 
 
@@ -95,7 +96,9 @@ def check_store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
         _fail(f"k heads/dim {tuple(k.shape[1:])} must match k_cache's [Hk, D] {tuple(k_cache.shape[2:])}")
     if slot_mapping.shape[0] != k.shape[0]:
         _fail(f"slot_mapping has {slot_mapping.shape[0]} entries, k has {k.shape[0]} tokens")
-    check_same_device([("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)])
+    check_same_device(
+        [("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)]
+    )
 
 
 def _check_attention_common(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor) -> None:
@@ -118,7 +121,8 @@ def check_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor
     check_dtype("seq_lens", seq_lens, _INDEX_DTYPES)
     b = q.shape[0]
     if page_table.shape[0] != b or seq_lens.shape[0] != b:
-        _fail(f"page_table rows ({page_table.shape[0]}) and seq_lens ({seq_lens.shape[0]}) must equal batch {b}")
+        _fail(f"page_table rows ({page_table.shape[0]}) and seq_lens ({seq_lens.shape[0]}) "
+              f"must equal batch {b}")
     check_same_device([("q", q), ("k_cache", k_cache), ("page_table", page_table), ("seq_lens", seq_lens)])
 
 
@@ -142,7 +146,8 @@ def check_prefill(
 
 
 def check_sample(
-    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, seeds: Tensor, steps: Tensor
+    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, seeds: Tensor,
+    steps: Tensor,
 ) -> None:
     check_dim("logits", logits, 2)
     check_dtype("logits", logits, _FLOAT_DTYPES)

@@ -37,7 +37,8 @@ def check_decode(device: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[
         lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
         got = decode_attention(q, kc, vc, table, lens, D**-0.5)
         want = ref.decode_attention(q.float(), kc.float(), vc.float(), table, lens, D**-0.5)
-        out.append(_errors(f"decode B={len(seq_lens)} max_ctx={max(seq_lens)} page={page_size}", got, want, 2e-2))
+        name = f"decode B={len(seq_lens)} max_ctx={max(seq_lens)} page={page_size}"
+        out.append(_errors(name, got, want, 2e-2))
     return out
 
 

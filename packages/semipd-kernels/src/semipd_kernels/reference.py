@@ -1,7 +1,8 @@
 """Pure-torch reference twins of every kernel (CPU or GPU).
 
 They define the semantics the Triton kernels are tested against and serve as the CPU backend. All math runs in
-float32 and results come back in the input dtype. Clarity beats speed here, but nothing is quadratic in the batch.
+float32 and results come back in the input dtype. Clarity beats speed here, but nothing is quadratic in the
+batch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------- norms
+# -------------------- norms
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     checks.check_norm(x, weight)
     xf = x.float()
@@ -50,11 +51,10 @@ def silu_and_mul(x: Tensor) -> Tensor:
     return (torch.nn.functional.silu(xf[..., :inter]) * xf[..., inter:]).to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------- rotary
+# -------------------- rotary
 def _rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None, device) -> Tensor:
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / head_dim)
-    )
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device, torch.float) / head_dim
+    inv_freq = 1.0 / (base**exponents)
     rope_type = "default" if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
     if rope_type in (None, "default"):
         return inv_freq
@@ -73,7 +73,9 @@ def _rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None, device
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(is_medium, smoothed, scaled)
-    raise ValueError(f"rope_scaling: unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
+    raise ValueError(
+        f"rope_scaling: unsupported rope_type {rope_type!r} (supported: default, linear, llama3)"
+    )
 
 
 def rope_cos_sin_cache(
@@ -105,7 +107,7 @@ def apply_rotary(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor)
     return rotate(q), rotate(k)
 
 
-# ---------------------------------------------------------------------------------------------------------- paged KV
+# -------------------- paged KV
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """Write token t's K/V to flat slot slot_mapping[t]; negative slots (padding) are skipped."""
     checks.check_store_kv(k, v, k_cache, v_cache, slot_mapping)
@@ -117,7 +119,8 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
 
 
 def _gather_pages(cache: Tensor, page_table: Tensor, num_pages: int) -> Tensor:
-    """[B, num_pages * page_size, Hk, D] in float32; unused (-1) table entries read page 0 and are masked later."""
+    """[B, num_pages * page_size, Hk, D] in float32; unused (-1) table entries read page 0 and are masked
+    later."""
     pages = page_table[:, :num_pages].long().clamp(min=0)
     b = pages.shape[0]
     return cache[pages].reshape(b, num_pages * cache.shape[1], cache.shape[2], cache.shape[3]).float()
@@ -182,7 +185,7 @@ def prefill_attention(
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------- sampling
+# -------------------- sampling
 def sample(
     logits: Tensor,
     temperature: Tensor,
@@ -194,10 +197,10 @@ def sample(
 ) -> Tensor:
     """One token per row. Semantics (shared bit-for-bit in spirit with the Triton kernel):
 
-    z = logits / T; e = exp(z - max z). top-k keeps z >= the k-th largest z (ties kept); top-p then keeps z >= the
-    largest threshold whose kept mass (among the top-k survivors) is >= top_p of their total; min-p keeps
-    e >= min_p. Among survivors the token is argmax(z - log(-log(u))), u = uniform_from_hash(seed, step, index)
-    (Gumbel-max, i.e. an exponential race). temperature <= 0 gives argmax(logits).
+    z = logits / T; e = exp(z - max z). top-k keeps z >= the k-th largest z (ties kept); top-p then keeps z >=
+    the largest threshold whose kept mass (among the top-k survivors) is >= top_p of their total; min-p keeps
+    e >= min_p. Among survivors the token is argmax(z - log(-log(u))), u = uniform_from_hash(seed, step,
+    index) (Gumbel-max, i.e. an exponential race). temperature <= 0 gives argmax(logits).
     """
     checks.check_sample(logits, temperature, top_k, top_p, min_p, seeds, steps)
     bsz, vocab = logits.shape

@@ -1,13 +1,13 @@
 """Counter-based random numbers for sampling: u = f(seed, step, vocab index), no state, no host sync.
 
-A 32-bit integer hash (a lowbias32-style xor-shift-multiply mixer) done in int64 with masking: every product is a
-value < 2^32 times a constant < 2^31, so nothing overflows int64 and torch, the Triton interpreter and compiled Triton
-all compute the same bits. The Triton twin lives in `semipd_kernels.triton.sampling` and uses these constants.
+A 32-bit integer hash (a lowbias32-style xor-shift-multiply mixer) done in int64 with masking: every product
+is a value < 2^32 times a constant < 2^31, so nothing overflows int64 and torch, the Triton interpreter and
+compiled Triton all compute the same bits. The Triton twin lives in `semipd_kernels.triton.sampling` and uses
+these constants.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 MASK32 = 0xFFFFFFFF

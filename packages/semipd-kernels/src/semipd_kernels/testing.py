@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel tests and `benchmarks/bench_kernels.py --check`: devices, tolerances, inputs."""
+"""Helpers shared by the kernel tests and `benchmarks/bench_kernels.py --check`: devices, tolerances,
+inputs."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def test_device() -> str:
 test_device.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
+def assert_close(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, scale: float = 1.0
+) -> None:
     """Compare in float32 with the tolerance of `dtype` (default: actual's dtype) times `scale`."""
     tol = TOLERANCE[dtype or actual.dtype] * scale
     torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)

@@ -22,7 +22,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """tl.dot with fp32 accumulation. UPCAST (interpreter only): the Triton 3.9 interpreter multiplies bf16
-    operands as raw uint16 bit patterns, so they are widened to fp32 there; compiled kernels keep bf16 MMAs."""
+    operands as raw uint16 bit patterns, so they are widened to fp32 there; compiled kernels keep bf16
+    MMAs."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:

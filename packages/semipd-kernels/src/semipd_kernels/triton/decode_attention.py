@@ -1,10 +1,10 @@
 """Paged decode attention, split-KV ("flash-decoding") with a reduction step.
 
-Grid (batch, kv_head, split): one program reads one KV head's pages once for all the GROUP query heads that share
-it (GQA packed into the rows of one tl.dot), over 1/num_splits of that request's context. Each request's context is
-cut into num_splits equal chunks on the device (no host sync), so long contexts at small batch still fill the GPU.
-A second kernel merges the per-split partial outputs with their log-sum-exps. With one split the first kernel
-writes the output directly.
+Grid (batch, kv_head, split): one program reads one KV head's pages once for all the GROUP query heads that
+share it (GQA packed into the rows of one tl.dot), over 1/num_splits of that request's context. Each request's
+context is cut into num_splits equal chunks on the device (no host sync), so long contexts at small batch
+still fill the GPU. A second kernel merges the per-split partial outputs with their log-sum-exps. With one
+split the first kernel writes the output directly.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def _decode_reduce_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0): output zeros, not NaN
     w = tl.exp2(lse - m)
     dims = tl.arange(0, HEAD_DIM)
-    o = tl.load(part_o_ptr + (bh * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :], mask=smask[:, None],
-                other=0.0)
+    o_ptrs = part_o_ptr + (bh * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :]
+    o = tl.load(o_ptrs, mask=smask[:, None], other=0.0)
     total = tl.sum(w, axis=0)
     res = tl.sum(o * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + b * out_stride_b + h * out_stride_h + dims, res.to(out_ptr.dtype.element_ty))

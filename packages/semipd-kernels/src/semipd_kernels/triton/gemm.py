@@ -1,9 +1,10 @@
-"""Persistent Triton GEMM for linear layers, y = x @ weight.T (+ bias), with the grid sized by the granted SMs.
+"""Persistent Triton GEMM for linear layers, y = x @ weight.T (+ bias), with the grid sized by the granted
+SMs.
 
-Under a green-context or MPS share a process owns only some SMs; a persistent kernel launched with one program per
-*granted* SM walks the output tiles itself (grouped order for L2 reuse) instead of relying on a grid sized for the
-whole device. cuBLAS stays the default for the model's linear layers; this kernel exists to be benchmarked against
-it at full and partial SM counts (`benchmarks/bench_kernels.py`).
+Under a green-context or MPS share a process owns only some SMs; a persistent kernel launched with one program
+per *granted* SM walks the output tiles itself (grouped order for L2 reuse) instead of relying on a grid sized
+for the whole device. cuBLAS stays the default for the model's linear layers; this kernel exists to be
+benchmarked against it at full and partial SM counts (`benchmarks/bench_kernels.py`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _persistent_matmul_kernel(
         pid_n = (tile % tiles_per_group) // group_size
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # clamp out-of-range rows/cols to a valid index: their results are dropped at the store, no mask needed
+        # clamp out-of-range rows/cols to a valid index: their results are dropped at the store, no mask
+        # needed
         rm_safe = tl.where(rm < M, rm, 0).to(tl.int64)
         rn_safe = tl.where(rn < N, rn, 0).to(tl.int64)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -68,8 +70,8 @@ def _device_sm_count(index: int) -> int:
 
 
 def default_config(m: int) -> dict[str, int]:
-    """Tile shape by batch rows, tuned on H100 bf16: skinny (decode) GEMMs stream the weight with deep K tiles;
-    big ones want 128x256 tiles (0.85-0.89x cuBLAS at 132 SMs with pointer loads, no TMA)."""
+    """Tile shape by batch rows, tuned on H100 bf16: skinny (decode) GEMMs stream the weight with deep K
+    tiles; big ones want 128x256 tiles (0.85-0.89x cuBLAS at 132 SMs with pointer loads, no TMA)."""
     if m <= 64:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
     if m <= 256:
@@ -86,7 +88,9 @@ def linear(
     num_sms: the number of persistent programs, i.e. the SMs this process was granted (default: the device's).
     """
     if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"x must be [..., K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"x must be [..., K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
     k = x.shape[-1]
     n = weight.shape[0]
     if weight.shape[1] != k:

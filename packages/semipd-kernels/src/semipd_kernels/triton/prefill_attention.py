@@ -2,10 +2,10 @@
 
 Grid (q_head, q_block): the packed new tokens of all requests are cut into BLOCK_M-row blocks per request; a
 device-side table maps a flat block id to (request, block) so no host sync is needed and the grid is only
-cdiv(T, BLOCK_M) + B blocks tall. Each program runs flash attention over its request's pages in two phases: key
-tiles every row may see (no masking) and the diagonal tiles (causal mask). Heads are the fast grid axis so the
-GROUP query heads sharing one KV head run together and hit the same pages in L2; the heaviest (last) blocks of the
-causal triangle start first.
+cdiv(T, BLOCK_M) + B blocks tall. Each program runs flash attention over its request's pages in two phases:
+key tiles every row may see (no masking) and the diagonal tiles (causal mask). Heads are the fast grid axis so
+the GROUP query heads sharing one KV head run together and hit the same pages in L2; the heaviest (last)
+blocks of the causal triangle start first.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def _prefill_kernel(
         kv_head = head // GROUP
         dims = tl.arange(0, HEAD_DIM)
         tok = (q_start + rows).to(tl.int64)
-        q = tl.load(q_ptr + tok[:, None] * q_stride_t + head * q_stride_h + dims[None, :], mask=row_valid[:, None],
-                    other=0.0)
+        q_ptrs = q_ptr + tok[:, None] * q_stride_t + head * q_stride_h + dims[None, :]
+        q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
         table_row = table_ptr + b.to(tl.int64) * table_stride
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -92,13 +92,13 @@ def _prefill_kernel(
         first_pos = prefix + blk * BLOCK_M
         full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_row, 0, full_end, kv_head, page_size, qk_scale,
-            NUM_KV_HEADS, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, UPCAST,
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_row, 0, full_end, kv_head, page_size,
+            qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, UPCAST,
         )
         diag_end = tl.minimum(kv_len, first_pos + BLOCK_M)
         acc, l_i, m_i = _attend_tiles(
-            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_row, full_end, diag_end, kv_head, page_size,
-            qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, True, DOT_PRECISION, UPCAST,
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, table_row, full_end, diag_end, kv_head,
+            page_size, qk_scale, NUM_KV_HEADS, HEAD_DIM, BLOCK_N, True, DOT_PRECISION, UPCAST,
         )
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + tok[:, None] * out_stride_t + head * out_stride_h + dims[None, :],
@@ -110,8 +110,9 @@ def _block_map_kernel(
     cu_q_ptr, block_req_ptr, cu_blocks_ptr, num_reqs, grid_blocks,
     BLOCK_M: tl.constexpr, REQ_BLOCK: tl.constexpr, ID_BLOCK: tl.constexpr,
 ):
-    """One program: per-request first block (exclusive cumsum of cdiv(q_len, BLOCK_M)) and, for every flat block
-    id, the request that owns it (num_reqs for ids past the end). One launch instead of a chain of torch ops."""
+    """One program: per-request first block (exclusive cumsum of cdiv(q_len, BLOCK_M)) and, for every flat
+    block id, the request that owns it (num_reqs for ids past the end). One launch instead of a chain of torch
+    ops."""
     reqs = tl.arange(0, REQ_BLOCK)
     rmask = reqs < num_reqs
     start = tl.load(cu_q_ptr + reqs, mask=rmask, other=0)
@@ -152,8 +153,9 @@ def prefill_attention(
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> Tensor:
-    """Same contract as `reference.prefill_attention`. Defaults tuned on H100 (bf16, head_dim 128): 128x64 tiles
-    with 4 warps for big batches, 64-row blocks below 4096 tokens so small prefills still fill the SMs."""
+    """Same contract as `reference.prefill_attention`. Defaults tuned on H100 (bf16, head_dim 128): 128x64
+    tiles with 4 warps for big batches, 64-row blocks below 4096 tokens so small prefills still fill the
+    SMs."""
     checks.check_prefill(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens)
     tokens, hq, d = q.shape
     page_size, hk = k_cache.shape[1], k_cache.shape[2]
@@ -173,6 +175,7 @@ def prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         scale * LOG2E, page_size, bsz, grid_blocks,
         NUM_KV_HEADS=hk, GROUP=hq // hk, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST=interpreting(), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

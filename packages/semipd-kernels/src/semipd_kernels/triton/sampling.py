@@ -1,10 +1,10 @@
 """Sampling without a host sync; thresholds found by radix select instead of a vocabulary sort.
 
 Semantics are those of `reference.sample` (read its docstring). Kernel 1 (one program per row) finds the k-th
-largest scaled logit (top-k) and the top-p cut exactly, by an 8-pass radix-16 search over order-preserving 32-bit
-keys of the float values; rows that filter nothing skip it. Kernel 2 (rows x vocab chunks, so even one row fills
-the GPU) runs the Gumbel-max race with the counter-based noise of `semipd_kernels.rng` (same integer hash as torch,
-so both pick the same token) and merges chunk winners with a 64-bit atomic max.
+largest scaled logit (top-k) and the top-p cut exactly, by an 8-pass radix-16 search over order-preserving
+32-bit keys of the float values; rows that filter nothing skip it. Kernel 2 (rows x vocab chunks, so even one
+row fills the GPU) runs the Gumbel-max race with the counter-based noise of `semipd_kernels.rng` (same integer
+hash as torch, so both pick the same token) and merges chunk winners with a 64-bit atomic max.
 """
 
 from __future__ import annotations
@@ -65,10 +65,12 @@ def _scaled(row_ptr, offs, vocab, temp):
 
 
 @triton.jit
-def _radix_threshold(row_ptr, vocab, temp, zmax, floor, target, USE_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Largest value t (a scaled logit of the row) with weight(z >= t and z >= floor) >= target, where the weight
-    is a count (top-k) or the unnormalised mass exp(z - zmax) (top-p). Partial sums stay per lane across the vocab
-    loop and are reduced once per pass (a cross-warp reduction per tile would dominate)."""
+def _radix_threshold(
+    row_ptr, vocab, temp, zmax, floor, target, USE_MASS: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    """Largest value t (a scaled logit of the row) with weight(z >= t and z >= floor) >= target, where the
+    weight is a count (top-k) or the unnormalised mass exp(z - zmax) (top-p). Partial sums stay per lane
+    across the vocab loop and are reduced once per pass (a cross-warp reduction per tile would dominate)."""
     base = tl.zeros((), dtype=tl.int64)
     digits = tl.arange(0, 16).to(tl.int64)
     for p in tl.static_range(8):
@@ -114,7 +116,9 @@ def _thresholds_kernel(
             lane_max = tl.maximum(lane_max, _scaled(row_ptr, v0 + tl.arange(0, BLOCK_V), vocab, temp))
         zmax = tl.max(lane_max, axis=0)
         if k_on:
-            t_k = _radix_threshold(row_ptr, vocab, temp, zmax, t_k, top_k.to(tl.float32), False, RADIX_BLOCK_V)
+            t_k = _radix_threshold(
+                row_ptr, vocab, temp, zmax, t_k, top_k.to(tl.float32), False, RADIX_BLOCK_V
+            )
         if p_on:
             lane_total = tl.zeros([BLOCK_V], dtype=tl.float32)
             for v0 in range(0, vocab, BLOCK_V):
@@ -133,8 +137,9 @@ def _race_kernel(
     logits_ptr, temp_ptr, min_p_ptr, seeds_ptr, steps_ptr, thr_ptr, packed_ptr, logits_stride, vocab, chunk,
     BLOCK_V: tl.constexpr,
 ):
-    """Grid (row, vocab chunk): the Gumbel-max race over one chunk; the winner (score, index) is packed into one
-    int64 (order key high, ~index low: ties go to the lowest index) and merged across chunks with atomic_max."""
+    """Grid (row, vocab chunk): the Gumbel-max race over one chunk; the winner (score, index) is packed into
+    one int64 (order key high, ~index low: ties go to the lowest index) and merged across chunks with
+    atomic_max."""
     row = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * chunk
     row_ptr = logits_ptr + row * logits_stride
@@ -188,7 +193,8 @@ def sample(
     radix_block_v: int = 512,
     num_chunks: int | None = None,
 ) -> Tensor:
-    """Same contract as `reference.sample`. Three launches (thresholds, chunked race, unpack), no host sync."""
+    """Same contract as `reference.sample`. Three launches (thresholds, chunked race, unpack), no host
+    sync."""
     checks.check_sample(logits, temperature, top_k, top_p, min_p, seeds, steps)
     bsz, vocab = logits.shape
     if logits.stride(-1) != 1:
@@ -212,4 +218,5 @@ def sample(
     return (~packed) & 0xFFFFFFFF
 
 
-assert rng.MUL_A == 0x21F0AAAD and rng.MUL_B == 0x735A2D97 and rng.KEY_SALT == 0x1B873593  # keep twins in step
+# keep the twins in step
+assert rng.MUL_A == 0x21F0AAAD and rng.MUL_B == 0x735A2D97 and rng.KEY_SALT == 0x1B873593
