@@ -110,6 +110,16 @@ def test_sampling_n_seed_stop(client: openai.OpenAI, offline: Engine) -> None:
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == base[: base.index(stop)]
 
 
+def test_stream_never_splits_utf8(client: openai.OpenAI, offline: Engine) -> None:
+    for prompt in ("Emoji list: 😀 😃 😄 😁", "Chinese: 你好，世界。我"):
+        ref = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+        assert len(ref.text.encode()) > len(ref.text)  # the model does write multi-byte characters here
+        deltas = [c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})]
+        assert "".join(deltas) == ref.text
+        assert not any("\ufffd" in d for d in deltas)
+
+
 def test_bad_inputs_status_and_body(server: ServerProcess, client: openai.OpenAI) -> None:
     url, h = server.url, server.headers()
 
@@ -165,12 +175,23 @@ def test_concurrent_streams_with_disconnects_free_every_page(server: ServerProce
         await stream.close()
         return text, reason
 
-    async def burst() -> list[tuple[str, str | None]]:
+    async def bad(client: openai.AsyncOpenAI) -> int:
+        try:
+            await client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+        except openai.BadRequestError as e:
+            return e.status_code
+        return 200
+
+    async def burst() -> tuple[list[tuple[str, str | None]], list[int]]:
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0,
                                       timeout=300) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(50)))
+            # bad requests in the middle of the burst are refused without disturbing the others
+            results = asyncio.gather(*(one(client, i) for i in range(50)))
+            refused = asyncio.gather(*(bad(client) for _ in range(5)))
+            return await results, await refused
 
-    results = asyncio.run(burst())
+    results, refused = asyncio.run(burst())
+    assert refused == [400] * 5
     left = [r for i, r in enumerate(results) if i % 3 == 0]
     stayed = [r for i, r in enumerate(results) if i % 3 != 0]
     assert len(left) == 17 and all(reason is None for _, reason in left)

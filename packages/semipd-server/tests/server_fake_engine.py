@@ -49,6 +49,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.dead = False
+        self.pages_total = 100
         self.gate: asyncio.Event | None = None  # when set by a test, streams wait on it before each token
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -119,7 +120,7 @@ class FakeEngine:
 
     def stats(self) -> dict[str, int]:
         return {"num_running": len(self.active), "num_waiting": 0, "pages_used": 2 * len(self.active),
-                "pages_total": 100, "prefill_sm": 0, "decode_sm": 0}
+                "pages_total": self.pages_total, "prefill_sm": 0, "decode_sm": 0}
 
 
 def _copy(c: CompletionOutput) -> CompletionOutput:

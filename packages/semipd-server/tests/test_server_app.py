@@ -19,9 +19,10 @@ from semipd_server.sse import parse_sse
 Check = Callable[[httpx.AsyncClient, FakeEngine], Awaitable[None]]
 
 
-def serve(check: Check, engine: FakeEngine | None = None, api_key: str | None = None) -> FakeEngine:
+def serve(check: Check, engine: FakeEngine | None = None, api_key: str | None = None,
+          page_size: int | None = None) -> FakeEngine:
     engine = engine or FakeEngine()
-    app = build_app(engine, api_key=api_key)
+    app = build_app(engine, api_key=api_key, page_size=page_size)
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -132,6 +133,17 @@ def test_chat_whole_stream_and_logprobs() -> None:
         assert evts[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
 
     serve(check)
+
+
+def test_chat_default_length_fits_the_kv_pool() -> None:
+    async def check(c: httpx.AsyncClient, eng: FakeEngine) -> None:
+        eng.pages_total = 10  # 10 pages x 4 tokens = 40 tokens < the 64-token context
+        msgs = [{"role": "user", "content": "hey"}]
+        n_prompt = len(eng.tokenizer.apply_chat_template(msgs))
+        body = (await c.post("/v1/chat/completions", json={"messages": msgs})).json()
+        assert body["usage"]["completion_tokens"] == 40 - n_prompt
+
+    serve(check, page_size=4)
 
 
 def test_models_route() -> None:

@@ -121,9 +121,11 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return ApiError(500, f"internal server error: {type(exc).__name__}").response()
 
 
-def build_app(engine: Any, model_name: str | None = None, api_key: str | None = None) -> Starlette:
-    """The ASGI app serving `engine` (a semipd_runtime.Engine)."""
-    state = ServerState(engine=engine, model_name=model_name or engine.model_name, api_key=api_key)
+def build_app(engine: Any, model_name: str | None = None, api_key: str | None = None,
+              page_size: int | None = None) -> Starlette:
+    """The ASGI app serving `engine` (a semipd_runtime.Engine); `page_size` is the engine's KV page size."""
+    state = ServerState(engine=engine, model_name=model_name or engine.model_name, api_key=api_key,
+                        page_size=page_size)
     routes = [
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),

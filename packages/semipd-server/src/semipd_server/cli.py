@@ -112,14 +112,14 @@ def _url(sock: socket.socket) -> str:
 
 
 async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> None:
-    app = build_app(engine, args.served_model_name, args.api_key)
+    app = build_app(engine, args.served_model_name, args.api_key, page_size=args.page_size)
     state: ServerState = app.state.server
     config = HypercornConfig()
     url = _url(sock)
     config.bind = [f"fd://{sock.detach()}"]  # Hypercorn owns (and closes) the listening socket from here on
     config.graceful_timeout = 5.0
     config.accesslog = logging.getLogger("semipd_server.access") if args.log_requests else None
-    config.errorlog = logging.getLogger("hypercorn.error")
+    config.errorlog = logging.getLogger("hypercorn")
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -137,7 +137,7 @@ def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int
 def _chat_sampling(state: ServerState, req: ChatCompletionRequest, n_prompt: int) -> SamplingParams:
     max_tokens = chat_max_tokens(req)
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
-        max_tokens = max(1, state.max_model_len - n_prompt)
+        max_tokens = state.default_max_tokens(n_prompt)
     return chat_params(req, max_tokens)
 
 

@@ -17,6 +17,7 @@ class ServerState:
     engine: Any  # semipd_runtime.Engine (typed loosely so unit tests can hand in a small fake)
     model_name: str
     api_key: str | None = None
+    page_size: int | None = None  # KV page size, to cap default lengths at what the pool can hold
     metrics: ServerMetrics = field(init=False)
     strings: TokenStrings = field(init=False)
     draining: bool = False
@@ -31,6 +32,15 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return int(self.engine.max_model_len)
+
+    def default_max_tokens(self, n_prompt: int) -> int:
+        """Output budget when a chat request sets none (OpenAI: the rest of the context), capped by the KV pool
+        so that the default never turns into a 'needs more pages than the pool has' rejection."""
+        room = self.max_model_len - n_prompt
+        pages_total = int(self.engine.stats().get("pages_total", 0))
+        if self.page_size and pages_total:
+            room = min(room, pages_total * self.page_size - n_prompt)
+        return max(1, room)
 
     def check_model(self, requested: str | None) -> None:
         """OpenAI clients must name a model; only the one served is accepted."""
