@@ -42,8 +42,9 @@ def pid_alive(pid: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, log_path: Path, api_key: str | None = None,
-                 startup_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, *args: str, log_path: Path, api_key: str | None = None, startup_timeout_s: float = 600.0
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key

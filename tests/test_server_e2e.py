@@ -18,11 +18,10 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from semipd_runtime import Engine, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_process import ServerProcess, child_pids  # noqa: E402
+from server_process import ServerProcess, child_pids
 
 pytestmark = pytest.mark.slow
 KEY = "e2e-key"
@@ -32,8 +31,16 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess("--num-pages", "1024", "--max-running-requests", "64", "--chunked-prefill-size", "512",
-                        log_path=tmp_path_factory.mktemp("server") / "server.log", api_key=KEY)
+    srv = ServerProcess(
+        "--num-pages",
+        "1024",
+        "--max-running-requests",
+        "64",
+        "--chunked-prefill-size",
+        "512",
+        log_path=tmp_path_factory.mktemp("server") / "server.log",
+        api_key=KEY,
+    )
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -52,8 +59,11 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 def metrics(server: ServerProcess) -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return {s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"}): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"}): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_completions_equal_offline_engine(client: openai.OpenAI, offline: Engine) -> None:
@@ -63,10 +73,21 @@ def test_completions_equal_offline_engine(client: openai.OpenAI, offline: Engine
     assert [c.finish_reason for c in r.choices] == [o.finish_reason for o in ref]
     n_prompt = sum(len(offline.tokenizer.encode(p)) for p in PROMPTS)
     n_out = sum(len(o.token_ids) for o in ref)
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, n_out,
-                                                                                       n_prompt + n_out)
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        n_prompt,
+        n_out,
+        n_prompt + n_out,
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS[0],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref[0].token_ids)
@@ -76,8 +97,9 @@ def test_chat_equals_offline_engine(client: openai.OpenAI, offline: Engine) -> N
     messages = [{"role": "user", "content": "Name three colors."}]
     ids = offline.tokenizer.encode(offline.tokenizer.apply_chat_template(messages), add_special_tokens=False)
     ref = offline.generate([ids], SamplingParams(temperature=0.0, max_tokens=10, logprobs=2))[0]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,
-                                       logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=10, temperature=0, logprobs=True, top_logprobs=2
+    )
     choice = r.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == ref.text
     assert choice.finish_reason == ref.finish_reason
@@ -89,8 +111,9 @@ def test_chat_equals_offline_engine(client: openai.OpenAI, offline: Engine) -> N
         assert len(got.top_logprobs) == 2 and got.top_logprobs[0].logprob >= got.top_logprobs[1].logprob
     # the tokens' exact bytes spell the text
     assert b"".join(bytes(t.bytes) for t in lps).decode() == ref.text
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
@@ -98,13 +121,23 @@ def test_chat_equals_offline_engine(client: openai.OpenAI, offline: Engine) -> N
 
 
 def test_sampling_n_seed_stop(client: openai.OpenAI, offline: Engine) -> None:
-    kw = dict(model=MODEL, prompt=PROMPTS[2], max_tokens=8, temperature=0.9, top_p=0.95, seed=7, n=2,
-              extra_body={"top_k": 40, "min_p": 0.01, "ignore_eos": True})
+    kw = {
+        "model": MODEL,
+        "prompt": PROMPTS[2],
+        "max_tokens": 8,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "seed": 7,
+        "n": 2,
+        "extra_body": {"top_k": 40, "min_p": 0.01, "ignore_eos": True},
+    }
     a, b = client.completions.create(**kw), client.completions.create(**kw)  # type: ignore[call-overload]
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert a.usage.completion_tokens == 16 and all(c.finish_reason == "length" for c in a.choices)
-    base = offline.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0].text
+    base = offline.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[
+        0
+    ].text
     stop = base.strip()[:2]
     cut = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == base[: base.index(stop)]
@@ -114,8 +147,17 @@ def test_stream_never_splits_utf8(client: openai.OpenAI, offline: Engine) -> Non
     for prompt in ("Emoji list: 😀 😃 😄 😁", "Chinese: 你好，世界。我"):
         ref = offline.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
         assert len(ref.text.encode()) > len(ref.text)  # the model does write multi-byte characters here
-        deltas = [c.choices[0].text for c in client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})]
+        deltas = [
+            c.choices[0].text
+            for c in client.completions.create(
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=12,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        ]
         assert "".join(deltas) == ref.text
         assert not any("\ufffd" in d for d in deltas)
 
@@ -125,8 +167,12 @@ def test_bad_inputs_status_and_body(server: ServerProcess, client: openai.OpenAI
 
     def post(path: str, body: object, headers: dict[str, str] | None = None) -> httpx.Response:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return httpx.post(url + path, content=raw, timeout=60,
-                          headers={"Content-Type": "application/json", **(h if headers is None else headers)})
+        return httpx.post(
+            url + path,
+            content=raw,
+            timeout=60,
+            headers={"Content-Type": "application/json", **(h if headers is None else headers)},
+        )
 
     def expect(resp: httpx.Response, status: int, param: str | None) -> None:
         assert resp.status_code == status, resp.text
@@ -164,8 +210,14 @@ def test_concurrent_streams_with_disconnects_free_every_page(server: ServerProce
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str | None]:
         leave_early = i % 3 == 0
         stream = await client.completions.create(
-            model=MODEL, prompt=f"Request {i}: tell me a story about the number {i}.", stream=True,
-            temperature=0.7, seed=i, max_tokens=64 if leave_early else 6, extra_body={"ignore_eos": True})
+            model=MODEL,
+            prompt=f"Request {i}: tell me a story about the number {i}.",
+            stream=True,
+            temperature=0.7,
+            seed=i,
+            max_tokens=64 if leave_early else 6,
+            extra_body={"ignore_eos": True},
+        )
         text, reason = "", None
         async for chunk in stream:
             text += chunk.choices[0].text
@@ -183,8 +235,9 @@ def test_concurrent_streams_with_disconnects_free_every_page(server: ServerProce
         return 200
 
     async def burst() -> tuple[list[tuple[str, str | None]], list[int]]:
-        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0,
-                                      timeout=300) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300
+        ) as client:
             # bad requests in the middle of the burst are refused without disturbing the others
             results = asyncio.gather(*(one(client, i) for i in range(50)))
             refused = asyncio.gather(*(bad(client) for _ in range(5)))
@@ -212,23 +265,38 @@ def test_concurrent_streams_with_disconnects_free_every_page(server: ServerProce
     assert delta["semipd:time_to_first_token_seconds_count{}"] == 50
     assert delta["semipd:e2e_request_latency_seconds_count{}"] == 50
     # and the server still answers
-    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers(), timeout=60,
-                   json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        headers=server.headers(),
+        timeout=60,
+        json={"prompt": "Hello", "max_tokens": 3, "temperature": 0},
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
 def test_metrics_parse_and_counters_move(server: ServerProcess) -> None:
     before = metrics(server)
-    r = httpx.post(f"{server.url}/generate", headers=server.headers(), timeout=60,
-                   json={"text": "Water boils at", "sampling_params": {"max_new_tokens": 4, "temperature": 0,
-                                                                     "ignore_eos": True}})
+    r = httpx.post(
+        f"{server.url}/generate",
+        headers=server.headers(),
+        timeout=60,
+        json={
+            "text": "Water boils at",
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True},
+        },
+    )
     body = r.json()
     assert r.status_code == 200 and len(body["output_ids"]) == 4 and body["finish_reason"] == "length"
     after = metrics(server)
     assert after["semipd:generation_tokens_total{}"] - before["semipd:generation_tokens_total{}"] == 4
-    assert after["semipd:prompt_tokens_total{}"] - before["semipd:prompt_tokens_total{}"] == \
-        body["meta_info"]["prompt_tokens"]
-    assert after["semipd:time_to_first_token_seconds_count{}"] == before["semipd:time_to_first_token_seconds_count{}"] + 1
+    assert (
+        after["semipd:prompt_tokens_total{}"] - before["semipd:prompt_tokens_total{}"]
+        == body["meta_info"]["prompt_tokens"]
+    )
+    assert (
+        after["semipd:time_to_first_token_seconds_count{}"]
+        == before["semipd:time_to_first_token_seconds_count{}"] + 1
+    )
     for role in ("prefill", "decode"):
         assert f'semipd:sm_split{{"role": "{role}"}}' in after
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
@@ -238,19 +306,27 @@ def test_dead_engine_gives_503_and_ends_open_streams(server: ServerProcess) -> N
     """Last in this module: kills the server's engine core process (the fixture then checks a clean exit)."""
     # the engine core is the server's multiprocessing "spawn" child
     (core_pid,) = [p for p in child_pids(server.proc.pid) if "spawn_main" in proc_cmdline(p)]
-    with httpx.stream("POST", f"{server.url}/v1/completions", headers=server.headers(), timeout=120,
-                      json={"prompt": "Go on forever:", "max_tokens": 2000, "ignore_eos": True,
-                            "stream": True}) as resp:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/completions",
+        headers=server.headers(),
+        timeout=120,
+        json={"prompt": "Go on forever:", "max_tokens": 2000, "ignore_eos": True, "stream": True},
+    ) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))  # generating
         os.kill(core_pid, signal.SIGKILL)
-        rest = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        rest = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["type"] == "service_unavailable"
     health = httpx.get(f"{server.url}/health", timeout=30)
     assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
-    r = httpx.post(f"{server.url}/v1/completions", headers=server.headers(), timeout=30,
-                   json={"prompt": "x", "max_tokens": 2})
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        headers=server.headers(),
+        timeout=30,
+        json={"prompt": "x", "max_tokens": 2},
+    )
     assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 

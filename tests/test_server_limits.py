@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_process import ServerProcess, child_pids, pid_alive  # noqa: E402
+from server_process import ServerProcess, child_pids, pid_alive
 
 pytestmark = pytest.mark.slow
 MAX_RUNNING, MAX_QUEUED = 2, 1
@@ -24,16 +24,26 @@ MAX_RUNNING, MAX_QUEUED = 2, 1
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess("--num-pages", "256", "--max-running-requests", str(MAX_RUNNING),
-                        "--max-queued-requests", str(MAX_QUEUED), "--drain-timeout", "120",
-                        log_path=tmp_path_factory.mktemp("limits") / "server.log")
+    srv = ServerProcess(
+        "--num-pages",
+        "256",
+        "--max-running-requests",
+        str(MAX_RUNNING),
+        "--max-queued-requests",
+        str(MAX_QUEUED),
+        "--drain-timeout",
+        "120",
+        log_path=tmp_path_factory.mktemp("limits") / "server.log",
+    )
     yield srv
     srv.stop()
 
 
 def gauge(server: ServerProcess, name: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+    return next(
+        s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name
+    )
 
 
 def wait_for(cond: object, timeout_s: float = 60.0) -> None:
@@ -56,8 +66,11 @@ def test_429_only_past_max_queued(server: ServerProcess) -> None:
             open_streams.append(resp)
         wait_for(lambda: gauge(server, "semipd:num_requests_running") == MAX_RUNNING)
         assert gauge(server, "semipd:num_requests_waiting") == MAX_QUEUED
-        for body in ({"prompt": "x", "max_tokens": 2}, {**LONG, "max_tokens": 2},
-                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}):
+        for body in (
+            {"prompt": "x", "max_tokens": 2},
+            {**LONG, "max_tokens": 2},
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ):
             path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
             r = client.post(path, json=body)
             assert r.status_code == 429, r.text
@@ -89,15 +102,27 @@ def test_sigterm_drains_then_exits_cleanly(server: ServerProcess) -> None:
     results: dict[str, object] = {}
 
     def in_flight_stream() -> None:
-        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=120,
-                          json={"prompt": "Tell me a story.", "max_tokens": 24, "ignore_eos": True,
-                                "stream": True, "temperature": 0}) as resp:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/completions",
+            timeout=120,
+            json={
+                "prompt": "Tell me a story.",
+                "max_tokens": 24,
+                "ignore_eos": True,
+                "stream": True,
+                "temperature": 0,
+            },
+        ) as resp:
             results["stream_status"] = resp.status_code
             results["stream_body"] = resp.read().decode()
 
     def in_flight_whole() -> None:
-        r = httpx.post(f"{server.url}/v1/completions", timeout=120,
-                       json={"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True})
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=120,
+            json={"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True},
+        )
         results["whole"] = (r.status_code, r.json())
 
     threads = [threading.Thread(target=in_flight_stream), threading.Thread(target=in_flight_whole)]
@@ -115,7 +140,7 @@ def test_sigterm_drains_then_exits_cleanly(server: ServerProcess) -> None:
     assert status == 200 and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 24
     assert results["stream_status"] == 200
-    events = [e[len("data: "):] for e in str(results["stream_body"]).split("\n\n") if e]
+    events = [e[len("data: ") :] for e in str(results["stream_body"]).split("\n\n") if e]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert server.proc.wait(60) == 0, server.log()

@@ -12,7 +12,8 @@ from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFul
 
 
 class CharTokenizer:
-    eos_token_ids = [0]
+    def __init__(self) -> None:
+        self.eos_token_ids = [0]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) for c in text]
@@ -52,22 +53,26 @@ class FakeEngine:
         self.pages_total = 100
         self.gate: asyncio.Event | None = None  # when set by a test, streams wait on it before each token
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
         params.validate()
         if self.dead:
             raise EngineDeadError("engine core process died")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
-            raise InvalidRequestError(f"prompt ({len(ids)}) + max_tokens exceeds {self.max_model_len}",
-                                      param="prompt")
+            raise InvalidRequestError(
+                f"prompt ({len(ids)}) + max_tokens exceeds {self.max_model_len}", param="prompt"
+            )
         if len(self.active) >= self.max_active:
             raise QueueFullError("too many requests queued")
         rid = request_id or f"fake-{id(params)}"
         self.active.add(rid)
-        outs = [CompletionOutput(j, "", [], None, [] if params.logprobs is not None else None)
-                for j in range(params.n)]
+        outs = [
+            CompletionOutput(j, "", [], None, [] if params.logprobs is not None else None)
+            for j in range(params.n)
+        ]
         try:
             want = [expected_tokens(ids, j, params.max_tokens) for j in range(params.n)]
             for step in range(params.max_tokens):
@@ -102,7 +107,7 @@ class FakeEngine:
                         c.finish_reason, c.stop_reason = "stop", hit
                     elif step + 1 == params.max_tokens:
                         c.finish_reason = "length"
-                    c.delta_text, c.text = text[len(c.text):], text
+                    c.delta_text, c.text = text[len(c.text) :], text
                 done = all(c.finish_reason is not None for c in outs)
                 yield RequestOutput(rid, ids, [_copy(c) for c in outs], done)
                 if done:
@@ -119,12 +124,25 @@ class FakeEngine:
             raise EngineDeadError("engine core process died")
 
     def stats(self) -> dict[str, int]:
-        return {"num_running": len(self.active), "num_waiting": 0, "pages_used": 2 * len(self.active),
-                "pages_total": self.pages_total, "prefill_sm": 0, "decode_sm": 0}
+        return {
+            "num_running": len(self.active),
+            "num_waiting": 0,
+            "pages_used": 2 * len(self.active),
+            "pages_total": self.pages_total,
+            "prefill_sm": 0,
+            "decode_sm": 0,
+        }
 
 
 def _copy(c: CompletionOutput) -> CompletionOutput:
-    return CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
-                            list(c.logprobs) if c.logprobs is not None else None, c.delta_text,
-                            list(c.delta_token_ids),
-                            list(c.delta_logprobs) if c.delta_logprobs is not None else None, c.stop_reason)
+    return CompletionOutput(
+        c.index,
+        c.text,
+        list(c.token_ids),
+        c.finish_reason,
+        list(c.logprobs) if c.logprobs is not None else None,
+        c.delta_text,
+        list(c.delta_token_ids),
+        list(c.delta_logprobs) if c.delta_logprobs is not None else None,
+        c.stop_reason,
+    )

@@ -11,16 +11,16 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_fake_engine import FakeEngine, expected_tokens, logprob_of
-
 from semipd_server.app import build_app
 from semipd_server.sse import parse_sse
+from server_fake_engine import FakeEngine, expected_tokens, logprob_of
 
 Check = Callable[[httpx.AsyncClient, FakeEngine], Awaitable[None]]
 
 
-def serve(check: Check, engine: FakeEngine | None = None, api_key: str | None = None,
-          page_size: int | None = None) -> FakeEngine:
+def serve(
+    check: Check, engine: FakeEngine | None = None, api_key: str | None = None, page_size: int | None = None
+) -> FakeEngine:
     engine = engine or FakeEngine()
     app = build_app(engine, api_key=api_key, page_size=page_size)
 
@@ -43,7 +43,9 @@ def chunks(resp: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(p) for p in payloads[:-1]]
 
 
-def assert_error(resp: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> None:
+def assert_error(
+    resp: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> None:
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -55,15 +57,21 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None, co
 
 def test_completion_whole_and_usage() -> None:
     async def check(c: httpx.AsyncClient, eng: FakeEngine) -> None:
-        r = await c.post("/v1/completions", json={"model": "fake-model", "prompt": ["abc", "hello"], "n": 2,
-                                                  "max_tokens": 4})
+        r = await c.post(
+            "/v1/completions",
+            json={"model": "fake-model", "prompt": ["abc", "hello"], "n": 2, "max_tokens": 4},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "text_completion" and body["model"] == "fake-model"
         assert body["id"].startswith("cmpl-")
         texts = [(ch["index"], ch["text"], ch["finish_reason"]) for ch in body["choices"]]
-        assert texts == [(0, expected_text("abc", 0, 4), "length"), (1, expected_text("abc", 1, 4), "length"),
-                         (2, expected_text("hello", 0, 4), "length"), (3, expected_text("hello", 1, 4), "length")]
+        assert texts == [
+            (0, expected_text("abc", 0, 4), "length"),
+            (1, expected_text("abc", 1, 4), "length"),
+            (2, expected_text("hello", 0, 4), "length"),
+            (3, expected_text("hello", 1, 4), "length"),
+        ]
         assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 16, "total_tokens": 24}
         r = await c.post("/v1/completions", json={"prompt": [104, 105], "max_tokens": 3, "echo": True})
         assert r.json()["choices"][0]["text"] == "hi" + expected_text("hi", 0, 3)
@@ -81,8 +89,10 @@ def test_completion_stop_and_logprobs() -> None:
         lp = r.json()["choices"][0]["logprobs"]
         assert lp["tokens"] == ["y", "x"]
         assert lp["token_logprobs"] == [logprob_of(0), logprob_of(1)]
-        assert lp["top_logprobs"] == [{"y": logprob_of(0), "z": logprob_of(0) - 1}, {"x": logprob_of(1),
-                                                                                  "y": logprob_of(1) - 1}]
+        assert lp["top_logprobs"] == [
+            {"y": logprob_of(0), "z": logprob_of(0) - 1},
+            {"x": logprob_of(1), "y": logprob_of(1) - 1},
+        ]
         assert lp["text_offset"] == [0, 1]
 
     serve(check)
@@ -90,18 +100,28 @@ def test_completion_stop_and_logprobs() -> None:
 
 def test_completion_stream_framing_and_usage() -> None:
     async def check(c: httpx.AsyncClient, eng: FakeEngine) -> None:
-        body = {"prompt": "hello", "max_tokens": 5, "n": 2, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "prompt": "hello",
+            "max_tokens": 5,
+            "n": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         evts = chunks(await c.post("/v1/completions", json=body))
         *token_chunks, last = evts
-        assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 5, "completion_tokens": 10,
-                                                             "total_tokens": 15}
+        assert last["choices"] == [] and last["usage"] == {
+            "prompt_tokens": 5,
+            "completion_tokens": 10,
+            "total_tokens": 15,
+        }
         for j in range(2):
             mine = [e["choices"][0] for e in token_chunks if e["choices"][0]["index"] == j]
             assert "".join(m["text"] for m in mine) == expected_text("hello", j, 5)
             assert [m["finish_reason"] for m in mine] == [None] * (len(mine) - 1) + ["length"]
         assert all(e["usage"] is None and e["object"] == "text_completion" for e in token_chunks)
-        plain = chunks(await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True}))
+        plain = chunks(
+            await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True})
+        )
         assert all("usage" not in e for e in plain)
 
     serve(check)
@@ -116,11 +136,25 @@ def test_chat_whole_stream_and_logprobs() -> None:
         assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
         # no max_tokens: generate up to the context length
         n_out = eng.max_model_len - len(prompt)
-        assert body["choices"][0]["message"] == {"role": "assistant", "content": expected_text(prompt, 0, n_out)}
-        assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": n_out,
-                                 "total_tokens": eng.max_model_len}
-        r = await c.post("/v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 3,
-                                                       "stream": True, "logprobs": True, "top_logprobs": 1})
+        assert body["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": expected_text(prompt, 0, n_out),
+        }
+        assert body["usage"] == {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": n_out,
+            "total_tokens": eng.max_model_len,
+        }
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "messages": msgs,
+                "max_completion_tokens": 3,
+                "stream": True,
+                "logprobs": True,
+                "top_logprobs": 1,
+            },
+        )
         evts = chunks(r)
         assert evts[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
         assert all(e["object"] == "chat.completion.chunk" for e in evts)
@@ -128,9 +162,18 @@ def test_chat_whole_stream_and_logprobs() -> None:
         assert "".join(ch["delta"]["content"] for ch in content) == expected_text(prompt, 0, 3)
         first = content[0]["logprobs"]["content"][0]
         tok = expected_text(prompt, 0, 1)
-        assert first == {"token": tok, "logprob": logprob_of(0), "bytes": list(tok.encode()),
-                         "top_logprobs": [{"token": tok, "logprob": logprob_of(0), "bytes": list(tok.encode())}]}
-        assert evts[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+        assert first == {
+            "token": tok,
+            "logprob": logprob_of(0),
+            "bytes": list(tok.encode()),
+            "top_logprobs": [{"token": tok, "logprob": logprob_of(0), "bytes": list(tok.encode())}],
+        }
+        assert evts[-1]["choices"][0] == {
+            "index": 0,
+            "delta": {},
+            "logprobs": None,
+            "finish_reason": "length",
+        }
 
     serve(check)
 
@@ -159,23 +202,41 @@ def test_error_statuses_and_bodies() -> None:
         post = c.post
         assert_error(await post("/v1/completions", content=b"{bad"), 400, None, "invalid_json")
         assert_error(await post("/v1/completions", json={"prompt": 5}), 400, "prompt")
-        assert_error(await post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 400, "model",
-                     "model_not_found")
+        assert_error(
+            await post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}),
+            400,
+            "model",
+            "model_not_found",
+        )
         assert_error(await post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400, "max_tokens")
-        assert_error(await post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400, "temperature")
-        assert_error(await post("/v1/completions", json={"prompt": "x" * 60, "max_tokens": 10}), 400, "prompt")
-        assert_error(await post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}}),
-                     400, "stream_options")
-        assert_error(await post("/v1/chat/completions",
-                                json={"messages": [{"role": "assistant", "content": "x"}]}), 400, "messages")
+        assert_error(
+            await post("/v1/completions", json={"prompt": "x", "temperature": -1}), 400, "temperature"
+        )
+        assert_error(
+            await post("/v1/completions", json={"prompt": "x" * 60, "max_tokens": 10}), 400, "prompt"
+        )
+        assert_error(
+            await post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": True}}),
+            400,
+            "stream_options",
+        )
+        assert_error(
+            await post("/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "x"}]}),
+            400,
+            "messages",
+        )
         assert_error(await post("/v1/chat/completions", json={"messages": "hi"}), 400, "messages")
         assert_error(await c.get("/v1/nope"), 404)
         assert_error(await c.get("/v1/completions"), 405)
         assert eng.active == set()
         eng.max_active = 0
         assert_error(await post("/v1/completions", json={"prompt": "x"}), 429, None, "queue_full")
-        assert_error(await post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
-                                                              "stream": True}), 429)
+        assert_error(
+            await post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True}
+            ),
+            429,
+        )
         eng.max_active, eng.dead = 8, True
         assert_error(await post("/v1/completions", json={"prompt": "x"}), 503)
         assert_error(await c.get("/health"), 503, None, "engine_unhealthy")
@@ -207,7 +268,9 @@ def test_api_key() -> None:
     async def check(c: httpx.AsyncClient, eng: FakeEngine) -> None:
         body = {"prompt": "x", "max_tokens": 1}
         assert_error(await c.post("/v1/completions", json=body), 401, None, "invalid_api_key")
-        assert_error(await c.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+        assert_error(
+            await c.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401
+        )
         assert_error(await c.get("/v1/models"), 401)
         ok = await c.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
@@ -238,7 +301,9 @@ def test_drain_refuses_new_requests_and_finishes_running_ones() -> None:
     serve(check)
 
 
-async def call_and_disconnect(app: Any, path: str, body: dict[str, Any], after_s: float) -> list[dict[str, Any]]:
+async def call_and_disconnect(
+    app: Any, path: str, body: dict[str, Any], after_s: float
+) -> list[dict[str, Any]]:
     """Raw ASGI call whose client goes away `after_s` seconds after sending the body."""
     sent: list[dict[str, Any]] = []
     messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
@@ -252,10 +317,20 @@ async def call_and_disconnect(app: Any, path: str, body: dict[str, Any], after_s
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.1"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json")], "client": ("t", 1),
-             "server": ("t", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.1"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("t", 1),
+        "server": ("t", 80),
+    }
     await asyncio.wait_for(app(scope, receive, send), 5.0)
     return sent
 
@@ -290,7 +365,9 @@ def test_metrics_parse_and_move() -> None:
         await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
         after = metric_samples((await c.get("/metrics")).text)
         assert after[("semipd:prompt_tokens_total", ())] == 9
-        assert after[("semipd:generation_tokens_total", ())] == 4 + 4  # the stop string ended the 2nd at token 4
+        assert (
+            after[("semipd:generation_tokens_total", ())] == 4 + 4
+        )  # the stop string ended the 2nd at token 4
         assert after[("semipd:request_success_total", (("finished_reason", "length"),))] == 1
         assert after[("semipd:request_success_total", (("finished_reason", "stop"),))] == 1
         assert after[("semipd:request_errors_total", (("status", "400"),))] == 1

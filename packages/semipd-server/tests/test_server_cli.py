@@ -8,19 +8,35 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from semipd_server.cli import build_parser, engine_kwargs
 
-FLAGS = ["--model-path", "--host", "--port", "--api-key", "--max-running-requests", "--max-queued-requests",
-         "--mem-fraction-static", "--chunked-prefill-size", "--log-level", "--page-size", "--num-pages",
-         "--context-length", "--served-model-name", "--drain-timeout"]
+FLAGS = [
+    "--model-path",
+    "--host",
+    "--port",
+    "--api-key",
+    "--max-running-requests",
+    "--max-queued-requests",
+    "--mem-fraction-static",
+    "--chunked-prefill-size",
+    "--log-level",
+    "--page-size",
+    "--num-pages",
+    "--context-length",
+    "--served-model-name",
+    "--drain-timeout",
+]
 
 
 def test_console_script_help_lists_flags() -> None:
-    (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "semipd-server"]
+    (entry,) = [
+        e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "semipd-server"
+    ]
     assert entry.value == "semipd_server.cli:main"
     script = Path(sys.executable).parent / "semipd-server"
-    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     for flag in FLAGS:
         assert flag in out, flag
     assert "127.0.0.1" in out  # the default bind address is local
@@ -29,16 +45,39 @@ def test_console_script_help_lists_flags() -> None:
 def test_defaults_and_engine_kwargs() -> None:
     args = build_parser().parse_args([])
     assert (args.host, args.port, args.api_key, args.max_queued_requests) == ("127.0.0.1", 30000, None, None)
-    kw = engine_kwargs(build_parser().parse_args(
-        ["--max-running-requests", "8", "--max-queued-requests", "0", "--chunked-prefill-size", "128",
-         "--mem-fraction-static", "0.5", "--num-pages", "64", "--context-length", "1024"]))
+    kw = engine_kwargs(
+        build_parser().parse_args(
+            [
+                "--max-running-requests",
+                "8",
+                "--max-queued-requests",
+                "0",
+                "--chunked-prefill-size",
+                "128",
+                "--mem-fraction-static",
+                "0.5",
+                "--num-pages",
+                "64",
+                "--context-length",
+                "1024",
+            ]
+        )
+    )
     assert kw["core"] == "process"  # the engine core always runs in its own process behind the server
     assert (kw["max_running_requests"], kw["max_queued_requests"], kw["chunked_prefill_size"]) == (8, 0, 128)
     assert (kw["mem_fraction_static"], kw["num_pages"], kw["max_model_len"]) == (0.5, 64, 1024)
 
 
-@pytest.mark.parametrize("argv", [["--max-running-requests", "0"], ["--max-queued-requests", "-1"],
-                                  ["--log-level", "loud"], ["--port", "x"], ["--mode", "split"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-running-requests", "0"],
+        ["--max-queued-requests", "-1"],
+        ["--log-level", "loud"],
+        ["--port", "x"],
+        ["--mode", "split"],
+    ],
+)
 def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from semipd_server.errors import ApiError, from_engine_error
 from semipd_server.protocol import (
@@ -29,8 +28,9 @@ def completion(**body: object) -> CompletionRequest:
 
 
 def chat(**body: object) -> ChatCompletionRequest:
-    return decode_body(json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}).encode(),
-                       ChatCompletionRequest)
+    return decode_body(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}).encode(), ChatCompletionRequest
+    )
 
 
 def error_of(fn: object, *args: object) -> ApiError:
@@ -41,35 +41,62 @@ def error_of(fn: object, *args: object) -> ApiError:
 
 
 def test_completion_fields_map_to_sampling_params() -> None:
-    req = completion(max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, seed=3, n=2,
-                     stop=["\n", "END"], logprobs=2, ignore_eos=True, stop_token_ids=[5])
+    req = completion(
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        seed=3,
+        n=2,
+        stop=["\n", "END"],
+        logprobs=2,
+        ignore_eos=True,
+        stop_token_ids=[5],
+    )
     p = completion_params(req)
-    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.n) == (7, 0.5, 0.9, 40, 0.05, 3, 2)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.n) == (
+        7,
+        0.5,
+        0.9,
+        40,
+        0.05,
+        3,
+        2,
+    )
     assert p.stop_list == ["\n", "END"] and p.logprobs == 2 and p.ignore_eos and p.stop_token_ids == [5]
     default = completion_params(completion())
-    assert (default.max_tokens, default.temperature, default.top_p, default.top_k, default.logprobs) == \
-        (16, 1.0, 1.0, -1, None)
+    assert (default.max_tokens, default.temperature, default.top_p, default.top_k, default.logprobs) == (
+        16,
+        1.0,
+        1.0,
+        -1,
+        None,
+    )
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": -5}, "max_tokens"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"),
-    ({"min_p": 2.0}, "min_p"),
-    ({"n": 0}, "n"),
-    ({"seed": -1}, "seed"),
-    ({"logprobs": 21}, "logprobs"),
-    ({"stop": [""]}, "stop"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": 1.0}, "frequency_penalty"),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-    ({"best_of": 3}, "best_of"),
-    ({"suffix": "x"}, "suffix"),
-    ({"echo": True, "logprobs": 1}, "echo"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"seed": -1}, "seed"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 1.0}, "frequency_penalty"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+    ],
+)
 def test_bad_completion_values_name_their_param(body: dict[str, object], param: str) -> None:
     e = error_of(completion_params, completion(**body))
     assert e.param == param
@@ -77,20 +104,26 @@ def test_bad_completion_values_name_their_param(body: dict[str, object], param: 
     assert set(e.body()["error"]) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize("raw, param, code", [
-    (b'{"prompt": "x", "max_tokens": "ten"}', "max_tokens", "invalid_type"),
-    (b'{"prompt": "x", "max_tokens": 1.5}', "max_tokens", "invalid_type"),
-    (b'{"prompt": "x", "stream": 1}', "stream", "invalid_type"),
-    (b'{"prompt": "x", "temperature": "hot"}', "temperature", "invalid_type"),
-    (b'{"prompt": "x", "stream_options": {"include_usage": "yes"}}', "stream_options.include_usage",
-     "invalid_type"),
-    (b'{"prompt": "x", "bogus": 1}', "bogus", "unknown_field"),
-    (b'{"prompt": "x", "stream_options": {"extra": 1}}', "stream_options.extra", "unknown_field"),
-    (b'{"prompt": "x",', None, "invalid_json"),
-    (b"not json", None, "invalid_json"),
-    (b"", None, "invalid_json"),
-    (b"[1, 2]", None, "invalid_type"),
-])
+@pytest.mark.parametrize(
+    "raw, param, code",
+    [
+        (b'{"prompt": "x", "max_tokens": "ten"}', "max_tokens", "invalid_type"),
+        (b'{"prompt": "x", "max_tokens": 1.5}', "max_tokens", "invalid_type"),
+        (b'{"prompt": "x", "stream": 1}', "stream", "invalid_type"),
+        (b'{"prompt": "x", "temperature": "hot"}', "temperature", "invalid_type"),
+        (
+            b'{"prompt": "x", "stream_options": {"include_usage": "yes"}}',
+            "stream_options.include_usage",
+            "invalid_type",
+        ),
+        (b'{"prompt": "x", "bogus": 1}', "bogus", "unknown_field"),
+        (b'{"prompt": "x", "stream_options": {"extra": 1}}', "stream_options.extra", "unknown_field"),
+        (b'{"prompt": "x",', None, "invalid_json"),
+        (b"not json", None, "invalid_json"),
+        (b"", None, "invalid_json"),
+        (b"[1, 2]", None, "invalid_type"),
+    ],
+)
 def test_malformed_bodies(raw: bytes, param: str | None, code: str) -> None:
     e = error_of(decode_body, raw, CompletionRequest)
     assert (e.param, e.code) == (param, code), e.message
@@ -108,9 +141,16 @@ def test_chat_message_paths_in_errors() -> None:
 
 
 def test_chat_messages_and_limits() -> None:
-    req = chat(messages=[{"role": "developer", "content": "be brief"},
-                         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
-    assert chat_messages(req) == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    req = chat(
+        messages=[
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]
+    )
+    assert chat_messages(req) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "ab"},
+    ]
     assert chat_max_tokens(chat(max_tokens=5, max_completion_tokens=9)) == 9
     assert chat_max_tokens(chat(max_tokens=5)) == 5
     assert chat_max_tokens(chat()) is None
@@ -134,8 +174,9 @@ def test_prompt_forms() -> None:
 
 
 def test_native_generate_body() -> None:
-    req = decode_body(b'{"text": "hi", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}',
-                      GenerateRequest)
+    req = decode_body(
+        b'{"text": "hi", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}', GenerateRequest
+    )
     assert generate_prompt(req) == "hi"
     p = generate_params(req)
     assert (p.max_tokens, p.temperature) == (4, 0.0)
@@ -143,14 +184,18 @@ def test_native_generate_body() -> None:
     assert error_of(generate_prompt, both).param == "text"
     zero = decode_body(b'{"input_ids": [1], "sampling_params": {"max_new_tokens": 0}}', GenerateRequest)
     assert error_of(generate_params, zero).param == "sampling_params.max_new_tokens"
-    assert error_of(decode_body, b'{"text": "a", "sampling_params": {"topk": 1}}',
-                    GenerateRequest).param == "sampling_params.topk"
+    assert (
+        error_of(decode_body, b'{"text": "a", "sampling_params": {"topk": 1}}', GenerateRequest).param
+        == "sampling_params.topk"
+    )
 
 
 def test_engine_errors_map_to_status() -> None:
-    cases = [(InvalidRequestError("too long", param="prompt"), 400, "invalid_request_error", "prompt"),
-             (QueueFullError("full"), 429, "rate_limit_error", None),
-             (EngineDeadError("gone"), 503, "service_unavailable", None)]
+    cases = [
+        (InvalidRequestError("too long", param="prompt"), 400, "invalid_request_error", "prompt"),
+        (QueueFullError("full"), 429, "rate_limit_error", None),
+        (EngineDeadError("gone"), 503, "service_unavailable", None),
+    ]
     for exc, status, kind, param in cases:
         e = from_engine_error(exc)
         assert (e.status, e.error_type, e.param) == (status, kind, param)

@@ -41,13 +41,21 @@ class GateMiddleware:
         path: str = scope["path"]
         state = self.state
         if state.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
-            await self._refuse(ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')"),
-                               scope, receive, send)
+            await self._refuse(
+                ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')"),
+                scope,
+                receive,
+                send,
+            )
             return
         generation = path in GENERATION_PATHS
         if generation and state.draining:
-            await self._refuse(ApiError(503, "server is shutting down; not accepting new requests",
-                                        code="draining"), scope, receive, send)
+            await self._refuse(
+                ApiError(503, "server is shutting down; not accepting new requests", code="draining"),
+                scope,
+                receive,
+                send,
+            )
             return
 
         async def send_counting_errors(message: Message) -> None:
@@ -67,8 +75,9 @@ class GateMiddleware:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(),
-                                                                          self.state.api_key or "")
+                return scheme.lower() == "bearer" and hmac.compare_digest(
+                    token.strip(), self.state.api_key or ""
+                )
         return False
 
     async def _refuse(self, error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,8 +110,14 @@ async def metrics(request: Request) -> Response:
 
 async def models(request: Request) -> Response:
     state = _state(request)
-    card = {"id": state.model_name, "object": "model", "created": int(state.created), "owned_by": "semipd",
-            "root": str(getattr(state.engine, "model_path", state.model_name)), "max_model_len": state.max_model_len}
+    card = {
+        "id": state.model_name,
+        "object": "model",
+        "created": int(state.created),
+        "owned_by": "semipd",
+        "root": str(getattr(state.engine, "model_path", state.model_name)),
+        "max_model_len": state.max_model_len,
+    }
     return JSONResponse({"object": "list", "data": [card]})
 
 
@@ -121,11 +136,13 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return ApiError(500, f"internal server error: {type(exc).__name__}").response()
 
 
-def build_app(engine: Any, model_name: str | None = None, api_key: str | None = None,
-              page_size: int | None = None) -> Starlette:
+def build_app(
+    engine: Any, model_name: str | None = None, api_key: str | None = None, page_size: int | None = None
+) -> Starlette:
     """The ASGI app serving `engine` (a semipd_runtime.Engine); `page_size` is the engine's KV page size."""
-    state = ServerState(engine=engine, model_name=model_name or engine.model_name, api_key=api_key,
-                        page_size=page_size)
+    state = ServerState(
+        engine=engine, model_name=model_name or engine.model_name, api_key=api_key, page_size=page_size
+    )
     routes = [
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),

@@ -48,53 +48,102 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="semipd-server", formatter_class=_HelpFormatter,
-        description="OpenAI-compatible server for semipd (semi-disaggregated prefill/decode on one GPU).")
+        prog="semipd-server",
+        formatter_class=_HelpFormatter,
+        description="OpenAI-compatible server for semipd (semi-disaggregated prefill/decode on one GPU).",
+    )
     m = p.add_argument_group("model")
-    m.add_argument("--model-path", default=None,
-                   help="Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct")
-    m.add_argument("--served-model-name", default=None, help="model name clients must send (default: the model's)")
-    m.add_argument("--context-length", type=_positive, default=None, help="max tokens per request (prompt+output)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
+    m.add_argument(
+        "--model-path",
+        default=None,
+        help="Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct",
+    )
+    m.add_argument(
+        "--served-model-name", default=None, help="model name clients must send (default: the model's)"
+    )
+    m.add_argument(
+        "--context-length", type=_positive, default=None, help="max tokens per request (prompt+output)"
+    )
+    m.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)",
+    )
     m.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
-    h.add_argument("--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)")
-    h.add_argument("--api-key", default=os.environ.get("SEMIPD_API_KEY"),
-                   help="require 'Authorization: Bearer <key>' on the API routes (default: $SEMIPD_API_KEY, else off)")
-    h.add_argument("--drain-timeout", type=float, default=60.0,
-                   help="seconds to let in-flight requests finish after SIGINT/SIGTERM before aborting them")
+    h.add_argument(
+        "--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)"
+    )
+    h.add_argument(
+        "--api-key",
+        default=os.environ.get("SEMIPD_API_KEY"),
+        help="require 'Authorization: Bearer <key>' on the API routes (default: $SEMIPD_API_KEY, else off)",
+    )
+    h.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to let in-flight requests finish after SIGINT/SIGTERM before aborting them",
+    )
     h.add_argument("--log-requests", action="store_true", help="write an access log line per request")
     s = p.add_argument_group("scheduling and memory")
     s.add_argument("--max-running-requests", type=_positive, default=64, help="requests decoded together")
-    s.add_argument("--max-queued-requests", type=_non_negative, default=None,
-                   help="requests allowed to wait beyond the running ones; more get HTTP 429 (default: no limit)")
+    s.add_argument(
+        "--max-queued-requests",
+        type=_non_negative,
+        default=None,
+        help="requests allowed to wait beyond the running ones; more get HTTP 429 (default: no limit)",
+    )
     s.add_argument("--chunked-prefill-size", type=_positive, default=512, help="prefill tokens per step")
     s.add_argument("--page-size", type=_positive, default=16, help="tokens per KV cache page")
     s.add_argument("--num-pages", type=_positive, default=None, help="KV pages (default: from memory)")
-    s.add_argument("--mem-fraction-static", type=float, default=0.85,
-                   help="fraction of GPU memory for weights + KV cache")
+    s.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        default=0.85,
+        help="fraction of GPU memory for weights + KV cache",
+    )
     d = p.add_argument_group("prefill/decode disaggregation")
-    d.add_argument("--mode", choices=["unified", "semi-pd"], default="unified",
-                   help="unified: chunked prefill mixed with decode; semi-pd: separate prefill and decode workers")
-    d.add_argument("--sm-partition", choices=["none", "green", "mps"], default="none",
-                   help="how semi-pd confines each worker to its share of SMs")
+    d.add_argument(
+        "--mode",
+        choices=["unified", "semi-pd"],
+        default="unified",
+        help="unified: chunked prefill mixed with decode; semi-pd: separate prefill and decode workers",
+    )
+    d.add_argument(
+        "--sm-partition",
+        choices=["none", "green", "mps"],
+        default="none",
+        help="how semi-pd confines each worker to its share of SMs",
+    )
     d.add_argument("--prefill-sm-percent", type=int, default=None, help="prefill worker's SM share (semi-pd)")
     d.add_argument("--decode-sm-percent", type=int, default=None, help="decode worker's SM share (semi-pd)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity"
+    )
     return p
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Engine(...) keyword arguments from the CLI; the core always runs in its own process behind the server."""
-    return dict(
-        mode=args.mode, max_running_requests=args.max_running_requests,
-        max_queued_requests=args.max_queued_requests, chunked_prefill_size=args.chunked_prefill_size,
-        page_size=args.page_size, num_pages=args.num_pages, mem_fraction_static=args.mem_fraction_static,
-        max_model_len=args.context_length, dtype=args.dtype, device=args.device, core="process",
-        sm_partition=args.sm_partition, prefill_sm_percent=args.prefill_sm_percent,
-        decode_sm_percent=args.decode_sm_percent)
+    return {
+        "mode": args.mode,
+        "max_running_requests": args.max_running_requests,
+        "max_queued_requests": args.max_queued_requests,
+        "chunked_prefill_size": args.chunked_prefill_size,
+        "page_size": args.page_size,
+        "num_pages": args.num_pages,
+        "mem_fraction_static": args.mem_fraction_static,
+        "max_model_len": args.context_length,
+        "dtype": args.dtype,
+        "device": args.device,
+        "core": "process",
+        "sm_partition": args.sm_partition,
+        "prefill_sm_percent": args.prefill_sm_percent,
+        "decode_sm_percent": args.decode_sm_percent,
+    }
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -125,8 +174,11 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
 
     async def drain() -> None:
         if not await state.wait_idle(args.drain_timeout):
-            log.warning("drain timeout (%.0fs): %d requests still in flight are aborted", args.drain_timeout,
-                        state.in_flight)
+            log.warning(
+                "drain timeout (%.0fs): %d requests still in flight are aborted",
+                args.drain_timeout,
+                state.in_flight,
+            )
         shutdown.set()
 
     def on_signal(name: str) -> None:
@@ -141,10 +193,16 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     stats = engine.stats()
-    log.info("model %s (%s mode, context %d tokens), %d KV pages of %d tokens, max running %d, max queued %s",
-             state.model_name, args.mode, engine.max_model_len, stats.get("pages_total", 0), args.page_size,
-             args.max_running_requests,
-             "unlimited" if args.max_queued_requests is None else args.max_queued_requests)
+    log.info(
+        "model %s (%s mode, context %d tokens), %d KV pages of %d tokens, max running %d, max queued %s",
+        state.model_name,
+        args.mode,
+        engine.max_model_len,
+        stats.get("pages_total", 0),
+        args.page_size,
+        args.max_running_requests,
+        "unlimited" if args.max_queued_requests is None else args.max_queued_requests,
+    )
     log.info("listening on %s (OpenAI API under /v1; auth %s)", url, "on" if args.api_key else "off")
     await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
     log.info("HTTP server stopped")
@@ -152,7 +210,9 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         sock = bind_socket(args.host, args.port)
     except OSError as e:

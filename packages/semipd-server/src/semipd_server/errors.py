@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from starlette.responses import JSONResponse, Response
-
 from semipd_runtime.errors import SemipdError
+from starlette.responses import JSONResponse, Response
 
 # status -> (OpenAI error type, default code)
 _KINDS: dict[int, tuple[str, str | None]] = {
@@ -24,8 +23,15 @@ _KINDS: dict[int, tuple[str, str | None]] = {
 class ApiError(Exception):
     """Raised anywhere in a route; the app turns it into an error response."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 error_type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         kind, default_code = _KINDS.get(status, ("internal_error", None))
         self.status = status
@@ -35,8 +41,14 @@ class ApiError(Exception):
         self.error_type = error_type or kind
 
     def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None

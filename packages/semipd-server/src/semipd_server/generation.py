@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from semipd_runtime import RequestOutput, SamplingParams
 from semipd_runtime.errors import SemipdError
+
 from semipd_server.errors import ApiError, from_engine_error
 
 Prompt = str | list[int]
@@ -19,8 +20,9 @@ Prompt = str | list[int]
 class StreamingEngine(Protocol):
     """What the server needs of semipd_runtime.Engine."""
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-               request_id: str | None = None) -> AsyncIterator[RequestOutput]: ...
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -32,8 +34,13 @@ def new_request_id(prefix: str) -> str:
 class Generation:
     """One engine request (one prompt with its n completions), already submitted."""
 
-    def __init__(self, engine: StreamingEngine, request_id: str, stream: AsyncIterator[RequestOutput],
-                 first: asyncio.Future[RequestOutput]) -> None:
+    def __init__(
+        self,
+        engine: StreamingEngine,
+        request_id: str,
+        stream: AsyncIterator[RequestOutput],
+        first: asyncio.Future[RequestOutput],
+    ) -> None:
         self.engine = engine
         self.request_id = request_id
         self._stream = stream
@@ -42,8 +49,9 @@ class Generation:
         self.last: RequestOutput | None = None
 
     @classmethod
-    async def start(cls, engine: StreamingEngine, prompt: Prompt, params: SamplingParams,
-                    request_id: str) -> Generation:
+    async def start(
+        cls, engine: StreamingEngine, prompt: Prompt, params: SamplingParams, request_id: str
+    ) -> Generation:
         stream = engine.stream(prompt, params, request_id)
 
         async def first_output() -> RequestOutput:
@@ -92,8 +100,9 @@ def _api_error(e: BaseException) -> BaseException:
     return from_engine_error(e) if isinstance(e, SemipdError) else e
 
 
-async def start_all(engine: StreamingEngine, prompts: list[Prompt], params: SamplingParams,
-                    base_id: str) -> list[Generation]:
+async def start_all(
+    engine: StreamingEngine, prompts: list[Prompt], params: SamplingParams, base_id: str
+) -> list[Generation]:
     """Submit every prompt of a batch; if one is refused, abort those already submitted."""
     gens: list[Generation] = []
     try:

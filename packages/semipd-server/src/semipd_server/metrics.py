@@ -8,15 +8,53 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
 from semipd_runtime import RequestOutput
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                 20.0, 40.0, 80.0)
-_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-                 0.4, 0.5, 0.75, 1.0, 2.5)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_TPOT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0)
 
 
@@ -25,38 +63,82 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r, labels = self.registry, ["model_name"]
         self.model_name = model_name
-        self.ttft = Histogram("semipd:time_to_first_token_seconds", "Time from arrival to the first output token",
-                              labels, buckets=_TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("semipd:time_per_output_token_seconds",
-                              "Per request: (e2e - ttft) / (output tokens - 1)", labels, buckets=_TPOT_BUCKETS,
-                              registry=r)
-        self.itl = Histogram("semipd:inter_token_latency_seconds",
-                             "Gap between consecutive output tokens, as streamed", labels, buckets=_TPOT_BUCKETS,
-                             registry=r)
-        self.e2e = Histogram("semipd:e2e_request_latency_seconds", "Time from arrival to the last token",
-                             labels, buckets=_E2E_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("semipd:prompt_tokens", "Prompt tokens of finished requests", labels,
-                                     registry=r)
+        self.ttft = Histogram(
+            "semipd:time_to_first_token_seconds",
+            "Time from arrival to the first output token",
+            labels,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "semipd:time_per_output_token_seconds",
+            "Per request: (e2e - ttft) / (output tokens - 1)",
+            labels,
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "semipd:inter_token_latency_seconds",
+            "Gap between consecutive output tokens, as streamed",
+            labels,
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "semipd:e2e_request_latency_seconds",
+            "Time from arrival to the last token",
+            labels,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "semipd:prompt_tokens", "Prompt tokens of finished requests", labels, registry=r
+        )
         self.generation_tokens = Counter("semipd:generation_tokens", "Generated tokens", labels, registry=r)
-        self.request_success = Counter("semipd:request_success", "Finished requests by finish reason",
-                                       labels + ["finished_reason"], registry=r)
-        self.request_errors = Counter("semipd:request_errors", "Requests answered with an error, by HTTP status",
-                                      labels + ["status"], registry=r)
-        self.running = Gauge("semipd:num_requests_running", "Requests the engine is running", labels, registry=r)
-        self.waiting = Gauge("semipd:num_requests_waiting", "Requests waiting in the engine's queue", labels,
-                             registry=r)
-        self.in_flight = Gauge("semipd:num_requests_in_flight", "HTTP generation requests being served", labels,
-                               registry=r)
+        self.request_success = Counter(
+            "semipd:request_success",
+            "Finished requests by finish reason",
+            labels + ["finished_reason"],
+            registry=r,
+        )
+        self.request_errors = Counter(
+            "semipd:request_errors",
+            "Requests answered with an error, by HTTP status",
+            labels + ["status"],
+            registry=r,
+        )
+        self.running = Gauge(
+            "semipd:num_requests_running", "Requests the engine is running", labels, registry=r
+        )
+        self.waiting = Gauge(
+            "semipd:num_requests_waiting", "Requests waiting in the engine's queue", labels, registry=r
+        )
+        self.in_flight = Gauge(
+            "semipd:num_requests_in_flight", "HTTP generation requests being served", labels, registry=r
+        )
         self.pages_used = Gauge("semipd:kv_pages_used", "KV cache pages in use", labels, registry=r)
         self.pages_total = Gauge("semipd:kv_pages_total", "KV cache pages in the pool", labels, registry=r)
-        self.kv_usage = Gauge("semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)", labels,
-                              registry=r)
-        self.sm_split = Gauge("semipd:sm_split", "SMs granted to each role (0 when not partitioned)",
-                              labels + ["role"], registry=r)
-        self.draining = Gauge("semipd:server_draining", "1 while the server drains before exit", labels,
-                              registry=r)
-        for fam in (self.running, self.waiting, self.in_flight, self.pages_used, self.pages_total,
-                    self.kv_usage, self.draining):
+        self.kv_usage = Gauge(
+            "semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)", labels, registry=r
+        )
+        self.sm_split = Gauge(
+            "semipd:sm_split",
+            "SMs granted to each role (0 when not partitioned)",
+            labels + ["role"],
+            registry=r,
+        )
+        self.draining = Gauge(
+            "semipd:server_draining", "1 while the server drains before exit", labels, registry=r
+        )
+        for fam in (
+            self.running,
+            self.waiting,
+            self.in_flight,
+            self.pages_used,
+            self.pages_total,
+            self.kv_usage,
+            self.draining,
+        ):
             fam.labels(model_name).set(0)
         # create the unlabelled-looking children now so that every series exists (at 0) from the first scrape
         for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from semipd_runtime import CompletionOutput, RequestOutput
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from semipd_runtime import CompletionOutput, RequestOutput
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
@@ -21,17 +21,25 @@ from semipd_server.state import ServerState
 
 def _completion(rid: str, out: RequestOutput, c: CompletionOutput, delta: bool) -> dict[str, Any]:
     obj: dict[str, Any] = {
-        "id": rid, "index": c.index, "text": c.text, "output_ids": c.token_ids, "finish_reason": c.finish_reason,
-        "meta_info": {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(c.token_ids),
-                      "stop_reason": c.stop_reason},
+        "id": rid,
+        "index": c.index,
+        "text": c.text,
+        "output_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "meta_info": {
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": len(c.token_ids),
+            "stop_reason": c.stop_reason,
+        },
     }
     if delta:
         obj["delta_text"] = c.delta_text
         obj["delta_output_ids"] = c.delta_token_ids
     lps = c.delta_logprobs if delta else c.logprobs
     if lps is not None:
-        obj["meta_info"]["output_token_logprobs"] = [[lp.logprob, lp.token_id, [list(t) for t in lp.top]]
-                                                    for lp in lps]
+        obj["meta_info"]["output_token_logprobs"] = [
+            [lp.logprob, lp.token_id, [list(t) for t in lp.top]] for lp in lps
+        ]
     return obj
 
 
@@ -78,7 +86,9 @@ async def _stream(gens: list[Generation], rid: str, tracker: RequestTracker, n: 
             tracker.on_output(out)
             last = out
             for c in out.outputs:
-                if c.index in done or (not c.delta_token_ids and not c.delta_text and c.finish_reason is None):
+                if c.index in done or (
+                    not c.delta_token_ids and not c.delta_text and c.finish_reason is None
+                ):
                     continue
                 yield sse_event(_completion(rid, out, c, delta=True))
                 if c.finish_reason is not None:

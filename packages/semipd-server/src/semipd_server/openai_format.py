@@ -62,8 +62,11 @@ def _decoder_kinds(tokenizer: Any) -> set[str]:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_logprobs(lps: Sequence[TokenLogprob], strings: TokenStrings, offset: int) -> dict[str, Any]:
@@ -85,8 +88,11 @@ def chat_logprobs(lps: Sequence[TokenLogprob], strings: TokenStrings) -> dict[st
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         return {"token": strings.text(token_id), "logprob": logprob, "bytes": strings.raw(token_id)}
 
-    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in lps]}
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps
+        ]
+    }
 
 
 class ResponseBuilder:
@@ -103,37 +109,74 @@ class ResponseBuilder:
         return prompt_index * self.n + completion.index
 
     def envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                **extra}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     # --- /v1/completions --------------------------------------------------------------------------------------
-    def completion_choice(self, prompt_index: int, c: CompletionOutput, prefix: str, want_logprobs: bool,
-                          text_offset: int = 0) -> dict[str, Any]:
-        return {"index": self.index(prompt_index, c), "text": prefix + c.text,
-                "logprobs": completion_logprobs(c.logprobs or [], self.strings, text_offset + len(prefix))
-                if want_logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+    def completion_choice(
+        self, prompt_index: int, c: CompletionOutput, prefix: str, want_logprobs: bool, text_offset: int = 0
+    ) -> dict[str, Any]:
+        return {
+            "index": self.index(prompt_index, c),
+            "text": prefix + c.text,
+            "logprobs": completion_logprobs(c.logprobs or [], self.strings, text_offset + len(prefix))
+            if want_logprobs
+            else None,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
 
-    def completion_chunk(self, prompt_index: int, c: CompletionOutput, text: str, want_logprobs: bool,
-                         text_offset: int, finish_reason: str | None, with_usage_field: bool) -> dict[str, Any]:
-        choice = {"index": self.index(prompt_index, c), "text": text,
-                  "logprobs": completion_logprobs(c.delta_logprobs or [], self.strings, text_offset)
-                  if want_logprobs else None,
-                  "finish_reason": finish_reason}
+    def completion_chunk(
+        self,
+        prompt_index: int,
+        c: CompletionOutput,
+        text: str,
+        want_logprobs: bool,
+        text_offset: int,
+        finish_reason: str | None,
+        with_usage_field: bool,
+    ) -> dict[str, Any]:
+        choice = {
+            "index": self.index(prompt_index, c),
+            "text": text,
+            "logprobs": completion_logprobs(c.delta_logprobs or [], self.strings, text_offset)
+            if want_logprobs
+            else None,
+            "finish_reason": finish_reason,
+        }
         extra = {"usage": None} if with_usage_field else {}
         return self.envelope("text_completion", [choice], **extra)
 
     # --- /v1/chat/completions ---------------------------------------------------------------------------------
     def chat_choice(self, prompt_index: int, c: CompletionOutput, want_logprobs: bool) -> dict[str, Any]:
-        return {"index": self.index(prompt_index, c), "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs or [], self.strings) if want_logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+        return {
+            "index": self.index(prompt_index, c),
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.logprobs or [], self.strings) if want_logprobs else None,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
 
-    def chat_chunk(self, index: int, delta: dict[str, Any], logprobs: Sequence[TokenLogprob] | None,
-                   finish_reason: str | None, with_usage_field: bool) -> dict[str, Any]:
-        choice = {"index": index, "delta": delta,
-                  "logprobs": chat_logprobs(logprobs, self.strings) if logprobs is not None else None,
-                  "finish_reason": finish_reason}
+    def chat_chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        logprobs: Sequence[TokenLogprob] | None,
+        finish_reason: str | None,
+        with_usage_field: bool,
+    ) -> dict[str, Any]:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": chat_logprobs(logprobs, self.strings) if logprobs is not None else None,
+            "finish_reason": finish_reason,
+        }
         extra = {"usage": None} if with_usage_field else {}
         return self.envelope("chat.completion.chunk", [choice], **extra)
 

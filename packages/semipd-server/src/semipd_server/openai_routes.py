@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from semipd_runtime import RequestOutput, SamplingParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from semipd_runtime import RequestOutput, SamplingParams
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
@@ -47,8 +47,10 @@ def _finish(tracker: RequestTracker, last: dict[int, RequestOutput], n_gens: int
 
 
 def _usage_of(last: dict[int, RequestOutput]) -> dict[str, int]:
-    return usage(sum(len(o.prompt_token_ids) for o in last.values()),
-                 sum(len(c.token_ids) for o in last.values() for c in o.outputs))
+    return usage(
+        sum(len(o.prompt_token_ids) for o in last.values()),
+        sum(len(c.token_ids) for o in last.values() for c in o.outputs),
+    )
 
 
 # --- /v1/completions ------------------------------------------------------------------------------------------
@@ -62,18 +64,22 @@ async def create_completion(request: Request) -> Response:
     builder = ResponseBuilder(new_request_id("cmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, prompts, params, builder.id)
-    prefixes = [(p if isinstance(p, str) else state.engine.tokenizer.decode(p)) if req.echo else ""
-                for p in prompts]
+    prefixes = [
+        (p if isinstance(p, str) else state.engine.tokenizer.decode(p)) if req.echo else "" for p in prompts
+    ]
     want_lp = req.logprobs is not None
     if req.stream:
-        return sse_response(_stream_completion(gens, builder, tracker, prefixes, want_lp, include_usage, params.n))
+        return sse_response(
+            _stream_completion(gens, builder, tracker, prefixes, want_lp, include_usage, params.n)
+        )
     last: dict[int, RequestOutput] = {}
     try:
         last = await run_until_disconnect(_collect(gens, tracker), request.receive)
     finally:
         _finish(tracker, last, len(gens), params.n)
-    choices = [builder.completion_choice(i, c, prefixes[i], want_lp) for i in sorted(last)
-               for c in last[i].outputs]
+    choices = [
+        builder.completion_choice(i, c, prefixes[i], want_lp) for i in sorted(last) for c in last[i].outputs
+    ]
     choices.sort(key=lambda ch: ch["index"])
     return JSONResponse(builder.envelope("text_completion", choices, usage=_usage_of(last)))
 
@@ -84,9 +90,15 @@ def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
 
 
-async def _stream_completion(gens: list[Generation], builder: ResponseBuilder, tracker: RequestTracker,
-                             prefixes: list[str], want_lp: bool, include_usage: bool,
-                             n: int) -> AsyncIterator[bytes]:
+async def _stream_completion(
+    gens: list[Generation],
+    builder: ResponseBuilder,
+    tracker: RequestTracker,
+    prefixes: list[str],
+    want_lp: bool,
+    include_usage: bool,
+    n: int,
+) -> AsyncIterator[bytes]:
     last: dict[int, RequestOutput] = {}
     offsets: dict[int, int] = {}  # choice index -> characters sent so far (text_offset of logprobs)
     done: set[int] = set()
@@ -105,14 +117,25 @@ async def _stream_completion(gens: list[Generation], builder: ResponseBuilder, t
                 new_logprobs = want_lp and bool(c.delta_logprobs)
                 if not text and not new_logprobs and c.finish_reason is None:
                     continue
-                yield sse_event(builder.completion_chunk(i, c, text, want_lp, offsets[idx] + len(text)
-                                                         - len(c.delta_text), c.finish_reason, include_usage))
+                yield sse_event(
+                    builder.completion_chunk(
+                        i,
+                        c,
+                        text,
+                        want_lp,
+                        offsets[idx] + len(text) - len(c.delta_text),
+                        c.finish_reason,
+                        include_usage,
+                    )
+                )
                 offsets[idx] += len(text)
                 if c.finish_reason is not None:
                     done.add(idx)
         if include_usage:
             u = _usage_of(last)
-            yield sse_event(builder.usage_chunk("text_completion", u["prompt_tokens"], u["completion_tokens"]))
+            yield sse_event(
+                builder.usage_chunk("text_completion", u["prompt_tokens"], u["completion_tokens"])
+            )
         yield DONE
     except ApiError as e:  # the engine failed after the 200 header went out: report in-band, then end
         tracker.metrics.error(e.status)
@@ -158,20 +181,31 @@ async def create_chat_completion(request: Request) -> Response:
         last = await run_until_disconnect(_collect(gens, tracker), request.receive)
     finally:
         _finish(tracker, last, len(gens), params.n)
-    choices = sorted((builder.chat_choice(i, c, req.logprobs) for i in last for c in last[i].outputs),
-                     key=lambda ch: ch["index"])
+    choices = sorted(
+        (builder.chat_choice(i, c, req.logprobs) for i in last for c in last[i].outputs),
+        key=lambda ch: ch["index"],
+    )
     return JSONResponse(builder.envelope("chat.completion", choices, usage=_usage_of(last)))
 
 
-async def _stream_chat(gens: list[Generation], builder: ResponseBuilder, tracker: RequestTracker,
-                       want_lp: bool, include_usage: bool, n: int) -> AsyncIterator[bytes]:
+async def _stream_chat(
+    gens: list[Generation],
+    builder: ResponseBuilder,
+    tracker: RequestTracker,
+    want_lp: bool,
+    include_usage: bool,
+    n: int,
+) -> AsyncIterator[bytes]:
     last: dict[int, RequestOutput] = {}
     done: set[int] = set()
     try:
         # the role comes first, before any token, as OpenAI streams it
         for j in range(n):
-            yield sse_event(builder.chat_chunk(j, {"role": "assistant", "content": ""}, [] if want_lp else None,
-                                               None, include_usage))
+            yield sse_event(
+                builder.chat_chunk(
+                    j, {"role": "assistant", "content": ""}, [] if want_lp else None, None, include_usage
+                )
+            )
         async for i, out in merged(gens):
             tracker.on_output(out)
             last[i] = out
@@ -181,13 +215,17 @@ async def _stream_chat(gens: list[Generation], builder: ResponseBuilder, tracker
                     continue
                 lps = (c.delta_logprobs or []) if want_lp else None
                 if c.delta_text or lps:
-                    yield sse_event(builder.chat_chunk(idx, {"content": c.delta_text}, lps, None, include_usage))
+                    yield sse_event(
+                        builder.chat_chunk(idx, {"content": c.delta_text}, lps, None, include_usage)
+                    )
                 if c.finish_reason is not None:
                     yield sse_event(builder.chat_chunk(idx, {}, None, c.finish_reason, include_usage))
                     done.add(idx)
         if include_usage:
             u = _usage_of(last)
-            yield sse_event(builder.usage_chunk("chat.completion.chunk", u["prompt_tokens"], u["completion_tokens"]))
+            yield sse_event(
+                builder.usage_chunk("chat.completion.chunk", u["prompt_tokens"], u["completion_tokens"])
+            )
         yield DONE
     except ApiError as e:
         tracker.metrics.error(e.status)

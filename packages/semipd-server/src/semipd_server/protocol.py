@@ -10,9 +10,9 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
-
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.sampling_params import SamplingParams
+
 from semipd_server.errors import ApiError, bad_request
 
 T = TypeVar("T")
@@ -120,10 +120,14 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         path = where.group(1) if where else ""
         if unknown:
             field = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
-            raise bad_request(f"unknown field `{field}`: semipd does not accept it", param=field,
-                              code="unknown_field") from None
-        raise bad_request(text if where else f"{text} (the body must be a JSON object)", param=path or None,
-                          code="invalid_type") from None
+            raise bad_request(
+                f"unknown field `{field}`: semipd does not accept it", param=field, code="unknown_field"
+            ) from None
+        raise bad_request(
+            text if where else f"{text} (the body must be a JSON object)",
+            param=path or None,
+            code="invalid_type",
+        ) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"malformed JSON: {e}", code="invalid_json") from None
 
@@ -150,8 +154,15 @@ def build_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> 
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=-1 if req.top_k is None else req.top_k,
         min_p=0.0 if req.min_p is None else req.min_p,
-        seed=req.seed, max_tokens=max_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
-        ignore_eos=req.ignore_eos, n=req.n, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+        seed=req.seed,
+        max_tokens=max_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        n=req.n,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
     return checked(params)
 
 
@@ -178,8 +189,11 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
         return [list(p)]
     if all(isinstance(x, list) and x and all(_is_token(t) for t in x) for x in p):
         return [list(x) for x in p]
-    raise bad_request("prompt must be a string, a list of strings, a list of token ids (non-negative integers) "
-                      "or a list of such lists", "prompt")
+    raise bad_request(
+        "prompt must be a string, a list of strings, a list of token ids (non-negative integers) "
+        "or a list of such lists",
+        "prompt",
+    )
 
 
 def _is_token(x: object) -> bool:
@@ -193,7 +207,9 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (only equal to n)", "best_of", "unsupported")
     if req.echo and req.logprobs is not None:
-        raise bad_request("echo together with logprobs (prompt logprobs) is not supported", "echo", "unsupported")
+        raise bad_request(
+            "echo together with logprobs (prompt logprobs) is not supported", "echo", "unsupported"
+        )
     max_tokens = _max_tokens(req.max_tokens, "max_tokens")
     return build_params(req, 16 if max_tokens is None else max_tokens, req.logprobs)
 
@@ -210,19 +226,25 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     for i, m in enumerate(req.messages):
         if m.role not in _ROLES:
-            raise bad_request(f"role {m.role!r} is not supported; use one of {sorted(_ROLES)}",
-                              f"messages[{i}].role")
+            raise bad_request(
+                f"role {m.role!r} is not supported; use one of {sorted(_ROLES)}", f"messages[{i}].role"
+            )
         if isinstance(m.content, list):
             texts = []
             for j, part in enumerate(m.content):
                 if part.type != "text" or part.text is None:
-                    raise bad_request(f"content part type {part.type!r} is not supported (only 'text')",
-                                      f"messages[{i}].content[{j}].type", "unsupported")
+                    raise bad_request(
+                        f"content part type {part.type!r} is not supported (only 'text')",
+                        f"messages[{i}].content[{j}].type",
+                        "unsupported",
+                    )
                 texts.append(part.text)
             content = "".join(texts)
         elif m.content is None:
             if m.role != "assistant":
-                raise bad_request("content is required", f"messages[{i}].content", "missing_required_parameter")
+                raise bad_request(
+                    "content is required", f"messages[{i}].content", "missing_required_parameter"
+                )
             content = ""
         else:
             content = m.content
@@ -241,8 +263,11 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
 def chat_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
     _reject_unsupported(req)
     if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported (only 'text')",
-                          "response_format", "unsupported")
+        raise bad_request(
+            f"response_format {req.response_format.type!r} is not supported (only 'text')",
+            "response_format",
+            "unsupported",
+        )
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -267,9 +292,19 @@ def generate_params(req: GenerateRequest) -> SamplingParams:
         raise bad_request("give max_tokens or max_new_tokens, not both", "sampling_params.max_new_tokens")
     max_tokens = sp.max_new_tokens if sp.max_new_tokens is not None else sp.max_tokens
     params = SamplingParams(
-        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, seed=sp.seed,
-        max_tokens=16 if max_tokens is None else max_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids,
-        ignore_eos=sp.ignore_eos, n=sp.n, logprobs=sp.logprobs, skip_special_tokens=sp.skip_special_tokens)
+        temperature=sp.temperature,
+        top_p=sp.top_p,
+        top_k=sp.top_k,
+        min_p=sp.min_p,
+        seed=sp.seed,
+        max_tokens=16 if max_tokens is None else max_tokens,
+        stop=sp.stop,
+        stop_token_ids=sp.stop_token_ids,
+        ignore_eos=sp.ignore_eos,
+        n=sp.n,
+        logprobs=sp.logprobs,
+        skip_special_tokens=sp.skip_special_tokens,
+    )
     try:
         params.validate()
     except InvalidRequestError as e:

@@ -50,5 +50,5 @@ def parse_sse(raw: bytes | str) -> list[str]:
         lines = event.split("\n")
         if len(lines) != 1 or not lines[0].startswith("data: "):
             raise ValueError(f"malformed SSE event: {event!r}")
-        out.append(lines[0][len("data: "):])
+        out.append(lines[0][len("data: ") :])
     return out

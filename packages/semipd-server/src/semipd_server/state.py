@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from semipd_server.errors import ApiError
 from semipd_server.metrics import ServerMetrics
 from semipd_server.openai_format import TokenStrings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,8 +48,12 @@ class ServerState:
     def check_model(self, requested: str | None) -> None:
         """OpenAI clients must name a model; only the one served is accepted."""
         if requested is not None and requested != self.model_name:
-            raise ApiError(400, f"model {requested!r} is not served here; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                400,
+                f"model {requested!r} is not served here; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     # --- in-flight accounting for the graceful drain ----------------------------------------------------------
     def enter(self) -> None:
@@ -73,7 +80,7 @@ class ServerState:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def engine_stats(self) -> dict[str, int]:
@@ -82,6 +89,6 @@ class ServerState:
         if refresh is not None:
             try:
                 return dict(await asyncio.get_running_loop().run_in_executor(None, refresh, 2.0))
-            except Exception:  # noqa: BLE001 - a dead core still has last-known stats to show
-                pass
+            except Exception as e:  # noqa: BLE001 - a dead core still has last-known stats to show
+                log.debug("engine stats refresh failed: %r", e)
         return dict(self.engine.stats())
