@@ -109,9 +109,10 @@ class FakeEngine:
                         c.finish_reason = "length"
                     c.delta_text, c.text = text[len(c.text) :], text
                 done = all(c.finish_reason is not None for c in outs)
+                if done:  # recorded first: a consumer stops iterating at the finished output
+                    self.finished.append(rid)
                 yield RequestOutput(rid, ids, [_copy(c) for c in outs], done)
                 if done:
-                    self.finished.append(rid)
                     return
         finally:
             self.active.discard(rid)

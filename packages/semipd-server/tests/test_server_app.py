@@ -127,6 +127,20 @@ def test_completion_stream_framing_and_usage() -> None:
     serve(check)
 
 
+def test_batched_prompts_stream_interleaved() -> None:
+    async def check(c: httpx.AsyncClient, eng: FakeEngine) -> None:
+        body = {"prompt": ["abc", "wxyz"], "max_tokens": 3, "n": 2, "stream": True}
+        evts = chunks(await c.post("/v1/completions", json=body))
+        for i, prompt in enumerate(["abc", "wxyz"]):
+            for j in range(2):
+                mine = [e["choices"][0] for e in evts if e["choices"][0]["index"] == i * 2 + j]
+                assert "".join(m["text"] for m in mine) == expected_text(prompt, j, 3)
+                assert mine[-1]["finish_reason"] == "length"
+        assert sorted(eng.finished) == sorted({e["id"] + "-0" for e in evts} | {e["id"] + "-1" for e in evts})
+
+    serve(check)
+
+
 def test_chat_whole_stream_and_logprobs() -> None:
     async def check(c: httpx.AsyncClient, eng: FakeEngine) -> None:
         msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "hey"}]

@@ -208,6 +208,10 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
     log.info("HTTP server stopped")
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -220,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from semipd_runtime import Engine  # heavy (torch): after argument errors have had their chance
 
+    # until the event loop takes over: SIGTERM unwinds like Ctrl-C, so a half-started engine core is stopped too
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     log.info("starting engine core (model %s)", args.model_path or "default SmolLM2-135M-Instruct")
     try:
         engine = Engine(args.model_path, **engine_kwargs(args))
