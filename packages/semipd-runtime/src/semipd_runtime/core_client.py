@@ -5,12 +5,14 @@ background thread of the front end."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
 import queue
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -181,12 +183,13 @@ class ProcessCoreClient:
             target=run_core_process,
             args=(cfg, in_addr, out_addr, logging.getLogger().getEffectiveLevel()),
             name="semipd-core",
-            daemon=True,
+            daemon=False,  # it starts its own child (the semi-PD prefill worker); it exits when we do (ppid watch)
         )
         with environment(env or {}):  # spawn copies os.environ: MPS reads its percentage at CUDA init
             self.proc.start()
         self.alive = True
         self._closing = False
+        atexit.register(self.close)
         first = self._wait_first(startup_timeout_s)
         on_output(first)
         if isinstance(first, CoreFailure):
@@ -220,11 +223,22 @@ class ProcessCoreClient:
         self.alive = False
 
     def send(self, msg: ToCore) -> None:
+        data = self.enc.encode(msg)
         with self._send_lock:
-            self.push.send(self.enc.encode(msg))
+            while True:  # a PUSH socket blocks while its peer is gone: never hang on a dead core
+                try:
+                    self.push.send(data, zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    if not self.proc.is_alive():
+                        return  # the reader thread reports the death to every waiting request
+                    time.sleep(0.001)
 
     def close(self) -> None:
+        if self._closing:
+            return
         self._closing = True
+        atexit.unregister(self.close)
         if self.proc.is_alive():
             try:
                 self.send(Shutdown())

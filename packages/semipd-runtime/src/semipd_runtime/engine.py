@@ -264,8 +264,13 @@ class Engine:
                      request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        req = self.submit(prompt, params, request_id,
-                          sink=lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        def deliver(item: RequestOutput | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:
+                pass  # the consumer's event loop is closed: nobody is listening any more
+
+        req = self.submit(prompt, params, request_id, sink=deliver)
         req.streaming = True
         try:
             while True:

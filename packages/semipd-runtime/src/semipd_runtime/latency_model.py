@@ -52,12 +52,13 @@ def nnls_gram(gram: np.ndarray, atb: np.ndarray) -> np.ndarray:
     passive = np.zeros(n, dtype=bool)
     tol = 1e-12 * max(1.0, float(np.abs(np.diag(gram)).max()))
 
-    ridge = 1e-10 * max(1.0, float(np.abs(np.diag(gram)).max())) * np.eye(n)
-
     def solve(mask: np.ndarray) -> np.ndarray:
         z = np.zeros(n)
-        # a tiny ridge: collinear features (e.g. one SM share seen) leave G singular; it picks the small answer
-        z[mask] = np.linalg.solve((gram + ridge)[np.ix_(mask, mask)], atb[mask])
+        sub = gram[np.ix_(mask, mask)]
+        try:
+            z[mask] = np.linalg.solve(sub, atb[mask])
+        except np.linalg.LinAlgError:  # collinear features (e.g. one SM share seen): take the min-norm answer
+            z[mask] = np.linalg.lstsq(sub, atb[mask], rcond=1e-13)[0]
         return z
 
     for _ in range(3 * n + 10):
@@ -174,6 +175,7 @@ class LatencyModel:
         self.forgetting = float(forgetting)
         self._buckets: dict[float, deque[tuple[np.ndarray, float, object]]] = {}
         self._stats: dict[float, tuple[np.ndarray, np.ndarray, float]] = {}
+        self._exact_share: dict[float, float] = {}
         self._dirty = True
         self.knee = 1.0
         self.alpha = np.zeros(num_features)
@@ -194,6 +196,7 @@ class LatencyModel:
 
     def _add(self, phi: np.ndarray, share: float, seconds: float, raw: object) -> None:
         key = round(share, 4)  # shares from one SM count must land in one window despite float noise
+        self._exact_share.setdefault(key, share)  # ...but the fit uses the share itself
         bucket = self._buckets.setdefault(key, deque(maxlen=self.window))
         bucket.append((phi, seconds, raw))
         self._stats.pop(key, None)
@@ -221,7 +224,7 @@ class LatencyModel:
         nf = self.num_features
         shares = list(self._buckets)
         stats = [self._bucket_stats(share) for share in shares]
-        inv_share = 1.0 / np.asarray(shares)
+        inv_share = 1.0 / np.asarray([self._exact_share[k] for k in shares])
         s_phi = np.stack([st[0] for st in stats])  # [bucket, nf, nf]
         c_phi = np.stack([st[1] for st in stats])  # [bucket, nf]
         total_w = sum(st[2] for st in stats)

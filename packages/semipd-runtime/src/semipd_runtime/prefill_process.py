@@ -7,12 +7,12 @@ import logging
 import multiprocessing as mp
 import os
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
 import zmq
-from torch import nn
 
 from semipd_runtime.core import CoreConfig
 from semipd_runtime.core_client import environment
@@ -29,24 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def model_from_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    """A model whose parameters ARE the given tensors (no copy)."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    for name, t in tensors.items():
-        owner, _, pname = name.rpartition(".")
-        model.get_submodule(owner)._parameters[pname] = nn.Parameter(t, requires_grad=False)
-    left = [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise ValueError(f"shared weights lack: {', '.join(left[:8])}")
-    return model.eval()
-
-
 def run_prefill_process(
     cfg: CoreConfig, model_cfg: ModelConfig, weights_handle: Any, kv_handle: Any, kv_shape: dict[str, Any],
     in_addr: str, out_addr: str, sm_count: int, log_level: int,
 ) -> None:
-    from semipd_memory import KVPool, import_tensors
+    from semipd_memory import KVPool, bind_tensors, import_tensors
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s prefill %(name)s: %(message)s")
     ctx = zmq.Context()
@@ -58,7 +45,7 @@ def run_prefill_process(
     try:
         weights = import_tensors(weights_handle)
         kv_buffer = import_tensors(kv_handle)["kv"]
-        model = model_from_tensors(model_cfg, weights)
+        model = bind_tensors(lambda: LlamaForCausalLM(model_cfg), weights)
         kv_pool = KVPool.from_buffer(kv_buffer, **kv_shape)
         runner = ModelRunner(model, kv_pool, cfg.page_size, cfg.max_model_len)
         tensors = list(weights.values()) + [kv_buffer]
@@ -110,7 +97,17 @@ class ProcessPrefillChannel:
         return self.proc.is_alive()
 
     def send(self, batch: PrefillBatch) -> None:
-        self.push.send(self.enc.encode(batch))
+        # a PUSH socket blocks while no peer is connected: never block on a dead worker (the core detects the
+        # death through `alive` and fails the batch)
+        data = self.enc.encode(batch)
+        while True:
+            try:
+                self.push.send(data, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if not self.proc.is_alive():
+                    return
+                time.sleep(0.001)
 
     def poll(self, timeout_s: float) -> list[FromPrefill]:
         out: list[FromPrefill] = []

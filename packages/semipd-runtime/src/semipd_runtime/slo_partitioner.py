@@ -11,12 +11,13 @@ Pure Python + numpy; it imports nothing else from semipd, so any engine can feed
 
 Per candidate split it predicts TTFT = queue wait + the request's own prefill at the prefill share, and TPOT = one
 decode step of the running batch at the decode share (latency models: `latency_model.py`). The queue wait is an
-M/D/1 term for Poisson arrivals (bounded by what a queue can build within the horizon) plus a fluid term for backlog
-beyond that, draining at (1 - rho); rho = arrival rate x amortized prefill time per request (prefills batched up to
-`prefill_token_budget` tokens). A split scores min(slo_ttft / ttft, slo_tpot / tpot): >= 1 means both SLOs are
+M/D/1 term for Poisson arrivals plus a fluid term for backlog beyond what that queue explains, draining at
+(1 - rho); rho = arrival rate x amortized prefill time per request (prefills batched up to `prefill_token_budget`
+tokens). A split scores min(slo_ttft / ttft, slo_tpot / tpot): >= 1 means both SLOs are
 predicted to hold, the largest score has the most headroom (or, when no split meets both, the smallest worst-case
-overshoot). It moves only when the best score beats the current one by `hysteresis` (relative) and the current split
-has been held `min_dwell_s`.
+overshoot). It moves only when the best score beats the current one by `hysteresis` (relative), also with the
+measured arrival rate and prompt length moved by +-`load_confidence_z` standard errors (Poisson noise in a rate
+estimate must not flap the split), and the current split has been held `min_dwell_s`.
 """
 
 from __future__ import annotations
@@ -69,30 +70,33 @@ class SloPartitionerConfig:
     policy: str = "slo"
     repartition_interval_s: float = 2.0
     min_dwell_s: float = 6.0
-    hysteresis: float = 0.1
+    hysteresis: float = 0.1  # move only for a relative score gain above this ...
+    load_confidence_z: float = 2.0  # ... that also holds with the measured load moved +-z standard errors
     candidates: tuple[tuple[float, float], ...] | None = None
     total_sms: int = 132
     sm_step: int = 8
     initial_split: tuple[float, float] | None = None
     prefill_token_budget: int = 8192  # most new tokens one prefill step batches
-    rate_window_s: float = 20.0  # arrival rate and prompt-length statistics look back this far
+    planning_horizon_s: float = 60.0  # a backlog surplus (burst) is predicted to drain over this long
+    rate_window_s: float = 60.0  # arrival rate and prompt lengths look back at most this far ...
+    rate_target_arrivals: int = 200  # ... or less when this many arrivals came in a shorter time
     window: int = 256  # samples kept per SM share in each latency model
     forgetting: float = 0.99  # per-sample weight decay inside each share's window
     min_samples: int = 8  # per latency model before the first non-static decision
 
     def __post_init__(self) -> None:
-        positive = ("slo_ttft_ms", "slo_tpot_ms", "repartition_interval_s", "rate_window_s")
+        positive = ("slo_ttft_ms", "slo_tpot_ms", "repartition_interval_s", "rate_window_s", "planning_horizon_s")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("min_dwell_s", "hysteresis"):
+        for name in ("min_dwell_s", "hysteresis", "load_confidence_z"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        for name in ("prefill_token_budget", "window", "min_samples"):
+        for name in ("prefill_token_budget", "window", "min_samples", "rate_target_arrivals"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "window" else 1):
                 raise ValueError(f"{name} must be an int >= {2 if name == 'window' else 1}, got {v!r}")
@@ -127,8 +131,8 @@ def _check_split(split: object, name: str) -> tuple[float, float]:
 
 @dataclass(frozen=True, slots=True)
 class LoadState:
-    """The load a decision was made for: arrivals over rate_window_s, queue and decode batch averaged over the
-    queue updates since the previous decision (per-step snapshots are noisy; their mean is what the window saw)."""
+    """The load a decision was made for: recent arrivals (with the standard errors of their estimates),
+    queue and decode batch averaged over the queue updates since the previous decision."""
 
     arrival_rate: float  # requests/s
     mean_prompt_tokens: float
@@ -138,6 +142,16 @@ class LoadState:
     waiting_attn: float
     decode_batch: float
     decode_context_tokens: float
+    arrival_rate_stderr: float = 0.0  # Poisson: sqrt(count) / span
+    prompt_tokens_stderr: float = 0.0
+    prompt_attn_stderr: float = 0.0
+
+    def shifted(self, z: float) -> LoadState:
+        """The arrival statistics moved by z standard errors (z < 0: lighter load), clipped at 0."""
+        return dataclasses.replace(
+            self, arrival_rate=max(0.0, self.arrival_rate + z * self.arrival_rate_stderr),
+            mean_prompt_tokens=max(0.0, self.mean_prompt_tokens + z * self.prompt_tokens_stderr),
+            mean_prompt_attn=max(0.0, self.mean_prompt_attn + z * self.prompt_attn_stderr))
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,23 +205,29 @@ class Decision:
         return out
 
 
-def predict_queue_wait_s(per_request_s: float, backlog_s: float, arrival_rate: float,
-                         horizon_s: float) -> tuple[float, float]:
-    """(mean wait before prefill starts for a request arriving in the next `horizon_s`, rho).
+_RHO_KNEE = 0.95  # past this the M/D/1 wait continues as a straight line (finite, still steep)
 
-    `per_request_s`: amortized prefill time per request; `backlog_s`: prefill time of what waits now.
-    Stochastic part (Poisson arrivals, fixed service): the M/D/1 mean wait rho*S / (2(1 - rho)), but never more
-    than a queue that started empty builds within the horizon (random-walk growth sqrt(2 rho S t / pi) averaged
-    over t in [0, horizon]); that keeps it finite and smooth through rho = 1, so a noisy rate estimate near
-    saturation does not make it jump. Fluid part: only backlog beyond that typical queue counts (the M/D/1 term
-    already is the mean backlog an arrival sees); it drains at (1 - rho) per second (grows at rho - 1 when
-    overloaded) and a newcomer at time t waits what is left at t, averaged over [0, horizon].
+
+def predict_queue_wait_s(per_request_s: float, backlog_s: float, arrival_rate: float, horizon_s: float,
+                         backlog_z: float = 2.0) -> tuple[float, float]:
+    """(mean wait before prefill starts for a request arriving within the next `horizon_s`, rho).
+
+    `per_request_s`: amortized prefill time per request S; `backlog_s`: prefill time of what waits now.
+    Stochastic part (Poisson arrivals, fixed service): the M/D/1 mean wait W = rho S / (2 (1 - rho)), continued
+    past rho = 0.95 along its tangent so it stays finite and monotone (a steady state near rho = 1 is never a good
+    plan: its wait is huge and hypersensitive to the rate). Fluid part: an M/D/1 queue swings by about W + S, so
+    only backlog beyond W + backlog_z (W + S) counts as a real surplus (a burst); the surplus drains at (1 - rho)
+    per second, or grows at (rho - 1) when overloaded, and a newcomer at time t waits what is left of it,
+    averaged over [0, horizon].
     """
     rho = arrival_rate * per_request_s
     drain = 1.0 - rho
-    transient = (2.0 / 3.0) * math.sqrt(2.0 * rho * per_request_s * horizon_s / math.pi)
-    stochastic = min(rho * per_request_s / (2 * drain), transient) if drain > 0 else transient
-    excess = max(0.0, backlog_s - stochastic)
+    if rho <= _RHO_KNEE:
+        stochastic = rho * per_request_s / (2 * drain)
+    else:
+        at_knee = _RHO_KNEE * per_request_s / (2 * (1 - _RHO_KNEE))
+        stochastic = at_knee + (rho - _RHO_KNEE) * per_request_s / (2 * (1 - _RHO_KNEE) ** 2)
+    excess = max(0.0, backlog_s - stochastic - backlog_z * (stochastic + per_request_s))
     if drain > 0 and excess <= drain * horizon_s:
         fluid = excess * excess / (2 * drain * horizon_s)
     else:
@@ -287,25 +307,36 @@ class SloPartitioner:
     # --- predictions --------------------------------------------------------------------------------------------
     def load_state(self, now: float, consume: bool = False) -> LoadState:
         """The load seen at `now`; `consume` starts a new queue-averaging window (decide() does)."""
-        window = self.config.rate_window_s
-        while self._arrivals and self._arrivals[0][0] < now - window:
+        cfg = self.config
+        while self._arrivals and self._arrivals[0][0] < now - cfg.rate_window_s:
             self._arrivals.popleft()
-        recent = np.asarray([n for t, n in self._arrivals if t <= now], dtype=np.float64)
+        times = np.asarray([t for t, _ in self._arrivals if t <= now], dtype=np.float64)
+        # look back far enough for rate_target_arrivals arrivals (a rate from N Poisson arrivals is off by
+        # ~1/sqrt(N)), but no further than rate_window_s and no less than one repartition interval
+        lookback = cfg.rate_window_s
+        if len(times) >= cfg.rate_target_arrivals:
+            lookback = min(lookback, max(now - times[-cfg.rate_target_arrivals], cfg.repartition_interval_s))
+        recent = np.asarray([n for t, n in self._arrivals if now - lookback <= t <= now], dtype=np.float64)
         if self._first_arrival is None:
-            rate = 0.0
-        else:  # a young partitioner has seen less than one window: divide by what it has seen (>= 1 s)
-            rate = len(recent) / min(window, max(now - self._first_arrival, min(1.0, window)))
+            rate = span = 0.0
+        else:  # a young partitioner has seen less than the lookback: divide by what it has seen (>= 1 s)
+            span = min(lookback, max(now - self._first_arrival, min(1.0, lookback)))
+            rate = len(recent) / span
         q = self._queue_sum / self._queue_sum[0] if self._queue_sum[0] else self._queue_last
         if consume and self._queue_sum[0]:
             self._queue_last = q
             self._queue_sum = np.zeros(6)
+        errors = (0.0, 0.0, 0.0)
         if len(recent):
-            mean_n, mean_attn = float(recent.mean()), float((recent * (recent + 1) / 2).mean())
+            attn = recent * (recent + 1) / 2
+            mean_n, mean_attn = float(recent.mean()), float(attn.mean())
+            root = math.sqrt(len(recent))
+            errors = (root / span, float(recent.std()) / root, float(attn.std()) / root)
         elif q[1] > 0:  # no recent arrivals: the waiting requests say what prompts look like
             mean_n, mean_attn = q[2] / q[1], q[3] / q[1]
         else:
             mean_n = mean_attn = 0.0
-        return LoadState(rate, mean_n, mean_attn, *(float(v) for v in q[1:]))
+        return LoadState(rate, mean_n, mean_attn, *(float(v) for v in q[1:]), *errors)
 
     def predict(self, prefill_percent: float, decode_percent: float, load: LoadState) -> SplitPrediction:
         """Predicted TTFT / TPOT / score at one split from the fitted models under `load`."""
@@ -323,9 +354,9 @@ class SloPartitioner:
         if load.waiting_tokens > 0:
             steps = max(1.0, load.waiting_tokens / cfg.prefill_token_budget)
             backlog = pm.predict_features(np.array([steps, load.waiting_tokens, load.waiting_attn]), p_share)
-        # a split chosen now runs at least min_dwell_s: judge it over that long
-        horizon = max(cfg.repartition_interval_s, cfg.min_dwell_s)
-        wait, rho = predict_queue_wait_s(per_request, backlog, load.arrival_rate, horizon)
+        # a burst is judged over how long a split will likely run, not over one window
+        horizon = max(cfg.planning_horizon_s, cfg.min_dwell_s)
+        wait, rho = predict_queue_wait_s(per_request, backlog, load.arrival_rate, horizon, cfg.load_confidence_z)
         ttft = wait + own
         # nothing decodes: judge TPOT on one sequence of a mean prompt (the next request's first decode steps)
         batch = max(1.0, load.decode_batch)
@@ -390,6 +421,9 @@ class SloPartitioner:
         elif best.score < current.score * (1 + cfg.hysteresis):
             reason = (f"hold: best {best.prefill_percent:.1f}% scores {best.score:.3f} vs {current.score:.3f}, "
                       f"gain under hysteresis {cfg.hysteresis}")
+        elif not self._gain_holds_under_load_error(best, current, load):
+            reason = (f"hold: best {best.prefill_percent:.1f}% scores {best.score:.3f} vs {current.score:.3f}, but "
+                      f"not at the arrival rate / prompt length +-{cfg.load_confidence_z} standard errors")
         else:
             kind = "meets both SLOs with most headroom" if best.meets_slo else "no split meets both SLOs; best"
             reason = f"move: {kind} (score {best.score:.3f} vs {current.score:.3f})"
@@ -397,6 +431,17 @@ class SloPartitioner:
             self.switches += 1
             return self._decision(now, self._split, True, reason, best, best, preds, load)
         return self._decision(now, self._split, False, reason, current, best, preds, load)
+
+    def _gain_holds_under_load_error(self, best: SplitPrediction, current: SplitPrediction, load: LoadState) -> bool:
+        # a rate measured from a few hundred Poisson arrivals wanders by several %, and TTFT near saturation
+        # amplifies that: only move when the gain is there at both ends of the estimate's confidence band
+        z = self.config.load_confidence_z
+        for shifted in (load.shifted(-z), load.shifted(z)) if z > 0 else ():
+            b = self.predict(best.prefill_percent, best.decode_percent, shifted)
+            c = self.predict(current.prefill_percent, current.decode_percent, shifted)
+            if b.score < c.score * (1 + self.config.hysteresis):
+                return False
+        return True
 
     def _decision(self, now: float, split: tuple[float, float], changed: bool, reason: str,
                   predicted: SplitPrediction | None, best: SplitPrediction | None,

@@ -99,8 +99,8 @@ class TrackedRequest:
         """Hand the sink what changed: a delta snapshot when streaming, a wake-up when the request is done."""
         if self.sink is None:
             return
-        if self.streaming:
-            self.sink(self.snapshot())
+        if self.streaming:  # a rejection or a dead worker ends the stream with its error (-> HTTP 400 / 503)
+            self.sink(self.error if self.error is not None else self.snapshot())
         elif self.finished:
             self.sink(None)
 
