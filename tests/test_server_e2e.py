@@ -9,19 +9,15 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from semipd_runtime import Engine, SamplingParams
-
-sys.path.insert(0, str(Path(__file__).parent))
-from server_process import ServerProcess, child_pids
+from semipd_server.testing import ServerProcess, child_pids, proc_cmdline
 
 pytestmark = pytest.mark.slow
 KEY = "e2e-key"
@@ -328,10 +324,3 @@ def test_dead_engine_gives_503_and_ends_open_streams(server: ServerProcess) -> N
         json={"prompt": "x", "max_tokens": 2},
     )
     assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-
-
-def proc_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""

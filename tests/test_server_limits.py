@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).parent))
-from server_process import ServerProcess, child_pids, pid_alive
+from semipd_server.testing import ServerProcess, child_pids, pid_alive
 
 pytestmark = pytest.mark.slow
 MAX_RUNNING, MAX_QUEUED = 2, 1

@@ -1,4 +1,6 @@
-"""Start the real `semipd-server` console script as a subprocess on 127.0.0.1 (free port) for end-to-end tests."""
+"""Test support: run the real `semipd-server` console script as a subprocess on 127.0.0.1 (free port).
+
+Needs httpx (a test dependency); nothing in the server imports this module."""
 
 from __future__ import annotations
 
@@ -31,6 +33,14 @@ def child_pids(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.append(int(entry.name))
     return out
+
+
+def proc_cmdline(pid: int) -> str:
+    """Command line of `pid`, "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def pid_alive(pid: int) -> bool:

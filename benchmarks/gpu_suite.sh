@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device-tool call: install the carried wheels, start MPS, run the named GPU stages, logs + JSON into $OUT.
+#   bash benchmarks/gpu_suite.sh checks ipc offline interference serving decode_step
+# Each stage has its own time limit so one hang cannot eat the whole call; a failed stage does not stop the rest.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=packages/semipd-kernels/src:packages/semipd-memory/src:packages/semipd-runtime/src:packages/semipd-server/src:benchmarks:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+start_mps() { nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started"; }
+stop_mps() { echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 1; }
+
+stage() {  # stage NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$OUT/$name.log"
+}
+
+for s in "$@"; do
+  case $s in
+    checks)
+      start_mps
+      stage checks 240 python3 benchmarks/gpu_checks.py --layers 4 --out "$OUT/gpu_checks.json"
+      stop_mps ;;
+    ipc)
+      stage ipc 150 python3 benchmarks/bench_ipc.py --out "$OUT/bench_ipc.json" ;;
+    offline)
+      stage offline 300 python3 benchmarks/bench_offline.py --shape llama-3.1-8b --batches 1 16 64 \
+        --prompt-len 512 --output-len 128 --out "$OUT/bench_offline.json" ;;
+    interference)
+      start_mps
+      stage interference 420 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \
+        --configs unified green:30 green:50 mps:30 mps:50 --decode-steps 200 --out "$OUT/interference.json"
+      stop_mps ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
