@@ -4,7 +4,8 @@
         --out $OUT/bench_offline.json
 
 Both run greedy with EOS ignored (fixed output lengths); ours runs through EngineCore (paged KV, continuous
-batching) with the kernels the backend switch picks on this device."""
+batching) with the kernels the backend switch picks on this device, with decode CUDA graphs (ours_*) and
+without (ours_eager_*)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-eager", action="store_true", help="only the CUDA-graph engine (default: both)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -83,10 +85,19 @@ def main() -> None:
     load_weights(ours, hf.state_dict().items(), source="transformers model")
     max_b = max(args.batches)
     tokens = max_b * (args.prompt_len + args.output_len)
-    core = EngineCore(CoreConfig(
-        model_path="<random>", device=args.device, dtype=str(dtype).removeprefix("torch."),
-        max_model_len=args.prompt_len + args.output_len + 16, eos_token_ids=[], max_running_requests=max_b,
-        chunked_prefill_size=8192, page_size=16, num_pages=tokens // 16 + 2 * max_b), model=ours)
+
+    def make_core(graphs: bool) -> EngineCore:
+        core = EngineCore(CoreConfig(
+            model_path="<random>", device=args.device, dtype=str(dtype).removeprefix("torch."),
+            max_model_len=args.prompt_len + args.output_len + 16, eos_token_ids=[], max_running_requests=max_b,
+            chunked_prefill_size=8192, page_size=16, num_pages=tokens // 16 + 2 * max_b,
+            disable_cuda_graph=not graphs), model=ours)
+        core.capture_cuda_graphs()
+        return core
+
+    cores = {"graphs": make_core(True)}
+    if not args.skip_eager and args.device == "cuda":
+        cores["eager"] = make_core(False)
     if args.skip_hf:
         del hf
         hf = None
@@ -94,9 +105,13 @@ def main() -> None:
     results = []
     for b in args.batches:
         prompts = torch.randint(10, cfg_dict["vocab_size"], (b, args.prompt_len), generator=g).tolist()
-        run_ours(core, prompts[:1], 4)  # warm-up
-        t_ours = run_ours(core, prompts, args.output_len)
-        row = {"batch": b, "ours_s": t_ours, "ours_tok_s": b * args.output_len / t_ours}
+        row: dict = {"batch": b}
+        for name, core in cores.items():
+            run_ours(core, prompts[:1], 4)  # warm-up
+            t = run_ours(core, prompts, args.output_len)
+            key = "ours" if name == "graphs" else "ours_eager"
+            row |= {f"{key}_s": t, f"{key}_tok_s": b * args.output_len / t}
+        t_ours = row["ours_s"]
         if hf is not None:
             run_hf(hf, prompts[:1], 4)
             t_hf = run_hf(hf, prompts, args.output_len)

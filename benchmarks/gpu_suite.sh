@@ -38,6 +38,9 @@ for s in "$@"; do
     offline)
       stage offline 300 python3 benchmarks/bench_offline.py --shape llama-3.1-8b --batches 1 16 64 \
         --prompt-len 512 --output-len 128 --out "$OUT/bench_offline.json" ;;
+    decode_step)
+      stage decode_step 300 python3 benchmarks/bench_decode_step.py --shape llama-3.1-8b --batches 1 16 64 128 \
+        --contexts 1024 4096 --green-percent 50 --out "$OUT/decode_step.json" ;;
     interference)
       start_mps
       stage interference 420 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,14 @@ class CoreConfig:
     prefill_sm_percent: int = 50
     decode_sm_percent: int = 50
     max_prefill_tokens: int = 8192  # tokens per batch sent to the prefill worker (a longer prompt goes alone)
+    # decode CUDA graphs (CUDA only): batch sizes up to cuda_graph_max_bs (None: max_running_requests, <= 256)
+    cuda_graph_max_bs: int | None = None
+    disable_cuda_graph: bool = False
+
+    def graph_max_bs(self) -> int:
+        if self.disable_cuda_graph:
+            return 0
+        return self.cuda_graph_max_bs if self.cuda_graph_max_bs is not None else min(self.max_running_requests, 256)
 
 
 def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
@@ -67,6 +77,9 @@ def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device:
 
 
 class EngineCore:
+    # the SM partition decode runs in (semi-PD's decode worker overrides it); graphs are captured inside it
+    decode_context: Callable[[], AbstractContextManager[object]] = nullcontext
+
     def __init__(self, cfg: CoreConfig, model: LlamaForCausalLM | None = None) -> None:
         self.cfg = cfg
         device = torch.device(cfg.device)
@@ -81,7 +94,10 @@ class EngineCore:
         self.kv_pool = KVPool(
             mcfg.num_layers, num_pages, cfg.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device
         )
-        self.runner = ModelRunner(self.model, self.kv_pool, cfg.page_size, cfg.max_model_len)
+        if cfg.cuda_graph_max_bs is not None and cfg.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {cfg.cuda_graph_max_bs}")
+        self.runner = ModelRunner(self.model, self.kv_pool, cfg.page_size, cfg.max_model_len,
+                                  cuda_graph_max_bs=cfg.graph_max_bs())
         self.scheduler = Scheduler(
             self.allocator,
             max_running_requests=cfg.max_running_requests,
@@ -94,6 +110,12 @@ class EngineCore:
         self.pending: list[TokenEvent] = []  # events produced outside step() (aborts, rejections)
         self._last_expiry = 0.0
         log.info("KV pool: %d pages x %d tokens on %s (%s)", num_pages, cfg.page_size, device, cfg.dtype)
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture the decode graphs now, inside the decode partition, rather than on each size's first use."""
+        if self.runner.graphs is not None:
+            with self.decode_context():
+                self.runner.graphs.capture()
 
     # --- requests -------------------------------------------------------------------------------------------
     def check_fits(self, num_prompt: int, max_tokens: int) -> None:

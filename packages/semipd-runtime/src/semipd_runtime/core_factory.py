@@ -28,7 +28,9 @@ def create_core(
 ) -> EngineCore:
     """`model`: an already built model (benchmarks with random weights); otherwise loaded from cfg.model_path."""
     if cfg.mode == "unified":
-        return EngineCore(cfg, model=model)
+        core = EngineCore(cfg, model=model)
+        core.capture_cuda_graphs()
+        return core
     if cfg.mode != "semi-pd":
         raise ValueError(f"mode must be 'unified' or 'semi-pd', got {cfg.mode!r}")
     part = partition or create_partition(cfg.sm_partition, cfg.prefill_sm_percent, cfg.decode_sm_percent)
@@ -45,6 +47,7 @@ def create_core(
 
     core = SemiPDCore(cfg, make_channel, model=model, decode_context=part.role_context_factory("decode"),
                       sm_split=(part.sm_count["prefill"], part.sm_count["decode"]))
+    core.capture_cuda_graphs()
     log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d", part.kind, placement,
              part.sm_count["prefill"], part.sm_count["decode"])
     return core

@@ -67,6 +67,8 @@ class Engine:
         queue_timeout_s: float | None = None,
         prefill_timeout_s: float | None = None,
         decode_timeout_s: float | None = None,
+        cuda_graph_max_bs: int | None = None,
+        disable_cuda_graph: bool = False,
     ) -> None:
         if mode not in ("unified", "semi-pd"):
             raise ValueError(f"mode must be 'unified' or 'semi-pd', got {mode!r}")
@@ -83,6 +85,8 @@ class Engine:
                         ("chunked_prefill_size", chunked_prefill_size)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if cuda_graph_max_bs is not None and cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {cuda_graph_max_bs}")
         if max_queued_requests is not None and max_queued_requests < 0:
             raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
         if not 0.0 < mem_fraction_static < 1.0:
@@ -111,6 +115,7 @@ class Engine:
             prefill_timeout_s=prefill_timeout_s, decode_timeout_s=decode_timeout_s, mode=mode,
             sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
             decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens,
+            cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=disable_cuda_graph,
         )
         self.mode = mode
         self._lock = threading.Lock()

@@ -8,12 +8,18 @@ from torch import Tensor
 
 from semipd_kernels import ops
 from semipd_memory import KVPool
+from semipd_runtime.cuda_graph import DecodeGraphRunner
 from semipd_runtime.forward_batch import AttentionMetadata
 from semipd_runtime.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_pool: KVPool, page_size: int, max_model_len: int) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, kv_pool: KVPool, page_size: int, max_model_len: int,
+        cuda_graph_max_bs: int = 0, graph_replay: bool = True,
+    ) -> None:
+        """cuda_graph_max_bs > 0: decode batches up to that size run as CUDA graphs (CUDA only, unless
+        graph_replay=False, which runs the same padded static-buffer forward eagerly: tests)."""
         cfg = model.config
         self.model, self.kv_pool, self.page_size = model, kv_pool, page_size
         self.device = next(model.parameters()).device
@@ -24,6 +30,12 @@ class ModelRunner:
             cfg.rope_scaling,
             device=self.device,
         )
+        self.graphs: DecodeGraphRunner | None = None
+        if cuda_graph_max_bs > 0 and (self.device.type == "cuda" or not graph_replay):
+            self.graphs = DecodeGraphRunner(
+                model, kv_pool, self.cos_sin_cache, page_size, -(-max_model_len // page_size),
+                cuda_graph_max_bs, replay=graph_replay and self.device.type == "cuda",
+            )
 
     def page_table_from_rows(self, rows: list[list[int]]) -> Tensor:
         """int32 [B, max_pages] from explicit page lists (padding -1), for workers that don't own the allocator."""
@@ -67,5 +79,9 @@ class ModelRunner:
         self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int]
     ) -> Tensor:
         """float32 logits [len(sample_rows), vocab] for the last new token of each request in sample_rows."""
+        g = self.graphs
+        if (g is not None and len(chunks) <= g.max_bs and len(sample_rows) == len(chunks)
+                and all(len(c) == 1 for c in chunks) and sample_rows == list(range(len(chunks)))):
+            return g.run([c[0] for c in chunks], starts, page_table)
         input_ids, meta = self.build_metadata(chunks, starts, page_table, sample_rows)
         return self.model(input_ids, meta)

@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.85,
         help="fraction of GPU memory for weights + KV cache",
     )
+    s.add_argument(
+        "--cuda-graph-max-bs",
+        type=_positive,
+        default=None,
+        help="largest decode batch run as a CUDA graph (default: --max-running-requests, at most 256)",
+    )
+    s.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly (CUDA)")
     d = p.add_argument_group("prefill/decode disaggregation")
     d.add_argument(
         "--mode",
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="unified",
         help="unified: chunked prefill mixed with decode; semi-pd: separate prefill and decode workers",
     )
+    d.add_argument("--enable-semi-pd", action="store_true", help="same as --mode semi-pd (Semi-PD's flag)")
     d.add_argument(
         "--sm-partition",
         choices=["none", "green", "mps"],
@@ -129,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Engine(...) keyword arguments from the CLI; the core always runs in its own process behind the server."""
     return {
-        "mode": args.mode,
+        "mode": "semi-pd" if args.enable_semi_pd else args.mode,
         "max_running_requests": args.max_running_requests,
         "max_queued_requests": args.max_queued_requests,
         "chunked_prefill_size": args.chunked_prefill_size,
@@ -143,6 +151,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "sm_partition": args.sm_partition,
         "prefill_sm_percent": args.prefill_sm_percent,
         "decode_sm_percent": args.decode_sm_percent,
+        "cuda_graph_max_bs": args.cuda_graph_max_bs,
+        "disable_cuda_graph": args.disable_cuda_graph,
     }
 
 
@@ -196,7 +206,7 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
     log.info(
         "model %s (%s mode, context %d tokens), %d KV pages of %d tokens, max running %d, max queued %s",
         state.model_name,
-        args.mode,
+        engine.mode,
         engine.max_model_len,
         stats.get("pages_total", 0),
         args.page_size,
