@@ -41,17 +41,21 @@ def child(args: argparse.Namespace) -> dict:
     cfg_dict = with_layers(SHAPES[args.shape], args.layers)
     model_dir = Path(tempfile.mkdtemp())
     (model_dir / "config.json").write_text(json.dumps(cfg_dict))
-    max_len = args.prompt_len + 64
     n_streams = args.streams
-    tokens = n_streams * (512 + args.decode_steps * 3) + 3 * max_len
+    stream_tokens = args.stream_prompt_len + args.decode_steps * 3  # prompt + alone + interfered + slack
+    max_len = max(args.prompt_len, stream_tokens) + 64
+    tokens = n_streams * stream_tokens + 3 * max_len
+    dev = torch.device(args.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = CoreConfig(
-        model_path=str(model_dir), device="cuda", dtype="bfloat16", max_model_len=max_len, eos_token_ids=[],
+        model_path=str(model_dir), device=args.device, dtype=str(dtype).removeprefix("torch."),
+        max_model_len=max_len, eos_token_ids=[],
         max_running_requests=n_streams + 4, chunked_prefill_size=args.chunk, page_size=16,
         num_pages=tokens // 16 + 64, mode="unified" if kind == "unified" else "semi-pd",
         sm_partition=kind if kind != "unified" else "none", prefill_placement="process",
         prefill_sm_percent=100 - int(pct or 50), decode_sm_percent=int(pct or 50),
         max_prefill_tokens=args.prompt_len)
-    model = build_empty_model(ModelConfig.from_dict(cfg_dict), torch.device("cuda"), torch.bfloat16)
+    model = build_empty_model(ModelConfig.from_dict(cfg_dict), dev, dtype)
     init_random_weights(model, seed=0)
     core = create_core(cfg, model=model)
     g = torch.Generator().manual_seed(0)
@@ -59,18 +63,24 @@ def child(args: argparse.Namespace) -> dict:
     last: dict[str, float] = {}
     itl: dict[str, list[float]] = {"alone": [], "interfered": []}
     phase = "warmup"
-    for i in range(n_streams):
-        core.add_request(AddRequest(f"s{i}", torch.randint(10, vocab, (512,), generator=g).tolist(),
-                                    CoreSampling(temperature=0.0, max_tokens=10**6, ignore_eos=True)))
+    for i in range(n_streams):  # long enough to outlast both phases (the benchmark stops them)
+        core.add_request(AddRequest(f"s{i}", torch.randint(10, vocab, (args.stream_prompt_len,), generator=g).tolist(),
+                                    CoreSampling(temperature=0.0, max_tokens=stream_tokens - args.stream_prompt_len,
+                                                 ignore_eos=True)))
     prefills_done = 0
     prefill_tokens = 0
     t_phase = time.perf_counter()
     steps_in_phase = 0
     n_big = 0
+    deadline = time.monotonic() + args.child_timeout_s
     while True:
         events = core.step()
         now = time.perf_counter()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{args.config}: still in phase {phase} after {args.child_timeout_s}s")
         for ev in events:
+            if ev.error:
+                raise RuntimeError(f"{args.config}: request {ev.rid} failed: {ev.error}")
             if ev.rid.startswith("s") and ev.token_ids:
                 if ev.rid in last and phase in itl:
                     itl[phase].append(now - last[ev.rid])
@@ -118,6 +128,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16384)
     ap.add_argument("--chunk", type=int, default=2048, help="chunked prefill size (unified) / prefill chunk")
     ap.add_argument("--decode-steps", type=int, default=300)
+    ap.add_argument("--stream-prompt-len", type=int, default=512)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (--shape tiny)")
+    ap.add_argument("--child-timeout-s", type=float, default=300.0)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -128,11 +141,17 @@ def main() -> None:
     for c in args.configs:
         cmd = [sys.executable, __file__, "--config", c, "--shape", args.shape, "--streams", str(args.streams),
                "--prompt-len", str(args.prompt_len), "--chunk", str(args.chunk),
-               "--decode-steps", str(args.decode_steps)] + (["--layers", str(args.layers)] if args.layers else [])
+               "--decode-steps", str(args.decode_steps), "--stream-prompt-len", str(args.stream_prompt_len),
+               "--device", args.device, "--child-timeout-s", str(args.child_timeout_s)]
+        cmd += ["--layers", str(args.layers)] if args.layers else []
         env = dict(os.environ)
         if c.startswith("mps:"):
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = c.split(":")[1]
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.child_timeout_s + 60)
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            p = subprocess.CompletedProcess(cmd, -9, out, f"timed out: {e}")
         res = [json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
         row = res[0] if res else {"config": c, "error": (p.stderr or p.stdout)[-2000:]}
         rows.append(row)

@@ -10,7 +10,9 @@ without (ours_eager_*)."""
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -40,17 +42,34 @@ def build_hf(cfg_dict: dict, device: str, dtype: torch.dtype):  # type: ignore[n
     return model
 
 
-def run_ours(core: EngineCore, prompts: list[list[int]], out_len: int) -> float:
+def run_ours(core: EngineCore, prompts: list[list[int]], out_len: int) -> tuple[float, dict]:
+    """Seconds for the whole batch, and a split of the wall time into decode-only steps and the rest."""
     for i, p in enumerate(prompts):
         core.add_request(AddRequest(f"b{time.monotonic_ns()}-{i}", p,
                                     CoreSampling(temperature=0.0, max_tokens=out_len, ignore_eos=True)))
     sync()
+    decode_times: list[float] = []
+    other_s, other_steps, n_tokens = 0.0, 0, 0
     t0 = time.perf_counter()
-    events = core.run_until_idle()
+    while core.has_work() or core.pending:
+        running = [r for r in core.scheduler.running if r.num_uncomputed == 1]
+        decode_only = not core.scheduler.waiting and len(running) == len(core.scheduler.running)
+        ts = time.perf_counter()
+        events = core.step()
+        dt = time.perf_counter() - ts  # each step ends by reading its sampled tokens back: a sync
+        n_tokens += sum(len(e.token_ids) for e in events)
+        if decode_only:
+            decode_times.append(dt)
+        else:
+            other_s, other_steps = other_s + dt, other_steps + 1
     sync()
-    dt = time.perf_counter() - t0
-    assert sum(len(e.token_ids) for e in events) == len(prompts) * out_len
-    return dt
+    total = time.perf_counter() - t0
+    assert n_tokens == len(prompts) * out_len, n_tokens
+    decode_times.sort()
+    split = {"decode_steps": len(decode_times), "decode_s": sum(decode_times),
+             "decode_step_p50_ms": 1e3 * decode_times[len(decode_times) // 2] if decode_times else None,
+             "other_steps": other_steps, "other_s": other_s}
+    return total, split
 
 
 def run_hf(model, prompts: list[list[int]], out_len: int) -> float:  # type: ignore[no-untyped-def]
@@ -74,6 +93,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--cprofile", action="store_true", help="print a CPU profile of the CUDA-graph engine's runs")
     ap.add_argument("--skip-eager", action="store_true", help="only the CUDA-graph engine (default: both)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -107,10 +127,18 @@ def main() -> None:
         prompts = torch.randint(10, cfg_dict["vocab_size"], (b, args.prompt_len), generator=g).tolist()
         row: dict = {"batch": b}
         for name, core in cores.items():
-            run_ours(core, prompts[:1], 4)  # warm-up
-            t = run_ours(core, prompts, args.output_len)
+            # warm-up at the same shapes (Triton specializes on them; compiling must not be timed), other
+            # tokens (so a prefix cache cannot serve the timed run)
+            run_ours(core, torch.randint(10, cfg_dict["vocab_size"], (b, args.prompt_len), generator=g).tolist(), 4)
+            prof = cProfile.Profile() if args.cprofile and name == "graphs" else None
+            if prof:
+                prof.enable()
+            t, split = run_ours(core, prompts, args.output_len)
+            if prof:
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(18)
             key = "ours" if name == "graphs" else "ours_eager"
-            row |= {f"{key}_s": t, f"{key}_tok_s": b * args.output_len / t}
+            row |= {f"{key}_s": t, f"{key}_tok_s": b * args.output_len / t} | {f"{key}_{k}": v for k, v in split.items()}
         t_ours = row["ours_s"]
         if hf is not None:
             run_hf(hf, prompts[:1], 4)

@@ -43,8 +43,9 @@ for s in "$@"; do
         --contexts 1024 4096 --green-percent 50 --out "$OUT/decode_step.json" ;;
     interference)
       start_mps
-      stage interference 420 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \
-        --configs unified green:30 green:50 mps:30 mps:50 --decode-steps 200 --out "$OUT/interference.json"
+      stage interference 330 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \
+        --configs unified green:50 green:30 mps:50 --decode-steps 150 --child-timeout-s 120 \
+        --out "$OUT/interference.json"
       stop_mps ;;
     *) echo "unknown stage $s" ;;
   esac

@@ -18,7 +18,12 @@ LLAMA32_3B: dict[str, Any] = dict(
     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192},
 )
-SHAPES = {"llama-3.1-8b": LLAMA31_8B, "llama-3.2-3b": LLAMA32_3B}
+# CPU smoke runs of the GPU benchmarks (same code path, seconds instead of minutes)
+TINY: dict[str, Any] = dict(
+    LLAMA31_8B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
+)
+SHAPES = {"llama-3.1-8b": LLAMA31_8B, "llama-3.2-3b": LLAMA32_3B, "tiny": TINY}
 
 
 def with_layers(cfg: dict[str, Any], layers: int | None) -> dict[str, Any]:
