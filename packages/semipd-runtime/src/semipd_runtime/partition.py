@@ -60,6 +60,9 @@ class MpsPartition(SmPartition):
         super().__init__(prefill_percent, decode_percent)
         check_mps_daemon()
         total = _device_sm_count()
+        own = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+        if own:  # this process is itself capped: the device reports only its share of the SMs
+            total = round(total * 100 / float(own))
         self.sm_count = {r: round(total * self.percent[r] / 100) for r in ROLES}  # a cap, as MPS applies it
 
     def process_env(self, role: str) -> dict[str, str]:
