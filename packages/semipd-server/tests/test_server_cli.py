@@ -25,6 +25,12 @@ FLAGS = [
     "--context-length",
     "--served-model-name",
     "--drain-timeout",
+    "--enable-semi-pd",
+    "--sm-partition",
+    "--prefill-sm-percent",
+    "--decode-sm-percent",
+    "--cuda-graph-max-bs",
+    "--disable-cuda-graph",
 ]
 
 
@@ -66,6 +72,14 @@ def test_defaults_and_engine_kwargs() -> None:
     assert kw["core"] == "process"  # the engine core always runs in its own process behind the server
     assert (kw["max_running_requests"], kw["max_queued_requests"], kw["chunked_prefill_size"]) == (8, 0, 128)
     assert (kw["mem_fraction_static"], kw["num_pages"], kw["max_model_len"]) == (0.5, 64, 1024)
+    assert (kw["mode"], kw["cuda_graph_max_bs"], kw["disable_cuda_graph"]) == ("unified", None, False)
+
+
+def test_semi_pd_and_cuda_graph_flags() -> None:
+    kw = engine_kwargs(build_parser().parse_args(
+        ["--enable-semi-pd", "--sm-partition", "green", "--cuda-graph-max-bs", "32", "--disable-cuda-graph"]))
+    assert (kw["mode"], kw["sm_partition"], kw["cuda_graph_max_bs"], kw["disable_cuda_graph"]) == (
+        "semi-pd", "green", 32, True)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +90,7 @@ def test_defaults_and_engine_kwargs() -> None:
         ["--log-level", "loud"],
         ["--port", "x"],
         ["--mode", "split"],
+        ["--cuda-graph-max-bs", "0"],
     ],
 )
 def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
