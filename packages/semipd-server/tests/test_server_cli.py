@@ -31,6 +31,7 @@ FLAGS = [
     "--decode-sm-percent",
     "--cuda-graph-max-bs",
     "--disable-cuda-graph",
+    "--load-format",
 ]
 
 
@@ -91,6 +92,7 @@ def test_semi_pd_and_cuda_graph_flags() -> None:
         ["--port", "x"],
         ["--mode", "split"],
         ["--cuda-graph-max-bs", "0"],
+        ["--load-format", "random"],
     ],
 )
 def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

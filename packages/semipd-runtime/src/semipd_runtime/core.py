@@ -54,6 +54,7 @@ class CoreConfig:
     # decode CUDA graphs (CUDA only): batch sizes up to cuda_graph_max_bs (None: max_running_requests, <= 256)
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    load_format: str = "auto"  # "auto" (safetensors) | "dummy" (random weights at the config's shapes)
 
     def graph_max_bs(self) -> int:
         if self.disable_cuda_graph:
@@ -84,7 +85,7 @@ class EngineCore:
         self.cfg = cfg
         device = torch.device(cfg.device)
         dtype = getattr(torch, cfg.dtype)
-        self.model = model if model is not None else load_model(cfg.model_path, device, dtype)
+        self.model = model if model is not None else load_model(cfg.model_path, device, dtype, cfg.load_format)
         mcfg = self.model.config
         num_pages = kv_pages_for(cfg, mcfg, dtype, device)
         max_pages_per_req = -(-cfg.max_model_len // cfg.page_size)

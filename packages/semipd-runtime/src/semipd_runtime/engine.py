@@ -33,6 +33,7 @@ from semipd_runtime.messages import (
 )
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.default_model import resolve_model_path
+from semipd_runtime.models.loader import LOAD_FORMATS
 from semipd_runtime.outputs import RequestOutput
 from semipd_runtime.partition import percent_from_env
 from semipd_runtime.sampling_params import SamplingParams
@@ -69,6 +70,7 @@ class Engine:
         decode_timeout_s: float | None = None,
         cuda_graph_max_bs: int | None = None,
         disable_cuda_graph: bool = False,
+        load_format: str = "auto",
     ) -> None:
         if mode not in ("unified", "semi-pd"):
             raise ValueError(f"mode must be 'unified' or 'semi-pd', got {mode!r}")
@@ -85,6 +87,8 @@ class Engine:
                         ("chunked_prefill_size", chunked_prefill_size)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
         if cuda_graph_max_bs is not None and cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {cuda_graph_max_bs}")
         if max_queued_requests is not None and max_queued_requests < 0:
@@ -115,7 +119,7 @@ class Engine:
             prefill_timeout_s=prefill_timeout_s, decode_timeout_s=decode_timeout_s, mode=mode,
             sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
             decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens,
-            cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=disable_cuda_graph,
+            cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=disable_cuda_graph, load_format=load_format,
         )
         self.mode = mode
         self._lock = threading.Lock()

@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)",
     )
+    m.add_argument(
+        "--load-format",
+        choices=["auto", "dummy"],
+        default="auto",
+        help="auto: the model directory's safetensors; dummy: random weights at its config's shapes (benchmarks)",
+    )
     m.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -153,6 +159,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "decode_sm_percent": args.decode_sm_percent,
         "cuda_graph_max_bs": args.cuda_graph_max_bs,
         "disable_cuda_graph": args.disable_cuda_graph,
+        "load_format": args.load_format,
     }
 
 

@@ -90,15 +90,27 @@ def _safetensors_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_model(
-    model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+    load_format: str = "auto",
 ) -> LlamaForCausalLM:
+    """load_format "auto": the directory's *.safetensors; "dummy": random weights at the config's shapes (only
+    config.json is read), for benchmarking a model's shape without its weights, as vLLM's --load-format dummy."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
+    model = build_empty_model(cfg, torch.device(device), dtype or cfg.torch_dtype)
+    if load_format == "dummy":
+        init_random_weights(model, seed=0)
+        return model
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"model directory {model_dir} has no *.safetensors file")
-    model = build_empty_model(cfg, torch.device(device), dtype or cfg.torch_dtype)
+        raise FileNotFoundError(f"model directory {model_dir} has no *.safetensors file "
+                                f"(--load-format dummy runs it with random weights)")
     load_weights(model, _safetensors_items(files), source=f"model directory {model_dir}")
     return model
 
