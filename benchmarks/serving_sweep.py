@@ -14,49 +14,14 @@ bench_serving run. Server logs land beside the results file (<out stem>.<label>.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from semipd_server.testing import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serving  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"server not healthy after {timeout_s}s:\n{log.read_text()[-4000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def main() -> int:
@@ -78,25 +43,23 @@ def main() -> int:
         configs.append((label, shlex.split(flags)))
     failures = 0
     for label, flags in configs:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
         log = args.out.with_name(f"{args.out.stem}.{label}.log")
-        cmd = [sys.executable, "-m", "semipd_server.cli", "--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["--model-path", args.model_path] if args.model_path else []
-        cmd += shlex.split(args.server_args) + flags
-        print(f"=== {label}: {' '.join(cmd)}", flush=True)
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        server_flags = ([] if args.model_path is None else ["--model-path", args.model_path])
+        server_flags += shlex.split(args.server_args) + flags
+        print(f"=== {label}: semipd-server {' '.join(server_flags)}", flush=True)
+        server = None
         try:
-            wait_healthy(url, proc, args.startup_timeout_s, log)
-            rc = bench_serving.main(["--base-url", url, "--label", label, "--out", str(args.out), "--no-progress",
-                                     *shlex.split(args.bench_args)])
+            server = ServerProcess(*server_flags, log_path=log, startup_timeout_s=args.startup_timeout_s,
+                                   single_thread=False)
+            rc = bench_serving.main(["--base-url", server.url, "--label", label, "--out", str(args.out),
+                                     "--no-progress", *shlex.split(args.bench_args)])
             failures += rc != 0
         except Exception as e:  # one configuration failing must not lose the others
             print(f"{label} failed: {e}", flush=True)
             failures += 1
         finally:
-            stop(proc)
+            if server is not None:
+                server.stop()
     if args.out.exists():
         bench_serving.main(["--compare", str(args.out), *(["--plot-dir", args.plot_dir] if args.plot_dir else [])])
     return 1 if failures else 0

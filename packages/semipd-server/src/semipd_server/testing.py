@@ -53,20 +53,23 @@ def pid_alive(pid: int) -> bool:
 
 class ServerProcess:
     def __init__(
-        self, *args: str, log_path: Path, api_key: str | None = None, startup_timeout_s: float = 600.0
+        self, *args: str, log_path: Path, api_key: str | None = None, startup_timeout_s: float = 600.0,
+        single_thread: bool = True,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
         script = Path(sys.executable).parent / "semipd-server"
-        cmd = [str(script), "--host", "127.0.0.1", "--port", str(self.port), *args]
+        # the console script where the package is installed; the module where it is only on PYTHONPATH (GPU box)
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "semipd_server.cli"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), *args]
         if api_key:
             cmd += ["--api-key", api_key]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         # One intra-op thread: on a small shared CPU box, two OpenMP threads in the engine core process slow
         # each step 10-20x whenever another process competes for the cores (measured); tests only.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"} | ({"OMP_NUM_THREADS": "1"} if single_thread else {})
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_healthy(startup_timeout_s)
 
