@@ -21,6 +21,7 @@ from semipd_runtime.models.loader import load_model
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import Sampler
 from semipd_runtime.scheduler import ScheduledBatch, Scheduler
+from semipd_runtime.slo_control import SloSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class CoreConfig:
     prefill_sm_percent: int = 50
     decode_sm_percent: int = 50
     max_prefill_tokens: int = 8192  # tokens per batch sent to the prefill worker (a longer prompt goes alone)
+    slo: SloSettings | None = None  # semi-PD partition_policy "slo" (None: static split)
 
 
 def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
