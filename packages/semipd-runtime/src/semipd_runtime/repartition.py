@@ -46,6 +46,7 @@ class PrefillGeneration:
     batches: set[int] = field(default_factory=set)  # batch ids sent to it and not answered yet
     requested_at: float = 0.0  # perf_counter when its split was asked for
     closed: bool = False
+    sent: int = 0  # batches it was given
 
     def close_channel(self) -> None:
         if not self.closed:
@@ -71,6 +72,7 @@ class PrefillRouter:
         self.ready_timeout_s = ready_timeout_s
         self.current = self._start(partition, time.perf_counter())
         self.current.ready = True  # the first worker gets batches at once (they queue until it listens)
+        self.history = [self.current]  # every generation that became current (tests, logs)
         self.standby: PrefillGeneration | None = None
         self.retiring: list[PrefillGeneration] = []
         self._pending_split: tuple[float, float] | None = None  # asked for while a standby was starting
@@ -81,6 +83,7 @@ class PrefillRouter:
         self.repartitions = 0
         self.failures = 0
         self.last_latency_s = 0.0  # last request -> new split in effect
+        self.switches_in_flight = 0  # switches that left batches on the old worker (it finished them)
         self.on_switch: Callable[[PrefillGeneration, PrefillGeneration], None] | None = None
 
     def _start(self, partition: SmPartition, requested_at: float) -> PrefillGeneration:
@@ -135,6 +138,7 @@ class PrefillRouter:
     def send(self, batch: PrefillBatch) -> None:
         gen = self.current
         gen.batches.add(batch.batch_id)
+        gen.sent += 1
         self._batch_gen[batch.batch_id] = gen
         for item in batch.items:
             self._rid_gen[item.rid] = gen
@@ -155,7 +159,8 @@ class PrefillRouter:
         self._answered = {}
         out = self._take(self.current, self.current.channel.poll(timeout_s))
         for gen in list(self.retiring):
-            out += self._take(gen, gen.channel.poll(0.0))
+            if not gen.closed:
+                out += self._take(gen, gen.channel.poll(0.0))
         if self.standby is not None:
             self._poll_standby(out)
         self._retire_finished()
@@ -196,7 +201,9 @@ class PrefillRouter:
         old, self.current, self.standby = self.current, sb, None
         sb.ready = True
         self.retiring.append(old)
+        self.history.append(sb)
         self.repartitions += 1
+        self.switches_in_flight += bool(old.batches)
         self.last_latency_s = time.perf_counter() - sb.requested_at
         log.info("re-partition %.1f/%.1f%% -> %.1f/%.1f%% in effect after %.1f ms (generation %d; %d batches "
                  "left on generation %d)", *old.split, *sb.split, 1000 * self.last_latency_s, sb.index,
