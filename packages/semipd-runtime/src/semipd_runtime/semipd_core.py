@@ -96,7 +96,11 @@ class SemiPDCore(EngineCore):
         super().abort(rid, reason, error, status)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.prefilling) or bool(self.batches)
+        return self.scheduler.has_work() or bool(self.prefilling) or bool(self.batches) or self._repartitioning()
+
+    def _repartitioning(self) -> bool:
+        """A standby worker is starting or an old one is retiring: keep stepping (it switches / reaps them)."""
+        return self.channel.in_transition or bool(self.channel.retiring)
 
     def stats(self) -> EngineStats:
         s = super().stats()
@@ -118,7 +122,7 @@ class SemiPDCore(EngineCore):
         with self.decode_context():
             decode = self.scheduler.schedule_decode()
             # nothing to decode: wait a little for the prefill worker instead of spinning
-            wait = 0.02 if decode is None and self.batches else 0.0
+            wait = 0.02 if decode is None and (self.batches or self._repartitioning()) else 0.0
             events += self._collect(self.channel.poll(wait))
             self._dispatch_prefill()
             if decode is None:
