@@ -157,12 +157,13 @@ class PrefillRouter:
 
     def poll(self, timeout_s: float) -> list[FromPrefill]:
         self._answered = {}
-        out = self._take(self.current, self.current.channel.poll(timeout_s))
+        out: list[FromPrefill] = []
+        if self.standby is not None:  # first: a ready standby takes the next batch, and the wait below is on it
+            self._poll_standby(out)
+        out += self._take(self.current, self.current.channel.poll(timeout_s))
         for gen in list(self.retiring):
             if not gen.closed:
                 out += self._take(gen, gen.channel.poll(0.0))
-        if self.standby is not None:
-            self._poll_standby(out)
         self._retire_finished()
         return out
 
