@@ -23,6 +23,7 @@ from semipd_runtime.models.loader import load_model
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import Sampler
 from semipd_runtime.scheduler import ScheduledBatch, Scheduler
+from semipd_runtime.slo_control import SloSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class CoreConfig:
         if self.disable_cuda_graph:
             return 0
         return self.cuda_graph_max_bs if self.cuda_graph_max_bs is not None else min(self.max_running_requests, 256)
+    slo: SloSettings | None = None  # semi-PD partition_policy "slo" (None: static split)
 
 
 def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:

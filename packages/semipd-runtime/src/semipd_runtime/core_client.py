@@ -27,6 +27,7 @@ from semipd_runtime.messages import (
     CoreFailure,
     CoreReady,
     FromCore,
+    Repartition,
     Shutdown,
     StatsRequest,
     StepOutput,
@@ -64,6 +65,10 @@ def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: Outpu
                 core.abort(msg.rid, msg.reason)
             elif isinstance(msg, StatsRequest):
                 emit(StepOutput([], core.stats()))
+            elif isinstance(msg, Repartition):
+                repartition = getattr(core, "repartition", None)  # semi-PD only
+                if repartition is not None:
+                    repartition(msg.prefill_percent, msg.decode_percent)
             elif isinstance(msg, Shutdown):
                 core.close()
                 return

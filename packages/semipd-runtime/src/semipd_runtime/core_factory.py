@@ -8,9 +8,10 @@ import sys
 from semipd_runtime.core import CoreConfig, EngineCore
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.llama import LlamaForCausalLM
-from semipd_runtime.partition import SmPartition, create_partition
+from semipd_runtime.partition import SmPartition, _device_sm_count, create_partition
 from semipd_runtime.prefill_worker import PrefillWorker, ThreadPrefillChannel
 from semipd_runtime.semipd_core import PrefillChannel, SemiPDCore
+from semipd_runtime.slo_control import SloController
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,20 @@ def create_core(
         return core
     if cfg.mode != "semi-pd":
         raise ValueError(f"mode must be 'unified' or 'semi-pd', got {cfg.mode!r}")
-    part = partition or create_partition(cfg.sm_partition, cfg.prefill_sm_percent, cfg.decode_sm_percent)
+    split: tuple[float, float] = (cfg.prefill_sm_percent, cfg.decode_sm_percent)
+    slo = None
+    if cfg.slo is not None and cfg.slo.policy == "slo":
+        # candidates on the device's SM granularity (a nominal 100 "SMs" without a GPU); under MPS the decode
+        # process keeps the cap it started with, so only the prefill share is a choice
+        fixed = cfg.decode_sm_percent if cfg.sm_partition == "mps" else None
+        pcfg = cfg.slo.partitioner_config(_device_sm_count() or 100, split, fixed)
+        assert pcfg.initial_split is not None
+        split = partition.split if partition is not None else pcfg.initial_split
+        slo = SloController(cfg.slo, pcfg)
+    part = partition or create_partition(cfg.sm_partition, *split)
     placement = prefill_placement(cfg)
 
-    def make_channel(core: SemiPDCore) -> PrefillChannel:
+    def make_channel(core: SemiPDCore, part: SmPartition) -> PrefillChannel:
         if placement == "thread":
             # the two roles share one GIL: at the default 5 ms switch interval a decode step waiting for the GIL
             # behind the prefill thread's Python can stall for whole intervals (suspected cause of a measured p99
@@ -50,9 +61,16 @@ def create_core(
 
         return ProcessPrefillChannel(core, part)
 
-    core = SemiPDCore(cfg, make_channel, model=model, decode_context=part.role_context_factory("decode"),
-                      sm_split=(part.sm_count["prefill"], part.sm_count["decode"]))
-    core.capture_cuda_graphs()
-    log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d", part.kind, placement,
-             part.sm_count["prefill"], part.sm_count["decode"])
+    core = SemiPDCore(cfg, make_channel, model=model, partition=part, slo=slo)
+    core.capture_cuda_graphs()  # inside the decode partition (a later split captures its own on first use)
+    log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d; policy %s", part.kind,
+             placement, part.sm_count["prefill"], part.sm_count["decode"], "slo" if slo else "static")
+    if slo is not None:
+        from semipd_runtime.slo_profile import seed_from_profile
+
+        try:
+            seed_from_profile(core, slo, part.kind)
+        except BaseException:
+            core.close()  # no prefill worker left behind when startup fails
+            raise
     return core

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from semipd_runtime.messages import (
     CoreSampling,
     EngineStats,
     FromCore,
+    Repartition,
     StatsRequest,
     StepOutput,
 )
@@ -37,6 +38,7 @@ from semipd_runtime.models.loader import LOAD_FORMATS
 from semipd_runtime.outputs import RequestOutput
 from semipd_runtime.partition import percent_from_env
 from semipd_runtime.sampling_params import SamplingParams
+from semipd_runtime.slo_control import SloSettings
 from semipd_runtime.tokenizer import Tokenizer
 from semipd_runtime.tracked_request import TrackedRequest
 
@@ -71,7 +73,15 @@ class Engine:
         cuda_graph_max_bs: int | None = None,
         disable_cuda_graph: bool = False,
         load_format: str = "auto",
+        partition_policy: str = "static",
+        slo_ttft_ms: float = 1000.0,
+        slo_tpot_ms: float = 50.0,
+        repartition_interval_s: float = 2.0,
+        slo_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """partition_policy "slo" (semi-pd only): an SLO-aware controller moves the SM split at run time to keep
+        TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, re-deciding every repartition_interval_s; `slo_options`
+        sets the other SloSettings fields (e.g. profile_splits, profile_cache_dir, min_dwell_s)."""
         if mode not in ("unified", "semi-pd"):
             raise ValueError(f"mode must be 'unified' or 'semi-pd', got {mode!r}")
         if sm_partition not in ("none", "green", "mps"):
@@ -81,6 +91,7 @@ class Engine:
         prefill_pct = percent_from_env("prefill_sm_percent", prefill_sm_percent, "SEMI_PD_PREFILL_SM_PERCENTILE", 50)
         decode_pct = percent_from_env("decode_sm_percent", decode_sm_percent, "SEMI_PD_DECODE_SM_PERCENTILE",
                                       100 - prefill_pct if prefill_sm_percent is not None else 50)
+        slo = _slo_settings(mode, partition_policy, slo_ttft_ms, slo_tpot_ms, repartition_interval_s, slo_options)
         if core not in ("thread", "process"):
             raise ValueError(f"core must be 'thread' or 'process', got {core!r}")
         for name, v in (("max_running_requests", max_running_requests), ("page_size", page_size),
@@ -118,7 +129,7 @@ class Engine:
             mem_fraction_static=mem_fraction_static, queue_timeout_s=queue_timeout_s,
             prefill_timeout_s=prefill_timeout_s, decode_timeout_s=decode_timeout_s, mode=mode,
             sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
-            decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens,
+            decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens, slo=slo,
             cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=disable_cuda_graph, load_format=load_format,
         )
         self.mode = mode
@@ -299,13 +310,28 @@ class Engine:
         for c in crids:
             self._client.send(AbortRequest(c))
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         s = self._stats
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "pages_used": s.pages_used,
                 "pages_total": s.pages_total, "prefill_sm": s.prefill_sm, "decode_sm": s.decode_sm,
-                "healthy": int(s.healthy)}
+                "healthy": int(s.healthy), "prefill_sm_percent": s.prefill_sm_percent,
+                "decode_sm_percent": s.decode_sm_percent, "repartitions": s.repartitions,
+                "repartition_failures": s.repartition_failures, "last_repartition_s": s.last_repartition_s,
+                "slo_decisions": s.slo_decisions, "slo_observations": s.slo_observations,
+                "predicted_ttft_s": s.predicted_ttft_s, "predicted_tpot_s": s.predicted_tpot_s,
+                "measured_ttft_s": s.measured_ttft_s, "measured_tpot_s": s.measured_tpot_s}
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, int]:
+    def repartition(self, prefill_percent: float, decode_percent: float) -> None:
+        """Move semi-PD to a new SM split (percent of the SMs per role) without stopping: in-flight requests
+        continue; the split is in effect once the new prefill worker is ready (see stats())."""
+        if self.mode != "semi-pd":
+            raise ValueError("repartition needs mode='semi-pd'")
+        for name, v in (("prefill_percent", prefill_percent), ("decode_percent", decode_percent)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 100:
+                raise ValueError(f"{name} must be a number in [1, 100], got {v!r}")
+        self._client.send(Repartition(float(prefill_percent), float(decode_percent)))
+
+    def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, float]:
         """Ask the core for fresh numbers (waits for its next report)."""
         if self._dead:
             raise EngineDeadError(self._dead)
@@ -333,3 +359,21 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _slo_settings(mode: str, policy: str, ttft_ms: float, tpot_ms: float, interval_s: float,
+                  options: Mapping[str, Any] | None) -> SloSettings | None:
+    """Validated settings of the SLO policy (None under "static": today's fixed split, no controller)."""
+    if policy not in ("static", "slo"):
+        raise ValueError(f"partition_policy must be 'static' or 'slo', got {policy!r}")
+    if policy == "slo" and mode != "semi-pd":
+        raise ValueError("partition_policy='slo' needs mode='semi-pd' (unified mode has no SM split)")
+    extra = dict(options or {})
+    known = set(SloSettings.__dataclass_fields__) - {"policy", "slo_ttft_ms", "slo_tpot_ms",
+                                                      "repartition_interval_s"}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"slo_options: unknown option(s) {unknown}; known: {sorted(known)}")
+    settings = SloSettings(policy=policy, slo_ttft_ms=ttft_ms, slo_tpot_ms=tpot_ms,
+                           repartition_interval_s=interval_s, **extra)
+    return settings if policy == "slo" else None

@@ -39,6 +39,13 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+class Repartition(msgspec.Struct, tag=True):
+    """Move semi-PD to a new SM split between steps (in-flight requests continue); ignored by the unified core."""
+
+    prefill_percent: float
+    decode_percent: float
+
+
 class TokenLogprobMsg(msgspec.Struct, array_like=True):
     token_id: int
     logprob: float
@@ -69,6 +76,20 @@ class EngineStats(msgspec.Struct):
     health_error: str = ""
     integrity_error: str = ""  # from the allocator's check when the core went idle ("" = clean)
     prefill_pid: int = 0  # semi-PD with a prefill process
+    # semi-PD SM split and its controller (partition_policy "slo"); percents are of the device's SMs
+    partition_policy: str = "static"
+    prefill_sm_percent: float = 0.0
+    decode_sm_percent: float = 0.0
+    repartitions: int = 0  # splits that took effect (not counting the startup profiling pass)
+    repartition_failures: int = 0
+    last_repartition_s: float = 0.0  # request -> new split in effect, of the last re-partition
+    slo_decisions: int = 0
+    slo_observations: int = 0  # prefill + decode steps fed to the partitioner
+    slo_reason: str = ""
+    predicted_ttft_s: float = 0.0
+    predicted_tpot_s: float = 0.0
+    measured_ttft_s: float = 0.0  # mean over the last decision window
+    measured_tpot_s: float = 0.0  # mean decode step time over the last decision window
 
 
 class StepOutput(msgspec.Struct, tag=True):
@@ -130,5 +151,5 @@ class PrefillReady(msgspec.Struct, tag=True):
 ToPrefill = PrefillBatch | Shutdown
 FromPrefill = PrefillDone | PrefillFailed | PrefillReady
 
-ToCore = AddRequest | AbortRequest | StatsRequest | Shutdown
+ToCore = AddRequest | AbortRequest | StatsRequest | Shutdown | Repartition
 FromCore = StepOutput | CoreReady | CoreFailure

@@ -28,12 +28,21 @@ class SmPartition:
 
     kind = "none"
 
-    def __init__(self, prefill_percent: int, decode_percent: int) -> None:
+    def __init__(self, prefill_percent: float, decode_percent: float) -> None:
         for name, v in (("prefill_sm_percent", prefill_percent), ("decode_sm_percent", decode_percent)):
-            if not 1 <= v <= 100:
-                raise ValueError(f"{name} must be in [1, 100], got {v}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 100:
+                raise ValueError(f"{name} must be a number in [1, 100], got {v!r}")
         self.percent = {"prefill": prefill_percent, "decode": decode_percent}
         self.sm_count = {"prefill": 0, "decode": 0}
+
+    @property
+    def split(self) -> tuple[float, float]:
+        return (float(self.percent["prefill"]), float(self.percent["decode"]))
+
+    def resplit(self, prefill_percent: float, decode_percent: float) -> SmPartition:
+        """A new partition of the same kind at another split; this one stays valid until closed (the roles
+        leave it between steps, then the caller closes it)."""
+        return type(self)(prefill_percent, decode_percent)
 
     def role_context_factory(self, role: str) -> Callable[[], AbstractContextManager[Any]]:
         return nullcontext
@@ -56,17 +65,26 @@ def _device_sm_count() -> int:
 class MpsPartition(SmPartition):
     kind = "mps"
 
-    def __init__(self, prefill_percent: int, decode_percent: int) -> None:
+    def __init__(self, prefill_percent: float, decode_percent: float, check_daemon: bool = True) -> None:
         super().__init__(prefill_percent, decode_percent)
-        check_mps_daemon()
+        if check_daemon:
+            check_mps_daemon()
         total = _device_sm_count()
         own = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
         if own:  # this process is itself capped: the device reports only its share of the SMs
             total = round(total * 100 / float(own))
         self.sm_count = {r: round(total * self.percent[r] / 100) for r in ROLES}  # a cap, as MPS applies it
 
+    def resplit(self, prefill_percent: float, decode_percent: float) -> SmPartition:
+        # the decode worker's cap was read at its CUDA init and cannot move: only a new prefill process (started
+        # with the new percentage) changes anything, so the decode side keeps its percentage
+        if decode_percent != self.percent["decode"]:
+            log.info("mps: decode keeps its start cap %s%% (asked %s%%); only the prefill cap moves",
+                     self.percent["decode"], decode_percent)
+        return MpsPartition(prefill_percent, self.percent["decode"], check_daemon=False)
+
     def process_env(self, role: str) -> dict[str, str]:
-        return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(self.percent[role])}
+        return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(max(1, round(self.percent[role])))}
 
 
 def check_mps_daemon() -> None:
@@ -91,8 +109,9 @@ class GreenPartition(SmPartition):
 
     kind = "green"
 
-    def __init__(self, prefill_percent: int, decode_percent: int, device_index: int = 0) -> None:
+    def __init__(self, prefill_percent: float, decode_percent: float, device_index: int = 0) -> None:
         super().__init__(prefill_percent, decode_percent)
+        self._device_index = device_index
         import torch
         from cuda.bindings import driver as cu  # shipped with torch's CUDA wheels
 
@@ -130,13 +149,20 @@ class GreenPartition(SmPartition):
         stream = self._streams[role]
         return lambda: torch.cuda.stream(stream)
 
+    def resplit(self, prefill_percent: float, decode_percent: float) -> SmPartition:
+        # new contexts carved from the whole device again: while the old pair drains they overlap it briefly
+        return GreenPartition(prefill_percent, decode_percent, self._device_index)
+
     def close(self) -> None:
+        for stream in self._streams.values():
+            stream.synchronize()  # work still queued on a context must finish before the context goes
         for ctx in self._contexts:
             self._cu.cuGreenCtxDestroy(ctx)
         self._contexts.clear()
+        self._streams.clear()
 
 
-def create_partition(kind: str, prefill_percent: int, decode_percent: int) -> SmPartition:
+def create_partition(kind: str, prefill_percent: float, decode_percent: float) -> SmPartition:
     if kind == "green":
         return GreenPartition(prefill_percent, decode_percent)
     if kind == "mps":

@@ -3,18 +3,19 @@ admitted requests and ships them as prefill batches to the prefill worker, runs 
 prefill step, and adds a request to its decode batch when the prefill worker reports its first token.
 
 Pages of a request aborted while its prefill runs are parked (deferred free) until the prefill worker reports the
-batch done, or is declared dead."""
+batch done, or is declared dead. Prefill workers come in generations (one per SM split, `repartition.py`): each
+writes under its own writer name. With partition_policy "slo" the core feeds its step timings, arrivals and queue
+to an SloController and applies the splits it decides (`slo_control.py`)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
 
 from semipd_runtime.core import CoreConfig, EngineCore
 from semipd_runtime.messages import (
+    AddRequest,
     EngineStats,
     FromPrefill,
     PrefillBatch,
@@ -25,49 +26,69 @@ from semipd_runtime.messages import (
     TokenEvent,
 )
 from semipd_runtime.models.llama import LlamaForCausalLM
+from semipd_runtime.partition import SmPartition
+from semipd_runtime.repartition import PrefillChannel, PrefillGeneration, PrefillRouter
 from semipd_runtime.request import Request, RequestStatus
+from semipd_runtime.scheduler import ScheduledBatch
+from semipd_runtime.slo_control import SloController
 
 log = logging.getLogger(__name__)
-PREFILL_WRITER = "prefill"
-
-
-class PrefillChannel(Protocol):
-    alive: bool
-
-    def send(self, batch: PrefillBatch) -> None: ...
-    def poll(self, timeout_s: float) -> list[FromPrefill]: ...
-    def close(self) -> None: ...
+__all__ = ["PrefillChannel", "SemiPDCore"]
 
 
 class SemiPDCore(EngineCore):
     def __init__(
         self,
         cfg: CoreConfig,
-        make_channel: Callable[[SemiPDCore], PrefillChannel],
+        make_channel: Callable[[SemiPDCore, SmPartition], PrefillChannel],
         model: LlamaForCausalLM | None = None,
-        decode_context: Callable[[], AbstractContextManager[object]] = nullcontext,
-        sm_split: tuple[int, int] = (0, 0),
+        partition: SmPartition | None = None,
+        slo: SloController | None = None,
     ) -> None:
         super().__init__(cfg, model)
-        self.decode_context = decode_context
+        partition = partition or SmPartition(cfg.prefill_sm_percent, cfg.decode_sm_percent)
+        self.slo = slo
         self.prefilling: dict[str, Request] = {}
         self.batches: dict[int, list[Request]] = {}  # in flight at the prefill worker
         self.parked: dict[str, int] = {}  # rid -> slot of requests aborted while prefilling
         self.next_batch = 0
         self.max_batches_in_flight = 2  # one running, one queued behind it: the prefill worker never idles
         self.prefill_error = ""
-        self.prefill_sm, self.decode_sm = sm_split
+        self.prefill_sm, self.decode_sm = partition.sm_count["prefill"], partition.sm_count["decode"]
         self.prefill_info = PrefillReady()
-        self.channel = make_channel(self)
+        self.channel = PrefillRouter(lambda part, _gen: make_channel(self, part), partition)
+        self.channel.on_switch = self._on_switch
+        self.decode_context = self.channel.decode_context  # the *current* split's decode context, per step
+
+    # --- SM split ---------------------------------------------------------------------------------------------
+    def repartition(self, prefill_percent: float, decode_percent: float) -> bool:
+        """Move to a new (prefill %, decode %) split between steps; requests in flight continue. The split takes
+        effect once the standby worker is ready (see `self.channel.split`). False: nothing to change."""
+        started = self.channel.repartition(prefill_percent, decode_percent)
+        if self.slo is not None and not self.channel.in_transition:
+            self.slo.applied(self.channel.split, time.monotonic())  # unchanged or failed: tell the partitioner
+        return started
+
+    def _on_switch(self, old: PrefillGeneration, new: PrefillGeneration) -> None:
+        self.decode_sm = new.partition.sm_count["decode"]
+        if self.slo is not None and new.split != self.slo.split:
+            self.slo.applied(new.split, time.monotonic())
+
+    def add_request(self, msg: AddRequest) -> None:
+        super().add_request(msg)
+        if self.slo is not None and msg.rid in self.requests:
+            self.slo.observe_arrival(msg.rid, len(msg.prompt_ids), time.monotonic())
 
     # --- requests -------------------------------------------------------------------------------------------
     def abort(self, rid: str, reason: str = "abort", error: str | None = None, status: int = 0) -> None:
+        if self.slo is not None:
+            self.slo.forget(rid)
         req = self.requests.get(rid)
         if req is not None and req.status is RequestStatus.PREFILLING:
             self.requests.pop(rid)
             self.prefilling.pop(rid)
             assert req.slot is not None
-            self.allocator.free_deferred(req.slot, PREFILL_WRITER)
+            self.allocator.free_deferred(req.slot, self.channel.writer_of(rid))
             self.parked[rid] = req.slot
             req.slot, req.status, req.finish_reason = None, RequestStatus.FINISHED, reason
             self.pending.append(TokenEvent(rid, [], None, reason, error, status))
@@ -75,7 +96,11 @@ class SemiPDCore(EngineCore):
         super().abort(rid, reason, error, status)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.prefilling) or bool(self.batches)
+        return self.scheduler.has_work() or bool(self.prefilling) or bool(self.batches) or self._repartitioning()
+
+    def _repartitioning(self) -> bool:
+        """A standby worker is starting or an old one is retiring: keep stepping (it switches / reaps them)."""
+        return self.channel.in_transition or bool(self.channel.retiring)
 
     def stats(self) -> EngineStats:
         s = super().stats()
@@ -83,6 +108,11 @@ class SemiPDCore(EngineCore):
         s.prefill_sm, s.decode_sm = self.prefill_sm, self.decode_sm
         s.healthy, s.health_error = not self.prefill_error, self.prefill_error
         s.prefill_pid = self.prefill_info.pid
+        s.prefill_sm_percent, s.decode_sm_percent = self.channel.split
+        s.repartitions, s.repartition_failures = self.channel.repartitions, self.channel.failures
+        s.last_repartition_s = self.channel.last_latency_s
+        if self.slo is not None:
+            self.slo.fill_stats(s)
         return s
 
     # --- the step -------------------------------------------------------------------------------------------
@@ -92,18 +122,50 @@ class SemiPDCore(EngineCore):
         with self.decode_context():
             decode = self.scheduler.schedule_decode()
             # nothing to decode: wait a little for the prefill worker instead of spinning
-            wait = 0.02 if decode is None and self.batches else 0.0
+            wait = 0.02 if decode is None and (self.batches or self._repartitioning()) else 0.0
             events += self._collect(self.channel.poll(wait))
             self._dispatch_prefill()
             if decode is None:
                 decode = self.scheduler.schedule_decode()
             if decode is not None:
-                events += self.run_batch(decode)
+                events += self._timed_decode(decode)
+        if self.slo is not None:
+            self._slo_step()
         if self.batches and not self.channel.alive and not self.prefill_error:
             events += self._prefill_died("prefill worker died")
         events += self.pending
         self.pending = []
         return events
+
+    def _timed_decode(self, decode: ScheduledBatch) -> list[TokenEvent]:
+        if self.slo is None:
+            return self.run_batch(decode)
+        context = sum(r.num_computed for r in decode.requests)
+        t0 = time.perf_counter()
+        events = self.run_batch(decode)  # ends in a host sync (sampled tokens): wall time is the step's time
+        self.slo.observe_decode(len(decode.requests), context, self.channel.split[1] / 100,
+                                time.perf_counter() - t0)
+        return events
+
+    def _slo_step(self) -> None:
+        assert self.slo is not None
+        waiting = [r.seq_len - r.num_computed for r in self.scheduler.waiting]
+        running = self.scheduler.running
+        self.slo.update_queue(waiting, len(running), sum(r.seq_len for r in running))
+        decision = self.slo.decide(time.monotonic())
+        if decision is not None and decision.changed:
+            self.repartition(*decision.split)
+
+    def _observe_prefill(self, msg: PrefillDone) -> None:
+        reqs = self.batches.get(msg.batch_id)
+        if self.slo is None or not reqs:
+            return
+        share = self.channel.generation_of_batch(msg.batch_id).split[0] / 100
+        self.slo.observe_prefill([r.seq_len for r in reqs], [0] * len(reqs), share, msg.elapsed_s)
+        now = time.monotonic()
+        for r in reqs:
+            if r.rid not in self.parked:
+                self.slo.observe_first_token(r.rid, now)
 
     def _dispatch_prefill(self) -> None:
         waiting = self.scheduler.waiting
@@ -146,6 +208,7 @@ class SemiPDCore(EngineCore):
             elif isinstance(msg, PrefillFailed):
                 events += self._prefill_died(msg.message)
             elif isinstance(msg, PrefillDone):
+                self._observe_prefill(msg)
                 events += self._prefill_done(msg)
         return events
 
@@ -169,7 +232,8 @@ class SemiPDCore(EngineCore):
         log.error("%s; failing %d prefilling requests", message, len(self.prefilling))
         self.prefill_error = message
         self.batches.clear()
-        self.allocator.writer_dead(PREFILL_WRITER)
+        for writer in self.channel.writers():
+            self.allocator.writer_dead(writer)
         self.parked.clear()
         for req in list(self.prefilling.values()):
             self._fail(req, message, 503)

@@ -36,6 +36,16 @@ def _non_negative(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" unless the help already explains the default or there is none."""
 
@@ -134,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--prefill-sm-percent", type=int, default=None, help="prefill worker's SM share (semi-pd)")
     d.add_argument("--decode-sm-percent", type=int, default=None, help="decode worker's SM share (semi-pd)")
+    d.add_argument(
+        "--partition-policy",
+        choices=["static", "slo"],
+        default="static",
+        help="static: keep the SM split; slo: move it at run time to keep TTFT/TPOT within their SLOs (semi-pd)",
+    )
+    d.add_argument("--slo-ttft-ms", type=_positive_float, default=1000.0, help="TTFT target of the slo policy")
+    d.add_argument("--slo-tpot-ms", type=_positive_float, default=50.0, help="TPOT target of the slo policy")
+    d.add_argument(
+        "--repartition-interval-s",
+        type=_positive_float,
+        default=2.0,
+        help="how often the slo policy re-decides the split (seconds)",
+    )
     p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity"
     )
@@ -160,6 +184,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_graph_max_bs": args.cuda_graph_max_bs,
         "disable_cuda_graph": args.disable_cuda_graph,
         "load_format": args.load_format,
+        "partition_policy": args.partition_policy,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_tpot_ms": args.slo_tpot_ms,
+        "repartition_interval_s": args.repartition_interval_s,
     }
 
 
@@ -230,7 +258,10 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.partition_policy == "slo" and args.mode != "semi-pd" and not args.enable_semi_pd:
+        parser.error("--partition-policy slo needs --mode semi-pd (or --enable-semi-pd)")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

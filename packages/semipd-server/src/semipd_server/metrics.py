@@ -127,6 +127,37 @@ class ServerMetrics:
             labels + ["role"],
             registry=r,
         )
+        self.prefill_sm_count = Gauge(
+            "semipd:prefill_sm_count", "SMs granted to the prefill worker (0 when not partitioned)", labels,
+            registry=r,
+        )
+        self.decode_sm_count = Gauge(
+            "semipd:decode_sm_count", "SMs granted to the decode worker (0 when not partitioned)", labels,
+            registry=r,
+        )
+        self.sm_percent = Gauge(
+            "semipd:sm_percent", "Current SM split in percent of the device, per role (semi-pd)",
+            labels + ["role"], registry=r,
+        )
+        self.repartitions = Counter(
+            "semipd:repartitions", "SM re-partitions that took effect", labels, registry=r
+        )
+        self.repartition_latency = Gauge(
+            "semipd:repartition_latency_seconds", "Last re-partition: request to new split in effect",
+            labels, registry=r,
+        )
+        self.predicted_ttft = Gauge(
+            "semipd:predicted_ttft_seconds", "TTFT the slo policy predicts at the current split", labels,
+            registry=r,
+        )
+        self.predicted_tpot = Gauge(
+            "semipd:predicted_tpot_seconds", "TPOT the slo policy predicts at the current split", labels,
+            registry=r,
+        )
+        self.slo_decisions = Counter(
+            "semipd:slo_decisions", "Decisions the slo policy made", labels, registry=r
+        )
+        self._seen = {"repartitions": 0.0, "slo_decisions": 0.0}
         self.draining = Gauge(
             "semipd:server_draining", "1 while the server drains before exit", labels, registry=r
         )
@@ -138,15 +169,21 @@ class ServerMetrics:
             self.pages_total,
             self.kv_usage,
             self.draining,
+            self.prefill_sm_count,
+            self.decode_sm_count,
+            self.repartition_latency,
+            self.predicted_ttft,
+            self.predicted_tpot,
         ):
             fam.labels(model_name).set(0)
         # create the unlabelled-looking children now so that every series exists (at 0) from the first scrape
-        for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
+        for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
+                    self.repartitions, self.slo_decisions):
             fam.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
 
-    def update_engine_stats(self, stats: Mapping[str, int]) -> None:
+    def update_engine_stats(self, stats: Mapping[str, float]) -> None:
         m = self.model_name
         self.running.labels(m).set(stats.get("num_running", 0))
         self.waiting.labels(m).set(stats.get("num_waiting", 0))
@@ -156,6 +193,18 @@ class ServerMetrics:
         self.kv_usage.labels(m).set(used / total if total else 0.0)
         for role in ("prefill", "decode"):
             self.sm_split.labels(m, role).set(stats.get(f"{role}_sm", 0))
+            self.sm_percent.labels(m, role).set(stats.get(f"{role}_sm_percent", 0))
+        self.prefill_sm_count.labels(m).set(stats.get("prefill_sm", 0))
+        self.decode_sm_count.labels(m).set(stats.get("decode_sm", 0))
+        self.repartition_latency.labels(m).set(stats.get("last_repartition_s", 0))
+        self.predicted_ttft.labels(m).set(stats.get("predicted_ttft_s", 0))
+        self.predicted_tpot.labels(m).set(stats.get("predicted_tpot_s", 0))
+        for key, counter in (("repartitions", self.repartitions), ("slo_decisions", self.slo_decisions)):
+            # the engine reports running totals; a counter only goes up (a restarted engine starts again at 0)
+            total = float(stats.get(key, 0))
+            if total > self._seen[key]:
+                counter.labels(m).inc(total - self._seen[key])
+            self._seen[key] = total
 
     def error(self, status: int) -> None:
         self.request_errors.labels(self.model_name, str(status)).inc()
