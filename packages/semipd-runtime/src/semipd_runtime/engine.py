@@ -67,6 +67,7 @@ class Engine:
         queue_timeout_s: float | None = None,
         prefill_timeout_s: float | None = None,
         decode_timeout_s: float | None = None,
+        enable_radix_cache: bool = True,
     ) -> None:
         if mode not in ("unified", "semi-pd"):
             raise ValueError(f"mode must be 'unified' or 'semi-pd', got {mode!r}")
@@ -77,6 +78,8 @@ class Engine:
         prefill_pct = percent_from_env("prefill_sm_percent", prefill_sm_percent, "SEMI_PD_PREFILL_SM_PERCENTILE", 50)
         decode_pct = percent_from_env("decode_sm_percent", decode_sm_percent, "SEMI_PD_DECODE_SM_PERCENTILE",
                                       100 - prefill_pct if prefill_sm_percent is not None else 50)
+        if not isinstance(enable_radix_cache, bool):
+            raise TypeError(f"enable_radix_cache must be a bool, got {type(enable_radix_cache).__name__}")
         if core not in ("thread", "process"):
             raise ValueError(f"core must be 'thread' or 'process', got {core!r}")
         for name, v in (("max_running_requests", max_running_requests), ("page_size", page_size),
@@ -111,6 +114,7 @@ class Engine:
             prefill_timeout_s=prefill_timeout_s, decode_timeout_s=decode_timeout_s, mode=mode,
             sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
             decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens,
+            enable_radix_cache=enable_radix_cache,
         )
         self.mode = mode
         self._lock = threading.Lock()
@@ -294,7 +298,8 @@ class Engine:
         s = self._stats
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "pages_used": s.pages_used,
                 "pages_total": s.pages_total, "prefill_sm": s.prefill_sm, "decode_sm": s.decode_sm,
-                "healthy": int(s.healthy)}
+                "healthy": int(s.healthy), "cached_pages": s.cached_pages, "evictable_pages": s.evictable_pages,
+                "prefix_hit_tokens": s.prefix_hit_tokens, "prefix_query_tokens": s.prefix_query_tokens}
 
     def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, int]:
         """Ask the core for fresh numbers (waits for its next report)."""

@@ -3,7 +3,11 @@ admitted requests and ships them as prefill batches to the prefill worker, runs 
 prefill step, and adds a request to its decode batch when the prefill worker reports its first token.
 
 Pages of a request aborted while its prefill runs are parked (deferred free) until the prefill worker reports the
-batch done, or is declared dead."""
+batch done, or is declared dead.
+
+With the radix cache, dispatch shares the longest cached prefix (the pool is shared: a prefix one request left
+there is reused without any transfer) and the prefill worker computes only the tokens after it; a finished request
+leaves its full pages in the cache (`Scheduler.finish`)."""
 
 from __future__ import annotations
 
@@ -122,16 +126,16 @@ class SemiPDCore(EngineCore):
                 break
             if items and req.seq_len > budget:
                 break
-            slot = self.allocator.alloc(self.allocator.pages_needed(req.seq_len))
+            slot = self.scheduler.admit(req)  # sets req.num_computed to the cached prefix
             if slot is None:
                 break
             waiting.popleft()
             req.slot, req.status, req.state_since = slot, RequestStatus.PREFILLING, time.monotonic()
             self.prefilling[req.rid] = req
             items.append(PrefillItem(req.rid, req.token_slice(0, req.seq_len), self.allocator.pages(slot),
-                                     req.sampling, len(req.output_ids)))
+                                     req.sampling, len(req.output_ids), req.num_computed))
             reqs.append(req)
-            budget -= req.seq_len
+            budget -= req.num_uncomputed
         if items:
             self.batches[self.next_batch] = reqs
             self.channel.send(PrefillBatch(self.next_batch, items))

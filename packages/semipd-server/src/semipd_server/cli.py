@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.85,
         help="fraction of GPU memory for weights + KV cache",
     )
+    s.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="do not share cached prompt prefixes between requests (radix prefix cache over the KV pages)",
+    )
     d = p.add_argument_group("prefill/decode disaggregation")
     d.add_argument(
         "--mode",
@@ -143,6 +148,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "sm_partition": args.sm_partition,
         "prefill_sm_percent": args.prefill_sm_percent,
         "decode_sm_percent": args.decode_sm_percent,
+        "enable_radix_cache": not args.disable_radix_cache,
     }
 
 
