@@ -25,6 +25,7 @@ FLAGS = [
     "--context-length",
     "--served-model-name",
     "--drain-timeout",
+    "--disable-radix-cache",
 ]
 
 
@@ -66,6 +67,8 @@ def test_defaults_and_engine_kwargs() -> None:
     assert kw["core"] == "process"  # the engine core always runs in its own process behind the server
     assert (kw["max_running_requests"], kw["max_queued_requests"], kw["chunked_prefill_size"]) == (8, 0, 128)
     assert (kw["mem_fraction_static"], kw["num_pages"], kw["max_model_len"]) == (0.5, 64, 1024)
+    assert kw["enable_radix_cache"] is True
+    assert engine_kwargs(build_parser().parse_args(["--disable-radix-cache"]))["enable_radix_cache"] is False
 
 
 @pytest.mark.parametrize(
