@@ -1,5 +1,6 @@
-"""RadixCache + PageAllocator: unit tests and a hypothesis state machine that simulates K/V contents per page, so
-a wrongly shared page (cached K/V of other tokens) or a page freed while in use is caught, not just miscounted."""
+"""RadixCache + PageAllocator: unit tests and a hypothesis state machine that simulates K/V contents per page,
+so a wrongly shared page (cached K/V of other tokens) or a page freed while in use is caught, not just
+miscounted."""
 
 from __future__ import annotations
 
@@ -179,8 +180,9 @@ prompts = st.builds(
 
 
 class CacheMachine(RuleBasedStateMachine):
-    """Admit / compute / grow / finish / abort / park / evict interleavings. `kv[page]` is what was 'written' into
-    each page position; a page the cache shares must hold exactly the K/V of the tokens it is shared for."""
+    """Admit / compute / grow / finish / abort / park / evict interleavings. `kv[page]` is what was 'written'
+    into each page position; a page the cache shares must hold exactly the K/V of the tokens it is shared
+    for."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -245,7 +247,8 @@ class CacheMachine(RuleBasedStateMachine):
         pages = self.a.pages(slot)
         for pos in range(written, min(written + n, len(tokens))):
             page = pages[pos // self.ps]
-            assert pos // self.ps >= self.a.num_shared(slot) and not self.is_cached(page), "wrote a shared page"
+            assert pos // self.ps >= self.a.num_shared(slot), "wrote a shared page"
+            assert not self.is_cached(page), "wrote a cached page"
             self.kv[page][pos % self.ps] = tokens[pos]
         self.live[slot] = (tokens, min(written + n, len(tokens)))
 
@@ -285,7 +288,7 @@ class CacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.live))
     @rule(data=st.data())
     def finish_all(self, data: st.DataObject) -> None:
-        """A request computed to its end finishes (the common case, so a rule of its own: drawn more often)."""
+        """A request computed to its end finishes (the common case: a rule of its own, drawn more often)."""
         slot = data.draw(st.sampled_from(sorted(self.live)))
         self._compute(slot, 100)
         tokens, written = self.live.pop(slot)

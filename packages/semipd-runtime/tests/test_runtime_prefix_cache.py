@@ -1,7 +1,8 @@
-"""Radix prefix cache in the engine cores (tiny random-weight Llama, CPU, fp32): greedy outputs with the cache on
-equal the cache-off outputs over hypothesis-generated shared-prefix request sets (waves, so later requests hit
-what earlier ones left; tight pools, so eviction and preemption happen; aborts, so partly written requests are
-cached), in unified and semi-PD mode; hits really skip compute; after every run no request holds a page."""
+"""Radix prefix cache in the engine cores (tiny random-weight Llama, CPU, fp32): greedy outputs with the cache
+on equal the cache-off outputs over hypothesis-generated shared-prefix request sets (waves, so later requests
+hit what earlier ones left; next turns, so decode-written pages are reused; tight pools, so eviction and
+preemption happen; aborts, so partly written requests are cached), in unified and semi-PD mode; hits really
+skip compute; after every run no request holds a page."""
 
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ def model(model_dir: Path) -> LlamaForCausalLM:
 
 
 def make_core(model_dir: Path, model: LlamaForCausalLM, mode: str, cache: bool, **kw: Any) -> EngineCore:
-    cfg = CoreConfig(model_path=str(model_dir), device="cpu", dtype="float32", max_model_len=128, eos_token_ids=[],
-                     page_size=PAGE, mode=mode, prefill_placement="thread", enable_radix_cache=cache,
-                     max_prefill_tokens=32, **kw)
+    cfg = CoreConfig(model_path=str(model_dir), device="cpu", dtype="float32", max_model_len=128,
+                     eos_token_ids=[], page_size=PAGE, mode=mode, prefill_placement="thread",
+                     enable_radix_cache=cache, max_prefill_tokens=32, **kw)
     return create_core(cfg, model=model)
 
 
@@ -81,7 +82,8 @@ def run_waves(core: EngineCore, waves: list[list[Req]], aborts: bool = True) -> 
     return out
 
 
-def check_against_reference(got: dict[str, list[int]], want: dict[str, list[int]], waves: list[list[Req]]) -> None:
+def check_against_reference(got: dict[str, list[int]], want: dict[str, list[int]],
+                            waves: list[list[Req]]) -> None:
     for w, wave in enumerate(waves):
         for i, r in enumerate(wave):
             rid = f"w{w}-{i}"
@@ -99,14 +101,15 @@ def _request_sets() -> st.SearchStrategy[list[list[Req]]]:
     def waves(draw: Callable[[st.SearchStrategy[Any]], Any]) -> list[list[Req]]:
         pre = draw(prefixes)
         out: list[list[Req]] = []
-        finished: list[str] = []  # requests of earlier waves that run to their end: a next turn may follow one
+        finished: list[str] = []  # earlier requests that run to their end: a next turn may follow one
         for w in range(draw(st.integers(2, 3))):
             wave = []
             for i in range(draw(st.integers(1, 4))):
                 abort = draw(st.one_of(st.none(), st.none(), st.integers(0, 6)))
                 if finished and draw(st.booleans()):
-                    wave.append(Req(draw(st.lists(token, min_size=1, max_size=5)), draw(st.integers(1, 8)), abort,
-                                    follows=draw(st.sampled_from(finished))))
+                    turn = draw(st.lists(token, min_size=1, max_size=5))
+                    after = draw(st.sampled_from(finished))
+                    wave.append(Req(turn, draw(st.integers(1, 8)), abort, follows=after))
                     continue
                 p = draw(st.sampled_from(pre))
                 # mostly the whole shared prefix; sometimes a part of it, so matches end inside a cached node
@@ -120,9 +123,11 @@ def _request_sets() -> st.SearchStrategy[list[list[Req]]]:
     return waves()
 
 
-POOLS = st.sampled_from([dict(num_pages=200, chunked_prefill_size=64, max_running_requests=4),
-                         dict(num_pages=16, chunked_prefill_size=64, max_running_requests=4),  # evict + preempt
-                         dict(num_pages=40, chunked_prefill_size=5, max_running_requests=2)])  # chunked, queued
+POOLS = st.sampled_from([
+    dict(num_pages=200, chunked_prefill_size=64, max_running_requests=4),
+    dict(num_pages=16, chunked_prefill_size=64, max_running_requests=4),  # evict + preempt
+    dict(num_pages=40, chunked_prefill_size=5, max_running_requests=2),  # chunked, queued
+])
 HYP = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -187,7 +192,8 @@ def test_hits_skip_compute(model_dir: Path, model: LlamaForCausalLM, mode: str) 
                 # the second prompt shares 5 full pages (20 tokens) of the first: only 3 tokens are computed
                 assert computed == [len(first), len(second) - 20]
                 assert st_.prefix_hit_tokens == 20 and st_.prefix_query_tokens == len(first) + len(second)
-                assert st_.cached_pages > 0 and st_.cached_pages == st_.evictable_pages and st_.pages_used == 0
+                assert st_.cached_pages > 0 and st_.cached_pages == st_.evictable_pages
+                assert st_.pages_used == 0
             else:
                 assert computed == [len(first), len(second)] and st_.prefix_hit_tokens == 0
                 assert st_.cached_pages == 0

@@ -4,15 +4,15 @@ Pages are handed out to request *slots*. A slot is a row of `req_to_page`, the i
 kernels read (`req_to_page[slot, i]` is the i-th page of the request, -1 past its end). Bookkeeping lives in plain
 Python lists so that alloc/free never touch the device except to write the rows that changed.
 
-Every page is in exactly one state: free, owned by a live slot, owned by a parked slot, or *cached*. A slot is
-*parked* when its request finished while another worker (the writer, e.g. the prefill worker) may still be writing
-its pages: the pages come back only when that writer reports done (`writer_done`) or is declared dead
+Every page is in exactly one state: free, owned by a live slot, owned by a parked slot, or *cached*. A slot
+is *parked* when its request finished while another worker (the writer, e.g. the prefill worker) may still be
+writing its pages: the pages come back only when that writer reports done (`writer_done`) or is declared dead
 (`writer_dead`), never earlier, and exactly once.
 
-A cached page belongs to the prefix cache (`RadixCache`); any number of slots may share it. A slot's row is then
-its shared prefix (cached pages, counted in their reference counts) followed by its own pages. Freeing a slot can
-hand some of its own full pages to the cache instead of the free list; only an unreferenced cached page can leave
-the cache (`uncache`), so eviction never takes a page a request still reads.
+A cached page belongs to the prefix cache (`RadixCache`); any number of slots may share it. A slot's row is
+then its shared prefix (cached pages, counted in their reference counts) followed by its own pages. Freeing a
+slot can hand some of its own full pages to the cache instead of the free list; only an unreferenced cached
+page can leave the cache (`uncache`), so eviction never takes a page a request still reads.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ class PageAllocator:
 
     # --- alloc / extend / free ------------------------------------------------------------------------------
     def alloc(self, num_pages: int, shared: Sequence[int] = ()) -> int | None:
-        """A new slot whose row is the cached pages `shared` followed by `num_pages` fresh pages (0 is allowed),
-        or None when pages or slots are short."""
+        """A new slot whose row is the cached pages `shared` followed by `num_pages` fresh pages (0 is
+        allowed), or None when pages or slots are short."""
         _check_count("num_pages", num_pages)
         shared = list(shared)
         self.check_capacity(len(shared) + num_pages, "alloc")
@@ -179,8 +179,8 @@ class PageAllocator:
         return True
 
     def free(self, slot: int, to_cache: Collection[int] = ()) -> None:
-        """Return a live slot exactly once: its own pages in `to_cache` become cached (unreferenced), the others
-        free; its shared pages lose one reference."""
+        """Return a live slot exactly once: its own pages in `to_cache` become cached (unreferenced), the
+        others free; its shared pages lose one reference."""
         self._check_slot(slot, (_LIVE,), "free")
         keep = set(to_cache)
         own = self._slot_pages[slot][self._slot_shared[slot] :]
@@ -228,8 +228,8 @@ class PageAllocator:
 
     # --- integrity ------------------------------------------------------------------------------------------
     def check_integrity(self) -> None:
-        """Every page is free, cached, or owned by exactly one live or parked slot; the reference counts of cached
-        pages match the rows that share them; tables match; the attached cache's tree agrees. Raises
+        """Every page is free, cached, or owned by exactly one live or parked slot; the reference counts of
+        cached pages match the rows that share them; tables match; the attached cache's tree agrees. Raises
         AssertionError."""
         owner: dict[int, str] = {}
 
@@ -273,7 +273,9 @@ class PageAllocator:
             f"parked page count {self._num_parked_pages} != {parked_pages} pages in parked slots"
         )
         bad_refs = {p: (self._cached[p], n) for p, n in refs.items() if self._cached[p] != n}
-        assert not bad_refs, f"cached page refcounts (counted, rows sharing) disagree: {dict(list(bad_refs.items())[:8])}"
+        assert not bad_refs, (
+            f"cached page refcounts (counted, rows sharing) disagree: {dict(list(bad_refs.items())[:8])}"
+        )
         unref = sum(1 for n in refs.values() if n == 0)
         assert unref == self._num_evictable, f"evictable count {self._num_evictable} != {unref} unreferenced"
         missing = self.num_pages - len(owner)
@@ -295,7 +297,7 @@ class PageAllocator:
             raise ValueError(f"{op}: slot {slot} is {_STATE_NAMES[state]}, expected {want} (double free?)")
 
     def check_capacity(self, total: int, op: str) -> None:
-        """Raise OutOfPagesError if a slot of `total` pages could never exist (a caller bug, not a shortage)."""
+        """Raise OutOfPagesError if a slot of `total` pages can never exist (a caller bug, not a shortage)."""
         if total > self.max_pages_per_request:
             raise OutOfPagesError(
                 f"{op}: {total} pages exceed max_pages_per_request={self.max_pages_per_request}"

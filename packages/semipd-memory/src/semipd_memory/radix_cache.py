@@ -1,14 +1,14 @@
 """RadixCache: a prefix cache over the allocator's pages, keyed by token ids at page granularity.
 
 Only full pages are cached: a node's key is a whole number of pages of token ids and it holds one page id per
-page, so a request can share a cached prefix page for page and never writes into a shared page (its own tokens
-start on a page boundary). A request that shares a path *locks* it (`lock_ref` along the path to the root);
-the allocator counts the same sharing per page, and `check_integrity` proves that both agree. Eviction takes the
-least recently used unlocked leaves, tail pages first, and hands them back with `PageAllocator.uncache`, which
-refuses a page any slot still shares.
+page, so a request can share a cached prefix page for page and never writes into a shared page (its own
+tokens start on a page boundary). A request that shares a path *locks* it (`lock_ref` along the path to the
+root); the allocator counts the same sharing per page, and `check_integrity` proves that both agree. Eviction
+takes the least recently used unlocked leaves, tail pages first, and hands them back with
+`PageAllocator.uncache`, which refuses a page any slot still shares.
 
-The cache is also the one door through which a scheduler gets and returns pages (`alloc`, `extend`, `free`), so
-that with `enabled=False` the same calls behave like the bare allocator.
+The cache is also the one door through which a scheduler gets and returns pages (`alloc`, `extend`, `free`),
+so that with `enabled=False` the same calls behave like the bare allocator.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class RadixCache:
             node = child
         return pages
 
-    # --- what a scheduler calls -------------------------------------------------------------------------------
+    # --- what a scheduler calls ---------------------------------------------------------------------------
     def alloc(self, tokens: Sequence[int]) -> tuple[int, int] | None:
         """A slot with pages for all of `tokens`, sharing the longest cached full-page prefix of tokens[:-1]
         (at least one token is left to compute, so there are logits to sample). Evicts LRU pages when the pool
@@ -104,7 +104,7 @@ class RadixCache:
         return slot, len(shared) * ps
 
     def extend(self, slot: int, num_pages: int) -> bool:
-        """`PageAllocator.extend`, evicting first when that makes it fit; False (nothing changed) otherwise."""
+        """`PageAllocator.extend`, evicting first when that makes it fit; False (nothing changed) if not."""
         a = self.allocator
         short = num_pages - a.num_free_pages
         if 0 < short <= a.num_evictable_pages:
@@ -112,9 +112,9 @@ class RadixCache:
         return a.extend(slot, num_pages)
 
     def free(self, slot: int, tokens: Sequence[int] = (), num_written: int = 0) -> None:
-        """Release a live slot. Its first `num_written` tokens are `tokens[:num_written]` and their K/V is fully
-        written: those full pages go into the cache (a page the cache already holds for the same tokens is
-        freed as a duplicate), the rest back to the free list."""
+        """Release a live slot. Its first `num_written` tokens are `tokens[:num_written]` and their K/V is
+        fully written: those full pages go into the cache (a page the cache already holds for the same tokens
+        is freed as a duplicate), the rest back to the free list."""
         if isinstance(num_written, bool) or not isinstance(num_written, int):
             raise TypeError(f"free: num_written must be an int, got {type(num_written).__name__}")
         if not 0 <= num_written <= len(tokens):
@@ -137,7 +137,8 @@ class RadixCache:
         return self.allocator.writer_dead(writer)
 
     def evict(self, num_pages: int) -> int:
-        """Free up to `num_pages` unreferenced cached pages, least recently used leaves first. Returns how many."""
+        """Free up to `num_pages` unreferenced cached pages, least recently used leaves first; returns how
+        many."""
         freed = 0
         while freed < num_pages and self._heap:
             stamp, _, node = heapq.heappop(self._heap)
@@ -161,8 +162,8 @@ class RadixCache:
             self._unlock(node)
 
     def check_tree(self) -> None:
-        """The tree holds exactly the allocator's cached pages, once each; every lock_ref equals the slots that
-        share the node and the allocator's refcount of its pages. Raises AssertionError."""
+        """The tree holds exactly the allocator's cached pages, once each; every lock_ref equals the slots
+        that share the node and the allocator's refcount of its pages. Raises AssertionError."""
         a, ps = self.allocator, self.page_size
         expected_lock: dict[int, int] = {}
         for slot, node in self._slot_node.items():
@@ -183,22 +184,24 @@ class RadixCache:
             for first, child in node.children.items():
                 count += 1
                 assert child.alive and child.parent is node, "a child with a wrong parent link"
-                assert child.pages and len(child.key) == len(child.pages) * ps, "a node's key is not whole pages"
+                assert child.pages and len(child.key) == len(child.pages) * ps, "a key is not whole pages"
                 assert first == tuple(child.key[:ps]), "a child filed under the wrong first page"
                 want = expected_lock.get(id(child), 0)
                 assert child.lock_ref == want, (
-                    f"node of pages {child.pages[:4]} has lock_ref {child.lock_ref}, but {want} slots share it"
+                    f"node of pages {child.pages[:4]} has lock_ref {child.lock_ref}; {want} slots share it"
                 )
                 for page in child.pages:
                     assert page not in seen, f"page {page} is in the tree twice"
                     seen.add(page)
-                    assert a.page_refs(page) == want, f"page {page}: {a.page_refs(page)} refs, lock_ref {want}"
+                    refs = a.page_refs(page)
+                    assert refs == want, f"page {page}: {refs} refs, lock_ref {want}"
                 stack.append(child)
         assert count == self._num_nodes, f"node count {self._num_nodes} != {count} nodes in the tree"
         assert a.num_cached_pages == len(seen), (
             f"allocator caches {a.num_cached_pages} pages, the tree holds {len(seen)}"
         )
-        assert set(self._slot_node) <= set(a.live_slots()) | set(a.parked_slots()), "a freed slot holds a lock"
+        holders = set(a.live_slots()) | set(a.parked_slots())
+        assert set(self._slot_node) <= holders, "a freed slot holds a lock"
         assert self.enabled or not seen, "a disabled cache holds pages"
 
     # --- internals ------------------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ class RadixCache:
         return k
 
     def _lock_prefix(self, tokens: Sequence[int], max_pages: int) -> tuple[_Node, list[int]]:
-        """Match at most max_pages full pages, split the last node at the match end, touch and lock the path."""
+        """Match at most max_pages full pages, split the last node at the match end, touch + lock the path."""
         ps, node, pages, i = self.page_size, self._root, [], 0
         while i < max_pages:
             child = node.children.get(tuple(tokens[i * ps : (i + 1) * ps]))
@@ -268,7 +271,7 @@ class RadixCache:
             self._push(child)
             node, i = child, i + k
         # the slot's locked shared prefix is on this path, page for page
-        assert path[:num_shared] == pages[:num_shared], f"shared pages {pages[:num_shared]} not on path {path}"
+        assert path[:num_shared] == pages[:num_shared], f"shared {pages[:num_shared]} not on path {path}"
         assert not set(adopted) & set(pages[:num_shared]), "the tree adopted a shared page"
         return adopted
 

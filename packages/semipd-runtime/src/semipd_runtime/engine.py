@@ -298,8 +298,9 @@ class Engine:
         s = self._stats
         return {"num_running": s.num_running, "num_waiting": s.num_waiting, "pages_used": s.pages_used,
                 "pages_total": s.pages_total, "prefill_sm": s.prefill_sm, "decode_sm": s.decode_sm,
-                "healthy": int(s.healthy), "cached_pages": s.cached_pages, "evictable_pages": s.evictable_pages,
-                "prefix_hit_tokens": s.prefix_hit_tokens, "prefix_query_tokens": s.prefix_query_tokens}
+                "healthy": int(s.healthy), "cached_pages": s.cached_pages,
+                "evictable_pages": s.evictable_pages, "prefix_hit_tokens": s.prefix_hit_tokens,
+                "prefix_query_tokens": s.prefix_query_tokens}
 
     def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, int]:
         """Ask the core for fresh numbers (waits for its next report)."""

@@ -1,8 +1,8 @@
 """Continuous batching with chunked prefill: each step spends a token budget on decode tokens first, then on
 prefill chunks of admitted requests, then on newly admitted ones. Pages are reserved for a whole prompt at
-admission, minus the longest prefix the radix cache already holds (those tokens are not computed again); decode
-grows a request page by page, evicting cached pages and then preempting (recompute) the newest request when the
-pool is dry. A request that ends or is preempted leaves its written full pages in the cache."""
+admission, minus the longest prefix the radix cache already holds (those tokens are not computed again);
+decode grows a request page by page, evicting cached pages and then preempting (recompute) the newest request
+when the pool is dry. A request that ends or is preempted leaves its written full pages in the cache."""
 
 from __future__ import annotations
 
@@ -105,8 +105,8 @@ class Scheduler:
         return batch if batch.requests else None
 
     def admit(self, req: Request) -> int | None:
-        """Reserve a slot for all of req's tokens, sharing the longest cached prefix (req.num_computed is set to
-        it); None when slots or pages are short."""
+        """Reserve a slot for all of req's tokens, sharing the longest cached prefix (req.num_computed is set
+        to it); None when slots or pages are short."""
         got = self.cache.alloc(req.token_slice(0, req.seq_len))
         if got is None:
             return None

@@ -5,9 +5,9 @@ prefill step, and adds a request to its decode batch when the prefill worker rep
 Pages of a request aborted while its prefill runs are parked (deferred free) until the prefill worker reports the
 batch done, or is declared dead.
 
-With the radix cache, dispatch shares the longest cached prefix (the pool is shared: a prefix one request left
-there is reused without any transfer) and the prefill worker computes only the tokens after it; a finished request
-leaves its full pages in the cache (`Scheduler.finish`)."""
+With the radix cache, dispatch shares the longest cached prefix (the pool is shared: a prefix one request
+left there is reused without any transfer) and the prefill worker computes only the tokens after it; a
+finished request leaves its full pages in the cache (`Scheduler.finish`)."""
 
 from __future__ import annotations
 

@@ -117,7 +117,9 @@ class ServerMetrics:
             "semipd:num_requests_in_flight", "HTTP generation requests being served", labels, registry=r
         )
         self.pages_used = Gauge(
-            "semipd:kv_pages_used", "KV cache pages held by requests (cached-evictable ones excluded)", labels,
+            "semipd:kv_pages_used",
+            "KV cache pages held by requests (cached-evictable ones excluded)",
+            labels,
             registry=r,
         )
         self.cache_pages = Gauge(
@@ -133,7 +135,10 @@ class ServerMetrics:
             "semipd:prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", labels, registry=r
         )
         self.cache_query_tokens = Counter(
-            "semipd:prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", labels, registry=r
+            "semipd:prefix_cache_query_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            labels,
+            registry=r,
         )
         self._cache_seen = {"prefix_hit_tokens": 0, "prefix_query_tokens": 0}  # engine totals already counted
         self.pages_total = Gauge("semipd:kv_pages_total", "KV cache pages in the pool", labels, registry=r)
@@ -162,8 +167,16 @@ class ServerMetrics:
         ):
             fam.labels(model_name).set(0)
         # create the unlabelled-looking children now so that every series exists (at 0) from the first scrape
-        for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
-                    self.cache_hit_tokens, self.cache_query_tokens):
+        for fam in (
+            self.ttft,
+            self.tpot,
+            self.itl,
+            self.e2e,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.cache_hit_tokens,
+            self.cache_query_tokens,
+        ):
             fam.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
