@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_runtime_parity_random import write_random_model
+from test_runtime_parity_random import assert_pool_clean, write_random_model
 
 from semipd_runtime.core import CoreConfig, EngineCore
 from semipd_runtime.cuda_graph import DecodeGraphRunner, graph_batch_sizes
@@ -87,7 +87,7 @@ def test_greedy_generation_same_with_graph_path(model_dir: Path) -> None:
         for ev in core.run_until_idle():
             out[ev.rid] += ev.token_ids
         core.allocator.check_integrity()
-        assert core.allocator.num_free_pages == core.allocator.num_pages
+        assert_pool_clean(core)
         return [out[f"r{i}"] for i in range(len(prompts))]
 
     eager = run(core_for(model_dir, graphs=False))

@@ -49,6 +49,17 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def assert_pool_clean(core: EngineCore, evict: bool = True) -> None:
+    """No request holds a page (the rest are free or cached-evictable); evicting the cache frees the pool."""
+    a = core.allocator
+    a.check_integrity()
+    assert a.num_used_pages == 0 and a.num_free_pages + a.num_evictable_pages == a.num_pages
+    if evict:
+        core.cache.evict(a.num_pages)
+        assert a.num_free_pages == a.num_pages and a.num_cached_pages == 0
+        a.check_integrity()
+
+
 def run_core(path: Path, prompts: list[list[int]], n: int, **kw: int) -> list[list[int]]:
     cfg = CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=512, eos_token_ids=[],
                      num_pages=kw.pop("num_pages", 256), page_size=kw.pop("page_size", 4), **kw)
@@ -59,8 +70,7 @@ def run_core(path: Path, prompts: list[list[int]], n: int, **kw: int) -> list[li
     for ev in core.run_until_idle():
         assert ev.error is None, ev.error
         out[ev.rid] += ev.token_ids
-    core.allocator.check_integrity()
-    assert core.allocator.num_free_pages == core.allocator.num_pages
+    assert_pool_clean(core)
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 

@@ -20,7 +20,7 @@ from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
 from semipd_runtime.slo_control import SloSettings  # noqa: E402
 
-from test_runtime_parity_random import write_random_model  # noqa: E402
+from test_runtime_parity_random import assert_pool_clean, write_random_model  # noqa: E402
 
 GREEDY = CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -119,7 +119,8 @@ def test_forced_repartition_loses_and_duplicates_nothing(model_dir: Path, prompt
         assert out == unified_out
         assert set(reasons.values()) == {"length"}
         core.allocator.check_integrity()
-        assert core.allocator.num_free_pages == core.allocator.num_pages and not core.parked
+        assert not core.parked
+        assert_pool_clean(core)
         stats = core.stats()
         assert router.split == (40.0, 60.0) == (stats.prefill_sm_percent, stats.decode_sm_percent)
         assert stats.repartitions == router.repartitions == (1 if placement == "process" else 3)
@@ -151,7 +152,8 @@ def test_repartition_with_aborts_and_batches_in_flight(model_dir: Path, prompts:
         assert "abort" in reasons.values()
         assert core.channel.repartitions >= 5 and core.channel.switches_in_flight >= 1
         core.allocator.check_integrity()
-        assert core.allocator.num_free_pages == core.allocator.num_pages and not core.parked
+        assert not core.parked
+        assert_pool_clean(core)
     finally:
         core.close()
 
@@ -186,7 +188,7 @@ def test_slo_policy_profiles_observes_and_decides(model_dir: Path, prompts: list
         assert len({s.sm_share for s in profile.decode}) == 2
         assert core.slo.partitioner.warmup_reason() is None  # the profile makes it ready to decide at once
         assert core.channel.repartitions == 0 and core.channel.split == core.slo.split
-        assert core.allocator.num_free_pages == core.allocator.num_pages
+        assert_pool_clean(core)
         seen = core.slo.observations
         out, _ = stream(core, prompts * 3)
         stats = core.stats()

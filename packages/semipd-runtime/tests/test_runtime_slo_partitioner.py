@@ -253,8 +253,10 @@ def loads(draw: st.DrawFn) -> dict[str, object]:
 
 def decided(truth: Truth, load: dict, noise: float, seed: int, **cfg_kwargs: object) -> tuple[SloPartitioner, object]:
     rng = np.random.default_rng(seed)
+    # no hysteresis, dwell or load-error band: the choice itself is compared with brute force here (those
+    # three only ever hold the current split; the flapping test below covers them)
     cfg = SloPartitionerConfig(slo_ttft_ms=load["slo_ttft_ms"], slo_tpot_ms=load["slo_tpot_ms"],
-                               **{"hysteresis": 0.0, "min_dwell_s": 0.0, **cfg_kwargs})
+                               **{"hysteresis": 0.0, "min_dwell_s": 0.0, "load_confidence_z": 0.0, **cfg_kwargs})
     p = SloPartitioner(cfg, profile_for(truth, rng, noise))
     for w in range(10):
         feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, load["rate"], load["prompt"], load["batch"],

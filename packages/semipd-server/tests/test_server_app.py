@@ -392,3 +392,36 @@ def test_metrics_parse_and_move() -> None:
         assert after[("semipd:num_requests_running", ())] == 0
 
     serve(check)
+
+
+def test_prefix_cache_metrics_follow_engine_totals() -> None:
+    from semipd_server.metrics import ServerMetrics
+
+    m = ServerMetrics("tiny")
+    m.update_engine_stats(
+        {
+            "pages_used": 3,
+            "pages_total": 10,
+            "cached_pages": 5,
+            "evictable_pages": 2,
+            "prefix_hit_tokens": 32,
+            "prefix_query_tokens": 100,
+        }
+    )
+    m.update_engine_stats(
+        {
+            "pages_used": 0,
+            "pages_total": 10,
+            "cached_pages": 6,
+            "evictable_pages": 6,
+            "prefix_hit_tokens": 48,
+            "prefix_query_tokens": 130,
+        }
+    )
+    got = metric_samples(m.render().decode())
+    assert got[("semipd:prefix_cache_hit_tokens_total", ())] == 48  # totals, not the sum of reports
+    assert got[("semipd:prefix_cache_query_tokens_total", ())] == 130
+    assert (
+        got[("semipd:prefix_cache_pages", ())] == 6 and got[("semipd:prefix_cache_evictable_pages", ())] == 6
+    )
+    assert got[("semipd:kv_pages_used", ())] == 0  # cached-evictable pages are not "in use"

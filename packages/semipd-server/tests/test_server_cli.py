@@ -32,6 +32,7 @@ FLAGS = [
     "--cuda-graph-max-bs",
     "--disable-cuda-graph",
     "--load-format",
+    "--disable-radix-cache",
 ]
 
 
@@ -81,6 +82,8 @@ def test_semi_pd_and_cuda_graph_flags() -> None:
         ["--enable-semi-pd", "--sm-partition", "green", "--cuda-graph-max-bs", "32", "--disable-cuda-graph"]))
     assert (kw["mode"], kw["sm_partition"], kw["cuda_graph_max_bs"], kw["disable_cuda_graph"]) == (
         "semi-pd", "green", 32, True)
+    assert kw["enable_radix_cache"] is True
+    assert engine_kwargs(build_parser().parse_args(["--disable-radix-cache"]))["enable_radix_cache"] is False
 
 
 @pytest.mark.parametrize(

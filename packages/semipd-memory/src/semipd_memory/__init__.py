@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from semipd_memory.kv_pool import KVPool
 from semipd_memory.page_allocator import OutOfPagesError, PageAllocator
+from semipd_memory.radix_cache import RadixCache
 from semipd_memory.shared_weights import SharedModelWeights, bind_tensors, module_tensors
 from semipd_memory.sharing import (
     OwnerInfo,
@@ -25,6 +26,7 @@ __all__ = [
     "OutOfPagesError",
     "OwnerInfo",
     "PageAllocator",
+    "RadixCache",
     "SharedMemoryError",
     "SharedModelWeights",
     "SharedStorage",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from semipd_memory import KVPool, PageAllocator
+from semipd_memory import KVPool, PageAllocator, RadixCache
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
@@ -41,6 +41,7 @@ class CoreConfig:
     num_pages: int | None = None
     mem_fraction_static: float = 0.85
     cpu_kv_budget_bytes: int = 1 << 30
+    enable_radix_cache: bool = True  # share cached prompt prefixes (full pages) between requests
     # per-state timeouts (seconds, None = no limit): an expired request ends with finish_reason "abort"
     queue_timeout_s: float | None = None
     prefill_timeout_s: float | None = None
@@ -101,10 +102,12 @@ class EngineCore:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {cfg.cuda_graph_max_bs}")
         self.runner = ModelRunner(self.model, self.kv_pool, cfg.page_size, cfg.max_model_len,
                                   cuda_graph_max_bs=cfg.graph_max_bs())
+        self.cache = RadixCache(self.allocator, enabled=cfg.enable_radix_cache)
         self.scheduler = Scheduler(
             self.allocator,
             max_running_requests=cfg.max_running_requests,
             chunked_prefill_size=cfg.chunked_prefill_size,
+            cache=self.cache,
         )
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
@@ -112,7 +115,8 @@ class EngineCore:
         self.num_steps = 0
         self.pending: list[TokenEvent] = []  # events produced outside step() (aborts, rejections)
         self._last_expiry = 0.0
-        log.info("KV pool: %d pages x %d tokens on %s (%s)", num_pages, cfg.page_size, device, cfg.dtype)
+        log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.page_size, device,
+                 cfg.dtype, "on" if cfg.enable_radix_cache else "off")
 
     def capture_cuda_graphs(self) -> None:
         """Capture the decode graphs now, inside the decode partition, rather than on each size's first use."""
@@ -189,6 +193,10 @@ class EngineCore:
             pages_used=self.allocator.num_used_pages,
             pages_total=self.allocator.num_pages,
             num_steps=self.num_steps,
+            cached_pages=self.allocator.num_cached_pages,
+            evictable_pages=self.allocator.num_evictable_pages,
+            prefix_hit_tokens=self.cache.hit_tokens,
+            prefix_query_tokens=self.cache.query_tokens,
         )
 
     # --- the step -------------------------------------------------------------------------------------------

@@ -78,10 +78,10 @@ def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: Outpu
             idle_reported = False
         elif not idle_reported:
             stats = core.stats()
-            try:  # cheap, catches leaks early: when idle every page must be free
-                core.allocator.check_integrity()
+            try:  # cheap, catches leaks early: when idle every page is free or cached-evictable
+                core.allocator.check_integrity()  # covers the radix cache's tree and refcounts too
                 if core.allocator.num_used_pages:
-                    stats.integrity_error = f"{core.allocator.num_used_pages} pages in use while idle"
+                    stats.integrity_error = f"{core.allocator.num_used_pages} pages held while idle"
             except AssertionError as e:
                 stats.integrity_error = str(e) or "integrity check failed"
             if stats.integrity_error:

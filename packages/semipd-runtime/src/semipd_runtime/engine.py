@@ -78,6 +78,7 @@ class Engine:
         slo_tpot_ms: float = 50.0,
         repartition_interval_s: float = 2.0,
         slo_options: Mapping[str, Any] | None = None,
+        enable_radix_cache: bool = True,
     ) -> None:
         """partition_policy "slo" (semi-pd only): an SLO-aware controller moves the SM split at run time to keep
         TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, re-deciding every repartition_interval_s; `slo_options`
@@ -92,6 +93,8 @@ class Engine:
         decode_pct = percent_from_env("decode_sm_percent", decode_sm_percent, "SEMI_PD_DECODE_SM_PERCENTILE",
                                       100 - prefill_pct if prefill_sm_percent is not None else 50)
         slo = _slo_settings(mode, partition_policy, slo_ttft_ms, slo_tpot_ms, repartition_interval_s, slo_options)
+        if not isinstance(enable_radix_cache, bool):
+            raise TypeError(f"enable_radix_cache must be a bool, got {type(enable_radix_cache).__name__}")
         if core not in ("thread", "process"):
             raise ValueError(f"core must be 'thread' or 'process', got {core!r}")
         for name, v in (("max_running_requests", max_running_requests), ("page_size", page_size),
@@ -131,6 +134,7 @@ class Engine:
             sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
             decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens, slo=slo,
             cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=disable_cuda_graph, load_format=load_format,
+            enable_radix_cache=enable_radix_cache,
         )
         self.mode = mode
         self._lock = threading.Lock()
@@ -319,7 +323,9 @@ class Engine:
                 "repartition_failures": s.repartition_failures, "last_repartition_s": s.last_repartition_s,
                 "slo_decisions": s.slo_decisions, "slo_observations": s.slo_observations,
                 "predicted_ttft_s": s.predicted_ttft_s, "predicted_tpot_s": s.predicted_tpot_s,
-                "measured_ttft_s": s.measured_ttft_s, "measured_tpot_s": s.measured_tpot_s}
+                "measured_ttft_s": s.measured_ttft_s, "measured_tpot_s": s.measured_tpot_s,
+                "cached_pages": s.cached_pages, "evictable_pages": s.evictable_pages,
+                "prefix_hit_tokens": s.prefix_hit_tokens, "prefix_query_tokens": s.prefix_query_tokens}
 
     def repartition(self, prefill_percent: float, decode_percent: float) -> None:
         """Move semi-PD to a new SM split (percent of the SMs per role) without stopping: in-flight requests

@@ -67,7 +67,7 @@ class TokenEvent(msgspec.Struct, array_like=True):
 class EngineStats(msgspec.Struct):
     num_running: int = 0
     num_waiting: int = 0
-    pages_used: int = 0
+    pages_used: int = 0  # held by requests (own pages, and cached pages some request shares)
     pages_total: int = 0
     prefill_sm: int = 0
     decode_sm: int = 0
@@ -90,6 +90,10 @@ class EngineStats(msgspec.Struct):
     predicted_tpot_s: float = 0.0
     measured_ttft_s: float = 0.0  # mean over the last decision window
     measured_tpot_s: float = 0.0  # mean decode step time over the last decision window
+    cached_pages: int = 0  # pages in the radix prefix cache (shared or not)
+    evictable_pages: int = 0  # cached pages no request holds: free on demand
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, since start
+    prefix_query_tokens: int = 0  # prompt tokens of all admissions, since start
 
 
 class StepOutput(msgspec.Struct, tag=True):
@@ -116,6 +120,7 @@ class PrefillItem(msgspec.Struct, array_like=True):
     pages: list[int]  # pages reserved for them by the decode worker; the prefill worker writes only these
     sampling: CoreSampling
     step: int  # sampling step of the token to sample (len(output_ids)), so seeds give the same stream as unified
+    num_cached: int = 0  # leading tokens already in (shared, cached) pages: computed from here on
 
 
 class PrefillBatch(msgspec.Struct, tag=True):

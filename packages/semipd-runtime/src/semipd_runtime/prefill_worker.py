@@ -1,5 +1,7 @@
 """PrefillWorker: runs prefill batches (chunked) into pages the decode worker reserved, samples each request's
-first token, reports done. It owns no allocator and allocates nothing in the shared pool.
+first token, reports done. It owns no allocator and allocates nothing in the shared pool. An item's first
+`num_cached` tokens are already in shared cached pages: attention reads them, nothing is written
+there.
 
 `ThreadPrefillChannel` runs it as a thread of the decode worker's process (green contexts, or CPU);
 the process placement lives in `prefill_process.py`."""
@@ -40,8 +42,12 @@ class PrefillWorker:
     def run(self, batch: PrefillBatch) -> PrefillDone:
         t0 = time.perf_counter()
         items = batch.items
+        for it in items:
+            if not 0 <= it.num_cached < len(it.token_ids) or it.num_cached % self.runner.page_size:
+                raise ValueError(f"prefill item {it.rid}: num_cached={it.num_cached} must be whole pages "
+                                 f"below len(token_ids)={len(it.token_ids)}")
         table = self.runner.page_table_from_rows([it.pages for it in items])
-        done = [0] * len(items)
+        done = [it.num_cached for it in items]
         results: list[PrefillResult] = []
         while any(d < len(it.token_ids) for d, it in zip(done, items)):
             budget, rows, chunks, starts = self.chunk_size, [], [], []
@@ -63,7 +69,7 @@ class PrefillWorker:
                 finished = [items[rows[j]] for j in sample_rows]
                 tokens, lps = self.sampler(logits, [it.sampling for it in finished], [it.step for it in finished])
                 results += [PrefillResult(it.rid, t, lp) for it, t, lp in zip(finished, tokens, lps)]
-        n_tokens = sum(len(it.token_ids) for it in items)
+        n_tokens = sum(len(it.token_ids) - it.num_cached for it in items)  # computed, not from the cache
         return PrefillDone(batch.batch_id, results, n_tokens, time.perf_counter() - t0)
 
 

@@ -1,6 +1,8 @@
 """Continuous batching with chunked prefill: each step spends a token budget on decode tokens first, then on
 prefill chunks of admitted requests, then on newly admitted ones. Pages are reserved for a whole prompt at
-admission; decode grows a request page by page and preempts (recompute) the newest request when the pool is dry."""
+admission, minus the longest prefix the radix cache already holds (those tokens are not computed again);
+decode grows a request page by page, evicting cached pages and then preempting (recompute) the newest request
+when the pool is dry. A request that ends or is preempted leaves its written full pages in the cache."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from semipd_memory import PageAllocator
+from semipd_memory import PageAllocator, RadixCache
 from semipd_runtime.request import Request, RequestStatus
 
 
@@ -29,9 +31,17 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, allocator: PageAllocator, *, max_running_requests: int, chunked_prefill_size: int
+        self,
+        allocator: PageAllocator,
+        *,
+        max_running_requests: int,
+        chunked_prefill_size: int,
+        cache: RadixCache | None = None,
     ) -> None:
         self.allocator = allocator
+        self.cache = cache if cache is not None else RadixCache(allocator, enabled=False)
+        if self.cache.allocator is not allocator:
+            raise ValueError("cache must be built over the scheduler's allocator")
         self.max_running = max_running_requests
         self.token_budget = chunked_prefill_size
         self.waiting: deque[Request] = deque()
@@ -82,11 +92,11 @@ class Scheduler:
                 budget -= n
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             req = self.waiting[0]
-            slot = self.allocator.alloc(self.allocator.pages_needed(req.seq_len))
-            if slot is None:
+            got = self.admit(req)
+            if got is None:
                 break
             self.waiting.popleft()
-            req.slot, req.status, req.state_since = slot, RequestStatus.RUNNING, time.monotonic()
+            req.slot, req.status, req.state_since = got, RequestStatus.RUNNING, time.monotonic()
             self.running.append(req)
             n = min(req.num_uncomputed, budget)
             batch.requests.append(req)
@@ -94,12 +104,21 @@ class Scheduler:
             budget -= n
         return batch if batch.requests else None
 
+    def admit(self, req: Request) -> int | None:
+        """Reserve a slot for all of req's tokens, sharing the longest cached prefix (req.num_computed is set
+        to it); None when slots or pages are short."""
+        got = self.cache.alloc(req.token_slice(0, req.seq_len))
+        if got is None:
+            return None
+        slot, req.num_computed = got
+        return slot
+
     def _ensure_pages(self, req: Request, num_tokens: int) -> bool:
         """Grow req to hold num_tokens, preempting the newest other running requests if needed."""
         assert req.slot is not None
         while True:
             missing = self.allocator.pages_needed(num_tokens) - len(self.allocator.pages(req.slot))
-            if missing <= 0 or self.allocator.extend(req.slot, missing):
+            if missing <= 0 or self.cache.extend(req.slot, missing):
                 return True
             victim = self.running[-1]
             self.preempt(victim)
@@ -124,6 +143,7 @@ class Scheduler:
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
 
     def _release(self, req: Request) -> None:
+        # the first num_computed tokens have their K/V written: their full pages go to the prefix cache
         if req.slot is not None:
-            self.allocator.free(req.slot)
+            self.cache.free(req.slot, req.token_slice(0, req.num_computed), req.num_computed)
             req.slot = None

@@ -5,7 +5,11 @@ prefill step, and adds a request to its decode batch when the prefill worker rep
 Pages of a request aborted while its prefill runs are parked (deferred free) until the prefill worker reports the
 batch done, or is declared dead. Prefill workers come in generations (one per SM split, `repartition.py`): each
 writes under its own writer name. With partition_policy "slo" the core feeds its step timings, arrivals and queue
-to an SloController and applies the splits it decides (`slo_control.py`)."""
+to an SloController and applies the splits it decides (`slo_control.py`).
+
+With the radix cache, dispatch shares the longest cached prefix (the pool is shared: a prefix one request
+left there is reused without any transfer) and the prefill worker computes only the tokens after it; a
+finished request leaves its full pages in the cache (`Scheduler.finish`)."""
 
 from __future__ import annotations
 
@@ -161,7 +165,9 @@ class SemiPDCore(EngineCore):
         if self.slo is None or not reqs:
             return
         share = self.channel.generation_of_batch(msg.batch_id).split[0] / 100
-        self.slo.observe_prefill([r.seq_len for r in reqs], [0] * len(reqs), share, msg.elapsed_s)
+        # num_computed is still the cached prefix here (set at admission; _prefill_done moves it to seq_len)
+        self.slo.observe_prefill([r.seq_len - r.num_computed for r in reqs], [r.num_computed for r in reqs], share,
+                                 msg.elapsed_s)
         now = time.monotonic()
         for r in reqs:
             if r.rid not in self.parked:
@@ -184,16 +190,16 @@ class SemiPDCore(EngineCore):
                 break
             if items and req.seq_len > budget:
                 break
-            slot = self.allocator.alloc(self.allocator.pages_needed(req.seq_len))
+            slot = self.scheduler.admit(req)  # sets req.num_computed to the cached prefix
             if slot is None:
                 break
             waiting.popleft()
             req.slot, req.status, req.state_since = slot, RequestStatus.PREFILLING, time.monotonic()
             self.prefilling[req.rid] = req
             items.append(PrefillItem(req.rid, req.token_slice(0, req.seq_len), self.allocator.pages(slot),
-                                     req.sampling, len(req.output_ids)))
+                                     req.sampling, len(req.output_ids), req.num_computed))
             reqs.append(req)
-            budget -= req.seq_len
+            budget -= req.num_uncomputed
         if items:
             self.batches[self.next_batch] = reqs
             self.channel.send(PrefillBatch(self.next_batch, items))

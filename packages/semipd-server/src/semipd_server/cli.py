@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest decode batch run as a CUDA graph (default: --max-running-requests, at most 256)",
     )
     s.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly (CUDA)")
+    s.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="do not share cached prompt prefixes between requests (radix prefix cache over the KV pages)",
+    )
     d = p.add_argument_group("prefill/decode disaggregation")
     d.add_argument(
         "--mode",
@@ -188,6 +193,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tpot_ms": args.slo_tpot_ms,
         "repartition_interval_s": args.repartition_interval_s,
+        "enable_radix_cache": not args.disable_radix_cache,
     }
 
 

@@ -116,7 +116,31 @@ class ServerMetrics:
         self.in_flight = Gauge(
             "semipd:num_requests_in_flight", "HTTP generation requests being served", labels, registry=r
         )
-        self.pages_used = Gauge("semipd:kv_pages_used", "KV cache pages in use", labels, registry=r)
+        self.pages_used = Gauge(
+            "semipd:kv_pages_used",
+            "KV cache pages held by requests (cached-evictable ones excluded)",
+            labels,
+            registry=r,
+        )
+        self.cache_pages = Gauge(
+            "semipd:prefix_cache_pages", "KV pages in the radix prefix cache", labels, registry=r
+        )
+        self.cache_evictable = Gauge(
+            "semipd:prefix_cache_evictable_pages",
+            "Cached KV pages no request holds (reusable or freed on demand)",
+            labels,
+            registry=r,
+        )
+        self.cache_hit_tokens = Counter(
+            "semipd:prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", labels, registry=r
+        )
+        self.cache_query_tokens = Counter(
+            "semipd:prefix_cache_query_tokens",
+            "Prompt tokens looked up in the prefix cache",
+            labels,
+            registry=r,
+        )
+        self._cache_seen = {"prefix_hit_tokens": 0, "prefix_query_tokens": 0}  # engine totals already counted
         self.pages_total = Gauge("semipd:kv_pages_total", "KV cache pages in the pool", labels, registry=r)
         self.kv_usage = Gauge(
             "semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)", labels, registry=r
@@ -168,6 +192,8 @@ class ServerMetrics:
             self.pages_used,
             self.pages_total,
             self.kv_usage,
+            self.cache_pages,
+            self.cache_evictable,
             self.draining,
             self.prefill_sm_count,
             self.decode_sm_count,
@@ -178,7 +204,7 @@ class ServerMetrics:
             fam.labels(model_name).set(0)
         # create the unlabelled-looking children now so that every series exists (at 0) from the first scrape
         for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
-                    self.repartitions, self.slo_decisions):
+                    self.repartitions, self.slo_decisions, self.cache_hit_tokens, self.cache_query_tokens):
             fam.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
@@ -205,6 +231,17 @@ class ServerMetrics:
             if total > self._seen[key]:
                 counter.labels(m).inc(total - self._seen[key])
             self._seen[key] = total
+        self.cache_pages.labels(m).set(stats.get("cached_pages", 0))
+        self.cache_evictable.labels(m).set(stats.get("evictable_pages", 0))
+        # the engine reports running totals; a counter only goes up, so add what is new since the last report
+        for key, fam in (
+            ("prefix_hit_tokens", self.cache_hit_tokens),
+            ("prefix_query_tokens", self.cache_query_tokens),
+        ):
+            total = int(stats.get(key, 0))
+            if total > self._cache_seen[key]:
+                fam.labels(m).inc(total - self._cache_seen[key])
+                self._cache_seen[key] = total
 
     def error(self, status: int) -> None:
         self.request_errors.labels(self.model_name, str(status)).inc()
