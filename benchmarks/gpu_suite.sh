@@ -47,6 +47,18 @@ for s in "$@"; do
         --configs unified green:50 green:30 mps:50 --decode-steps 150 --child-timeout-s 120 \
         --out "$OUT/interference.json"
       stop_mps ;;
+    interference_long)
+      start_mps
+      stage interference_long 300 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \
+        --configs unified green:50 green:30 mps:50 --decode-steps 500 --child-timeout-s 100 \
+        --out "$OUT/interference_long.json"
+      stop_mps ;;
+    repartition)
+      stage repartition_green 60 python3 benchmarks/bench_repartition.py --backend green --out "$OUT/repartition_green.json"
+      start_mps
+      stage repartition_mps 90 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
+        --out "$OUT/repartition_mps.json"
+      stop_mps ;;
     *) echo "unknown stage $s" ;;
   esac
 done
