@@ -49,14 +49,14 @@ for s in "$@"; do
       stop_mps ;;
     interference_long)
       start_mps
-      stage interference_long 300 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \
-        --configs unified green:50 green:30 mps:50 --decode-steps 500 --child-timeout-s 100 \
+      stage interference_long 185 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \
+        --configs green:50 mps:50 green:30 unified --decode-steps 500 --child-timeout-s 60 \
         --out "$OUT/interference_long.json"
       stop_mps ;;
     repartition)
-      stage repartition_green 60 python3 benchmarks/bench_repartition.py --backend green --out "$OUT/repartition_green.json"
+      stage repartition_green 50 python3 benchmarks/bench_repartition.py --backend green --out "$OUT/repartition_green.json"
       start_mps
-      stage repartition_mps 90 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
+      stage repartition_mps 70 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
         --out "$OUT/repartition_mps.json"
       stop_mps ;;
     *) echo "unknown stage $s" ;;
