@@ -11,7 +11,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import torch
 import zmq
 
 from semipd_runtime.core import CoreConfig

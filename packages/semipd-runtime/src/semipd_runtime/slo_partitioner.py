@@ -36,7 +36,6 @@ from semipd_runtime.latency_model import (
     LatencyProfile,
     PrefillLatencyModel,
     decode_features,
-    prefill_features,
 )
 
 log = logging.getLogger(__name__)
