@@ -140,7 +140,6 @@ class ServerMetrics:
             labels,
             registry=r,
         )
-        self._cache_seen = {"prefix_hit_tokens": 0, "prefix_query_tokens": 0}  # engine totals already counted
         self.pages_total = Gauge("semipd:kv_pages_total", "KV cache pages in the pool", labels, registry=r)
         self.kv_usage = Gauge(
             "semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)", labels, registry=r
@@ -181,7 +180,10 @@ class ServerMetrics:
         self.slo_decisions = Counter(
             "semipd:slo_decisions", "Decisions the slo policy made", labels, registry=r
         )
-        self._seen = {"repartitions": 0.0, "slo_decisions": 0.0}
+        self._engine_totals = (("repartitions", self.repartitions), ("slo_decisions", self.slo_decisions),
+                               ("prefix_hit_tokens", self.cache_hit_tokens),
+                               ("prefix_query_tokens", self.cache_query_tokens))
+        self._seen = {key: 0.0 for key, _ in self._engine_totals}  # engine totals already counted
         self.draining = Gauge(
             "semipd:server_draining", "1 while the server drains before exit", labels, registry=r
         )
@@ -225,23 +227,14 @@ class ServerMetrics:
         self.repartition_latency.labels(m).set(stats.get("last_repartition_s", 0))
         self.predicted_ttft.labels(m).set(stats.get("predicted_ttft_s", 0))
         self.predicted_tpot.labels(m).set(stats.get("predicted_tpot_s", 0))
-        for key, counter in (("repartitions", self.repartitions), ("slo_decisions", self.slo_decisions)):
+        self.cache_pages.labels(m).set(stats.get("cached_pages", 0))
+        self.cache_evictable.labels(m).set(stats.get("evictable_pages", 0))
+        for key, counter in self._engine_totals:
             # the engine reports running totals; a counter only goes up (a restarted engine starts again at 0)
             total = float(stats.get(key, 0))
             if total > self._seen[key]:
                 counter.labels(m).inc(total - self._seen[key])
             self._seen[key] = total
-        self.cache_pages.labels(m).set(stats.get("cached_pages", 0))
-        self.cache_evictable.labels(m).set(stats.get("evictable_pages", 0))
-        # the engine reports running totals; a counter only goes up, so add what is new since the last report
-        for key, fam in (
-            ("prefix_hit_tokens", self.cache_hit_tokens),
-            ("prefix_query_tokens", self.cache_query_tokens),
-        ):
-            total = int(stats.get(key, 0))
-            if total > self._cache_seen[key]:
-                fam.labels(m).inc(total - self._cache_seen[key])
-                self._cache_seen[key] = total
 
     def error(self, status: int) -> None:
         self.request_errors.labels(self.model_name, str(status)).inc()
