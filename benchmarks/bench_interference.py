@@ -34,8 +34,6 @@ def child(args: argparse.Namespace) -> dict:
     from semipd_runtime.core import CoreConfig
     from semipd_runtime.core_factory import create_core
     from semipd_runtime.messages import AddRequest, CoreSampling
-    from semipd_runtime.models.config import ModelConfig
-    from semipd_runtime.models.loader import build_empty_model, init_random_weights
 
     kind, _, pct = args.config.partition(":")
     cfg_dict = with_layers(SHAPES[args.shape], args.layers)
@@ -54,10 +52,8 @@ def child(args: argparse.Namespace) -> dict:
         num_pages=tokens // 16 + 64, mode="unified" if kind == "unified" else "semi-pd",
         sm_partition=kind if kind != "unified" else "none", prefill_placement="process",
         prefill_sm_percent=100 - int(pct or 50), decode_sm_percent=int(pct or 50),
-        max_prefill_tokens=args.prompt_len)
-    model = build_empty_model(ModelConfig.from_dict(cfg_dict), dev, dtype)
-    init_random_weights(model, seed=0)
-    core = create_core(cfg, model=model)
+        max_prefill_tokens=args.prompt_len, load_format="dummy")  # random weights at the shape's sizes
+    core = create_core(cfg)
     g = torch.Generator().manual_seed(0)
     vocab = cfg_dict["vocab_size"]
     last: dict[str, float] = {}

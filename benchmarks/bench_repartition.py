@@ -25,8 +25,6 @@ from model_shapes import SHAPES, with_layers  # noqa: E402
 from semipd_runtime.core import CoreConfig  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
-from semipd_runtime.models.config import ModelConfig  # noqa: E402
-from semipd_runtime.models.loader import build_empty_model, init_random_weights  # noqa: E402
 
 
 def main() -> None:
@@ -45,14 +43,12 @@ def main() -> None:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model_dir = Path(tempfile.mkdtemp())
     (model_dir / "config.json").write_text(json.dumps(cfg_dict))
-    model = build_empty_model(ModelConfig.from_dict(cfg_dict), dev, dtype)
-    init_random_weights(model, seed=0)
     cfg = CoreConfig(model_path=str(model_dir), device=args.device, dtype=str(dtype).removeprefix("torch."),
                      max_model_len=4096, eos_token_ids=[], max_running_requests=args.streams + 4, page_size=16,
                      num_pages=(args.streams + 2) * 4096 // 16, mode="semi-pd", sm_partition=args.backend,
                      prefill_placement="process" if args.backend != "green" else "thread",
-                     prefill_sm_percent=50, decode_sm_percent=50)
-    core = create_core(cfg, model=model)
+                     prefill_sm_percent=50, decode_sm_percent=50, load_format="dummy")
+    core = create_core(cfg)
     g = torch.Generator().manual_seed(0)
     for i in range(args.streams):
         core.add_request(AddRequest(f"s{i}", torch.randint(10, cfg_dict["vocab_size"], (256,), generator=g).tolist(),
