@@ -57,12 +57,12 @@ class CoreConfig:
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
     load_format: str = "auto"  # "auto" (safetensors) | "dummy" (random weights at the config's shapes)
+    slo: SloSettings | None = None  # semi-PD partition_policy "slo" (None: static split)
 
     def graph_max_bs(self) -> int:
         if self.disable_cuda_graph:
             return 0
         return self.cuda_graph_max_bs if self.cuda_graph_max_bs is not None else min(self.max_running_requests, 256)
-    slo: SloSettings | None = None  # semi-PD partition_policy "slo" (None: static split)
 
 
 def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
