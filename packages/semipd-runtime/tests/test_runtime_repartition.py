@@ -15,8 +15,10 @@ pytest.importorskip("transformers")
 
 from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
+from semipd_runtime.cuda_graph import DecodeGraphRunner  # noqa: E402
 from semipd_runtime.latency_model import LatencyProfile  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
+from semipd_runtime.partition import SmPartition  # noqa: E402
 from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
 from semipd_runtime.slo_control import SloSettings  # noqa: E402
 
@@ -229,3 +231,39 @@ def test_static_policy_never_moves(model_dir: Path, prompts: list[list[int]], tm
 def test_slo_settings_errors_name_the_argument(kw: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         SloSettings(**kw)
+
+
+class KeyedPartition(SmPartition):
+    """No confinement, but each split's decode 'runs on its own stream' (as green contexts do): a fresh key."""
+
+    keys = iter(range(1000, 10**6))
+
+    def __init__(self, prefill_percent: float, decode_percent: float) -> None:
+        super().__init__(prefill_percent, decode_percent)
+        self.key = next(self.keys)
+
+    def stream_key(self, role: str) -> int | None:
+        return self.key
+
+
+def test_retired_split_drops_its_decode_graphs(model_dir: Path, prompts: list[list[int]],
+                                               unified_out: dict[str, list[int]]) -> None:
+    cfg = CoreConfig(model_path=str(model_dir), device="cpu", dtype="float32", max_model_len=256, eos_token_ids=[],
+                     num_pages=200, page_size=4, mode="semi-pd", prefill_placement="thread",
+                     chunked_prefill_size=16, max_prefill_tokens=48)
+    core = create_core(cfg, partition=KeyedPartition(50, 50))
+    assert isinstance(core, SemiPDCore)
+    r = core.runner
+    r.graphs = DecodeGraphRunner(r.model, r.kv_pool, r.cos_sin_cache, r.page_size,
+                                 core.allocator.req_to_page.shape[1], max_bs=8, replay=False)
+    first = core.channel.current.partition
+    assert isinstance(first, KeyedPartition)
+    r.graphs.graphs[(first.key, 4)] = r.graphs.graphs[(first.key, 8)] = object()  # as if captured there
+    r.graphs.graphs[(7, 4)] = kept = object()  # another stream's graph
+    try:
+        out, _ = stream(core, prompts, moves={2: [(25.0, 75.0)]})
+        assert out == unified_out
+        assert core.channel.current.partition is not first and not core.channel.retiring
+        assert r.graphs.graphs == {(7, 4): kept}  # the retired split's graphs went with it, nothing else
+    finally:
+        core.close()

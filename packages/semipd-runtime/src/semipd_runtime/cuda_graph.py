@@ -116,10 +116,13 @@ class DecodeGraphRunner:
                  len(batch_sizes or self.batch_sizes), self.max_bs, key, dt)
         return dt
 
-    def drop(self, stream_key: int | None = None) -> None:
-        """Forget graphs (all, or those of one stream, e.g. a destroyed green context's)."""
-        for k in [k for k in self.graphs if stream_key is None or k[0] == stream_key]:
+    def drop(self, stream_key: int) -> int:
+        """Forget the graphs captured on one stream (a retired green context's: its handle may be reused by a
+        later stream, whose decode must not replay graphs confined to the old SMs). Returns how many."""
+        keys = [k for k in self.graphs if k[0] == stream_key]
+        for k in keys:
             del self.graphs[k]
+        return len(keys)
 
     @torch.inference_mode()
     def run(self, token_ids: list[int], positions: list[int], page_table: Tensor) -> Tensor:

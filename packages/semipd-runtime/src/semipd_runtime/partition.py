@@ -47,6 +47,10 @@ class SmPartition:
     def role_context_factory(self, role: str) -> Callable[[], AbstractContextManager[Any]]:
         return nullcontext
 
+    def stream_key(self, role: str) -> int | None:
+        """The CUDA stream `role` runs on in this partition (its handle), None when it is the process's own."""
+        return None
+
     def process_env(self, role: str) -> dict[str, str]:
         """Environment a process running `role` must start with."""
         return {}
@@ -148,6 +152,9 @@ class GreenPartition(SmPartition):
 
         stream = self._streams[role]
         return lambda: torch.cuda.stream(stream)
+
+    def stream_key(self, role: str) -> int | None:
+        return int(self._streams[role].cuda_stream)
 
     def resplit(self, prefill_percent: float, decode_percent: float) -> SmPartition:
         # new contexts carved from the whole device again: while the old pair drains they overlap it briefly

@@ -85,6 +85,8 @@ class PrefillRouter:
         self.last_latency_s = 0.0  # last request -> new split in effect
         self.switches_in_flight = 0  # switches that left batches on the old worker (it finished them)
         self.on_switch: Callable[[PrefillGeneration, PrefillGeneration], None] | None = None
+        # called with a retired generation's partition just before it is closed (state keyed by its streams)
+        self.on_retire: Callable[[SmPartition], None] | None = None
 
     def _start(self, partition: SmPartition, requested_at: float) -> PrefillGeneration:
         index, self._next_index = self._next_index, self._next_index + 1
@@ -224,6 +226,8 @@ class PrefillRouter:
             if gen.index >= self._decode_index:
                 continue  # the decode side may still be inside this partition's context (this very step)
             self.retiring.remove(gen)
+            if self.on_retire is not None:
+                self.on_retire(gen.partition)
             gen.partition.close()
             log.info("prefill generation %d retired", gen.index)
 

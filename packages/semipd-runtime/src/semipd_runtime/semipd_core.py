@@ -62,6 +62,7 @@ class SemiPDCore(EngineCore):
         self.prefill_info = PrefillReady()
         self.channel = PrefillRouter(lambda part, _gen: make_channel(self, part), partition)
         self.channel.on_switch = self._on_switch
+        self.channel.on_retire = self._on_retire
         self.decode_context = self.channel.decode_context  # the *current* split's decode context, per step
 
     # --- SM split ---------------------------------------------------------------------------------------------
@@ -77,6 +78,11 @@ class SemiPDCore(EngineCore):
         self.decode_sm = new.partition.sm_count["decode"]
         if self.slo is not None and new.split != self.slo.split:
             self.slo.applied(new.split, time.monotonic())
+
+    def _on_retire(self, partition: SmPartition) -> None:
+        key = partition.stream_key("decode")
+        if key is not None and self.runner.graphs is not None:
+            self.runner.graphs.drop(key)
 
     def add_request(self, msg: AddRequest) -> None:
         super().add_request(msg)
