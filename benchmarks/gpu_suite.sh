@@ -27,6 +27,19 @@ stage() {  # stage NAME LIMIT_S CMD...
   tail -n 25 "$OUT/$name.log"
 }
 
+# goodput sweep: one long-prompt workload, rates swept, several server configs appended to one results file
+SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 60 \
+  --request-rates 3 5 7 9 12 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
+SLO_FLAGS="--slo-ttft-ms 2000 --slo-tpot-ms 25"
+sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py
+  local shape=$1 limit=$2; shift 2
+  local cfgs=()
+  for c in "$@"; do cfgs+=(--config "$c"); done
+  stage "sweep_${shape}_${1%%=*}" "$limit" python3 benchmarks/serving_sweep.py --model-path "scratch/$shape" \
+    --server-args "--load-format dummy --context-length 8192 --max-running-requests 64" "${cfgs[@]}" \
+    --bench-args "$SWEEP_BENCH" --startup-timeout-s 180 --out "$OUT/sweep_$shape.json"
+}
+
 for s in "$@"; do
   case $s in
     checks)
@@ -59,6 +72,18 @@ for s in "$@"; do
       stage repartition_mps 70 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
         --out "$OUT/repartition_mps.json"
       stop_mps ;;
+    sweep8b)
+      sweep llama8b 420 unified="" semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
+        semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
+    sweep8b_mps)
+      start_mps
+      sweep llama8b 200 semi-pd-mps-static="--enable-semi-pd --sm-partition mps --decode-sm-percent 40"
+      stop_mps ;;
+    sweep3b)
+      sweep llama3b 420 unified="" semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
+        semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
+    compare)
+      for f in "$OUT"/sweep_*.json; do python3 benchmarks/bench_serving.py --compare "$f" --plot-dir "${f%.json}_plots"; done ;;
     *) echo "unknown stage $s" ;;
   esac
 done

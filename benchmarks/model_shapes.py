@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 LLAMA31_8B: dict[str, Any] = dict(
@@ -28,3 +32,38 @@ SHAPES = {"llama-3.1-8b": LLAMA31_8B, "llama-3.2-3b": LLAMA32_3B, "tiny": TINY}
 
 def with_layers(cfg: dict[str, Any], layers: int | None) -> dict[str, Any]:
     return cfg if layers is None else dict(cfg, num_hidden_layers=layers)
+
+
+def write_model_dir(shape: str, out: Path, tokenizer_dir: Path, layers: int | None = None) -> Path:
+    """A model directory for `--load-format dummy` serving runs: the shape's config.json beside a real
+    tokenizer (tokenizer.json + tokenizer_config.json with its chat template). The vocabulary is cut to the
+    tokenizer's, so every sampled id detokenizes to text (ids past it would stream as empty chunks and skew
+    TTFT/ITL on the client); special token ids come from the tokenizer too."""
+    from tokenizers import Tokenizer
+
+    cfg = dict(with_layers(SHAPES[shape], layers))
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    cfg["vocab_size"] = tok.get_vocab_size()
+    src_cfg = json.loads((tokenizer_dir / "config.json").read_text()) if (tokenizer_dir / "config.json").exists() else {}
+    for key in ("bos_token_id", "eos_token_id"):
+        if key in src_cfg:
+            cfg[key] = src_cfg[key]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / name, out / name)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="write a dummy-weight model directory at a real shape")
+    ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--tokenizer-dir", type=Path, required=True, help="a model dir with tokenizer.json")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    print(write_model_dir(args.shape, args.out, args.tokenizer_dir, args.layers))
+
+
+if __name__ == "__main__":
+    main()
