@@ -82,6 +82,8 @@ for s in "$@"; do
     sweep3b)
       sweep llama3b 420 unified="" semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
         semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
+    step_profile)
+      stage step_profile 240 python3 benchmarks/bench_step_profile.py --shape llama-3.1-8b --out "$OUT/step_profile.json" ;;
     compare)
       for f in "$OUT"/sweep_*.json; do python3 benchmarks/bench_serving.py --compare "$f" --plot-dir "${f%.json}_plots"; done ;;
     *) echo "unknown stage $s" ;;

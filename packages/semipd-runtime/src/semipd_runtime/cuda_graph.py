@@ -54,7 +54,9 @@ class DecodeGraphRunner:
         self.logits = torch.zeros((self.max_bs, vocab), dtype=torch.float32, device=dev)
         self.arange = torch.arange(self.max_bs + 1, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.pool = torch.cuda.graph_pool_handle() if replay else None
+        # one memory pool per stream: a pool whose graphs were all dropped is freed by torch and its handle
+        # must not be captured into again
+        self.pools: dict[int, tuple[int, int]] = {}
         self._side_stream: torch.cuda.Stream | None = None
 
     def padded_size(self, n: int) -> int | None:
@@ -104,7 +106,8 @@ class DecodeGraphRunner:
                 g = torch.cuda.CUDAGraph()
                 # capture_begin/end rather than torch.cuda.graph(), which synchronizes the whole device (the
                 # other role's stream too); thread_local: the other role's thread may sync its own stream meanwhile
-                g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                pool = self.pools.setdefault(key, torch.cuda.graph_pool_handle())
+                g.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     self._forward_static(bs)
                 finally:
@@ -122,6 +125,7 @@ class DecodeGraphRunner:
         keys = [k for k in self.graphs if k[0] == stream_key]
         for k in keys:
             del self.graphs[k]
+        self.pools.pop(stream_key, None)
         return len(keys)
 
     @torch.inference_mode()

@@ -55,8 +55,17 @@ class SmPartition:
         """Environment a process running `role` must start with."""
         return {}
 
+    @property
+    def keeps_streams(self) -> bool:
+        """True when close() leaves this split's streams alive (state keyed by them stays valid)."""
+        return False
+
     def close(self) -> None:
         pass
+
+    def close_all(self) -> None:
+        """Free everything this partition and the splits built from it hold (engine shutdown)."""
+        self.close()
 
 
 def _device_sm_count() -> int:
@@ -113,9 +122,13 @@ class GreenPartition(SmPartition):
 
     kind = "green"
 
-    def __init__(self, prefill_percent: float, decode_percent: float, device_index: int = 0) -> None:
+    def __init__(self, prefill_percent: float, decode_percent: float, device_index: int = 0,
+                 family: dict[int, GreenPartition] | None = None) -> None:
         super().__init__(prefill_percent, decode_percent)
         self._device_index = device_index
+        # every split built from this one, by decode SMs asked: a split the policy returns to reuses its
+        # contexts, streams and so the CUDA graphs captured on them (no re-capture stall on the way back)
+        self._family: dict[int, GreenPartition] = {} if family is None else family
         import torch
         from cuda.bindings import driver as cu  # shipped with torch's CUDA wheels
 
@@ -126,6 +139,7 @@ class GreenPartition(SmPartition):
         full = self._ok(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         total = full.sm.smCount
         want_decode = max(1, round(total * decode_percent / 100))
+        self._total, self._want_decode = total, want_decode
         groups, _, rest = self._ok(cu.cuDevSmResourceSplitByCount(1, full, 0, want_decode))
         self._contexts: list[Any] = []
         self._streams: dict[str, Any] = {}
@@ -158,9 +172,32 @@ class GreenPartition(SmPartition):
 
     def resplit(self, prefill_percent: float, decode_percent: float) -> SmPartition:
         # new contexts carved from the whole device again: while the old pair drains they overlap it briefly
-        return GreenPartition(prefill_percent, decode_percent, self._device_index)
+        self._family.setdefault(self._want_decode, self)
+        want = max(1, round(self._total * decode_percent / 100))
+        cached = self._family.get(want)
+        if cached is not None and cached._contexts:
+            cached.percent = {"prefill": prefill_percent, "decode": decode_percent}
+            return cached
+        part = GreenPartition(prefill_percent, decode_percent, self._device_index, self._family)
+        self._family[want] = part
+        return part
+
+    @property
+    def keeps_streams(self) -> bool:
+        """close() leaves the contexts alive (kept for a later return to this split)."""
+        return True
 
     def close(self) -> None:
+        """A generation is done with this split: its contexts stay for a later return (close_all frees them)."""
+        if self._want_decode not in self._family:
+            self._family[self._want_decode] = self
+
+    def close_all(self) -> None:
+        for part in {id(p): p for p in (*self._family.values(), self)}.values():
+            part._destroy()
+        self._family.clear()
+
+    def _destroy(self) -> None:
         for stream in self._streams.values():
             stream.synchronize()  # work still queued on a context must finish before the context goes
         for ctx in self._contexts:

@@ -238,3 +238,5 @@ class PrefillRouter:
             gen.close_channel()
         for gen in gens:
             gen.partition.close()
+        if gens:
+            gens[-1].partition.close_all()  # splits kept for reuse (green contexts) go now

@@ -80,6 +80,8 @@ class SemiPDCore(EngineCore):
             self.slo.applied(new.split, time.monotonic())
 
     def _on_retire(self, partition: SmPartition) -> None:
+        if partition.keeps_streams:  # kept for a return to this split: so are the graphs captured on it
+            return
         key = partition.stream_key("decode")
         if key is not None and self.runner.graphs is not None:
             self.runner.graphs.drop(key)
