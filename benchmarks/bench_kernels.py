@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py --out results/kernels.json            # all benchmarks
     python benchmarks/bench_kernels.py --only decode,prefill --out k.json     # a subset
+    python benchmarks/bench_kernels.py --only rotary_kv                       # fused rotary + KV store
     python benchmarks/bench_kernels.py --green --out k.json                   # + GEMM on green SM shares
     python benchmarks/bench_kernels.py --check --out check.json               # GPU correctness at real shapes
 
@@ -153,6 +154,46 @@ def bench_elementwise() -> list[dict[str, Any]]:
     return rows
 
 
+def bench_rotary_kv() -> list[dict[str, Any]]:
+    """One layer's decode-step rotary + KV store: the fused kernel vs apply_rotary then store_kv."""
+    from semipd_kernels import reference as ref
+    from semipd_kernels.triton import kv_store, rotary, rotary_kv
+
+    rows = []
+    cache = ref.rope_cos_sin_cache(D, 65536, 500000.0, device="cuda")
+    page_size, num_pages = 16, 4096
+    kc = torch.zeros(num_pages, page_size, HK, D, dtype=DT, device="cuda")
+    vc = torch.zeros_like(kc)
+    for bsz in (1, 64, 128):
+        # q, k, v as views of one qkv projection output, as the model passes them
+        qkv = torch.randn(bsz, (HQ + 2 * HK) * D, dtype=DT, device="cuda")
+        q, k, v = (t.view(bsz, -1, D) for t in qkv.split([HQ * D, HK * D, HK * D], dim=-1))
+        pos = torch.randint(0, 65536, (bsz,), device="cuda")
+        slots = torch.randperm(num_pages * page_size, device="cuda")[:bsz]
+
+        def fused() -> torch.Tensor:
+            return rotary_kv.rotary_store_kv(q, k, v, pos, cache, kc, vc, slots)
+
+        def separate() -> torch.Tensor:
+            q_rot, k_rot = rotary.apply_rotary(q, k, pos, cache)
+            kv_store.store_kv(k_rot, v, kc, vc, slots)
+            return q_rot
+
+        # q, k, v read and written once each (q out, k/v into their slots), a cos/sin row, two int64 indices
+        nbytes = 2 * bsz * (HQ + 2 * HK) * D * 2 + bsz * (D * 4 + 2 * 8)
+        separate_nbytes = nbytes + 2 * bsz * HK * D * 2  # rotated k written out and read back
+        roofline_ms = nbytes / (HBM_TBPS * 1e9)
+        ms, sep_ms = _bench(fused), _bench(separate)
+        torch_ms = _bench(lambda: ref.rotary_store_kv(q, k, v, pos, cache, kc, vc, slots))
+        graph_ms, sep_graph_ms = _bench_graph(fused), _bench_graph(separate)
+        rows.append(_row("rotary_store_kv", f"B={bsz}", bytes=nbytes, separate_bytes=separate_nbytes,
+                         roofline_ms=roofline_ms, fused_ms=ms, separate_ms=sep_ms, speedup=sep_ms / ms,
+                         fused_graph_ms=graph_ms, separate_graph_ms=sep_graph_ms,
+                         graph_speedup=sep_graph_ms / graph_ms, graph_hbm_fraction=roofline_ms / graph_ms,
+                         torch_ms=torch_ms))
+    return rows
+
+
 def bench_sampling() -> list[dict[str, Any]]:
     from semipd_kernels import reference as ref
     from semipd_kernels.triton.sampling import sample
@@ -239,8 +280,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--only", default="decode,prefill,elementwise,sampling,gemm",
-                        help="comma-separated subset of: decode, prefill, elementwise, sampling, gemm")
+    parser.add_argument("--only", default="decode,prefill,elementwise,rotary_kv,sampling,gemm",
+                        help="comma-separated subset of: decode, prefill, elementwise, rotary_kv, sampling, "
+                        "gemm")
     parser.add_argument("--green", action="store_true", help="also run GEMMs on green-context SM shares")
     parser.add_argument("--check", action="store_true", help="GPU correctness vs the references, then exit")
     args = parser.parse_args()
@@ -251,7 +293,7 @@ def main() -> int:
         return run_check(args.out)
     benches: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "decode": bench_decode, "prefill": bench_prefill, "elementwise": bench_elementwise,
-        "sampling": bench_sampling, "gemm": lambda: bench_gemm(args.green),
+        "rotary_kv": bench_rotary_kv, "sampling": bench_sampling, "gemm": lambda: bench_gemm(args.green),
     }
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in benches]

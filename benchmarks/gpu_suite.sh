@@ -73,7 +73,8 @@ for s in "$@"; do
         --out "$OUT/repartition_mps.json"
       stop_mps ;;
     sweep8b)
-      sweep llama8b 420 unified="" semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
+      sweep llama8b 420 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" \
+        semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
         semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
     sweep8b_mps)
       start_mps

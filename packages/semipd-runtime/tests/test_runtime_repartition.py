@@ -30,7 +30,7 @@ GREEDY = CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)
 def make_core(path: Path, mode: str, placement: str = "thread", **kw: object) -> EngineCore:
     cfg = CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=256, eos_token_ids=[],
                      num_pages=200, page_size=4, mode=mode, prefill_placement=placement, chunked_prefill_size=16,
-                     max_prefill_tokens=48, **kw)  # type: ignore[arg-type]
+                     max_prefill_tokens=16, **kw)  # type: ignore[arg-type]  # small batches: several per move
     return create_core(cfg)
 
 

@@ -27,6 +27,7 @@ _TRITON_MODULES = {
     "silu_and_mul": "activation",
     "apply_rotary": "rotary",
     "store_kv": "kv_store",
+    "rotary_store_kv": "rotary_kv",
     "decode_attention": "decode_attention",
     "prefill_attention": "prefill_attention",
     "sample": "sampling",
@@ -108,6 +109,20 @@ def apply_rotary(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor)
 
 def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     _pick("store_kv", k)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rotary_store_kv(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    positions: Tensor,
+    cos_sin_cache: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+) -> Tensor:
+    """apply_rotary + store_kv in one launch: returns rotated q; rotated k and v go to their cache slots."""
+    return _pick("rotary_store_kv", q)(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
 
 def decode_attention(

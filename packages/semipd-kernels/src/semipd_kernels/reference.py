@@ -22,6 +22,7 @@ __all__ = [
     "rope_cos_sin_cache",
     "apply_rotary",
     "store_kv",
+    "rotary_store_kv",
     "decode_attention",
     "prefill_attention",
     "sample",
@@ -116,6 +117,22 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     slots = slot_mapping[valid].long()
     k_cache.view(-1, hk, d).index_copy_(0, slots, k[valid].to(k_cache.dtype))
     v_cache.view(-1, hk, d).index_copy_(0, slots, v[valid].to(v_cache.dtype))
+
+
+def rotary_store_kv(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    positions: Tensor,
+    cos_sin_cache: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+) -> Tensor:
+    """apply_rotary then store_kv of the rotated k: returns rotated q, writes rotated k and v to the cache."""
+    q, k = apply_rotary(q, k, positions, cos_sin_cache)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def _gather_pages(cache: Tensor, page_table: Tensor, num_pages: int) -> Tensor:

@@ -118,6 +118,17 @@ class EngineCore:
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.page_size, device,
                  cfg.dtype, "on" if cfg.enable_radix_cache else "off")
 
+    def warm_up(self) -> None:
+        """Compile the kernels of the step shapes this core runs outside CUDA graphs (CUDA only): mixed
+        prefill+decode steps up to the chunk size in unified mode, eager decode batches above the graph sizes."""
+        with self.decode_context():
+            dt = self.runner.warm_up(self.warm_up_tokens(), self.cfg.max_running_requests, self.sampler)
+        if dt:
+            log.info("warmed up in %.2fs", dt)
+
+    def warm_up_tokens(self) -> int:
+        return self.cfg.chunked_prefill_size
+
     def capture_cuda_graphs(self) -> None:
         """Capture the decode graphs now, inside the decode partition, rather than on each size's first use."""
         if self.runner.graphs is not None:

@@ -31,6 +31,7 @@ def create_core(
     """`model`: an already built model (benchmarks with random weights); otherwise loaded from cfg.model_path."""
     if cfg.mode == "unified":
         core = EngineCore(cfg, model=model)
+        core.warm_up()
         core.capture_cuda_graphs()
         return core
     if cfg.mode != "semi-pd":
@@ -48,20 +49,22 @@ def create_core(
     part = partition or create_partition(cfg.sm_partition, *split)
     placement = prefill_placement(cfg)
 
-    def make_channel(core: SemiPDCore, part: SmPartition) -> PrefillChannel:
+    def make_channel(core: SemiPDCore, part: SmPartition, generation: int) -> PrefillChannel:
         if placement == "thread":
             # the two roles share one GIL: at the default 5 ms switch interval a decode step waiting for the GIL
             # behind the prefill thread's Python can stall for whole intervals (suspected cause of a measured p99
             # ITL of 46 ms against a p50 of 8 ms under green:50; benchmarks/RESULTS.md)
             sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
             runner = ModelRunner(core.model, core.kv_pool, cfg.page_size, cfg.max_model_len)
-            return ThreadPrefillChannel(PrefillWorker(runner, cfg.chunked_prefill_size),
-                                        part.role_context_factory("prefill"), part.sm_count["prefill"])
+            return ThreadPrefillChannel(PrefillWorker(runner, cfg.max_prefill_tokens),
+                                        part.role_context_factory("prefill"), part.sm_count["prefill"],
+                                        warm_up=generation == 0)
         from semipd_runtime.prefill_process import ProcessPrefillChannel
 
         return ProcessPrefillChannel(core, part)
 
     core = SemiPDCore(cfg, make_channel, model=model, partition=part, slo=slo)
+    core.warm_up()  # eager decode above the graph sizes (the prefill worker warms its own shapes)
     core.capture_cuda_graphs()  # inside the decode partition (a later split captures its own on first use)
     log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d; policy %s", part.kind,
              placement, part.sm_count["prefill"], part.sm_count["decode"], "slo" if slo else "static")

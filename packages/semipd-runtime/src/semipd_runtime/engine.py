@@ -98,7 +98,7 @@ class Engine:
         if core not in ("thread", "process"):
             raise ValueError(f"core must be 'thread' or 'process', got {core!r}")
         for name, v in (("max_running_requests", max_running_requests), ("page_size", page_size),
-                        ("chunked_prefill_size", chunked_prefill_size)):
+                        ("chunked_prefill_size", chunked_prefill_size), ("max_prefill_tokens", max_prefill_tokens)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if load_format not in LOAD_FORMATS:

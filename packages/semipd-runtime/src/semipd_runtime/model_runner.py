@@ -3,10 +3,14 @@ forward pass. It allocates nothing in the pool: callers say which pages each req
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from semipd_kernels import ops
+from semipd_runtime.messages import CoreSampling
 from semipd_memory import KVPool
 from semipd_runtime.cuda_graph import DecodeGraphRunner
 from semipd_runtime.forward_batch import AttentionMetadata
@@ -57,8 +61,8 @@ class ModelRunner:
         seq_lens = [s + n for s, n in zip(starts, num_new)]
         page_table = page_table[:, : -(-max(seq_lens) // ps)].contiguous()
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        tok_req = torch.repeat_interleave(
-            torch.arange(len(chunks), device=dev), torch.tensor(num_new, device=dev)
+        tok_req = torch.repeat_interleave(  # output_size: no device -> host sync to learn the length
+            torch.arange(len(chunks), device=dev), torch.tensor(num_new, device=dev), output_size=len(ids)
         )
         slot_mapping = page_table[tok_req, pos // ps].long() * ps + pos % ps
         meta = AttentionMetadata(
@@ -85,3 +89,32 @@ class ModelRunner:
             return g.run([c[0] for c in chunks], starts, page_table)
         input_ids, meta = self.build_metadata(chunks, starts, page_table, sample_rows)
         return self.model(input_ids, meta)
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int, max_batch: int, sample: Callable[..., object] | None = None) -> float:
+        """Run the non-graph shapes serving will hit before the first request does: Triton compiles a kernel per
+        specialisation (block sizes, batch-size buckets, ints divisible by 16 or not), 0.3-2 s each, which
+        would otherwise land in some request's TTFT. Writes no KV (every slot -1) and reads page 0 only, so it
+        is safe while other workers use the pool. `sample(logits, params, steps)` warms the sampler too. CUDA
+        only (nothing is compiled on CPU). Returns seconds."""
+        if self.device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        shapes: list[list[int]] = [[max_tokens], [max(1, max_tokens - 1)]]
+        if max_tokens > 4096:
+            shapes.append([4095])  # the prefill kernel's smaller-block variant
+        for bsz in (2, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257):
+            if bsz <= max_batch + 1:
+                shapes += [[min(64, max_tokens)] + [1] * (bsz - 1), [1] * bsz]  # mixed step; eager decode
+        greedy = CoreSampling(temperature=0.0)
+        for lens in shapes:
+            starts = [16 * (i % 4) for i in range(len(lens))]
+            width = -(-(max(s + n for s, n in zip(starts, lens))) // self.page_size)
+            table = torch.zeros((len(lens), width), dtype=torch.int32, device=self.device)
+            ids, meta = self.build_metadata([[0] * n for n in lens], starts, table, list(range(len(lens))))
+            meta.slot_mapping.fill_(-1)
+            logits = self.model(ids, meta)
+            if sample is not None:
+                sample(logits, [greedy] * len(lens), [0] * len(lens))
+        torch.cuda.current_stream(self.device).synchronize()
+        return time.perf_counter() - t0

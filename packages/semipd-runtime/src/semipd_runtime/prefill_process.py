@@ -47,6 +47,8 @@ def run_prefill_process(
         model = bind_tensors(lambda: LlamaForCausalLM(model_cfg), weights)
         kv_pool = KVPool.from_buffer(kv_buffer, **kv_shape)
         runner = ModelRunner(model, kv_pool, cfg.page_size, cfg.max_model_len)
+        worker = PrefillWorker(runner, cfg.max_prefill_tokens)
+        worker.warm_up()  # before ready: a standby takes batches only once its kernels are compiled
         tensors = list(weights.values()) + [kv_buffer]
         all_shared = all(t.is_cuda or t.is_shared() for t in tensors)
         mapped = sum(t.numel() * t.element_size() for t in tensors)
@@ -58,7 +60,7 @@ def run_prefill_process(
                     return Shutdown()
             return dec.decode(pull.recv())
 
-        prefill_loop(PrefillWorker(runner, cfg.chunked_prefill_size), recv, lambda m: push.send(enc.encode(m)))
+        prefill_loop(worker, recv, lambda m: push.send(enc.encode(m)))
     finally:
         push.close(linger=1000)
         pull.close(linger=0)

@@ -34,10 +34,19 @@ log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
+    """chunk_size: tokens per forward (semi-PD: max_prefill_tokens; chunking here only bounds activation
+    memory, since decode runs beside it rather than inside the same step)."""
+
     def __init__(self, runner: ModelRunner, chunk_size: int) -> None:
         self.runner = runner
         self.chunk_size = chunk_size
         self.sampler = Sampler()
+
+    def warm_up(self) -> None:
+        """Compile the prefill kernels at this worker's shapes before the first batch (CUDA only)."""
+        dt = self.runner.warm_up(self.chunk_size, 64, self.sampler)
+        if dt:
+            log.info("prefill worker warmed up in %.2fs (forwards up to %d tokens)", dt, self.chunk_size)
 
     def run(self, batch: PrefillBatch) -> PrefillDone:
         t0 = time.perf_counter()
@@ -91,8 +100,10 @@ class ThreadPrefillChannel:
 
     def __init__(
         self, worker: PrefillWorker, role_context: Callable[[], AbstractContextManager[object]] = nullcontext,
-        sm_count: int = 0,
+        sm_count: int = 0, warm_up: bool = False,
     ) -> None:
+        """warm_up: compile kernels first (the first generation; later ones find them compiled in-process)."""
+        self.warm = warm_up
         self.inbox: queue.Queue[ToPrefill] = queue.Queue()
         self.outbox: queue.Queue[FromPrefill] = queue.Queue()
         self.worker, self.role_context = worker, role_context
@@ -104,6 +115,8 @@ class ThreadPrefillChannel:
     def _run(self) -> None:
         try:
             with self.role_context():
+                if self.warm:
+                    self.worker.warm_up()
                 prefill_loop(self.worker, self.inbox.get, self.outbox.put)
         except Exception:
             pass  # already reported as PrefillFailed

@@ -44,7 +44,7 @@ class SemiPDCore(EngineCore):
     def __init__(
         self,
         cfg: CoreConfig,
-        make_channel: Callable[[SemiPDCore, SmPartition], PrefillChannel],
+        make_channel: Callable[[SemiPDCore, SmPartition, int], PrefillChannel],  # (core, split, generation)
         model: LlamaForCausalLM | None = None,
         partition: SmPartition | None = None,
         slo: SloController | None = None,
@@ -60,10 +60,13 @@ class SemiPDCore(EngineCore):
         self.prefill_error = ""
         self.prefill_sm, self.decode_sm = partition.sm_count["prefill"], partition.sm_count["decode"]
         self.prefill_info = PrefillReady()
-        self.channel = PrefillRouter(lambda part, _gen: make_channel(self, part), partition)
+        self.channel = PrefillRouter(lambda part, gen: make_channel(self, part, gen), partition)
         self.channel.on_switch = self._on_switch
         self.channel.on_retire = self._on_retire
         self.decode_context = self.channel.decode_context  # the *current* split's decode context, per step
+
+    def warm_up_tokens(self) -> int:
+        return 1  # the decode side never prefills; its worker warms up the prefill shapes
 
     # --- SM split ---------------------------------------------------------------------------------------------
     def repartition(self, prefill_percent: float, decode_percent: float) -> bool:

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests allowed to wait beyond the running ones; more get HTTP 429 (default: no limit)",
     )
-    s.add_argument("--chunked-prefill-size", type=_positive, default=512, help="prefill tokens per step")
+    s.add_argument("--chunked-prefill-size", type=_positive, default=512,
+                   help="unified mode: prefill tokens per step (mixed with the decode batch)")
+    s.add_argument("--max-prefill-tokens", type=_positive, default=8192,
+                   help="semi-pd: prompt tokens per prefill batch and forward (a longer prompt runs in chunks of it)")
     s.add_argument("--page-size", type=_positive, default=16, help="tokens per KV cache page")
     s.add_argument("--num-pages", type=_positive, default=None, help="KV pages (default: from memory)")
     s.add_argument(
@@ -176,6 +179,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_running_requests": args.max_running_requests,
         "max_queued_requests": args.max_queued_requests,
         "chunked_prefill_size": args.chunked_prefill_size,
+        "max_prefill_tokens": args.max_prefill_tokens,
         "page_size": args.page_size,
         "num_pages": args.num_pages,
         "mem_fraction_static": args.mem_fraction_static,

@@ -46,9 +46,10 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim))[0].view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim))[0].view_as(k)
-        q, k = ops.apply_rotary(q, k, meta.positions, meta.cos_sin_cache)
         k_cache, v_cache = meta.kv_pool.k(self.layer_id), meta.kv_pool.v(self.layer_id)
-        ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        q = ops.rotary_store_kv(
+            q, k, v, meta.positions, meta.cos_sin_cache, k_cache, v_cache, meta.slot_mapping
+        )
         if meta.is_decode:
             o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens, self.scale)
         else:
