@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--cases", type=parse_case, nargs="+", default=[parse_case(c) for c in (
         "prefill:512@0", "prefill:512@2560", "prefill:2048@0", "prefill:8192@0", "mixed:512+32@2560",
-        "decode:32@2560")])
+        "decode:32@2560", "decode:64@2048")])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--green-percent", type=int, nargs="*", default=[58, 30],
