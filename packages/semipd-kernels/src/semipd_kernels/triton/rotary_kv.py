@@ -55,12 +55,14 @@ def _rotary_store_kv_kernel(
         kv_mask = kh < num_kv_heads
         k1, k2 = _load_halves(k_ptr + tok * k_tok_stride + kh * k_head_stride + cols, kv_mask, HALF)
         v1, v2 = _load_halves(v_ptr + tok * v_tok_stride + kh * v_head_stride + cols, kv_mask, HALF)
-        r1, r2 = _rotate(k1, k2, cos, sin)
+        # new names only: the compiler rejects a block that rebinds a variable to another type
+        kr1, kr2 = _rotate(k1, k2, cos, sin)
         # cache slots are contiguous [Hk, D] rows; the double cast mirrors apply_rotary's k output dtype
         dst = slot * num_kv_heads * (2 * HALF) + kh * (2 * HALF) + cols
-        k_ty, cache_ty = k_ptr.dtype.element_ty, k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst, r1.to(k_ty).to(cache_ty), mask=kv_mask)
-        tl.store(k_cache_ptr + dst + HALF, r2.to(k_ty).to(cache_ty), mask=kv_mask)
+        kc1 = kr1.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        kc2 = kr2.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        tl.store(k_cache_ptr + dst, kc1, mask=kv_mask)
+        tl.store(k_cache_ptr + dst + HALF, kc2, mask=kv_mask)
         tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(v_cache_ptr + dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
