@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call: install the carried wheels, start MPS, run the named GPU stages, logs + JSON into $OUT.
-#   bash benchmarks/gpu_suite.sh checks ipc offline interference serving decode_step
+#   bash benchmarks/gpu_suite.sh checks ipc offline interference serving decode_step prefix_cache
 # Each stage has its own time limit so one hang cannot eat the whole call; a failed stage does not stop the rest.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -85,6 +85,9 @@ for s in "$@"; do
         semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
     step_profile)
       stage step_profile 240 python3 benchmarks/bench_step_profile.py --shape llama-3.1-8b --out "$OUT/step_profile.json" ;;
+    prefix_cache)
+      stage prefix_cache 200 python3 benchmarks/bench_prefix_cache.py --shape llama-3.1-8b --prefix-len 4096 \
+        --suffix-len 64 --repeats 5 --out "$OUT/prefix_cache.json" ;;
     compare)
       for f in "$OUT"/sweep_*.json; do python3 benchmarks/bench_serving.py --compare "$f" --plot-dir "${f%.json}_plots"; done ;;
     *) echo "unknown stage $s" ;;

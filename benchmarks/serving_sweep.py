@@ -8,7 +8,8 @@ it, and compare all configurations in one results file, table and set of plots.
         --out $OUT/sweep.json --plot-dir $OUT
 
 Everything after a config's `=` is passed to `semipd-server` on top of --server-args; --bench-args go to every
-bench_serving run. Server logs land beside the results file (<out stem>.<label>.log).
+bench_serving run (`semipd-bench-serving`: `semipd_server.bench.serving`). Server logs land beside the results
+file (<out stem>.<label>.log).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from semipd_server.bench import serving as bench_serving
 from semipd_server.testing import ServerProcess
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_serving  # noqa: E402
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
-"""bench_serving: statistics and arrivals on synthetic data, the streaming client against a scripted SSE
-server with known delays, and the whole benchmark end to end against the real semipd server."""
+"""semipd-bench-serving (semipd_server.bench): statistics and arrivals on synthetic data, the streaming
+client against a scripted SSE server with known delays, the installed console script, and the whole benchmark
+(through the benchmarks/bench_serving.py wrapper) end to end against the real semipd server."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))  # benchmarks/ is not a package
-import bench_serving  # noqa: E402
-import serving_data as data  # noqa: E402
-from serving_data import RequestRecord  # noqa: E402
+from semipd_server.bench import serving as bench_serving
+from semipd_server.bench import serving_client as client
+from semipd_server.bench import serving_data as data
+from semipd_server.bench.serving_data import RequestRecord
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"  # the thin script wrapper lives there
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -189,10 +192,10 @@ def test_sm_split_from_prometheus_text() -> None:
             'semipd:sm_split{model_name="m",role="prefill"} 88.0\n'
             'semipd:sm_split{model_name="m",role="decode"} 44.0\n'
             'semipd:num_requests_running{model_name="m"} 3.0\n')
-    assert bench_serving.sm_split_from_metrics(text) == (88.0, 44.0)
-    assert bench_serving.sm_split_from_metrics("engine_prefill_sm_count 10\nengine_decode_sm_count 20\n") == (
+    assert client.sm_split_from_metrics(text) == (88.0, 44.0)
+    assert client.sm_split_from_metrics("engine_prefill_sm_count 10\nengine_decode_sm_count 20\n") == (
         10.0, 20.0)
-    assert bench_serving.sm_split_from_metrics('vllm:num_requests_running{model_name="m"} 1.0\n') is None
+    assert client.sm_split_from_metrics('vllm:num_requests_running{model_name="m"} 1.0\n') is None
 
 
 # --- client against a scripted SSE server -------------------------------------------------------------------
@@ -269,11 +272,11 @@ def scripted() -> Iterator[ScriptedServer]:
 
 
 def test_client_times_stream_and_reports_errors(scripted: ScriptedServer) -> None:
-    target = bench_serving.Target(scripted.url, "toy", "completions", True, 0.0, {})
+    target = client.Target(scripted.url, "toy", "completions", True, 0.0, {})
 
     async def go() -> list[RequestRecord]:
-        async with bench_serving.httpx.AsyncClient(trust_env=False) as client:
-            return [await bench_serving.send_request(client, target, data.SampleRequest(p, 3, 5), 0.0)
+        async with httpx.AsyncClient(trust_env=False) as http:
+            return [await client.send_request(http, target, data.SampleRequest(p, 3, 5), 0.0)
                     for p in ("one two three", "please FAIL")]
 
     ok, failed = asyncio.run(go())
@@ -323,7 +326,8 @@ def test_cli_sweep_results_file_compare_and_plots(scripted: ScriptedServer, tmp_
     else:
         with pytest.raises(SystemExit):
             bench_serving.main(["--compare", str(out), "--plot-dir", str(plot_dir)])
-        assert "--plot-dir needs matplotlib" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--plot-dir needs matplotlib" in err and "semipd-server[bench]" in err
 
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -334,6 +338,15 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             bench_serving.main(argv)
         assert needle in capsys.readouterr().err
+
+
+def test_console_script_is_installed() -> None:
+    """`semipd-bench-serving` is an entry point of semipd-server: installed beside the interpreter."""
+    script = Path(sys.executable).parent / "semipd-bench-serving"
+    assert script.is_file(), f"{script} missing: is semipd-server installed in this environment?"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage: semipd-bench-serving") and "--request-rates" in done.stdout
 
 
 # --- end to end against the real server ---------------------------------------------------------------------
@@ -355,8 +368,6 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m semipd_server.cli` with the default model on a free port; waits for /health."""
-    import httpx
-
     port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed after the process
