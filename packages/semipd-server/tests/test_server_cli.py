@@ -33,6 +33,7 @@ FLAGS = [
     "--disable-cuda-graph",
     "--load-format",
     "--disable-radix-cache",
+    "--disable-overlap-schedule",
 ]
 
 
@@ -84,6 +85,8 @@ def test_semi_pd_and_cuda_graph_flags() -> None:
         "semi-pd", "green", 32, True)
     assert kw["enable_radix_cache"] is True
     assert engine_kwargs(build_parser().parse_args(["--disable-radix-cache"]))["enable_radix_cache"] is False
+    assert kw["disable_overlap_schedule"] is False
+    assert engine_kwargs(build_parser().parse_args(["--disable-overlap-schedule"]))["disable_overlap_schedule"]
 
 
 @pytest.mark.parametrize(

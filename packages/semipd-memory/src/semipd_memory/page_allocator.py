@@ -315,7 +315,10 @@ class PageAllocator:
 
     def _write_row(self, slot: int, start: int, pages: list[int]) -> None:
         if pages:
-            self.req_to_page[slot, start : start + len(pages)] = torch.tensor(pages, dtype=torch.int32)
+            # from pinned memory, queued on the stream: a pageable copy would wait for the step in flight
+            cuda = self.device.type == "cuda"
+            src = torch.tensor(pages, dtype=torch.int32, pin_memory=cuda)
+            self.req_to_page[slot, start : start + len(pages)].copy_(src, non_blocking=cuda)
 
     def _num_own(self, slot: int) -> int:
         return len(self._slot_pages[slot]) - self._slot_shared[slot]

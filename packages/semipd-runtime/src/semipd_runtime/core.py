@@ -1,7 +1,14 @@
 """EngineCore: scheduler + model runner + sampler behind a token-level API (no text, no asyncio).
 
 The front end (`Engine`) talks to it in-process through a thread, or across a process boundary with the same
-messages (`core_client.py`)."""
+messages (`core_client.py`).
+
+A step is launched (inputs built, forward and sampling queued on the device, a copy of the tokens to host
+memory started) and later resolved (wait for that copy, accept the tokens, emit events). With
+`overlap_schedule` the core schedules and launches step N+1 before it resolves step N, so the device is never
+idle while the host schedules: tokens N samples are placeholders in N+1's inputs, filled on the device; a
+request that turns out to stop at N had a row in N+1, discarded; pages released while a step that includes
+their request is in flight come back when it resolves (`Scheduler.resolved`)."""
 
 from __future__ import annotations
 
@@ -15,13 +22,14 @@ import torch
 
 from semipd_memory import KVPool, PageAllocator, RadixCache
 from semipd_runtime.errors import InvalidRequestError
+from semipd_runtime.forward_batch import to_device
 from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.request import Request, RequestStatus
-from semipd_runtime.sampler import Sampler
+from semipd_runtime.sampler import SampledTokens, Sampler
 from semipd_runtime.scheduler import ScheduledBatch, Scheduler
 from semipd_runtime.slo_control import SloSettings
 
@@ -58,6 +66,9 @@ class CoreConfig:
     disable_cuda_graph: bool = False
     load_format: str = "auto"  # "auto" (safetensors) | "dummy" (random weights at the config's shapes)
     slo: SloSettings | None = None  # semi-PD partition_policy "slo" (None: static split)
+    # schedule and launch step N+1 before reading step N's tokens (SGLang's overlap scheduler): the device never
+    # waits for the host between steps; same outputs
+    overlap_schedule: bool = True
 
     def graph_max_bs(self) -> int:
         if self.disable_cuda_graph:
@@ -78,6 +89,30 @@ def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device:
     if pages < 1:
         raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes); lower the model size")
     return pages
+
+
+@dataclass(slots=True)
+class StepInFlight:
+    """A launched step: its sampled tokens stay on the device (the next step reads its placeholders there)
+    until `EngineCore.resolve` reads their host copy."""
+
+    step: int  # the scheduler's number of it
+    requests: list[Request]  # the sampled ones, by row
+    index: list[int]  # where each row's placeholder sits in its request's output_ids
+    sampled: SampledTokens | None
+    done: torch.cuda.Event | None  # recorded after all its work (CUDA)
+    launched_at: float
+    num_requests: int
+    num_context: int  # tokens in the cache before the step (its requests')
+    elapsed_s: float = 0.0  # set by resolve: from max(launch, the step before done) to done
+
+
+def _record_event(device: torch.device) -> torch.cuda.Event | None:
+    if device.type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record()
+    return ev
 
 
 class EngineCore:
@@ -114,6 +149,9 @@ class EngineCore:
         self.eos = set(cfg.eos_token_ids)
         self.num_steps = 0
         self.pending: list[TokenEvent] = []  # events produced outside step() (aborts, rejections)
+        self.scheduler.ends = self._ends
+        self.inflight: StepInFlight | None = None  # overlap mode: launched, not resolved yet
+        self._last_done_at = 0.0
         self._last_expiry = 0.0
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.page_size, device,
                  cfg.dtype, "on" if cfg.enable_radix_cache else "off")
@@ -195,7 +233,7 @@ class EngineCore:
                 self.abort(req.rid, "abort", f"request timed out while {req.status.value}", 504)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.inflight is not None
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -212,46 +250,101 @@ class EngineCore:
 
     # --- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        """Overlap mode: schedule and launch step N+1, then resolve step N (the device runs N+1 while the host
+        reads N's tokens and builds N+2). Otherwise: launch and resolve the one step."""
         self.expire()
         events, self.pending = self.pending, []
         batch = self.scheduler.schedule()
-        if batch is not None:
-            events += self.run_batch(batch)
+        if not self.cfg.overlap_schedule:
+            if batch is not None:
+                events += self.run_batch(batch)
+            return events
+        prev = self.inflight
+        self.inflight = self.launch(batch, prev) if batch is not None else None
+        if prev is not None:
+            events += self.resolve(prev)
         return events
 
     def run_batch(self, batch: ScheduledBatch) -> list[TokenEvent]:
         """One forward over the batch, sample where a request reached its last known token, emit events."""
+        return self.resolve(self.launch(batch))
+
+    def launch(self, batch: ScheduledBatch, prev: StepInFlight | None = None) -> StepInFlight:
+        """Queue the forward over the batch and the sampling of each request that reaches its last known token;
+        nothing here waits for the device. A sampled request gets a placeholder output id (-1 - its row) until
+        `resolve`; placeholders among the inputs are the tokens of `prev`, the step still in flight, read
+        on the device."""
+        t0 = time.perf_counter()
+        if prev is not None and prev.done is not None:  # the stream may be another one (a new SM split)
+            torch.cuda.current_stream(self.runner.device).wait_event(prev.done)
         sample_rows = [i for i in range(len(batch.requests)) if batch.samples(i)]
         chunks = [r.token_slice(r.num_computed, r.num_computed + n)
                   for r, n in zip(batch.requests, batch.num_new_tokens)]
+        starts = [r.num_computed for r in batch.requests]
         table = self.allocator.req_to_page
-        slots = torch.tensor([r.slot for r in batch.requests], dtype=torch.long, device=table.device)
-        page_table = table.index_select(0, slots)
-        logits = self.runner.forward(chunks, [r.num_computed for r in batch.requests], page_table, sample_rows)
+        page_table = table.index_select(0, to_device([r.slot for r in batch.requests], torch.long, table.device))
+        prev_tokens = prev.sampled.tokens if prev is not None and prev.sampled is not None else None
+        if prev_tokens is not None and prev_tokens.is_cuda:  # read here, maybe on another stream than its own
+            prev_tokens.record_stream(torch.cuda.current_stream(self.runner.device))
+        logits = self.runner.forward(chunks, starts, page_table, sample_rows, prev_tokens)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed += n
         self.num_steps += 1
-        if not sample_rows:
-            return []
+        step = self.scheduler.launched(batch)
         reqs = [batch.requests[i] for i in sample_rows]
-        tokens, logprobs = self.sampler(logits, [r.sampling for r in reqs], [len(r.output_ids) for r in reqs])
-        return [self.accept_token(req, tok, lp) for req, tok, lp in zip(reqs, tokens, logprobs)]
+        sampled = None
+        if reqs:
+            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], [len(r.output_ids) for r in reqs])
+        index = []
+        for j, req in enumerate(reqs):
+            index.append(len(req.output_ids))
+            req.output_ids.append(-1 - j)
+        done = sampled.ready if sampled is not None else _record_event(logits.device)
+        return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts))
+
+    def resolve(self, st: StepInFlight) -> list[TokenEvent]:
+        """Wait for a launched step (its own work, nothing queued after it), put its tokens in place of the
+        placeholders, release what waited for it, finish requests, emit their events. A request that ended
+        after the step was launched (stop token of the step before, abort) has its row discarded."""
+        tokens, logprobs = st.sampled.read() if st.sampled is not None else ([], [])
+        if st.sampled is None and st.done is not None:
+            st.done.synchronize()
+        now = time.perf_counter()
+        st.elapsed_s = now - max(st.launched_at, self._last_done_at)  # the step's own time, not its overlap
+        self._last_done_at = now
+        self.scheduler.resolved(st.step)
+        events = []
+        for req, i, tok, lp in zip(st.requests, st.index, tokens, logprobs):
+            if req.status is not RequestStatus.FINISHED:
+                req.output_ids[i] = tok
+                events.append(self._accepted(req, i, tok, lp))
+        return events
 
     def accept_token(self, req: Request, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
         req.output_ids.append(tok)
-        reason = self._finish_reason(req, tok)
+        return self._accepted(req, len(req.output_ids) - 1, tok, lp)
+
+    def _accepted(self, req: Request, i: int, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
+        """output_ids[i] = tok is known now: finish req if it ends there."""
+        reason = self._finish_reason(req, tok, i + 1)
         if reason is not None:
+            del req.output_ids[i + 1 :]  # the placeholder of a step in flight: that row is discarded
             self.scheduler.finish(req, reason)
             self.requests.pop(req.rid, None)
         return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason)
 
-    def _finish_reason(self, req: Request, tok: int) -> str | None:
+    def _finish_reason(self, req: Request, tok: int, num_out: int) -> str | None:
+        """Why req ends at its num_out-th output token tok (None: it goes on)."""
         s = req.sampling
         if (not s.ignore_eos and tok in self.eos) or tok in s.stop_token_ids:
             return "stop"
-        if len(req.output_ids) >= s.max_tokens or req.seq_len >= self.cfg.max_model_len:
+        if num_out >= s.max_tokens or len(req.prompt_ids) + num_out >= self.cfg.max_model_len:
             return "length"
         return None
+
+    def _ends(self, req: Request) -> bool:
+        """Its newest output id (a placeholder) is its last whatever its value: never schedule it again."""
+        return len(req.output_ids) >= req.sampling.max_tokens or req.seq_len >= self.cfg.max_model_len
 
     def close(self) -> None:
         """Release workers the core started (none for the unified core)."""

@@ -79,7 +79,8 @@ def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: Outpu
         elif not idle_reported:
             stats = core.stats()
             try:  # cheap, catches leaks early: when idle every page is free or cached-evictable
-                core.allocator.check_integrity()  # covers the radix cache's tree and refcounts too
+                with core.decode_context():  # reads the page table on the stream that wrote it
+                    core.allocator.check_integrity()  # covers the radix cache's tree and refcounts too
                 if core.allocator.num_used_pages:
                     stats.integrity_error = f"{core.allocator.num_used_pages} pages held while idle"
             except AssertionError as e:

@@ -20,10 +20,18 @@ import torch
 from torch import Tensor
 
 from semipd_memory import KVPool
-from semipd_runtime.forward_batch import AttentionMetadata
+from semipd_runtime.forward_batch import AttentionMetadata, to_device
 from semipd_runtime.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
+
+
+def fill_placeholders(ids: Tensor, prev_tokens: Tensor | None) -> Tensor:
+    """ids with each placeholder -1 - j replaced by prev_tokens[j] (the step before's sampled tokens, still on
+    the device: the host never waits for them)."""
+    assert prev_tokens is not None and prev_tokens.numel() > 0, "placeholder ids without the step they come from"
+    src = prev_tokens.index_select(0, (-1 - ids).clamp(0, prev_tokens.numel() - 1))
+    return torch.where(ids < 0, src, ids)
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -49,7 +57,6 @@ class DecodeGraphRunner:
         vocab = model.config.vocab_size
         # rows: input ids, positions, seq_lens (one H2D copy per step)
         self.inputs = torch.zeros((3, self.max_bs), dtype=torch.long, device=dev)
-        self.host = torch.zeros((3, self.max_bs), dtype=torch.long, pin_memory=dev.type == "cuda")
         self.page_table = torch.full((self.max_bs, max_pages_per_req), -1, dtype=torch.int32, device=dev)
         self.logits = torch.zeros((self.max_bs, vocab), dtype=torch.float32, device=dev)
         self.arange = torch.arange(self.max_bs + 1, device=dev)
@@ -129,8 +136,11 @@ class DecodeGraphRunner:
         return len(keys)
 
     @torch.inference_mode()
-    def run(self, token_ids: list[int], positions: list[int], page_table: Tensor) -> Tensor:
-        """float32 logits [n, vocab] of one decode token per request (row i: token_ids[i] at positions[i])."""
+    def run(self, token_ids: list[int], positions: list[int], page_table: Tensor,
+            prev_tokens: Tensor | None = None) -> Tensor:
+        """float32 logits [n, vocab] of one decode token per request (row i: token_ids[i] at positions[i]); a
+        negative id is a placeholder filled from prev_tokens (see `fill_placeholders`), in the static input
+        buffer right before the replay."""
         n = len(token_ids)
         bs = self.padded_size(n)
         if bs is None:
@@ -141,13 +151,13 @@ class DecodeGraphRunner:
             if (key, bs) not in self.graphs:
                 self.capture([bs])  # first decode of this size in this partition (normally captured ahead)
             g = self.graphs[(key, bs)]
-        host = self.host
-        host[:, n:bs] = 0  # padded rows: token 0 at position 0, seq_len 0
-        host[0, :n] = torch.tensor(token_ids, dtype=torch.long)
-        host[1, :n] = torch.tensor(positions, dtype=torch.long)
-        host[2, :n] = host[1, :n] + 1
-        # non_blocking is safe: the previous step's sampled tokens were read back (a sync) before this rewrite
-        self.inputs[:, :bs].copy_(host[:, :bs], non_blocking=True)
+        pad = [0] * (bs - n)  # padded rows: token 0 at position 0, seq_len 0
+        rows = [token_ids + pad, positions + pad, [p + 1 for p in positions] + pad]
+        # a fresh pinned block per step: the copy of the step in flight may still read the last one
+        self.inputs[:, :bs].copy_(to_device(rows, torch.long, self.device))
+        if min(token_ids) < 0:
+            ids = self.inputs[0, :n]
+            ids.copy_(fill_placeholders(ids, prev_tokens))
         w = min(page_table.shape[1], self.page_table.shape[1])
         self.page_table[:n, :w].copy_(page_table[:, :w])
         self.page_table[n:bs, 0] = -1

@@ -79,10 +79,13 @@ class Engine:
         repartition_interval_s: float = 2.0,
         slo_options: Mapping[str, Any] | None = None,
         enable_radix_cache: bool = True,
+        disable_overlap_schedule: bool = False,
     ) -> None:
         """partition_policy "slo" (semi-pd only): an SLO-aware controller moves the SM split at run time to keep
         TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, re-deciding every repartition_interval_s; `slo_options`
-        sets the other SloSettings fields (e.g. profile_splits, profile_cache_dir, min_dwell_s)."""
+        sets the other SloSettings fields (e.g. profile_splits, profile_cache_dir, min_dwell_s).
+        disable_overlap_schedule: resolve each step before scheduling the next (by default step N+1 is
+        scheduled and launched while step N runs on the device; same outputs)."""
         if mode not in ("unified", "semi-pd"):
             raise ValueError(f"mode must be 'unified' or 'semi-pd', got {mode!r}")
         if sm_partition not in ("none", "green", "mps"):
@@ -134,7 +137,7 @@ class Engine:
             sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
             decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens, slo=slo,
             cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=disable_cuda_graph, load_format=load_format,
-            enable_radix_cache=enable_radix_cache,
+            enable_radix_cache=enable_radix_cache, overlap_schedule=not disable_overlap_schedule,
         )
         self.mode = mode
         self._lock = threading.Lock()

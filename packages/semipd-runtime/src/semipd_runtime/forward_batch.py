@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -22,3 +23,29 @@ class AttentionMetadata:
     is_decode: bool  # every request brings exactly one new token
     kv_pool: KVPool
     cos_sin_cache: Tensor  # float32 [max_positions, head_dim]
+
+
+def to_device(data: list[int] | list[float] | list[list[int]] | list[list[float]], dtype: torch.dtype,
+              device: torch.device) -> Tensor:
+    """A host list as a device tensor without a host sync. `torch.tensor(data, device=cuda)` copies from
+    pageable memory and then waits for the stream (everything queued on it, e.g. the step in flight); a copy
+    from pinned memory is queued instead, and the caching host allocator reuses the pinned block only once
+    that copy is done."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def to_device_parts(parts: list[list[int]] | list[list[float]], dtype: torch.dtype,
+                    device: torch.device) -> list[Tensor]:
+    """Several host lists as device tensors through one copy (`to_device`). Each starts 16-byte aligned:
+    Triton specializes a kernel on whether its pointers are, so a misaligned view would compile another."""
+    per = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    flat: list[Any] = []
+    offsets = []
+    for part in parts:
+        offsets.append(len(flat))
+        flat += part
+        flat += [0] * (-len(part) % per)
+    buf = to_device(flat, dtype, device)
+    return [buf[o : o + len(part)] for o, part in zip(offsets, parts)]

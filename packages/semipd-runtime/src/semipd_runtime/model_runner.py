@@ -12,8 +12,8 @@ from torch import Tensor
 from semipd_kernels import ops
 from semipd_runtime.messages import CoreSampling
 from semipd_memory import KVPool
-from semipd_runtime.cuda_graph import DecodeGraphRunner
-from semipd_runtime.forward_batch import AttentionMetadata
+from semipd_runtime.cuda_graph import DecodeGraphRunner, fill_placeholders
+from semipd_runtime.forward_batch import AttentionMetadata, to_device_parts
 from semipd_runtime.models.llama import LlamaForCausalLM
 
 
@@ -47,10 +47,12 @@ class ModelRunner:
         return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32, device=self.device)
 
     def build_metadata(
-        self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int]
+        self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int],
+        prev_tokens: Tensor | None = None,
     ) -> tuple[Tensor, AttentionMetadata]:
         """chunks[i]: new token ids of request i, whose first sits at position starts[i]; page_table row i
-        holds its pages (at least up to starts[i] + len(chunks[i]))."""
+        holds its pages (at least up to starts[i] + len(chunks[i])). A negative id -1 - j is a placeholder for
+        the token sampled in row j of the step before (still on the device: `prev_tokens`)."""
         dev, ps = self.device, self.page_size
         num_new = [len(c) for c in chunks]
         ids = [t for c in chunks for t in c]
@@ -60,34 +62,39 @@ class ModelRunner:
             cu.append(cu[-1] + n)
         seq_lens = [s + n for s, n in zip(starts, num_new)]
         page_table = page_table[:, : -(-max(seq_lens) // ps)].contiguous()
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        # one host -> device copy for every per-token and per-request list
+        input_ids, pos, lens, cu_t, logits_indices, num_new_t = to_device_parts(
+            [ids, positions, seq_lens, cu, [cu[i + 1] - 1 for i in sample_rows], num_new], torch.long, dev)
+        input_ids = fill_placeholders(input_ids, prev_tokens) if min(ids) < 0 else input_ids
         tok_req = torch.repeat_interleave(  # output_size: no device -> host sync to learn the length
-            torch.arange(len(chunks), device=dev), torch.tensor(num_new, device=dev), output_size=len(ids)
+            torch.arange(len(chunks), device=dev), num_new_t, output_size=len(ids)
         )
         slot_mapping = page_table[tok_req, pos // ps].long() * ps + pos % ps
         meta = AttentionMetadata(
             positions=pos,
             slot_mapping=slot_mapping,
             page_table=page_table,
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            logits_indices=torch.tensor([cu[i + 1] - 1 for i in sample_rows], dtype=torch.long, device=dev),
+            seq_lens=lens.int(),
+            cu_seqlens_q=cu_t.int(),
+            logits_indices=logits_indices,
             is_decode=all(n == 1 for n in num_new),
             kv_pool=self.kv_pool,
             cos_sin_cache=self.cos_sin_cache,
         )
-        return torch.tensor(ids, dtype=torch.long, device=dev), meta
+        return input_ids, meta
 
     @torch.inference_mode()
     def forward(
-        self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int]
+        self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int],
+        prev_tokens: Tensor | None = None,
     ) -> Tensor:
-        """float32 logits [len(sample_rows), vocab] for the last new token of each request in sample_rows."""
+        """float32 logits [len(sample_rows), vocab] for the last new token of each request in sample_rows.
+        Placeholder ids (see `build_metadata`) are read from `prev_tokens` on the device."""
         g = self.graphs
         if (g is not None and len(chunks) <= g.max_bs and sample_rows == list(range(len(chunks)))
                 and all(len(c) == 1 for c in chunks)):
-            return g.run([c[0] for c in chunks], starts, page_table)
-        input_ids, meta = self.build_metadata(chunks, starts, page_table, sample_rows)
+            return g.run([c[0] for c in chunks], starts, page_table, prev_tokens)
+        input_ids, meta = self.build_metadata(chunks, starts, page_table, sample_rows, prev_tokens)
         return self.model(input_ids, meta)
 
     @torch.inference_mode()

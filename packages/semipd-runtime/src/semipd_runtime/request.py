@@ -29,11 +29,17 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    last_step: int = 0  # newest launched step it is in: that step may write its pages until it resolves
     pending_logprobs: list[TokenLogprobMsg] = field(default_factory=list)
 
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def has_placeholder(self) -> bool:
+        """Its newest output token is sampled by a step in flight (a negative id until that step resolves)."""
+        return bool(self.output_ids) and self.output_ids[-1] < 0
 
     @property
     def num_uncomputed(self) -> int:

@@ -1,47 +1,81 @@
-"""Turn logits into next tokens (+ logprobs) for a batch with per-row sampling parameters."""
+"""Turn logits into next tokens (+ logprobs) for a batch with per-row sampling parameters.
+
+`sample` only queues work: the tokens stay on the device (the next step can read them there) and a copy to
+host memory is started; `SampledTokens.read` waits for that copy alone. Logprobs are computed at launch too,
+since the logits may live in a static buffer the next step overwrites (CUDA graphs)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from semipd_kernels import ops
+from semipd_runtime.forward_batch import to_device, to_device_parts
 from semipd_runtime.messages import CoreSampling, TokenLogprobMsg
+
+
+def _to_host(t: Tensor) -> Tensor:
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return out.copy_(t, non_blocking=True)
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    tokens: Tensor  # int64 [S] on the device
+    host: Tensor  # its host copy (in flight on CUDA until `ready`)
+    params: list[CoreSampling]
+    want: list[int]  # rows that asked for logprobs
+    lp_host: tuple[Tensor, Tensor, Tensor] | None  # chosen [W], top values [W, k], top ids [W, k]
+    ready: torch.cuda.Event | None  # recorded after the host copies (None on CPU: nothing to wait for)
+
+    def read(self) -> tuple[list[int], list[TokenLogprobMsg | None]]:
+        """Wait for the host copies (this stream's work up to them, nothing else) and unpack."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.host.tolist()
+        out: list[TokenLogprobMsg | None] = [None] * len(self.params)
+        if self.lp_host is not None:
+            chosen, top_v, top_i = (t.tolist() for t in self.lp_host)
+            for j, i in enumerate(self.want):
+                n = self.params[i].logprobs or 0
+                out[i] = TokenLogprobMsg(tokens[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
+        return tokens, out
 
 
 class Sampler:
     def __call__(
         self, logits: Tensor, params: list[CoreSampling], steps: list[int]
     ) -> tuple[list[int], list[TokenLogprobMsg | None]]:
+        return self.sample(logits, params, steps).read()
+
+    def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int]) -> SampledTokens:
         dev = logits.device
-        tokens = ops.sample(
-            logits,
-            torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev),
-            torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([p.seed for p in params], dtype=torch.int64, device=dev),
-            torch.tensor(steps, dtype=torch.int64, device=dev),
-        )
-        want = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if not want:
-            return tokens.tolist(), [None] * len(params)
-        return tokens.tolist(), self._logprobs(logits, tokens, params, want)
+        f = to_device_parts([[p.temperature for p in params], [p.top_p for p in params],
+                             [p.min_p for p in params]], torch.float32, dev)
+        i = to_device_parts([[p.top_k for p in params], [p.seed for p in params], steps], torch.int64, dev)
+        tokens = ops.sample(logits, f[0], i[0].int(), f[1], f[2], i[1], i[2])
+        want = [j for j, p in enumerate(params) if p.logprobs is not None]
+        lp = self._logprobs(logits, tokens, params, want) if want else None
+        host = _to_host(tokens)
+        lp_host = None if lp is None else (_to_host(lp[0]), _to_host(lp[1]), _to_host(lp[2]))
+        ready = None
+        if dev.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return SampledTokens(tokens, host, params, want, lp_host, ready)
 
     @staticmethod
     def _logprobs(
         logits: Tensor, tokens: Tensor, params: list[CoreSampling], want: list[int]
-    ) -> list[TokenLogprobMsg | None]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         # logprobs of the model's own distribution (before temperature / filtering), as OpenAI and vLLM report
-        rows = torch.tensor(want, device=logits.device)
+        rows = to_device(want, torch.long, logits.device)
         lp = torch.log_softmax(logits.index_select(0, rows).float(), dim=-1)
-        chosen = lp.gather(1, tokens.index_select(0, rows).unsqueeze(1)).squeeze(1).tolist()
+        chosen = lp.gather(1, tokens.index_select(0, rows).unsqueeze(1)).squeeze(1)
         k = max(params[i].logprobs or 0 for i in want)
         top_v, top_i = (lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long()))
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        out: list[TokenLogprobMsg | None] = [None] * len(params)
-        tok_list = tokens.tolist()
-        for j, i in enumerate(want):
-            n = params[i].logprobs or 0
-            out[i] = TokenLogprobMsg(tok_list[i], chosen[j], list(zip(top_i[j][:n], top_v[j][:n])))
-        return out
+        return chosen, top_v, top_i

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from semipd_runtime.core import CoreConfig, EngineCore
+from semipd_runtime.core import CoreConfig, EngineCore, StepInFlight
 from semipd_runtime.messages import (
     AddRequest,
     EngineStats,
@@ -56,6 +56,7 @@ class SemiPDCore(EngineCore):
         self.batches: dict[int, list[Request]] = {}  # in flight at the prefill worker
         self.parked: dict[str, int] = {}  # rid -> slot of requests aborted while prefilling
         self.next_batch = 0
+        self._decode_share: dict[int, float] = {}  # decode step -> decode SM share it was launched with
         self.max_batches_in_flight = 2  # one running, one queued behind it: the prefill worker never idles
         self.prefill_error = ""
         self.prefill_sm, self.decode_sm = partition.sm_count["prefill"], partition.sm_count["decode"]
@@ -111,7 +112,7 @@ class SemiPDCore(EngineCore):
         super().abort(rid, reason, error, status)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.prefilling) or bool(self.batches) or self._repartitioning()
+        return super().has_work() or bool(self.prefilling) or bool(self.batches) or self._repartitioning()
 
     def _repartitioning(self) -> bool:
         """A standby worker is starting or an old one is retiring: keep stepping (it switches / reaps them)."""
@@ -132,18 +133,31 @@ class SemiPDCore(EngineCore):
 
     # --- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
+        """Overlap mode: launch decode step N+1, resolve N (N+1 runs meanwhile), then talk to the prefill
+        worker; prefill results carry real first tokens, so their requests join the next decode step."""
         self.expire()
         events, self.pending = self.pending, []
+        overlap = self.cfg.overlap_schedule
         with self.decode_context():
+            prev, self.inflight = self.inflight, None
             decode = self.scheduler.schedule_decode()
+            if overlap and decode is not None:
+                self.inflight, decode = self._launch_decode(decode, prev), None
+            if prev is not None:  # before the poll: a split retired there has no step of ours in flight
+                events += self._resolve_decode(prev)
             # nothing to decode: wait a little for the prefill worker instead of spinning
-            wait = 0.02 if decode is None and (self.batches or self._repartitioning()) else 0.0
+            idle = decode is None and self.inflight is None and prev is None
+            wait = 0.02 if idle and (self.batches or self._repartitioning()) else 0.0
             events += self._collect(self.channel.poll(wait))
             self._dispatch_prefill()
-            if decode is None:
+            if decode is None and self.inflight is None:
                 decode = self.scheduler.schedule_decode()
             if decode is not None:
-                events += self._timed_decode(decode)
+                st = self._launch_decode(decode)
+                if overlap:
+                    self.inflight = st
+                else:
+                    events += self._resolve_decode(st)
         if self.slo is not None:
             self._slo_step()
         if self.batches and not self.channel.alive and not self.prefill_error:
@@ -152,14 +166,16 @@ class SemiPDCore(EngineCore):
         self.pending = []
         return events
 
-    def _timed_decode(self, decode: ScheduledBatch) -> list[TokenEvent]:
-        if self.slo is None:
-            return self.run_batch(decode)
-        context = sum(r.num_computed for r in decode.requests)
-        t0 = time.perf_counter()
-        events = self.run_batch(decode)  # ends in a host sync (sampled tokens): wall time is the step's time
-        self.slo.observe_decode(len(decode.requests), context, self.channel.split[1] / 100,
-                                time.perf_counter() - t0)
+    def _launch_decode(self, decode: ScheduledBatch, prev: StepInFlight | None = None) -> StepInFlight:
+        st = self.launch(decode, prev)
+        self._decode_share[st.step] = self.channel.split[1] / 100
+        return st
+
+    def _resolve_decode(self, st: StepInFlight) -> list[TokenEvent]:
+        events = self.resolve(st)
+        share = self._decode_share.pop(st.step)
+        if self.slo is not None:  # the step's own time (resolve measures it from when the one before ended)
+            self.slo.observe_decode(st.num_requests, st.num_context, share, st.elapsed_s)
         return events
 
     def _slo_step(self) -> None:
@@ -197,6 +213,8 @@ class SemiPDCore(EngineCore):
         reqs: list[Request] = []
         while waiting and budget > 0:
             req = waiting[0]
+            # tokens of a decode step in flight are resolved before dispatch (the worker gets real ids)
+            assert not req.has_placeholder, f"{req.rid} dispatched with a token still in flight"
             if self.scheduler.num_running + len(self.prefilling) >= self.cfg.max_running_requests:
                 break
             if items and req.seq_len > budget:

@@ -132,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly (CUDA)")
     s.add_argument(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="resolve each step before scheduling the next (default: schedule step N+1 while N runs on the GPU)",
+    )
+    s.add_argument(
         "--disable-radix-cache",
         action="store_true",
         help="do not share cached prompt prefixes between requests (radix prefix cache over the KV pages)",
@@ -192,6 +197,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "decode_sm_percent": args.decode_sm_percent,
         "cuda_graph_max_bs": args.cuda_graph_max_bs,
         "disable_cuda_graph": args.disable_cuda_graph,
+        "disable_overlap_schedule": args.disable_overlap_schedule,
         "load_format": args.load_format,
         "partition_policy": args.partition_policy,
         "slo_ttft_ms": args.slo_ttft_ms,
