@@ -122,6 +122,11 @@ def main() -> None:
               "equal_requests": sum(a == b for a, b in zip(ours[d], want)), "of": len(want),
               "ok": d != "float32" or ours[d] == want}, rows)
         del eager
+        serial = create_core(core_cfg(d, overlap_schedule=False), model=models[d])
+        want = generate(serial, prompts, args.new_tokens)
+        emit({"check": f"overlap/{d}", "equal_requests": sum(a == b for a, b in zip(ours[d], want)), "of": len(want),
+              "ok": d != "float32" or ours[d] == want}, rows)
+        del serial
     # 3. semi-PD equivalence with unified
     for part in args.partitions:
         for d in models:

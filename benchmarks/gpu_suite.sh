@@ -28,8 +28,8 @@ stage() {  # stage NAME LIMIT_S CMD...
 }
 
 # goodput sweep: one long-prompt workload, rates swept, several server configs appended to one results file
-SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 60 \
-  --request-rates 3 5 7 9 12 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
+SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 50 \
+  --request-rates 3 5 8 12 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
 SLO_FLAGS="--slo-ttft-ms 2000 --slo-tpot-ms 25"
 sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py
   local shape=$1 limit=$2; shift 2
@@ -42,6 +42,8 @@ sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made 
 
 for s in "$@"; do
   case $s in
+    checks_green)  # no MPS: parity, graphs, overlap, semi-PD on green contexts
+      stage checks_green 150 python3 benchmarks/gpu_checks.py --layers 4 --partitions green --out "$OUT/gpu_checks.json" ;;
     checks)
       start_mps
       stage checks 240 python3 benchmarks/gpu_checks.py --layers 4 --out "$OUT/gpu_checks.json"
