@@ -399,3 +399,56 @@ def test_semipd_decode_timing_counts_each_step_once(model_dir: Path, model: Llam
     assert all(sec >= 0 for *_, sec in rec.decode) and sum(sec for *_, sec in rec.decode) <= wall
     assert sum(b for b, *_ in rec.decode) == sum(len(t) - 1 for t in res.tokens.values())
     assert all(share == 0.5 for _, _, share, _ in rec.decode)
+
+
+# --- on the GPU (skipped without one) ---------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def cuda_core(model_dir: Path, mode: str, overlap: bool, **kw: Any) -> EngineCore:
+    cfg = CoreConfig(model_path=str(model_dir), device="cuda", dtype="float32", max_model_len=128,
+                     eos_token_ids=kw.pop("eos", []),
+                     num_pages=kw.pop("num_pages", 200), page_size=PAGE, mode=mode, prefill_placement="thread",
+                     chunked_prefill_size=16, max_prefill_tokens=32, max_running_requests=12, cuda_graph_max_bs=4,
+                     overlap_schedule=overlap, **kw)
+    return create_core(cfg)
+
+
+def strict(fn: Any) -> Any:
+    """fn with every synchronizing CUDA call an error (pageable copies, stream syncs, .item(), .tolist())."""
+    def wrapped(*args: Any, **kw: Any) -> Any:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return fn(*args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return wrapped
+
+
+@cuda
+def test_cuda_overlap_equals_plain_without_syncs(model_dir: Path, model: LlamaForCausalLM,
+                                                 prompts: list[list[int]]) -> None:
+    """Real CUDA graphs (batches up to 4) and eager decode (above); scheduling and launching never wait for the
+    device, only the read-back of sampled tokens does."""
+    reqs, eos = mixed_requests(model_dir, model, prompts)
+    reqs += [(f"g{i}", p, CoreSampling(temperature=0.0, max_tokens=20, ignore_eos=True, stop_token_ids=[9]))
+             for i, p in enumerate(prompts)]
+    want = run(cuda_core(model_dir, "unified", overlap=False, eos=[eos]), reqs)
+    core = cuda_core(model_dir, "unified", overlap=True, eos=[eos])
+    core.close = lambda: None  # type: ignore[method-assign]  # run() closes it: twice here
+    run(core, [("warm-" + rid, p, s) for rid, p, s in reqs])  # compiles (Triton's first launch of a shape syncs)
+    core.launch, core.scheduler.schedule = strict(core.launch), strict(core.scheduler.schedule)  # type: ignore[method-assign]
+    assert_same(run(core, reqs), want)
+    tight = run(cuda_core(model_dir, "unified", overlap=True, num_pages=30, eos=[eos]), reqs)
+    assert tight.tokens == want.tokens and sum(r.num_preemptions for r in tight.requests) > 0
+
+
+@cuda
+def test_cuda_semipd_overlap_equals_plain(model_dir: Path, model: LlamaForCausalLM,
+                                          prompts: list[list[int]]) -> None:
+    reqs, eos = mixed_requests(model_dir, model, prompts)
+    want = run(cuda_core(model_dir, "unified", overlap=False, eos=[eos]), reqs)
+    for overlap in (False, True):
+        assert_same(run(cuda_core(model_dir, "semi-pd", overlap=overlap, eos=[eos]), reqs), want)
+    got = run(cuda_core(model_dir, "semi-pd", overlap=True, eos=[eos]), reqs, {"r2": 3, "r6": 5, "r7": 0})
+    assert {rid for rid, why in got.reasons.items() if why == "abort"} <= {"r2", "r6", "r7"}
