@@ -173,7 +173,7 @@ def test_overlap_equals_plain(model_dir: Path, model: LlamaForCausalLM, prompts:
     assert len(placeholders) >= got.steps // 2, (len(placeholders), got.steps, want.steps)
     # the set really ends in every way, and a stop ends the output at the stop token
     assert set(want.reasons.values()) == {"stop", "length"}
-    assert want.tokens["r1"] == want.tokens["r1"][:1] and len(want.tokens["r1"]) == 1
+    assert len(want.tokens["r1"]) == 1  # max_tokens 1
     for rid, _, s in reqs:
         if s.stop_token_ids:
             assert want.reasons[rid] == "stop" and want.tokens[rid][-1] == s.stop_token_ids[0]
@@ -309,7 +309,7 @@ def test_deferred_release_bookkeeping() -> None:
 
 
 def test_release_refuses_unknown_tokens() -> None:
-    a, s = _sched(8)
+    _, s = _sched(8)
     r = Request("a", [3, 4, 5], CoreSampling(max_tokens=8))
     s.add(r)
     _launch(s, [r])
