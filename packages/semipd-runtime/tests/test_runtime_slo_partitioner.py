@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import itertools
 import json
 import math
@@ -12,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -364,3 +366,15 @@ def test_load_shift_moves_split_the_right_way(seed: int) -> None:
         assert p.decide(now + 2.0).predicted.meets_slo  # settled where both SLOs hold
     assert splits[1][0] < splits[0][0] and splits[1][1] > splits[0][1]  # decode-heavy: SMs go to decode
     assert splits[2][0] > splits[1][0]  # and back
+
+
+def test_decision_values_are_plain_python_numbers() -> None:
+    # they go into msgspec-encoded EngineStats, which rejects numpy scalars (this crashed an engine core on
+    # the GPU once enough arrivals were seen for the rate lookback to come from the arrival-time array)
+    load = dict(rate=20.0, prompt=(1000, 3000), batch=16, ctx_per_seq=2000, waiting_mean=4.0, slo_ttft_ms=1000.0,
+                slo_tpot_ms=30.0)
+    p, d = decided(Truth(), load, 0.05, 0)
+    assert p.config.rate_target_arrivals <= 20 * 20  # the lookback came from the arrival times
+    values = [*d.as_dict().values(), *dataclasses.astuple(d.load), *dataclasses.astuple(d.predicted)]
+    assert all(type(v) in (float, int, bool, str) for v in values), [type(v) for v in values]
+    msgspec.msgpack.encode(d.as_dict())

@@ -102,8 +102,12 @@ class ThreadPrefillChannel:
         self, worker: PrefillWorker, role_context: Callable[[], AbstractContextManager[object]] = nullcontext,
         sm_count: int = 0, warm_up: bool = False,
     ) -> None:
-        """warm_up: compile kernels first (the first generation; later ones find them compiled in-process)."""
-        self.warm = warm_up
+        """warm_up: compile kernels first, here, before the engine reports ready (the first generation; later
+        ones find them compiled in-process). Done in the caller's thread: run in the worker thread it overlapped
+        the first requests, whose TTFT then paid seconds of JIT under the GIL."""
+        if warm_up:
+            with role_context():
+                worker.warm_up()
         self.inbox: queue.Queue[ToPrefill] = queue.Queue()
         self.outbox: queue.Queue[FromPrefill] = queue.Queue()
         self.worker, self.role_context = worker, role_context
@@ -115,8 +119,6 @@ class ThreadPrefillChannel:
     def _run(self) -> None:
         try:
             with self.role_context():
-                if self.warm:
-                    self.worker.warm_up()
                 prefill_loop(self.worker, self.inbox.get, self.outbox.put)
         except Exception:
             pass  # already reported as PrefillFailed

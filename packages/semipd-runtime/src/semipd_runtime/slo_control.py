@@ -151,11 +151,11 @@ class SloController:
         s.partition_policy = self.settings.policy
         s.slo_decisions = self.decisions
         s.slo_observations = self.observations
-        s.measured_ttft_s = self.measured["ttft"]
-        s.measured_tpot_s = self.measured["decode"]  # one decode step = one token of every running request
+        s.measured_ttft_s = float(self.measured["ttft"])
+        s.measured_tpot_s = float(self.measured["decode"])  # one decode step = one token of every running request
         d = self.last
         if d is not None:
             s.slo_reason = d.reason
             if d.predicted is not None:
-                s.predicted_ttft_s = d.predicted.ttft_ms / 1000
-                s.predicted_tpot_s = d.predicted.tpot_ms / 1000
+                s.predicted_ttft_s = float(d.predicted.ttft_ms) / 1000
+                s.predicted_tpot_s = float(d.predicted.tpot_ms) / 1000

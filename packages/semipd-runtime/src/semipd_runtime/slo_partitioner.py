@@ -314,7 +314,7 @@ class SloPartitioner:
         # ~1/sqrt(N)), but no further than rate_window_s and no less than one repartition interval
         lookback = cfg.rate_window_s
         if len(times) >= cfg.rate_target_arrivals:
-            lookback = min(lookback, max(now - times[-cfg.rate_target_arrivals], cfg.repartition_interval_s))
+            lookback = min(lookback, max(now - float(times[-cfg.rate_target_arrivals]), cfg.repartition_interval_s))
         recent = np.asarray([n for t, n in self._arrivals if now - lookback <= t <= now], dtype=np.float64)
         if self._first_arrival is None:
             rate = span = 0.0
@@ -335,7 +335,9 @@ class SloPartitioner:
             mean_n, mean_attn = q[2] / q[1], q[3] / q[1]
         else:
             mean_n = mean_attn = 0.0
-        return LoadState(rate, mean_n, mean_attn, *(float(v) for v in q[1:]), *errors)
+        # plain floats: these end up in msgspec-encoded stats, which reject numpy scalars
+        return LoadState(float(rate), float(mean_n), float(mean_attn), *(float(v) for v in q[1:]),
+                         *(float(e) for e in errors))
 
     def predict(self, prefill_percent: float, decode_percent: float, load: LoadState) -> SplitPrediction:
         """Predicted TTFT / TPOT / score at one split from the fitted models under `load`."""
@@ -362,7 +364,8 @@ class SloPartitioner:
         context = load.decode_context_tokens if load.decode_batch > 0 else load.mean_prompt_tokens
         tpot = self.decode_model.predict_features(decode_features(batch, context), d_share)
         score = min(cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot))
-        return SplitPrediction(prefill_percent, decode_percent, 1000 * ttft, 1000 * tpot, 1000 * wait, rho, score)
+        return SplitPrediction(prefill_percent, decode_percent, float(1000 * ttft), float(1000 * tpot),
+                               float(1000 * wait), float(rho), float(score))
 
     # --- decisions ----------------------------------------------------------------------------------------------
     @property

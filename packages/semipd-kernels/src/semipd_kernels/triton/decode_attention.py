@@ -24,7 +24,9 @@ MAX_SPLITS = 32  # H100: B=1 ctx 32k ran best at 32 splits (1.97 TB/s) vs 64 or 
 MIN_TOKENS_PER_SPLIT = 256
 
 
-@triton.jit
+# ints that change from batch to batch are not specialised on (value 1, divisible by 16): each new
+# combination would compile another kernel (~1 s, holding the GIL) in the middle of serving
+@triton.jit(do_not_specialize=["table_stride", "num_splits"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     q_stride_b, q_stride_h, table_stride, out_stride_b, out_stride_h,
@@ -83,7 +85,7 @@ def _decode_split_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, out_stride_b, out_stride_h, num_heads, num_splits,
     SPLIT_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,

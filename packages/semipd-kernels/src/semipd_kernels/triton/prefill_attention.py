@@ -58,7 +58,9 @@ def _attend_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
+# ints that change from batch to batch are not specialised on (value 1, divisible by 16): each new
+# combination would compile another kernel (~1 s, holding the GIL) in the middle of serving
+@triton.jit(do_not_specialize=["table_stride", "num_reqs", "num_blocks"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, cu_q_ptr, seq_lens_ptr, block_req_ptr, cu_blocks_ptr, out_ptr,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h, table_stride,
@@ -105,7 +107,7 @@ def _prefill_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "grid_blocks"])
 def _block_map_kernel(
     cu_q_ptr, block_req_ptr, cu_blocks_ptr, num_reqs, grid_blocks,
     BLOCK_M: tl.constexpr, REQ_BLOCK: tl.constexpr, ID_BLOCK: tl.constexpr,
