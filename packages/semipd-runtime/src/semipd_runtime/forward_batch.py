@@ -23,6 +23,10 @@ class AttentionMetadata:
     is_decode: bool  # every request brings exactly one new token
     kv_pool: KVPool
     cos_sin_cache: Tensor  # float32 [max_positions, head_dim]
+    # mixed steps: the first num_decode requests bring one token each and run through the decode kernel (the
+    # prefill kernel would give each of them a whole BLOCK_M-row tile); the rest use prefill_cu_seqlens_q
+    num_decode: int = 0
+    prefill_cu_seqlens_q: Tensor | None = None  # int32 [B - num_decode + 1], offsets from the first prefill token
 
 
 def to_device(data: list[int] | list[float] | list[list[int]] | list[list[float]], dtype: torch.dtype,

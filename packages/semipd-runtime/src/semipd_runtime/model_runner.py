@@ -62,9 +62,13 @@ class ModelRunner:
             cu.append(cu[-1] + n)
         seq_lens = [s + n for s, n in zip(starts, num_new)]
         page_table = page_table[:, : -(-max(seq_lens) // ps)].contiguous()
+        num_decode = next((i for i, n in enumerate(num_new) if n != 1), len(num_new))
+        split = 0 < num_decode < len(num_new)  # a mixed step: decode rows first (the scheduler's order)
+        prefill_cu = [c - num_decode for c in cu[num_decode:]] if split else []
         # one host -> device copy for every per-token and per-request list
-        input_ids, pos, lens, cu_t, logits_indices, num_new_t = to_device_parts(
-            [ids, positions, seq_lens, cu, [cu[i + 1] - 1 for i in sample_rows], num_new], torch.long, dev)
+        input_ids, pos, lens, cu_t, logits_indices, num_new_t, prefill_cu_t = to_device_parts(
+            [ids, positions, seq_lens, cu, [cu[i + 1] - 1 for i in sample_rows], num_new, prefill_cu], torch.long,
+            dev)
         input_ids = fill_placeholders(input_ids, prev_tokens) if min(ids) < 0 else input_ids
         tok_req = torch.repeat_interleave(  # output_size: no device -> host sync to learn the length
             torch.arange(len(chunks), device=dev), num_new_t, output_size=len(ids)
@@ -77,9 +81,11 @@ class ModelRunner:
             seq_lens=lens.int(),
             cu_seqlens_q=cu_t.int(),
             logits_indices=logits_indices,
-            is_decode=all(n == 1 for n in num_new),
+            is_decode=num_decode == len(num_new),
             kv_pool=self.kv_pool,
             cos_sin_cache=self.cos_sin_cache,
+            num_decode=num_decode if split else 0,
+            prefill_cu_seqlens_q=prefill_cu_t.int() if split else None,
         )
         return input_ids, meta
 

@@ -52,6 +52,14 @@ class Attention(nn.Module):
         )
         if meta.is_decode:
             o = ops.decode_attention(q, k_cache, v_cache, meta.page_table, meta.seq_lens, self.scale)
+        elif meta.num_decode:
+            d, table, lens = meta.num_decode, meta.page_table, meta.seq_lens
+            assert meta.prefill_cu_seqlens_q is not None
+            o = torch.cat([
+                ops.decode_attention(q[:d], k_cache, v_cache, table[:d], lens[:d], self.scale),
+                ops.prefill_attention(q[d:], k_cache, v_cache, table[d:], meta.prefill_cu_seqlens_q, lens[d:],
+                                      self.scale),
+            ])
         else:
             o = ops.prefill_attention(
                 q, k_cache, v_cache, meta.page_table, meta.cu_seqlens_q, meta.seq_lens, self.scale
