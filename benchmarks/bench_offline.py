@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="print a CPU profile of the CUDA-graph engine's runs")
     ap.add_argument("--skip-eager", action="store_true", help="only the CUDA-graph engine (default: both)")
+    ap.add_argument("--no-overlap-run", action="store_true",
+                    help="skip the CUDA-graph engine with overlap scheduling off (default: it runs beside the others)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -106,16 +108,18 @@ def main() -> None:
     max_b = max(args.batches)
     tokens = max_b * (args.prompt_len + args.output_len)
 
-    def make_core(graphs: bool) -> EngineCore:
+    def make_core(graphs: bool, overlap: bool = True) -> EngineCore:
         core = EngineCore(CoreConfig(
             model_path="<random>", device=args.device, dtype=str(dtype).removeprefix("torch."),
             max_model_len=args.prompt_len + args.output_len + 16, eos_token_ids=[], max_running_requests=max_b,
             chunked_prefill_size=8192, page_size=16, num_pages=tokens // 16 + 2 * max_b,
-            disable_cuda_graph=not graphs), model=ours)
+            disable_cuda_graph=not graphs, overlap_schedule=overlap), model=ours)
         core.capture_cuda_graphs()
         return core
 
     cores = {"graphs": make_core(True)}
+    if not args.no_overlap_run:
+        cores["serial"] = make_core(True, overlap=False)  # same engine, step N+1 scheduled after N's tokens
     if not args.skip_eager and args.device == "cuda":
         cores["eager"] = make_core(False)
     if args.skip_hf:
@@ -137,7 +141,7 @@ def main() -> None:
             if prof:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-            key = "ours" if name == "graphs" else "ours_eager"
+            key = {"graphs": "ours", "serial": "ours_no_overlap", "eager": "ours_eager"}[name]
             row |= {f"{key}_s": t, f"{key}_tok_s": b * args.output_len / t} | {f"{key}_{k}": v for k, v in split.items()}
         t_ours = row["ours_s"]
         if hf is not None:
