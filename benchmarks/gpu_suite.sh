@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call: install the carried wheels, start MPS, run the named GPU stages, logs + JSON into $OUT.
-#   bash benchmarks/gpu_suite.sh checks ipc offline interference serving decode_step prefix_cache
+#   bash benchmarks/gpu_suite.sh checks ipc offline interference decode_step step_profile sweep8b_unified compare prefix_cache
 # Each stage has its own time limit so one hang cannot eat the whole call; a failed stage does not stop the rest.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -28,8 +28,9 @@ stage() {  # stage NAME LIMIT_S CMD...
 }
 
 # goodput sweep: one long-prompt workload, rates swept, several server configs appended to one results file
-SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 50 \
-  --request-rates 3 5 8 12 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
+# 30 s of arrivals per rate (not a fixed count): the slo policy needs several decision windows at one rate
+SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 400 \
+  --duration-s 30 --request-rates 4 6 8 10 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
 SLO_FLAGS="--slo-ttft-ms 2000 --slo-tpot-ms 25"
 sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py
   local shape=$1 limit=$2; shift 2
@@ -74,9 +75,14 @@ for s in "$@"; do
       stage repartition_mps 70 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
         --out "$OUT/repartition_mps.json"
       stop_mps ;;
-    sweep8b)
-      sweep llama8b 420 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" \
+    sweep8b)  # all four in one call only with a short SWEEP_BENCH; else the two stages below, one call each
+      sweep llama8b 580 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" \
         semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
+        semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
+    sweep8b_unified)
+      sweep llama8b 580 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" ;;
+    sweep8b_semipd)
+      sweep llama8b 580 semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
         semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
     sweep8b_mps)
       start_mps
