@@ -47,6 +47,28 @@ def test_hit_shares_full_pages_and_leaves_one_token() -> None:
     a.check_integrity()
 
 
+def test_publish_shares_a_live_prefix_and_skips_twins() -> None:
+    c = make(num_pages=24, max_requests=6)
+    a = c.allocator
+    system = list(range(100, 112))  # 3 pages of a new shared prefix
+    sa, _ = c.alloc(system + [1, 2])  # type: ignore[misc]
+    twin, _ = c.alloc(system + [3])  # type: ignore[misc]  # admitted before anything was published
+    assert c.publish(sa, system + [1, 2]) == 3  # the partial last page stays the slot's own
+    assert a.num_shared(sa) == 3 and a.num_cached_pages == 3 and a.num_evictable_pages == 0
+    assert [a.page_refs(p) for p in a.pages(sa)[:3]] == [1, 1, 1]
+    assert c.publish(twin, system + [3]) == 0 and a.num_shared(twin) == 0  # tree holds other pages for them
+    sb, cached = c.alloc(system + [4, 5])  # type: ignore[misc]  # arrives later: served from the live prefix
+    assert cached == 12 and a.pages(sb)[:3] == a.pages(sa)[:3] and a.page_refs(a.pages(sa)[0]) == 2
+    assert c.evict(100) == 0, "published pages in use are not evictable"
+    a.check_integrity()
+    c.free(sa, system + [1, 2], 14)
+    c.free(twin, system + [3], 13)  # its duplicate pages go back to the free list
+    c.free(sb, system + [4, 5], 14)
+    assert a.num_used_pages == 0 and a.num_cached_pages == 3 and a.num_evictable_pages == 3
+    assert c.publish(c.alloc([7])[0], [7]) == 0  # type: ignore[index]  # nothing full to publish
+    a.check_integrity()
+
+
 def test_diverging_prompts_split_nodes_and_evict_lru_tail_first() -> None:
     c = make(num_pages=12)
     a = c.allocator
@@ -251,6 +273,23 @@ class CacheMachine(RuleBasedStateMachine):
             assert not self.is_cached(page), "wrote a cached page"
             self.kv[page][pos % self.ps] = tokens[pos]
         self.live[slot] = (tokens, min(written + n, len(tokens)))
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def publish(self, data: st.DataObject) -> None:
+        """A live slot shares its written full pages now (semi-PD: at prefill done), not at its end."""
+        slot = data.draw(st.sampled_from(sorted(self.live)))
+        tokens, written = self.live[slot]
+        before = self.a.num_shared(slot)
+        twin = len(self.c.match(tokens[: written // self.ps * self.ps])) > before
+        got = self.c.publish(slot, tokens[:written])
+        after = self.a.num_shared(slot)
+        assert after == before + got
+        assert got == (0 if twin else min(written // self.ps, len(self.a.pages(slot))) - before)
+        pages = self.a.pages(slot)
+        for i, page in enumerate(pages[:after]):
+            assert self.kv[page] == tokens[i * self.ps : (i + 1) * self.ps], "published a page of other tokens"
+        assert self.c.match(tokens[:written])[:after] == pages[:after], "a later request would not find it"
 
     @precondition(lambda self: bool(self.live))
     @rule(data=st.data(), new=st.lists(st.integers(0, 3), min_size=1, max_size=4))

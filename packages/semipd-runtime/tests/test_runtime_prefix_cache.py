@@ -213,3 +213,38 @@ def test_fully_cached_prompt_still_samples(model_dir: Path, model: LlamaForCausa
     b = run_waves(core, [[Req(prompt, 1, None)]])["w0-0"]
     assert a == b and sum(seen[n:]) == PAGE and core.cache.hit_tokens == 12
     assert_pool_clean(core)
+
+
+@pytest.mark.parametrize("mode", ["unified", "semi-pd"])
+def test_live_prefix_is_shared_before_its_request_ends(model_dir: Path, model: LlamaForCausalLM,
+                                                        mode: str) -> None:
+    """A request arriving while an earlier one with the same new prefix still decodes reuses the prefix (its
+    prompt pages were published when the prefill finished), and outputs equal the cache-off run."""
+    system = list(range(30, 54))  # 6 pages, new to the cache
+    prompts = {"first": system + [5, 6, 7], "later": system + [8, 9]}
+
+    def run(cache: bool) -> tuple[dict[str, list[int]], int]:
+        core = make_core(model_dir, model, mode, cache)
+        out: dict[str, list[int]] = {"first": [], "later": []}
+        try:
+            core.add_request(AddRequest("first", prompts["first"],
+                                        CoreSampling(temperature=0.0, max_tokens=30, ignore_eos=True)))
+            while len(out["first"]) < 3:  # first is decoding: its prefill is done, it has not ended
+                for ev in core.step():
+                    out[ev.rid] += ev.token_ids
+            hits_before = core.stats().prefix_hit_tokens
+            core.add_request(AddRequest("later", prompts["later"],
+                                        CoreSampling(temperature=0.0, max_tokens=4, ignore_eos=True)))
+            while core.has_work() or core.pending:
+                for ev in core.step():
+                    out[ev.rid] += ev.token_ids
+            hit = core.stats().prefix_hit_tokens - hits_before
+            assert_pool_clean(core)
+            return out, hit
+        finally:
+            core.close()
+
+    on, hit = run(True)
+    off, _ = run(False)
+    assert hit == len(system)
+    assert on == off

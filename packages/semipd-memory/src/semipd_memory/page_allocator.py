@@ -189,6 +189,21 @@ class PageAllocator:
             raise ValueError(f"free: to_cache pages {sorted(stray)[:8]} are not own pages of slot {slot}")
         self._release(slot, keep)
 
+    def share_own(self, slot: int, num_pages: int) -> list[int]:
+        """The first `num_pages` own pages of a live slot become cached pages the slot shares (one reference
+        each), extending its shared prefix: the cache adopted them while the slot keeps using them. Returns
+        them."""
+        self._check_slot(slot, (_LIVE,), "share_own")
+        _check_count("num_pages", num_pages)
+        start = self._slot_shared[slot]
+        if start + num_pages > len(self._slot_pages[slot]):
+            raise ValueError(f"share_own: slot {slot} has {self._num_own(slot)} own pages, asked {num_pages}")
+        pages = self._slot_pages[slot][start : start + num_pages]
+        for page in pages:
+            self._cached[page] = 1
+        self._slot_shared[slot] = start + num_pages
+        return pages
+
     def uncache(self, pages: Sequence[int]) -> None:
         """Evict unreferenced cached pages back to the free list (all or nothing)."""
         for page in pages:

@@ -126,6 +126,29 @@ class RadixCache:
             adopted = self._insert(tokens[: n * self.page_size], row[:n], self.allocator.num_shared(slot))
         self.allocator.free(slot, adopted)
 
+    def publish(self, slot: int, tokens: Sequence[int]) -> int:
+        """A live slot whose first len(tokens) tokens are `tokens` with their K/V written (a finished prefill)
+        shares its full pages with later requests now rather than when it ends: concurrent requests with the
+        same new prefix then compute it once. The pages stay the slot's (it shares them, refcounted) and join
+        its locked prefix. Nothing is published where the tree already holds other pages for these tokens (a
+        twin published first: the slot keeps its duplicates until it ends). Returns the pages published."""
+        if not self.enabled:
+            return 0
+        a, ps = self.allocator, self.page_size
+        row, n_shared = a.pages(slot), a.num_shared(slot)
+        n = min(len(tokens) // ps, len(row))
+        if n <= n_shared or len(self.match(tokens[: n * ps])) != n_shared:
+            return 0
+        adopted, node = self._insert_path(tokens[: n * ps], row[:n], n_shared)
+        assert adopted == row[n_shared:n], f"published {adopted}, expected {row[n_shared:n]}"
+        a.share_own(slot, len(adopted))
+        old = self._slot_node.pop(slot, None)
+        self._lock_path(node)
+        self._slot_node[slot] = node
+        if old is not None:
+            self._unlock(old)
+        return len(adopted)
+
     def free_deferred(self, slot: int, writer: str) -> None:
         """Park the slot (its shared prefix stays locked: the writer may still read it)."""
         self.allocator.free_deferred(slot, writer)
@@ -229,13 +252,17 @@ class RadixCache:
             pages += child.pages
             i += k
             node = child
+        self._lock_path(node)
+        return node, pages
+
+    def _lock_path(self, node: _Node) -> None:
+        """Touch and lock node and its ancestors."""
         self._clock += 1
         n: _Node | None = node
         while n is not None and n is not self._root:
             n.last_access = self._clock
             n.lock_ref += 1
             n = n.parent
-        return node, pages
 
     def _unlock(self, node: _Node) -> None:
         n: _Node | None = node
@@ -249,6 +276,10 @@ class RadixCache:
     def _insert(self, tokens: Sequence[int], pages: list[int], num_shared: int) -> list[int]:
         """Add tokens -> pages along the tree; returns the pages the tree adopted (the rest of `pages` past
         `num_shared` are duplicates of pages it already holds)."""
+        return self._insert_path(tokens, pages, num_shared)[0]
+
+    def _insert_path(self, tokens: Sequence[int], pages: list[int], num_shared: int) -> tuple[list[int], _Node]:
+        """`_insert`, also returning the node that ends the inserted path."""
         ps, node, i = self.page_size, self._root, 0
         self._clock += 1
         adopted: list[int] = []
@@ -262,6 +293,7 @@ class RadixCache:
                 self._num_nodes += 1
                 self._push(leaf)
                 adopted = pages[i:]
+                node = leaf
                 break
             k = self._common_pages(child, tokens, i, len(pages) - i)
             if k < len(child.pages):
@@ -273,7 +305,7 @@ class RadixCache:
         # the slot's locked shared prefix is on this path, page for page
         assert path[:num_shared] == pages[:num_shared], f"shared {pages[:num_shared]} not on path {path}"
         assert not set(adopted) & set(pages[:num_shared]), "the tree adopted a shared page"
-        return adopted
+        return adopted, node
 
     def _split(self, node: _Node, k: int) -> _Node:
         """Cut `node` after k pages; the new upper part is returned, `node` keeps the rest (and its locks'

@@ -289,6 +289,10 @@ class EngineCore:
         logits = self.runner.forward(chunks, starts, page_table, sample_rows, prev_tokens)
         for req, n in zip(batch.requests, batch.num_new_tokens):
             req.num_computed += n
+            if req.num_computed - n < len(req.prompt_ids) <= req.num_computed:
+                # prompt done: later requests share its full pages from now on (readers run after this step
+                # on the same stream), not only once it ends
+                self.cache.publish(req.slot, req.prompt_ids)
         self.num_steps += 1
         step = self.scheduler.launched(batch)
         reqs = [batch.requests[i] for i in sample_rows]

@@ -257,6 +257,7 @@ class SemiPDCore(EngineCore):
             res = results[req.rid]
             self.prefilling.pop(req.rid)
             req.num_computed = req.seq_len
+            self.cache.publish(req.slot, req.prompt_ids)  # written: later prefill batches share its prefix
             req.status, req.state_since = RequestStatus.RUNNING, time.monotonic()
             self.scheduler.running.append(req)
             events.append(self.accept_token(req, res.token_id, res.logprob))
