@@ -248,3 +248,24 @@ def test_live_prefix_is_shared_before_its_request_ends(model_dir: Path, model: L
     off, _ = run(False)
     assert hit == len(system)
     assert on == off
+
+
+def test_prefill_batch_budget_counts_only_uncached_tokens(model_dir: Path, model: LlamaForCausalLM) -> None:
+    """semi-PD batches prompts up to max_prefill_tokens (32 here) of tokens to compute: a long prompt that is
+    mostly cached joins the batch instead of waiting for one of its own."""
+    core = make_core(model_dir, model, "semi-pd", True)
+    greedy = CoreSampling(temperature=0.0, max_tokens=2, ignore_eos=True)
+    try:
+        prefix = list(range(60, 96))  # 36 tokens = 9 full pages
+        core.add_request(AddRequest("warm", prefix + [1], greedy))
+        while core.has_work() or core.pending:
+            core.step()
+        sent = core.next_batch
+        core.add_request(AddRequest("short", list(range(100, 108)), greedy))
+        core.add_request(AddRequest("cached", prefix + [2, 3, 4, 5], greedy))  # 40 tokens, 4 to compute
+        while core.has_work() or core.pending:
+            core.step()
+        assert core.next_batch - sent == 1, "both went to the prefill worker in one batch"
+        assert_pool_clean(core)
+    finally:
+        core.close()
