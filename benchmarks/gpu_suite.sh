@@ -88,14 +88,11 @@ for s in "$@"; do
       start_mps
       sweep llama8b 200 semi-pd-mps-static="--enable-semi-pd --sm-partition mps --decode-sm-percent 40"
       stop_mps ;;
-    sweep3b)
-      sweep llama3b 420 unified="" semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
+    sweep3b_unified)
+      sweep llama3b 580 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" ;;
+    sweep3b_semipd)
+      sweep llama3b 580 semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
         semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
-    step_profile)
-      stage step_profile 240 python3 benchmarks/bench_step_profile.py --shape llama-3.1-8b --out "$OUT/step_profile.json" ;;
-    prefix_cache)
-      stage prefix_cache 200 python3 benchmarks/bench_prefix_cache.py --shape llama-3.1-8b --prefix-len 4096 \
-        --suffix-len 64 --repeats 5 --out "$OUT/prefix_cache.json" ;;
     compare)
       for f in "$OUT"/sweep_*.json; do python3 benchmarks/bench_serving.py --compare "$f" --plot-dir "${f%.json}_plots"; done ;;
     *) echo "unknown stage $s" ;;
