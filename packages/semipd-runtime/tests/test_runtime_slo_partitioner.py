@@ -177,6 +177,7 @@ def truth_scores(truth: Truth, load: LoadState, cfg: SloPartitionerConfig) -> di
         backlog = float(phi_w @ truth.p_alpha + h * phi_w @ truth.p_beta) if load.waiting_tokens else 0.0
         wait, _ = predict_queue_wait_s(per_req, backlog, load.arrival_rate,
                                        max(cfg.planning_horizon_s, cfg.min_dwell_s), cfg.load_confidence_z)
+        wait = max(wait, backlog / 2)  # the queued requests' mean wait
         out[split] = score_of(wait + own, truth.decode(load.decode_batch, load.decode_context_tokens, ds), cfg)
     return out
 
@@ -378,3 +379,27 @@ def test_decision_values_are_plain_python_numbers() -> None:
     values = [*d.as_dict().values(), *dataclasses.astuple(d.load), *dataclasses.astuple(d.predicted)]
     assert all(type(v) in (float, int, bool, str) for v in values), [type(v) for v in values]
     msgspec.msgpack.encode(d.as_dict())
+
+
+def test_a_standing_backlog_moves_sms_to_prefill() -> None:
+    """Same arrival rate, decode batch and SLOs; only the queue differs. With ~20 long prompts waiting, their own
+    TTFT (half the backlog on average, at best) must count and pull SMs to prefill, even though a newcomer's
+    averaged wait looks fine (seen on the H200: the policy held its split while the queue grew)."""
+    def decide(waiting_mean: float) -> tuple[SloPartitioner, object]:
+        truth, rng = Truth(), np.random.default_rng(3)
+        cfg = SloPartitionerConfig(slo_ttft_ms=2000, slo_tpot_ms=25, hysteresis=0.0, min_dwell_s=0.0,
+                                   load_confidence_z=0.0)
+        p = SloPartitioner(cfg, profile_for(truth, rng, 0.02))
+        for w in range(10):
+            feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, 1.0, (1500, 4500), 16, 3000, 0.02, waiting_mean)
+        return p, p.decide(20.0)
+
+    _, calm = decide(0.0)
+    p, busy = decide(20.0)
+    assert busy.prefill_percent >= calm.prefill_percent + 30
+    for pred in busy.candidates:
+        load = busy.load
+        steps = max(1.0, load.waiting_tokens / p.config.prefill_token_budget)
+        backlog_s = p.prefill_model.predict_features(np.array([steps, load.waiting_tokens, load.waiting_attn]),
+                                                     pred.prefill_percent / 100)
+        assert pred.queue_wait_ms >= 1000 * backlog_s / 2 - 1e-6

@@ -358,6 +358,10 @@ class SloPartitioner:
         # a burst is judged over how long a split will likely run, not over one window
         horizon = max(cfg.planning_horizon_s, cfg.min_dwell_s)
         wait, rho = predict_queue_wait_s(per_request, backlog, load.arrival_rate, horizon, cfg.load_confidence_z)
+        # the requests already queued count too: served first come first served, they wait on average half the
+        # backlog at this split (more, by the time they already waited). Without this a backlog built up under
+        # a rising rate never moved SMs to prefill (a newcomer's averaged wait looked fine; H200 sweep)
+        wait = max(wait, backlog / 2)
         ttft = wait + own
         # nothing decodes: judge TPOT on one sequence of a mean prompt (the next request's first decode steps)
         batch = max(1.0, load.decode_batch)
