@@ -13,7 +13,8 @@ Per candidate split it predicts TTFT = queue wait + the request's own prefill at
 decode step of the running batch at the decode share (latency models: `latency_model.py`). The queue wait is an
 M/D/1 term for Poisson arrivals plus a fluid term for backlog beyond what that queue explains, draining at
 (1 - rho); rho = arrival rate x amortized prefill time per request (prefills batched up to `prefill_token_budget`
-tokens). A split scores min(slo_ttft / ttft, slo_tpot / tpot): >= 1 means both SLOs are
+tokens). The wait is at least half the prefill time of what waits now (the queued requests' own mean wait, FCFS).
+A split scores min(slo_ttft / ttft, slo_tpot / tpot): >= 1 means both SLOs are
 predicted to hold, the largest score has the most headroom (or, when no split meets both, the smallest worst-case
 overshoot). It moves only when the best score beats the current one by `hysteresis` (relative), also with the
 measured arrival rate and prompt length moved by +-`load_confidence_z` standard errors (Poisson noise in a rate
