@@ -8,5 +8,6 @@ from __future__ import annotations
 
 from semipd_kernels import ops, reference
 from semipd_kernels.ops import get_backend, set_backend
+from semipd_kernels.sm_budget import current_sm_budget, sm_budget
 
-__all__ = ["ops", "reference", "get_backend", "set_backend"]
+__all__ = ["ops", "reference", "get_backend", "set_backend", "sm_budget", "current_sm_budget"]

@@ -15,8 +15,8 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,17 @@ class GreenPartition(SmPartition):
     def role_context_factory(self, role: str) -> Callable[[], AbstractContextManager[Any]]:
         import torch
 
-        stream = self._streams[role]
-        return lambda: torch.cuda.stream(stream)
+        from semipd_kernels import sm_budget
+
+        stream, sms = self._streams[role], int(self.sm_count[role]) or None
+
+        @contextmanager
+        def enter() -> Iterator[None]:
+            # kernels that size their grid by SM count plan for this partition's SMs, not the device's
+            with torch.cuda.stream(stream), sm_budget(sms):
+                yield
+
+        return enter
 
     def stream_key(self, role: str) -> int | None:
         return int(self._streams[role].cuda_stream)

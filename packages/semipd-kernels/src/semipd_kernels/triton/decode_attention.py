@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from semipd_kernels import checks
+from semipd_kernels.sm_budget import current_sm_budget
 from semipd_kernels.triton.common import dot_precision, interpreting, mma
 
 LOG2E = 1.4426950408889634
@@ -147,7 +148,7 @@ def decode_attention(
         return out
     if num_splits is None:
         if num_sms is None:
-            num_sms = _device_sm_count(q.device.index or 0) if q.is_cuda else 8
+            num_sms = current_sm_budget() or (_device_sm_count(q.device.index or 0) if q.is_cuda else 8)
         num_splits = choose_num_splits(bsz, hk, page_table.shape[1] * page_size, num_sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

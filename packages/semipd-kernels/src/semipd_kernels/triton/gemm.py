@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from semipd_kernels.sm_budget import current_sm_budget
 from semipd_kernels.triton.common import dot_precision, interpreting, mma
 
 
@@ -105,7 +106,7 @@ def linear(
     if m == 0 or n == 0:
         return out.view(*x.shape[:-1], n)
     if num_sms is None:
-        num_sms = _device_sm_count(x.device.index or 0) if x.is_cuda else 4
+        num_sms = current_sm_budget() or (_device_sm_count(x.device.index or 0) if x.is_cuda else 4)
     if num_sms < 1:
         raise ValueError(f"num_sms must be >= 1, got {num_sms}")
     cfg = dict(config or default_config(m))
