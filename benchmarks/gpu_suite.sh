@@ -32,6 +32,9 @@ stage() {  # stage NAME LIMIT_S CMD...
 SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 400 \
   --duration-s 30 --request-rates 4 6 8 10 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
 SLO_FLAGS="--slo-ttft-ms 2000 --slo-tpot-ms 25"
+UNIFIED_CFGS=(unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048")
+SEMIPD_CFGS=(semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40"
+  semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS")
 sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py
   local shape=$1 limit=$2; shift 2
   local cfgs=()
@@ -76,23 +79,15 @@ for s in "$@"; do
         --out "$OUT/repartition_mps.json"
       stop_mps ;;
     sweep8b)  # all four in one call only with a short SWEEP_BENCH; else the two stages below, one call each
-      sweep llama8b 580 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" \
-        semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
-        semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
-    sweep8b_unified)
-      sweep llama8b 580 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" ;;
-    sweep8b_semipd)
-      sweep llama8b 580 semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
-        semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
+      sweep llama8b 580 "${UNIFIED_CFGS[@]}" "${SEMIPD_CFGS[@]}" ;;
+    sweep8b_unified | sweep3b_unified)
+      sweep "llama${s:5:2}" 580 "${UNIFIED_CFGS[@]}" ;;
+    sweep8b_semipd | sweep3b_semipd)
+      sweep "llama${s:5:2}" 580 "${SEMIPD_CFGS[@]}" ;;
     sweep8b_mps)
       start_mps
       sweep llama8b 200 semi-pd-mps-static="--enable-semi-pd --sm-partition mps --decode-sm-percent 40"
       stop_mps ;;
-    sweep3b_unified)
-      sweep llama3b 580 unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048" ;;
-    sweep3b_semipd)
-      sweep llama3b 580 semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40" \
-        semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS" ;;
     compare)
       for f in "$OUT"/sweep_*.json; do python3 benchmarks/bench_serving.py --compare "$f" --plot-dir "${f%.json}_plots"; done ;;
     *) echo "unknown stage $s" ;;
