@@ -96,6 +96,17 @@ def check_elementwise(device: str, dtype: torch.dtype = torch.bfloat16) -> list[
     kv_store.store_kv(k, k, caches[0], caches[1], slots)
     ref.store_kv(k, k, caches[2], caches[3], slots)
     res.append(_errors("store_kv", caches[0], caches[2], 0.0))
+    from semipd_kernels.triton.rotary_kv import rotary_store_kv
+
+    v = qkv[:, (HQ + HK) * D :].view(t, HK, D)
+    fused = [torch.zeros(600, 16, HK, D, dtype=dtype, device=device) for _ in range(4)]
+    slots[::7] = -1  # padded rows: nothing stored
+    got_q = rotary_store_kv(q, k, v, pos, cache, fused[0], fused[1], slots)
+    want_q, want_k = ref.apply_rotary(q, k, pos, cache)
+    ref.store_kv(want_k, v, fused[2], fused[3], slots)
+    res += [_errors("rotary_store_kv.q", got_q, want_q, 2e-2),
+            _errors("rotary_store_kv.k_cache", fused[0], fused[2], 2e-2),
+            _errors("rotary_store_kv.v_cache", fused[1], fused[3], 0.0)]
     return res
 
 
