@@ -342,13 +342,15 @@ class EngineCore:
         s = req.sampling
         if (not s.ignore_eos and tok in self.eos) or tok in s.stop_token_ids:
             return "stop"
-        if num_out >= s.max_tokens or len(req.prompt_ids) + num_out >= self.cfg.max_model_len:
-            return "length"
-        return None
+        return "length" if self._reaches_length(req, num_out) else None
+
+    def _reaches_length(self, req: Request, num_out: int) -> bool:
+        """num_out output tokens are req's last: max_tokens or the context is reached."""
+        return num_out >= req.sampling.max_tokens or len(req.prompt_ids) + num_out >= self.cfg.max_model_len
 
     def _ends(self, req: Request) -> bool:
         """Its newest output id (a placeholder) is its last whatever its value: never schedule it again."""
-        return len(req.output_ids) >= req.sampling.max_tokens or req.seq_len >= self.cfg.max_model_len
+        return self._reaches_length(req, len(req.output_ids))
 
     def close(self) -> None:
         """Release workers the core started (none for the unified core)."""
