@@ -22,7 +22,8 @@ pytest.importorskip("transformers")
 from semipd_memory import PageAllocator, RadixCache  # noqa: E402
 from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.cuda_graph import DecodeGraphRunner, fill_placeholders  # noqa: E402
+from semipd_runtime.cuda_graph import DecodeGraphRunner  # noqa: E402
+from semipd_runtime.forward_batch import fill_placeholders  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling, TokenLogprobMsg  # noqa: E402
 from semipd_runtime.models.llama import LlamaForCausalLM  # noqa: E402
 from semipd_runtime.models.loader import load_model  # noqa: E402

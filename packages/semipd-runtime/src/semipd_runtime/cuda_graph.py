@@ -20,18 +20,10 @@ import torch
 from torch import Tensor
 
 from semipd_memory import KVPool
-from semipd_runtime.forward_batch import AttentionMetadata, to_device
+from semipd_runtime.forward_batch import AttentionMetadata, fill_placeholders, to_device
 from semipd_runtime.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
-
-
-def fill_placeholders(ids: Tensor, prev_tokens: Tensor | None) -> Tensor:
-    """ids with each placeholder -1 - j replaced by prev_tokens[j] (the step before's sampled tokens, still on
-    the device: the host never waits for them)."""
-    assert prev_tokens is not None and prev_tokens.numel() > 0, "placeholder ids without the step they come from"
-    src = prev_tokens.index_select(0, (-1 - ids).clamp(0, prev_tokens.numel() - 1))
-    return torch.where(ids < 0, src, ids)
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:

@@ -53,3 +53,11 @@ def to_device_parts(parts: list[list[int]] | list[list[float]], dtype: torch.dty
         flat += [0] * (-len(part) % per)
     buf = to_device(flat, dtype, device)
     return [buf[o : o + len(part)] for o, part in zip(offsets, parts)]
+
+
+def fill_placeholders(ids: Tensor, prev_tokens: Tensor | None) -> Tensor:
+    """ids with each placeholder -1 - j replaced by prev_tokens[j] (the step before's sampled tokens, still on
+    the device: the host never waits for them)."""
+    assert prev_tokens is not None and prev_tokens.numel() > 0, "placeholder ids without the step they come from"
+    src = prev_tokens.index_select(0, (-1 - ids).clamp(0, prev_tokens.numel() - 1))
+    return torch.where(ids < 0, src, ids)

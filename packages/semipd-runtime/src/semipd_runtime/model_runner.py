@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from semipd_kernels import ops
-from semipd_runtime.messages import CoreSampling
 from semipd_memory import KVPool
-from semipd_runtime.cuda_graph import DecodeGraphRunner, fill_placeholders
-from semipd_runtime.forward_batch import AttentionMetadata, to_device_parts
+from semipd_runtime.cuda_graph import DecodeGraphRunner
+from semipd_runtime.forward_batch import AttentionMetadata, fill_placeholders, to_device_parts
+from semipd_runtime.messages import CoreSampling
 from semipd_runtime.models.llama import LlamaForCausalLM
 
 
@@ -116,9 +116,13 @@ class ModelRunner:
         shapes: list[list[int]] = [[max_tokens], [max(1, max_tokens - 1)]]
         if max_tokens > 4096:
             shapes.append([4095])  # the prefill kernel's smaller-block variant
+        chunk = min(64, max_tokens)
         for bsz in (2, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257):
             if bsz <= max_batch + 1:
-                shapes += [[min(64, max_tokens)] + [1] * (bsz - 1), [1] * bsz]  # mixed step; eager decode
+                # a mixed step as the scheduler orders it (decode rows first: the decode kernel takes them), a
+                # prefill batch of bsz prompts within the token budget (the prefill kernel's batch-size
+                # buckets), an eager decode step
+                shapes += [[1] * (bsz - 1) + [chunk], [max(1, min(chunk, max_tokens // bsz))] * bsz, [1] * bsz]
         greedy = CoreSampling(temperature=0.0)
         for lens in shapes:
             starts = [16 * (i % 4) for i in range(len(lens))]
