@@ -35,6 +35,7 @@ def test_hit_shares_full_pages_and_leaves_one_token() -> None:
     s, cached = c.alloc(list(range(8)) + [50, 51])  # type: ignore[misc]
     assert cached == 8 and a.pages(s)[:2] == [0, 1] and a.num_shared(s) == 2
     assert a.page_refs(0) == 1 and a.num_evictable_pages == 0 and a.num_used_pages == 3
+    assert c.cached_prefix_tokens(list(range(8))) == 4  # what alloc will share, without locking anything
     s2, cached2 = c.alloc(list(range(8)))  # type: ignore[misc]
     assert cached2 == 4, "a fully cached prompt still computes its last page (logits to sample)"
     assert a.page_refs(0) == 2 and a.page_refs(1) == 1
@@ -57,6 +58,7 @@ def test_publish_shares_a_live_prefix_and_skips_twins() -> None:
     assert a.num_shared(sa) == 3 and a.num_cached_pages == 3 and a.num_evictable_pages == 0
     assert [a.page_refs(p) for p in a.pages(sa)[:3]] == [1, 1, 1]
     assert c.publish(twin, system + [3]) == 0 and a.num_shared(twin) == 0  # tree holds other pages for them
+    assert c.cached_prefix_tokens(system + [4, 5]) == 12
     sb, cached = c.alloc(system + [4, 5])  # type: ignore[misc]  # arrives later: served from the live prefix
     assert cached == 12 and a.pages(sb)[:3] == a.pages(sa)[:3] and a.page_refs(a.pages(sa)[0]) == 2
     assert c.evict(100) == 0, "published pages in use are not evictable"

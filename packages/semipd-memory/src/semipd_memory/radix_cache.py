@@ -72,6 +72,16 @@ class RadixCache:
             node = child
         return pages
 
+    def cached_prefix_tokens(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` an `alloc` now would share from the cache (read-only: no lock, no LRU touch)."""
+        if not self.enabled or not tokens:
+            return 0
+        return len(self.match(tokens[: self._max_shared_pages(tokens) * self.page_size])) * self.page_size
+
+    def _max_shared_pages(self, tokens: Sequence[int]) -> int:
+        # full pages only, and at least one token left to compute (there must be logits to sample)
+        return (len(tokens) - 1) // self.page_size
+
     # --- what a scheduler calls ---------------------------------------------------------------------------
     def alloc(self, tokens: Sequence[int]) -> tuple[int, int] | None:
         """A slot with pages for all of `tokens`, sharing the longest cached full-page prefix of tokens[:-1]
@@ -86,7 +96,7 @@ class RadixCache:
             return None
         node, shared = self._root, []
         if self.enabled:
-            node, shared = self._lock_prefix(tokens, (len(tokens) - 1) // ps)
+            node, shared = self._lock_prefix(tokens, self._max_shared_pages(tokens))
         need = total - len(shared)
         if need > a.num_free_pages:
             # pages of the path just locked are unreferenced in the allocator but not evictable any more

@@ -217,7 +217,9 @@ class SemiPDCore(EngineCore):
             assert not req.has_placeholder, f"{req.rid} dispatched with a token still in flight"
             if self.scheduler.num_running + len(self.prefilling) >= self.cfg.max_running_requests:
                 break
-            if items and req.seq_len > budget and self._uncached_tokens(req) > budget:
+            tokens = req.token_slice(0, req.seq_len)
+            # the budget counts tokens to compute: a cached prefix is free (checked only when it matters)
+            if items and req.seq_len > budget and req.seq_len - self.cache.cached_prefix_tokens(tokens) > budget:
                 break
             slot = self.scheduler.admit(req)  # sets req.num_computed to the cached prefix
             if slot is None:
@@ -225,7 +227,7 @@ class SemiPDCore(EngineCore):
             waiting.popleft()
             req.slot, req.status, req.state_since = slot, RequestStatus.PREFILLING, time.monotonic()
             self.prefilling[req.rid] = req
-            items.append(PrefillItem(req.rid, req.token_slice(0, req.seq_len), self.allocator.pages(slot),
+            items.append(PrefillItem(req.rid, tokens, self.allocator.pages(slot),
                                      req.sampling, len(req.output_ids), req.num_computed))
             reqs.append(req)
             budget -= req.num_uncomputed
@@ -233,12 +235,6 @@ class SemiPDCore(EngineCore):
             self.batches[self.next_batch] = reqs
             self.channel.send(PrefillBatch(self.next_batch, items))
             self.next_batch += 1
-
-    def _uncached_tokens(self, req: Request) -> int:
-        """Tokens of req a prefill would compute now (admission shares the cached full-page prefix, always
-        leaving the last token to compute)."""
-        ps = self.cfg.page_size
-        return req.seq_len - len(self.cache.match(req.token_slice(0, (req.seq_len - 1) // ps * ps))) * ps
 
     def _collect(self, msgs: list[FromPrefill]) -> list[TokenEvent]:
         events: list[TokenEvent] = []
