@@ -138,8 +138,8 @@ class GreenPartition(SmPartition):
         self._dev = self._ok(cu.cuDeviceGet(device_index))
         full = self._ok(cu.cuDeviceGetDevResource(self._dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
         total = full.sm.smCount
-        want_decode = max(1, round(total * decode_percent / 100))
-        self._total, self._want_decode = total, want_decode
+        self._total = total
+        want_decode = self._decode_sms_asked(decode_percent)
         groups, _, rest = self._ok(cu.cuDevSmResourceSplitByCount(1, full, 0, want_decode))
         self._contexts: list[Any] = []
         self._streams: dict[str, Any] = {}
@@ -149,7 +149,8 @@ class GreenPartition(SmPartition):
             stream = self._ok(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
             self._contexts.append(ctx)
             self._streams[role] = torch.cuda.ExternalStream(int(stream))
-            self.sm_count[role] = res.sm.smCount
+            self.sm_count[role] = int(res.sm.smCount)
+        self._family.setdefault(want_decode, self)
         if prefill_percent + decode_percent < 100:
             log.info("green partition: prefill takes every SM decode does not (%d)", self.sm_count["prefill"])
         log.info("green partition granted: decode %d SMs, prefill %d SMs (of %d)",
@@ -166,7 +167,7 @@ class GreenPartition(SmPartition):
 
         from semipd_kernels import sm_budget
 
-        stream, sms = self._streams[role], int(self.sm_count[role]) or None
+        stream, sms = self._streams[role], self.sm_count[role] or None
 
         @contextmanager
         def enter() -> Iterator[None]:
@@ -179,17 +180,16 @@ class GreenPartition(SmPartition):
     def stream_key(self, role: str) -> int | None:
         return int(self._streams[role].cuda_stream)
 
+    def _decode_sms_asked(self, decode_percent: float) -> int:
+        return max(1, round(self._total * decode_percent / 100))
+
     def resplit(self, prefill_percent: float, decode_percent: float) -> SmPartition:
         # new contexts carved from the whole device again: while the old pair drains they overlap it briefly
-        self._family.setdefault(self._want_decode, self)
-        want = max(1, round(self._total * decode_percent / 100))
-        cached = self._family.get(want)
-        if cached is not None and cached._contexts:
+        cached = self._family.get(self._decode_sms_asked(decode_percent))
+        if cached is not None:
             cached.percent = {"prefill": prefill_percent, "decode": decode_percent}
             return cached
-        part = GreenPartition(prefill_percent, decode_percent, self._device_index, self._family)
-        self._family[want] = part
-        return part
+        return GreenPartition(prefill_percent, decode_percent, self._device_index, self._family)  # joins it
 
     @property
     def keeps_streams(self) -> bool:
@@ -198,8 +198,6 @@ class GreenPartition(SmPartition):
 
     def close(self) -> None:
         """A generation is done with this split: its contexts stay for a later return (close_all frees them)."""
-        if self._want_decode not in self._family:
-            self._family[self._want_decode] = self
 
     def close_all(self) -> None:
         for part in {id(p): p for p in (*self._family.values(), self)}.values():
