@@ -30,11 +30,13 @@ stage() {  # stage NAME LIMIT_S CMD...
 # goodput sweep: one long-prompt workload, rates swept, several server configs appended to one results file
 # 30 s of arrivals per rate (not a fixed count): the slo policy needs several decision windows at one rate
 SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 400 \
-  --duration-s 30 --request-rates 4 6 8 10 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
+  --duration-s 20 --request-rates 4 6 8 10 12 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
 SLO_FLAGS="--slo-ttft-ms 2000 --slo-tpot-ms 25"
 UNIFIED_CFGS=(unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048")
 SEMIPD_CFGS=(semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40"
   semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS")
+# one call per shape: the strongest unified chunk size (2048 beat 512 on the H200) against both semi-PD policies
+MAIN_CFGS=("${UNIFIED_CFGS[1]}" "${SEMIPD_CFGS[@]}")
 sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py
   local shape=$1 limit=$2; shift 2
   local cfgs=()
@@ -75,11 +77,13 @@ for s in "$@"; do
     repartition)
       stage repartition_green 50 python3 benchmarks/bench_repartition.py --backend green --out "$OUT/repartition_green.json"
       start_mps
-      stage repartition_mps 70 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
+      stage repartition_mps 150 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
         --out "$OUT/repartition_mps.json"
       stop_mps ;;
     sweep8b)  # all four in one call only with a short SWEEP_BENCH; else the two stages below, one call each
       sweep llama8b 580 "${UNIFIED_CFGS[@]}" "${SEMIPD_CFGS[@]}" ;;
+    sweep8b_main | sweep3b_main)
+      sweep "llama${s:5:2}" 580 "${MAIN_CFGS[@]}" ;;
     sweep8b_unified | sweep3b_unified)
       sweep "llama${s:5:2}" 580 "${UNIFIED_CFGS[@]}" ;;
     sweep8b_semipd | sweep3b_semipd)

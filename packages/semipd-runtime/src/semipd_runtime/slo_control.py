@@ -29,9 +29,11 @@ class SloSettings:
     hysteresis: float = 0.1
     sm_step: int = 8
     profile_splits: int = 3
-    profile_requests: int = 4
-    profile_prompt_tokens: int = 256
-    profile_decode_tokens: int = 8
+    profile_requests: int = 6
+    # None: min(4096, max_prefill_tokens, half the context). Prompts of the size served: fitted on 256-token
+    # prompts only, the attention term of 3k-token prompts was an extrapolation and the split never moved (H200)
+    profile_prompt_tokens: int | None = None
+    profile_decode_tokens: int = 16
     profile_cache_dir: str | None = None  # None: <semipd cache>/profiles; "": never read or write a cache
     profile_timeout_s: float = 600.0
 
@@ -40,14 +42,24 @@ class SloSettings:
             raise ValueError(f"partition_policy must be one of {POLICIES}, got {self.policy!r}")
         for name in ("profile_splits", "profile_requests", "profile_prompt_tokens", "profile_decode_tokens"):
             v = getattr(self, name)
+            if v is None and name == "profile_prompt_tokens":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "profile_splits" else 1):
                 raise ValueError(f"slo {name} must be an int >= {0 if name == 'profile_splits' else 1}, got {v!r}")
         if not (isinstance(self.profile_timeout_s, (int, float)) and self.profile_timeout_s > 0):
             raise ValueError(f"slo profile_timeout_s must be > 0, got {self.profile_timeout_s!r}")
         self.partitioner_config(100, None)  # validates the SLO numbers with the argument's name in the message
 
+    def profile_prompt_length(self, max_model_len: int, max_prefill_tokens: int) -> int:
+        """Longest prompt of the profiling pass (leaving room for its decode tokens)."""
+        want = self.profile_prompt_tokens
+        if want is None:
+            want = min(4096, max_prefill_tokens, max_model_len // 2)
+        return max(1, min(want, max_model_len - self.profile_decode_tokens - 1))
+
     def partitioner_config(self, total_sms: int, initial: tuple[float, float] | None,
-                           fixed_decode_percent: float | None = None) -> SloPartitionerConfig:
+                           fixed_decode_percent: float | None = None,
+                           prefill_token_budget: int = 8192) -> SloPartitionerConfig:
         candidates = sm_split_candidates(total_sms, self.sm_step)
         if fixed_decode_percent is not None:  # MPS: the decode process keeps the cap it started with
             candidates = tuple((p, float(fixed_decode_percent)) for p, _ in candidates)
@@ -57,7 +69,7 @@ class SloSettings:
             slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms, policy=self.policy,
             repartition_interval_s=self.repartition_interval_s, min_dwell_s=self.min_dwell_s,
             hysteresis=self.hysteresis, candidates=candidates, total_sms=total_sms, sm_step=self.sm_step,
-            initial_split=initial)
+            initial_split=initial, prefill_token_budget=prefill_token_budget)
 
 
 def nearest_split(candidates: Sequence[tuple[float, float]], split: tuple[float, float]) -> tuple[float, float]:

@@ -77,7 +77,7 @@ def seed_from_profile(core: SemiPDCore, ctl: SloController, partition_kind: str)
 def run_profile(core: SemiPDCore, ctl: SloController, key: dict[str, str]) -> LatencyProfile:
     s = ctl.settings
     splits = profile_splits(ctl.partitioner.config.candidates or (), core.channel.split, s.profile_splits)
-    longest = max(1, min(s.profile_prompt_tokens, core.cfg.max_model_len - s.profile_decode_tokens - 1))
+    longest = s.profile_prompt_length(core.cfg.max_model_len, core.cfg.max_prefill_tokens)
     sampling = CoreSampling(temperature=0.0, max_tokens=s.profile_decode_tokens, ignore_eos=True)
     rng = random.Random(0)
     vocab = core.model.config.vocab_size
