@@ -14,11 +14,17 @@ decode step of the running batch at the decode share (latency models: `latency_m
 M/D/1 term for Poisson arrivals plus a fluid term for backlog beyond what that queue explains, draining at
 (1 - rho); rho = arrival rate x amortized prefill time per request (prefills batched up to `prefill_token_budget`
 tokens). The wait is at least half the prefill time of what waits now (the queued requests' own mean wait, FCFS).
-A split scores min(slo_ttft / ttft, slo_tpot / tpot): >= 1 means both SLOs are
-predicted to hold, the largest score has the most headroom (or, when no split meets both, the smallest worst-case
-overshoot). It moves only when the best score beats the current one by `hysteresis` (relative), also with the
-measured arrival rate and prompt length moved by +-`load_confidence_z` standard errors (Poisson noise in a rate
-estimate must not flap the split), and the current split has been held `min_dwell_s`.
+A split scores min(slo_ttft / ttft, slo_tpot / tpot) (>= 1: both SLOs predicted to hold) and is ranked in tiers:
+1. both SLOs hold: most headroom wins, counted up to `score_cap` (more headroom than that buys nothing, so a lightly
+   loaded engine does not move SMs around for it);
+2. only TPOT holds (with `overload_tpot_margin` to spare): the best TTFT wins. Overloaded, the running batch keeps
+   its TPOT and prefill gets every SM decode can spare; trading both SLOs evenly instead (min of the two ratios)
+   gave decode 12 of 132 SMs on the H200 at 12 req/s and broke TPOT for all 64 running requests;
+3. neither: the best TPOT wins.
+It moves only when the best split ranks in a higher tier, or in the same tier beats the current one by
+`hysteresis` (relative); it must also rank no worse with the measured arrival rate and prompt length moved by
++-`load_confidence_z` standard errors (Poisson noise in a rate estimate must not flap the split), and the current
+split must have been held `min_dwell_s`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from semipd_runtime.latency_model import (
     PrefillLatencyModel,
     decode_features,
 )
+from semipd_runtime.slo_scoring import predict_queue_wait_s, rank_split
 
 log = logging.getLogger(__name__)
 POLICIES = ("static", "slo")
@@ -71,7 +78,9 @@ class SloPartitionerConfig:
     repartition_interval_s: float = 2.0
     min_dwell_s: float = 6.0
     hysteresis: float = 0.1  # move only for a relative score gain above this ...
-    load_confidence_z: float = 2.0  # ... that also holds with the measured load moved +-z standard errors
+    load_confidence_z: float = 2.0  # ... and only when it ranks no worse with the load moved +-z standard errors
+    score_cap: float = 2.0  # headroom beyond this (x the SLOs) does not rank a split higher
+    overload_tpot_margin: float = 0.1  # when TTFT cannot be met, TPOT must hold with this much to spare
     candidates: tuple[tuple[float, float], ...] | None = None
     total_sms: int = 132
     sm_step: int = 8
@@ -90,12 +99,15 @@ class SloPartitionerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        for name in ("min_dwell_s", "hysteresis", "load_confidence_z"):
+        for name in ("min_dwell_s", "hysteresis", "load_confidence_z", "overload_tpot_margin"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if isinstance(self.score_cap, bool) or not isinstance(self.score_cap, (int, float)) or not (
+                self.score_cap >= 1 and math.isfinite(self.score_cap)):
+            raise ValueError(f"score_cap must be a finite number >= 1, got {self.score_cap!r}")
         for name in ("prefill_token_budget", "window", "min_samples", "rate_target_arrivals"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "window" else 1):
@@ -165,10 +177,16 @@ class SplitPrediction:
     queue_wait_ms: float
     prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
     score: float
+    tier: int = 0  # 2: both SLOs hold, 1: only TPOT (with margin), 0: neither (see the module docstring)
+    tier_value: float = 0.0  # what ranks splits inside the tier (capped score, TTFT ratio, TPOT ratio)
 
     @property
     def meets_slo(self) -> bool:
         return self.score >= 1.0
+
+    @property
+    def rank(self) -> tuple[int, float]:
+        return (self.tier, self.tier_value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,34 +223,13 @@ class Decision:
         return out
 
 
-_RHO_KNEE = 0.95  # past this the M/D/1 wait continues as a straight line (finite, still steep)
+def _clear_gain(best: SplitPrediction, current: SplitPrediction, hysteresis: float) -> bool:
+    return best.tier > current.tier or (
+        best.tier == current.tier and best.tier_value >= current.tier_value * (1 + hysteresis))
 
 
-def predict_queue_wait_s(per_request_s: float, backlog_s: float, arrival_rate: float, horizon_s: float,
-                         backlog_z: float = 2.0) -> tuple[float, float]:
-    """(mean wait before prefill starts for a request arriving within the next `horizon_s`, rho).
-
-    `per_request_s`: amortized prefill time per request S; `backlog_s`: prefill time of what waits now.
-    Stochastic part (Poisson arrivals, fixed service): the M/D/1 mean wait W = rho S / (2 (1 - rho)), continued
-    past rho = 0.95 along its tangent so it stays finite and monotone (a steady state near rho = 1 is never a good
-    plan: its wait is huge and hypersensitive to the rate). Fluid part: an M/D/1 queue swings by about W + S, so
-    only backlog beyond W + backlog_z (W + S) counts as a real surplus (a burst); the surplus drains at (1 - rho)
-    per second, or grows at (rho - 1) when overloaded, and a newcomer at time t waits what is left of it,
-    averaged over [0, horizon].
-    """
-    rho = arrival_rate * per_request_s
-    drain = 1.0 - rho
-    if rho <= _RHO_KNEE:
-        stochastic = rho * per_request_s / (2 * drain)
-    else:
-        at_knee = _RHO_KNEE * per_request_s / (2 * (1 - _RHO_KNEE))
-        stochastic = at_knee + (rho - _RHO_KNEE) * per_request_s / (2 * (1 - _RHO_KNEE) ** 2)
-    excess = max(0.0, backlog_s - stochastic - backlog_z * (stochastic + per_request_s))
-    if drain > 0 and excess <= drain * horizon_s:
-        fluid = excess * excess / (2 * drain * horizon_s)
-    else:
-        fluid = excess - drain * horizon_s / 2
-    return stochastic + fluid, rho
+def _fmt_rank(p: SplitPrediction) -> str:
+    return f"tier {p.tier} {p.tier_value:.3f} (score {p.score:.3f})"
 
 
 class SloPartitioner:
@@ -368,9 +365,11 @@ class SloPartitioner:
         batch = max(1.0, load.decode_batch)
         context = load.decode_context_tokens if load.decode_batch > 0 else load.mean_prompt_tokens
         tpot = self.decode_model.predict_features(decode_features(batch, context), d_share)
-        score = min(cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot))
+        ttft_ratio, tpot_ratio = cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot)
+        score = min(ttft_ratio, tpot_ratio)
+        tier, value = rank_split(ttft_ratio, tpot_ratio, cfg.score_cap, cfg.overload_tpot_margin)
         return SplitPrediction(prefill_percent, decode_percent, float(1000 * ttft), float(1000 * tpot),
-                               float(1000 * wait), float(rho), float(score))
+                               float(1000 * wait), float(rho), float(score), tier, float(value))
 
     # --- decisions ----------------------------------------------------------------------------------------------
     @property
@@ -418,35 +417,37 @@ class SloPartitioner:
         preds = tuple(self.predict(p, d, load) for p, d in cfg.candidates)  # type: ignore[union-attr]
         current = next(p for p in preds if (p.prefill_percent, p.decode_percent) == self._split)
         # ties: stay, else the split nearest the current one (fewest SMs moved)
-        best = max(preds, key=lambda p: (p.score, p is current, -abs(p.prefill_percent - self._split[0])))
+        best = max(preds, key=lambda p: (p.rank, p is current, -abs(p.prefill_percent - self._split[0])))
         if cfg.policy == "static":
             return self._decision(now, self._split, False, "static policy", current, best, preds, load)
-        if best is current or best.score <= current.score:
-            reason = f"current split is best (score {current.score:.3f})"
+        vs = f"best {best.prefill_percent:.1f}% ranks {_fmt_rank(best)} vs {_fmt_rank(current)}"
+        if best is current or best.rank <= current.rank:
+            reason = f"current split is best (ranks {_fmt_rank(current)})"
         elif now - self._last_switch < cfg.min_dwell_s:
             reason = f"hold: dwell {now - self._last_switch:.2f}s < min_dwell_s {cfg.min_dwell_s}s"
-        elif best.score < current.score * (1 + cfg.hysteresis):
-            reason = (f"hold: best {best.prefill_percent:.1f}% scores {best.score:.3f} vs {current.score:.3f}, "
-                      f"gain under hysteresis {cfg.hysteresis}")
-        elif not self._gain_holds_under_load_error(best, current, load):
-            reason = (f"hold: best {best.prefill_percent:.1f}% scores {best.score:.3f} vs {current.score:.3f}, but "
-                      f"not at the arrival rate / prompt length +-{cfg.load_confidence_z} standard errors")
+        elif not _clear_gain(best, current, cfg.hysteresis):
+            reason = f"hold: {vs}, gain under hysteresis {cfg.hysteresis}"
+        elif not self._no_worse_under_load_error(best, current, load):
+            reason = f"hold: {vs}, but not at the arrival rate / prompt length +-{cfg.load_confidence_z} std errors"
         else:
-            kind = "meets both SLOs with most headroom" if best.meets_slo else "no split meets both SLOs; best"
-            reason = f"move: {kind} (score {best.score:.3f} vs {current.score:.3f})"
+            kind = {2: "meets both SLOs with most headroom", 1: "TTFT cannot be met; best TTFT that keeps TPOT",
+                    0: "TPOT cannot be met; best TPOT"}[best.tier]
+            reason = f"move: {kind} (ranks {_fmt_rank(best)} vs {_fmt_rank(current)})"
             self._split, self._last_switch = (best.prefill_percent, best.decode_percent), now
             self.switches += 1
             return self._decision(now, self._split, True, reason, best, best, preds, load)
         return self._decision(now, self._split, False, reason, current, best, preds, load)
 
-    def _gain_holds_under_load_error(self, best: SplitPrediction, current: SplitPrediction, load: LoadState) -> bool:
+    def _no_worse_under_load_error(self, best: SplitPrediction, current: SplitPrediction, load: LoadState) -> bool:
         # a rate measured from a few hundred Poisson arrivals wanders by several %, and TTFT near saturation
-        # amplifies that: only move when the gain is there at both ends of the estimate's confidence band
+        # amplifies that: only move when the best split ranks no worse at both ends of the estimate's band.
+        # (Asking for the full hysteresis gain there too held a split for 20 s at score ~1 while a 10-30%
+        # better one was on offer: at the light end every split has headroom and they nearly tie.)
         z = self.config.load_confidence_z
         for shifted in (load.shifted(-z), load.shifted(z)) if z > 0 else ():
             b = self.predict(best.prefill_percent, best.decode_percent, shifted)
             c = self.predict(current.prefill_percent, current.decode_percent, shifted)
-            if b.score < c.score * (1 + self.config.hysteresis):
+            if b.rank < c.rank:
                 return False
         return True
 
