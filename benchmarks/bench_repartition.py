@@ -5,7 +5,8 @@
 Builds a semi-PD core on random weights, keeps `--streams` requests decoding, then cycles through splits; for each
 move it reports the latency the core measured (request -> standby ready and switched) and the wall time of the
 step loop until `channel.split` shows the new split. Under `mps` the standby is a new process (it maps the
-shared weights and KV pool), under `green` a thread on freshly built green contexts.
+shared weights and KV pool) and only the prefill cap moves (the decode process keeps the cap it started with:
+`--splits` are then prefill %), under `green` a thread on freshly built green contexts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--backend", default="green", choices=["green", "mps", "none"])
-    ap.add_argument("--splits", type=int, nargs="+", default=[30, 50, 70, 40, 60], help="decode %% per move")
+    ap.add_argument("--splits", type=int, nargs="+", default=[30, 50, 70, 40, 60],
+                    help="decode %% per move (mps: prefill %%; its decode cap stays at 50)")
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--timeout-s", type=float, default=120.0)
@@ -58,7 +60,7 @@ def main() -> None:
         for _ in range(50):  # streams admitted and decoding
             core.step()
         for d in args.splits:
-            want = (100.0 - d, float(d))
+            want = (float(d), 50.0) if args.backend == "mps" else (100.0 - d, float(d))
             t0 = time.perf_counter()
             core.repartition(*want)
             steps = 0
@@ -69,7 +71,7 @@ def main() -> None:
                     raise TimeoutError(f"split {want} not in effect after {args.timeout_s}s")
             wall = time.perf_counter() - t0
             st = core.stats()
-            row = {"backend": args.backend, "decode_percent": d, "prefill_sm": st.prefill_sm,
+            row = {"backend": args.backend, "prefill_percent": want[0], "decode_percent": want[1], "prefill_sm": st.prefill_sm,
                    "decode_sm": st.decode_sm, "core_latency_ms": 1e3 * st.last_repartition_s,
                    "wall_ms": 1e3 * wall, "decode_steps_meanwhile": steps, "running": st.num_running}
             rows.append(row)

@@ -37,7 +37,7 @@ SEMIPD_CFGS=(semi-pd-green-static="--enable-semi-pd --sm-partition green --decod
   semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS")
 # one call per shape: the strongest unified chunk size (2048 beat 512 on the H200) against both semi-PD policies
 MAIN_CFGS=("${UNIFIED_CFGS[1]}" "${SEMIPD_CFGS[@]}")
-sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py
+sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py (SWEEP_BENCH above)
   local shape=$1 limit=$2; shift 2
   local cfgs=()
   for c in "$@"; do cfgs+=(--config "$c"); done
@@ -77,13 +77,15 @@ for s in "$@"; do
     repartition)
       stage repartition_green 50 python3 benchmarks/bench_repartition.py --backend green --out "$OUT/repartition_green.json"
       start_mps
-      stage repartition_mps 150 python3 benchmarks/bench_repartition.py --backend mps --splits 30 50 \
+      stage repartition_mps 110 python3 benchmarks/bench_repartition.py --backend mps --splits 70 30 60 \
         --out "$OUT/repartition_mps.json"
       stop_mps ;;
     sweep8b)  # all four in one call only with a short SWEEP_BENCH; else the two stages below, one call each
       sweep llama8b 580 "${UNIFIED_CFGS[@]}" "${SEMIPD_CFGS[@]}" ;;
     sweep8b_main | sweep3b_main)
       sweep "llama${s:5:2}" 580 "${MAIN_CFGS[@]}" ;;
+    sweep8b_slo)  # the SLO policy alone (e.g. after a policy change; merge with an earlier file via --compare)
+      sweep llama8b "${SWEEP_LIMIT_S:-300}" "${SEMIPD_CFGS[1]}" ;;
     sweep8b_unified | sweep3b_unified)
       sweep "llama${s:5:2}" 580 "${UNIFIED_CFGS[@]}" ;;
     sweep8b_semipd | sweep3b_semipd)

@@ -205,12 +205,19 @@ class GreenPartition(SmPartition):
         self._family.clear()
 
     def _destroy(self) -> None:
+        # The contexts are retired, not destroyed: a tensor last used on one of their streams records an event
+        # on that stream when it is freed, and after cuGreenCtxDestroy that aborts the process ("context is
+        # destroyed", seen at interpreter exit after core.close() on the H200). Tensors outlive close() in
+        # ways no one controls (a caller's reference, garbage collection), so the driver frees the contexts
+        # at process exit instead; they are SM views of the primary context and hold no memory of their own.
         for stream in self._streams.values():
-            stream.synchronize()  # work still queued on a context must finish before the context goes
-        for ctx in self._contexts:
-            self._cu.cuGreenCtxDestroy(ctx)
+            stream.synchronize()  # work still queued on a context finishes before it is let go
+        _RETIRED.append((self._contexts[:], list(self._streams.values())))
         self._contexts.clear()
         self._streams.clear()
+
+
+_RETIRED: list[tuple[list[object], list[object]]] = []  # closed green contexts and streams, kept to process exit
 
 
 def create_partition(kind: str, prefill_percent: float, decode_percent: float) -> SmPartition:
