@@ -85,7 +85,7 @@ for s in "$@"; do
     sweep8b_main | sweep3b_main)
       sweep "llama${s:5:2}" 580 "${MAIN_CFGS[@]}" ;;
     sweep8b_slo)  # the SLO policy alone (e.g. after a policy change; merge with an earlier file via --compare)
-      sweep llama8b "${SWEEP_LIMIT_S:-300}" "${SEMIPD_CFGS[1]}" ;;
+      sweep llama8b "${SWEEP_LIMIT_S:-300}" "semi-pd-green-slo-tiered=${SEMIPD_CFGS[1]#*=}" ;;
     sweep8b_unified | sweep3b_unified)
       sweep "llama${s:5:2}" 580 "${UNIFIED_CFGS[@]}" ;;
     sweep8b_semipd | sweep3b_semipd)
