@@ -9,6 +9,7 @@ Results are appended to a JSON file under a label so engines/modes can be compar
     uv run semipd-bench-serving --base-url http://127.0.0.1:30000 --label semi-pd \\
         --dataset longtail --num-prompts 500 --request-rates 2 4 8 --out results.json --plot-dir plots
     uv run semipd-bench-serving --compare unified.json semipd.json --plot-dir plots
+    uv run semipd-bench-serving --compare semipd.json --slo-ttft-ms 2000 --slo-tpot-ms 20  # re-scored
 
 `python benchmarks/bench_serving.py ...` runs the same main (for machines without the console script).
 """
@@ -142,6 +143,9 @@ def _rate(text: str) -> float:
     return v
 
 
+SLO_DEFAULTS = (1000.0, 100.0)  # --slo-ttft-ms, --slo-tpot-ms of a sweep
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semipd-bench-serving", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -178,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     a.add_argument("--duration-s", type=float, default=None, help="stop sending new requests after this long")
     a.add_argument("--request-timeout-s", type=float, default=600.0)
-    a.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    a.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    for what, default in zip(("TTFT", "TPOT"), SLO_DEFAULTS):
+        a.add_argument(f"--slo-{what.lower()}-ms", type=float, default=argparse.SUPPRESS,
+                       help=f"{what} SLO for attainment and goodput (default: {default:g}); with --compare, "
+                            "both re-score the saved runs from their stored requests (default: saved values)")
     a.add_argument("--metrics-interval-s", type=float, default=1.0, help="/metrics polling for the SM split")
     o = p.add_argument_group("output")
     o.add_argument("--label", default="run", help="name of this run in the results file and plots")
@@ -190,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate; fill in the SLO defaults (None with --compare when neither flag is given: no re-scoring)."""
+    given = [hasattr(args, name) for name in ("slo_ttft_ms", "slo_tpot_ms")]
+    if args.compare and given.count(True) == 1:
+        p.error("--compare re-scores saved runs only with both --slo-ttft-ms and --slo-tpot-ms")
+    for name, default in zip(("slo_ttft_ms", "slo_tpot_ms"), SLO_DEFAULTS):
+        if not hasattr(args, name):
+            setattr(args, name, None if args.compare else default)
     for name in ("num_prompts", "input_len", "output_len", "long_input_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -197,7 +210,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("burstiness", "request_timeout_s", "slo_ttft_ms", "slo_tpot_ms", "metrics_interval_s"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.duration_s is not None and not args.duration_s > 0:
         p.error("--duration-s must be > 0")
@@ -217,10 +230,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     check_args(p, args)
+    rescore = bool(args.compare) and args.slo_ttft_ms is not None
+    slo_note = data.rescored_note(args.slo_ttft_ms, args.slo_tpot_ms) if rescore else None
     if args.compare:
         runs = []
         for path in args.compare:
             for run in load_runs(Path(path)):
+                if rescore:
+                    try:
+                        run = data.rescore_run(run, args.slo_ttft_ms, args.slo_tpot_ms, path)
+                    except ValueError as e:
+                        raise SystemExit(f"error: {e}") from e
                 if any(r["label"] == run["label"] for r in runs):
                     run = {**run, "label": f"{run['label']} ({Path(path).stem})"}
                 runs.append(run)
@@ -230,9 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out:
             print(f"\nresults: {args.out} (label {args.label!r}; {len(runs)} runs in file)")
     if len(runs) > 1 or args.compare:
-        print("\n" + data.comparison_table(runs))
+        print("\n" + data.comparison_table(runs, slo_note=slo_note))
     if args.plot_dir:
-        for path in write_plots(runs, Path(args.plot_dir)):
+        for path in write_plots(runs, Path(args.plot_dir), rescored=rescore):
             print(f"plot: {path}")
     return 0
 

@@ -1,6 +1,7 @@
 """Offline half of semipd-bench-serving: the workload going in (arrival times, synthetic or ShareGPT prompts)
 and the results coming out (per-request records, per-rate statistics: percentiles, SLO attainment, goodput;
-the rate at a target attainment, the comparison table). The PNG plots are in `serving_plots`.
+the rate at a target attainment, the comparison table, re-scoring saved runs under other SLOs). The PNG plots
+are in `serving_plots`.
 
 Nothing here talks to a server, so all of it is unit-tested without one."""
 
@@ -226,7 +227,6 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo_ttft_ms: 
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
     done = [r for r in records if r.ok]
-    within = sum(r.meets_slo(slo_ttft_ms / 1000.0, slo_tpot_ms / 1000.0) for r in records)
     input_tokens = sum(r.prompt_tokens for r in done)
     output_tokens = sum(r.output_tokens for r in done)
     errors: dict[str, int] = {}
@@ -250,11 +250,53 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo_ttft_ms: 
         "tpot_ms": distribution([r.tpot for r in done]),
         "itl_ms": distribution([x for r in done for x in r.itls], ITL_PERCENTILES),
         "e2e_ms": distribution([r.e2e for r in done]),
-        "slo_ttft_ms": slo_ttft_ms,
-        "slo_tpot_ms": slo_tpot_ms,
-        "slo_attainment": within / len(records) if records else None,
-        "goodput": within / duration_s,
+        **slo_stats(records, duration_s, slo_ttft_ms, slo_tpot_ms),
     }
+
+
+def slo_stats(records: Sequence[RequestRecord], duration_s: float, slo_ttft_ms: float,
+              slo_tpot_ms: float) -> dict[str, Any]:
+    """The SLO part of a summary (one rule for a fresh run and for re-scoring a saved one): attainment =
+    (requests within both SLOs, `RequestRecord.meets_slo`) / (all sent); goodput = that count / duration."""
+    within = sum(r.meets_slo(slo_ttft_ms / 1000.0, slo_tpot_ms / 1000.0) for r in records)
+    return {"slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms,
+            "slo_attainment": within / len(records) if records else None, "goodput": within / duration_s}
+
+
+SAVED_SLO_FIELDS = ("ok", "ttft", "e2e", "output_tokens")  # what meets_slo reads of a saved request row
+
+
+def rescore_run(run: Mapping[str, Any], slo_ttft_ms: float, slo_tpot_ms: float,
+                source: str) -> dict[str, Any]:
+    """A copy of a saved run (a results file's entry; `source` names the file in errors) whose every rate has
+    its SLO attainment and goodput recomputed by `slo_stats` from the stored per-request rows, under new SLOs.
+    Raises ValueError naming the file, run label and rate when a rate has no rows or a row lacks a field."""
+    label = run.get("label", "?")
+    points = []
+    for point in run["rates"]:
+        where = f"{source}: run {label!r} @ {point.get('request_rate')} req/s"
+        rows, summary = point.get("requests"), point.get("summary") or {}
+        if not isinstance(rows, list) or "duration_s" not in summary:
+            raise ValueError(f"{where}: no saved 'requests' list or summary 'duration_s'; cannot re-score")
+        if summary.get("num_requests", len(rows)) != len(rows):
+            raise ValueError(f"{where}: {len(rows)} saved requests but the summary counts "
+                             f"{summary['num_requests']}; cannot re-score")
+        records = []
+        for i, row in enumerate(rows):
+            missing = [k for k in SAVED_SLO_FIELDS if k not in row]
+            if missing:
+                raise ValueError(f"{where}: saved request {i} has no {', '.join(missing)} field; re-scoring "
+                                 f"needs {', '.join(SAVED_SLO_FIELDS)} in every request")
+            nan_if_none = {k: math.nan if row[k] is None else float(row[k]) for k in ("ttft", "e2e")}
+            records.append(RequestRecord(ok=bool(row["ok"]), send_time=0.0, prompt_tokens=0,
+                                         output_tokens=int(row["output_tokens"]), **nan_if_none))
+        stats = slo_stats(records, float(summary["duration_s"]), slo_ttft_ms, slo_tpot_ms)
+        points.append({**point, "summary": {**summary, **stats}})
+    return {**run, "rates": points}
+
+
+def rescored_note(slo_ttft_ms: float, slo_tpot_ms: float) -> str:
+    return f"TTFT <= {slo_ttft_ms:g} ms, TPOT <= {slo_tpot_ms:g} ms; re-scored from saved requests"
 
 
 def rate_at_attainment(rates: Sequence[float], attainments: Sequence[float | None],
@@ -307,9 +349,11 @@ def _metric(summary: Mapping[str, Any], key: str, sub: str | None) -> float | No
     return v
 
 
-def comparison_table(runs: Sequence[Mapping[str, Any]], target: float = 0.9) -> str:
+def comparison_table(runs: Sequence[Mapping[str, Any]], target: float = 0.9,
+                     slo_note: str | None = None) -> str:
     """Side-by-side text table: one block per metric, one row per request rate, one column per run label;
-    then the rate at `target` attainment per label and its ratio to the first label's."""
+    then the rate at `target` attainment per label and its ratio to the first label's. `slo_note` (runs
+    re-scored under other SLOs: `rescored_note`) is stated in the SLO blocks' headers."""
     labels = [run["label"] for run in runs]
     by_label = {run["label"]: {float(p["request_rate"]): p["summary"] for p in run["rates"]} for run in runs}
     all_rates = sorted({r for per_rate in by_label.values() for r in per_rate})
@@ -317,7 +361,8 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], target: float = 0.9) -> 
     lines = []
     head = f"{'rate req/s':>12}" + "".join(f"{x:>{width}}" for x in labels)
     for title, key, sub in _TABLE_METRICS:
-        lines += [f"== {title}", head]
+        note = f" ({slo_note})" if slo_note and key in ("slo_attainment", "goodput") else ""
+        lines += [f"== {title}{note}", head]
         for rate in all_rates:
             cells = []
             for label in labels:
@@ -325,7 +370,8 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], target: float = 0.9) -> 
                 v = None if s is None else _metric(s, key, sub)
                 cells.append(f"{'-' if v is None else f'{v:.2f}':>{width}}")
             lines.append(f"{format_rate(rate):>12}" + "".join(cells))
-    lines.append(f"== request rate at {100 * target:g}% SLO attainment (interpolated)")
+    lines.append(f"== request rate at {100 * target:g}% SLO attainment (interpolated"
+                 f"{f'; {slo_note}' if slo_note else ''})")
     base: float | None = None
     for i, label in enumerate(labels):
         per_rate = by_label[label]

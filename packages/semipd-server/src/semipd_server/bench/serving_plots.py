@@ -34,13 +34,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def write_plots(runs: Sequence[Mapping[str, Any]], plot_dir: Path, target: float = 0.9) -> list[Path]:
+def write_plots(runs: Sequence[Mapping[str, Any]], plot_dir: Path, target: float = 0.9,
+                rescored: bool = False) -> list[Path]:
     """Write the comparison PNGs into `plot_dir` and return their paths: SLO attainment vs rate (one line
-    per label), TTFT and TPOT CDFs (one line per label and rate), and the SM split over time when any run
-    recorded a non-zero split from the server's /metrics."""
+    per label; `rescored`: the runs were re-scored under other SLOs), TTFT and TPOT CDFs (one line per label
+    and rate), and the SM split over time when any run recorded a non-zero split from /metrics."""
     plt = _pyplot()
     plot_dir.mkdir(parents=True, exist_ok=True)
-    written = [_plot_attainment(plt, runs, plot_dir / "slo_attainment_vs_rate.png", target),
+    written = [_plot_attainment(plt, runs, plot_dir / "slo_attainment_vs_rate.png", target, rescored),
                _plot_cdfs(plt, runs, plot_dir / "latency_cdf.png")]
     sm_path = _plot_sm_split(plt, runs, plot_dir / "sm_split_over_time.png")
     if sm_path is not None:
@@ -53,7 +54,8 @@ def _finite_rates(run: Mapping[str, Any]) -> list[Mapping[str, Any]]:
                   key=lambda p: float(p["request_rate"]))
 
 
-def _plot_attainment(plt: Any, runs: Sequence[Mapping[str, Any]], path: Path, target: float) -> Path:
+def _plot_attainment(plt: Any, runs: Sequence[Mapping[str, Any]], path: Path, target: float,
+                     rescored: bool) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         points = _finite_rates(run)
@@ -62,8 +64,9 @@ def _plot_attainment(plt: Any, runs: Sequence[Mapping[str, Any]], path: Path, ta
                 label=run["label"])
     ax.axhline(100.0 * target, color="grey", linestyle="--", linewidth=1)
     first = runs[0]["rates"][0]["summary"] if runs and runs[0]["rates"] else {}
+    note = "\nre-scored from saved requests" if rescored else ""
     ax.set_title(f"SLO attainment (TTFT <= {first.get('slo_ttft_ms', '?')} ms and "
-                 f"TPOT <= {first.get('slo_tpot_ms', '?')} ms)")
+                 f"TPOT <= {first.get('slo_tpot_ms', '?')} ms){note}")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("requests within SLO (%)")
     ax.set_ylim(0, 105)
