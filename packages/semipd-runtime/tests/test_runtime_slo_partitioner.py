@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from semipd_runtime.latency_model import (
@@ -158,15 +158,15 @@ class EngineSim:
 
 
 def rank_of(pred_ttft_s: float, pred_tpot_s: float, cfg: SloPartitionerConfig) -> tuple[float, int, float, bool]:
-    """(score, tier, value in tier, near a tier boundary), written out again here: both SLOs -> capped headroom;
-    only TPOT (with margin) -> TTFT ratio; neither -> TPOT ratio."""
+    """(score, tier, value in tier, near a tier boundary), written out again here: both SLOs -> headroom;
+    only TPOT (with margin) -> TTFT ratio; else -> the smaller ratio."""
     ttft, tpot = cfg.slo_ttft_ms / (1000 * pred_ttft_s), cfg.slo_tpot_ms / (1000 * pred_tpot_s)
     near = any(abs(r - 1) < 0.03 for r in (ttft, tpot)) or abs(tpot - 1 - cfg.overload_tpot_margin) < 0.03
     if ttft >= 1 and tpot >= 1:
-        return min(ttft, tpot), 2, min(ttft, tpot, cfg.score_cap), near
+        return min(ttft, tpot), 2, min(ttft, tpot), near
     if tpot >= 1 + cfg.overload_tpot_margin:
         return min(ttft, tpot), 1, ttft, near
-    return min(ttft, tpot), 0, min(tpot, 1.0), near
+    return min(ttft, tpot), 0, min(ttft, tpot), near
 
 
 def truth_scores(truth: Truth, load: LoadState, cfg: SloPartitionerConfig) -> dict[tuple[float, float], tuple]:
@@ -281,8 +281,13 @@ def test_choice_equals_brute_force_over_fitted_model(truth: Truth, load: dict, n
     p, d = decided(truth, load, noise, seed)
     preds = tuple(p.predict(pp, dp, d.load) for pp, dp in p.config.candidates)
     best = max(x.rank for x in preds)
-    assert d.candidates == preds and d.predicted is not None and d.predicted.rank == best
-    assert d.split in [(x.prefill_percent, x.decode_percent) for x in preds if x.rank == best]
+    assert d.candidates == preds and d.predicted is not None
+    start = next(x for x in preds if (x.prefill_percent, x.decode_percent) == p.config.initial_split)
+    if start.tier == 2 and start.score >= p.config.score_cap:  # headroom enough: more is not worth a move
+        assert not d.changed and d.predicted == start
+    else:
+        assert d.predicted.rank == best
+        assert d.split in [(x.prefill_percent, x.decode_percent) for x in preds if x.rank == best]
     for x in preds:  # the ranking rule, restated
         score, tier, value, _ = rank_of(x.ttft_ms / 1000, x.tpot_ms / 1000, p.config)
         assert (x.score, x.tier) == (pytest.approx(score), tier) and x.tier_value == pytest.approx(value)
@@ -299,6 +304,8 @@ def test_choice_equals_brute_force_over_ground_truth_when_noise_small(truth: Tru
     full = truth_scores(truth, d.load, p.config)
     true = {k: v[1:3] for k, v in full.items()}
     best = max(true.values())
+    if full[p.config.initial_split][1] == 2 and full[p.config.initial_split][2] >= p.config.score_cap * 0.97:
+        return  # the start has headroom enough (or nearly: model error) to stay
     # near-ties may go either way, also across a tier boundary (a ratio within 3% of where a tier starts)
     if any(v[3] for v in full.values()):
         return
@@ -326,11 +333,15 @@ def servable_loads(draw: st.DrawFn, truth: Truth) -> dict[str, object]:
     return load
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+# no shrinking: each example is a 240 s closed-loop simulation, and shrinking one ran for many minutes
+@settings(max_examples=20, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(truths(), st.data(), st.floats(0.0, 0.15), st.integers(0, 2**32 - 1))
 def test_hysteresis_stops_flapping_on_noisy_stationary_load(truth: Truth, data: st.DataObject, noise: float,
                                                           seed: int) -> None:
-    """Closed loop with a queue that reacts to the split: after settling, the split holds."""
+    """Closed loop with a queue that reacts to the split: after settling, the split never swings back and forth
+    (no return to a split it left) and moves at most twice (a second step the same way: the model is refitted
+    from live steps at the new share, and a queue that built meanwhile asks for more)."""
     load = data.draw(servable_loads(truth))
     rng = np.random.default_rng(seed)
     cfg = SloPartitionerConfig(slo_ttft_ms=load["slo_ttft_ms"], slo_tpot_ms=load["slo_tpot_ms"],
@@ -339,11 +350,18 @@ def test_hysteresis_stops_flapping_on_noisy_stationary_load(truth: Truth, data: 
     sim = EngineSim(p, truth, rng, load["rate"], load["prompt"], load["batch"], load["ctx_per_seq"], noise,
                     t0=-120.0)
     moves = []
+    start_split = p.current_split
     for w in range(-60, 60):  # 60 windows to settle (queue, rate estimate), then 60 that must not flap
         sim.run(2.0 * w + 2)
-        if p.decide(2.0 * w + 2).changed and w >= 0:
-            moves.append(w)
-    assert len(moves) <= 1, f"split moved at windows {moves}"
+        if w == 0:
+            start_split = p.current_split
+        d = p.decide(2.0 * w + 2)
+        if d.changed and w >= 0:
+            moves.append((w, d.split, d.reason))
+    path = [m[1][0] for m in moves]
+    assert len(moves) <= 2, f"split moved: {moves}"
+    assert all((b - a) * (c - b) > 0 for a, b, c in zip([start_split[0]] + path, path, path[1:])), \
+        f"split swung back: {moves}"
 
 
 def test_min_dwell_respected_when_load_alternates() -> None:
@@ -448,5 +466,46 @@ def test_light_load_ranks_splits_with_ample_headroom_equal_and_stays() -> None:
     for w in range(10):
         feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, 0.2, (100, 200), 2, 300, 0.02, 0.0)
     d = p.decide(20.0)
-    capped = [x for x in d.candidates if x.tier == 2 and x.tier_value == cfg.score_cap]
-    assert len(capped) >= 2 and not d.changed and d.split == cfg.initial_split
+    start = next(x for x in d.candidates if x.prefill_percent == cfg.initial_split[0])
+    assert start.tier == 2 and start.score > cfg.score_cap
+    assert not d.changed and d.split == cfg.initial_split  # more headroom is not worth a move
+
+
+def _feedback_run(ttft_factor: float, gain: float, windows: int = 30) -> SloPartitioner:
+    """A marginal prefill load; the engine's measured TTFT is `ttft_factor` x what the partitioner predicts at
+    the split it runs (time the step models cannot see)."""
+    truth, rng = Truth(), np.random.default_rng(7)
+    cfg = SloPartitionerConfig(slo_ttft_ms=2000, slo_tpot_ms=40, hysteresis=0.05, min_dwell_s=0.0,
+                               load_confidence_z=0.0, ttft_feedback_gain=gain)
+    p = SloPartitioner(cfg, profile_for(truth, rng, 0.02))
+    for w in range(windows):
+        feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, 1.5, (1500, 3000), 16, 2000, 0.02, 1.0)
+        d = p.decide(2.0 * w + 2)
+        if d.predicted is not None:
+            base = d.predicted.ttft_ms / 1000 / p.ttft_correction  # the models' own prediction
+            for _ in range(6):
+                p.observe_ttft(base * ttft_factor * rng.uniform(0.9, 1.1))
+    return p
+
+
+def test_measured_ttft_corrects_predictions_and_moves_sms_to_prefill() -> None:
+    blind = _feedback_run(2.0, gain=0.0)
+    taught = _feedback_run(2.0, gain=0.3)
+    assert blind.ttft_correction == 1.0
+    assert taught.ttft_correction == pytest.approx(2.0, rel=0.15)  # learnt the hidden factor
+    d = taught.decide(1e3)
+    assert d.ttft_correction == taught.ttft_correction and d.as_dict()["ttft_correction"] == d.ttft_correction
+    assert taught.current_split[0] > blind.current_split[0]  # and gave prefill more SMs for it
+    # a prediction that was right leaves the correction where it is
+    assert _feedback_run(1.0, gain=0.3).ttft_correction == pytest.approx(1.0, rel=0.1)
+
+
+def test_ttft_correction_is_clipped_and_bad_samples_rejected() -> None:
+    assert _feedback_run(50.0, gain=1.0, windows=15).ttft_correction == 4.0
+    assert _feedback_run(0.01, gain=1.0, windows=15).ttft_correction == 0.5
+    p = SloPartitioner(SloPartitionerConfig())
+    for bad in (-1.0, math.nan, math.inf, True):
+        with pytest.raises(ValueError, match="seconds"):
+            p.observe_ttft(bad)
+    with pytest.raises(ValueError, match="ttft_feedback_gain"):
+        SloPartitionerConfig(ttft_feedback_gain=1.5)

@@ -326,6 +326,7 @@ class Engine:
                 "repartition_failures": s.repartition_failures, "last_repartition_s": s.last_repartition_s,
                 "slo_decisions": s.slo_decisions, "slo_observations": s.slo_observations,
                 "predicted_ttft_s": s.predicted_ttft_s, "predicted_tpot_s": s.predicted_tpot_s,
+                "ttft_correction": s.ttft_correction,
                 "measured_ttft_s": s.measured_ttft_s, "measured_tpot_s": s.measured_tpot_s,
                 "cached_pages": s.cached_pages, "evictable_pages": s.evictable_pages,
                 "prefix_hit_tokens": s.prefix_hit_tokens, "prefix_query_tokens": s.prefix_query_tokens}

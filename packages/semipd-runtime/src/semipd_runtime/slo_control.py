@@ -112,6 +112,7 @@ class SloController:
         t = self._arrived.pop(rid, None)
         if t is not None:
             self._measure("ttft", now - t)
+            self.partitioner.observe_ttft(max(0.0, now - t))
 
     def forget(self, rid: str) -> None:
         self._arrived.pop(rid, None)
@@ -165,6 +166,7 @@ class SloController:
         s.slo_observations = self.observations
         s.measured_ttft_s = float(self.measured["ttft"])
         s.measured_tpot_s = float(self.measured["decode"])  # one decode step = one token of every running request
+        s.ttft_correction = float(self.partitioner.ttft_correction)
         d = self.last
         if d is not None:
             s.slo_reason = d.reason

@@ -15,12 +15,15 @@ M/D/1 term for Poisson arrivals plus a fluid term for backlog beyond what that q
 (1 - rho); rho = arrival rate x amortized prefill time per request (prefills batched up to `prefill_token_budget`
 tokens). The wait is at least half the prefill time of what waits now (the queued requests' own mean wait, FCFS).
 A split scores min(slo_ttft / ttft, slo_tpot / tpot) (>= 1: both SLOs predicted to hold) and is ranked in tiers:
-1. both SLOs hold: most headroom wins, counted up to `score_cap` (more headroom than that buys nothing, so a lightly
-   loaded engine does not move SMs around for it);
+1. both SLOs hold: most headroom wins; but a move is only worth making for headroom up to `score_cap` (a lightly
+   loaded engine does not move SMs around for more of it; when it does move, it goes to the most headroom,
+   which leaves room for model error: moving only as far as the cap took two moves to settle in simulation);
 2. only TPOT holds (with `overload_tpot_margin` to spare): the best TTFT wins. Overloaded, the running batch keeps
    its TPOT and prefill gets every SM decode can spare; trading both SLOs evenly instead (min of the two ratios)
    gave decode 12 of 132 SMs on the H200 at 12 req/s and broke TPOT for all 64 running requests;
-3. neither: the best TPOT wins.
+3. TPOT cannot be held (with the margin): the smallest worst-case overshoot, min of the two ratios, wins (ranking
+   by TPOT alone here gave prefill 24 of 132 SMs on the H200 when a full decode batch briefly broke TPOT).
+Measured TTFTs correct the TTFT predictions (observe_ttft), since the step models see only step times.
 It moves only when the best split ranks in a higher tier, or in the same tier beats the current one by
 `hysteresis` (relative); it must also rank no worse with the measured arrival rate and prompt length moved by
 +-`load_confidence_z` standard errors (Poisson noise in a rate estimate must not flap the split), and the current
@@ -79,7 +82,9 @@ class SloPartitionerConfig:
     min_dwell_s: float = 6.0
     hysteresis: float = 0.1  # move only for a relative score gain above this ...
     load_confidence_z: float = 2.0  # ... and only when it ranks no worse with the load moved +-z standard errors
-    score_cap: float = 2.0  # headroom beyond this (x the SLOs) does not rank a split higher
+    score_cap: float = 2.0  # headroom beyond this (x the SLOs) is not worth a move
+    ttft_feedback_gain: float = 0.3  # 0 disables; see observe_ttft
+    ttft_feedback_min_samples: int = 4  # measured TTFTs in a window before the correction moves
     overload_tpot_margin: float = 0.1  # when TTFT cannot be met, TPOT must hold with this much to spare
     candidates: tuple[tuple[float, float], ...] | None = None
     total_sms: int = 132
@@ -87,8 +92,11 @@ class SloPartitionerConfig:
     initial_split: tuple[float, float] | None = None
     prefill_token_budget: int = 8192  # most new tokens one prefill step batches
     planning_horizon_s: float = 60.0  # a backlog surplus (burst) is predicted to drain over this long
-    rate_window_s: float = 60.0  # arrival rate and prompt lengths look back at most this far ...
-    rate_target_arrivals: int = 200  # ... or less when this many arrivals came in a shorter time
+    # arrival rate and prompt lengths look back at most this far, or less when rate_target_arrivals came in a
+    # shorter time (100 Poisson arrivals: ~10% error). 60 s / 200 lagged a rising load on the H200: it read
+    # 3.5-4.3 req/s while 5.3 arrived, and the split stayed put while TTFT failed
+    rate_window_s: float = 30.0
+    rate_target_arrivals: int = 100
     window: int = 256  # samples kept per SM share in each latency model
     forgetting: float = 0.99  # per-sample weight decay inside each share's window
     min_samples: int = 8  # per latency model before the first non-static decision
@@ -99,6 +107,8 @@ class SloPartitionerConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if isinstance(self.ttft_feedback_gain, bool) or not 0 <= self.ttft_feedback_gain <= 1:
+            raise ValueError(f"ttft_feedback_gain must be in [0, 1], got {self.ttft_feedback_gain!r}")
         for name in ("min_dwell_s", "hysteresis", "load_confidence_z", "overload_tpot_margin"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
@@ -108,7 +118,8 @@ class SloPartitionerConfig:
         if isinstance(self.score_cap, bool) or not isinstance(self.score_cap, (int, float)) or not (
                 self.score_cap >= 1 and math.isfinite(self.score_cap)):
             raise ValueError(f"score_cap must be a finite number >= 1, got {self.score_cap!r}")
-        for name in ("prefill_token_budget", "window", "min_samples", "rate_target_arrivals"):
+        for name in ("prefill_token_budget", "window", "min_samples", "rate_target_arrivals",
+                     "ttft_feedback_min_samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "window" else 1):
                 raise ValueError(f"{name} must be an int >= {2 if name == 'window' else 1}, got {v!r}")
@@ -204,6 +215,7 @@ class Decision:
     best: SplitPrediction | None  # the best-scoring candidate (may differ: hysteresis / dwell)
     candidates: tuple[SplitPrediction, ...]
     load: LoadState
+    ttft_correction: float = 1.0  # measured / modelled TTFT factor the predictions carry (observe_ttft)
 
     @property
     def split(self) -> tuple[float, float]:
@@ -214,7 +226,7 @@ class Decision:
         keys = ("time", "prefill_percent", "decode_percent", "prefill_sms", "decode_sms", "changed", "reason")
         out: dict[str, object] = {k: getattr(self, k) for k in keys}
         out.update(arrival_rate=self.load.arrival_rate, waiting_requests=self.load.waiting_requests,
-                   decode_batch=self.load.decode_batch)
+                   decode_batch=self.load.decode_batch, ttft_correction=self.ttft_correction)
         if self.predicted is not None:
             out.update(predicted_ttft_ms=self.predicted.ttft_ms, predicted_tpot_ms=self.predicted.tpot_ms,
                        predicted_score=self.predicted.score, prefill_utilization=self.predicted.prefill_utilization)
@@ -223,9 +235,14 @@ class Decision:
         return out
 
 
-def _clear_gain(best: SplitPrediction, current: SplitPrediction, hysteresis: float) -> bool:
-    return best.tier > current.tier or (
-        best.tier == current.tier and best.tier_value >= current.tier_value * (1 + hysteresis))
+def _worth(p: SplitPrediction, score_cap: float) -> tuple[int, float]:
+    """A split's rank as far as moving is concerned: headroom past score_cap counts as score_cap."""
+    return (p.tier, min(p.tier_value, score_cap) if p.tier == 2 else p.tier_value)
+
+
+def _clear_gain(best: SplitPrediction, current: SplitPrediction, hysteresis: float, score_cap: float) -> bool:
+    (bt, bv), (ct, cv) = _worth(best, score_cap), _worth(current, score_cap)
+    return bt > ct or (bt == ct and bv > cv * (1 + hysteresis))
 
 
 def _fmt_rank(p: SplitPrediction) -> str:
@@ -251,6 +268,11 @@ class SloPartitioner:
         self._last_eval = -math.inf
         self._last: Decision | None = None
         self.switches = 0
+        # measured / predicted TTFT, learnt from the engine's first tokens (observe_ttft): the models see step
+        # times, not what else a request waits on (tokenizing, the hand-off to decode, steps shared with decode
+        # traffic); on the H200 measured TTFT ran ~2x the prediction and the split stayed put while TTFT failed
+        self.ttft_correction = 1.0
+        self._ttft_window: list[float] = []
         if profile is not None:
             self.seed(profile)
 
@@ -275,6 +297,29 @@ class SloPartitioner:
     def observe_decode(self, batch: int, context_tokens: int, sm_share: float, seconds: float) -> None:
         """One decode step of `batch` sequences holding `context_tokens` tokens in all, at SM share in (0, 1]."""
         self.decode_model.observe(batch, context_tokens, sm_share, seconds)
+
+    def observe_ttft(self, seconds: float) -> None:
+        """A request's measured TTFT (arrival -> first token). At each evaluation the mean of a window's TTFTs is
+        compared with what the previous decision predicted at the split that ran, and `ttft_correction` (which
+        multiplies every TTFT prediction) moves by ttft_feedback_gain of the log ratio (integral action, clipped
+        to [0.5, 4]); a window with a split change in it teaches nothing."""
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+                seconds >= 0 and math.isfinite(seconds)):
+            raise ValueError(f"seconds must be a finite TTFT >= 0, got {seconds!r}")
+        self._ttft_window.append(float(seconds))
+
+    def _learn_ttft(self) -> None:
+        measured, self._ttft_window = self._ttft_window, []
+        last, cfg = self._last, self.config
+        if (cfg.ttft_feedback_gain == 0 or last is None or last.predicted is None or last.changed
+                or last.split != self._split or len(measured) < cfg.ttft_feedback_min_samples):
+            return
+        predicted_s = last.predicted.ttft_ms / 1000
+        mean_s = sum(measured) / len(measured)
+        if predicted_s <= 0 or mean_s <= 0:
+            return
+        step = cfg.ttft_feedback_gain * math.log(mean_s / predicted_s)
+        self.ttft_correction = min(4.0, max(0.5, self.ttft_correction * math.exp(step)))
 
     def observe_arrival(self, t: float, prompt_tokens: int) -> None:
         """A request arrived at time `t` (same clock as decide's `now`) with `prompt_tokens` to prefill."""
@@ -360,14 +405,14 @@ class SloPartitioner:
         # backlog at this split (more, by the time they already waited). Without this a backlog built up under
         # a rising rate never moved SMs to prefill (a newcomer's averaged wait looked fine; H200 sweep)
         wait = max(wait, backlog / 2)
-        ttft = wait + own
+        ttft = (wait + own) * self.ttft_correction
         # nothing decodes: judge TPOT on one sequence of a mean prompt (the next request's first decode steps)
         batch = max(1.0, load.decode_batch)
         context = load.decode_context_tokens if load.decode_batch > 0 else load.mean_prompt_tokens
         tpot = self.decode_model.predict_features(decode_features(batch, context), d_share)
         ttft_ratio, tpot_ratio = cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot)
         score = min(ttft_ratio, tpot_ratio)
-        tier, value = rank_split(ttft_ratio, tpot_ratio, cfg.score_cap, cfg.overload_tpot_margin)
+        tier, value = rank_split(ttft_ratio, tpot_ratio, cfg.overload_tpot_margin)
         return SplitPrediction(prefill_percent, decode_percent, float(1000 * ttft), float(1000 * tpot),
                                float(1000 * wait), float(rho), float(score), tier, float(value))
 
@@ -410,6 +455,7 @@ class SloPartitioner:
     def _evaluate(self, now: float) -> Decision:
         cfg = self.config
         load = self.load_state(now, consume=True)
+        self._learn_ttft()
         not_ready = self.warmup_reason()
         if not_ready is not None:
             reason = "static policy" if cfg.policy == "static" else not_ready
@@ -425,13 +471,13 @@ class SloPartitioner:
             reason = f"current split is best (ranks {_fmt_rank(current)})"
         elif now - self._last_switch < cfg.min_dwell_s:
             reason = f"hold: dwell {now - self._last_switch:.2f}s < min_dwell_s {cfg.min_dwell_s}s"
-        elif not _clear_gain(best, current, cfg.hysteresis):
+        elif not _clear_gain(best, current, cfg.hysteresis, cfg.score_cap):
             reason = f"hold: {vs}, gain under hysteresis {cfg.hysteresis}"
         elif not self._no_worse_under_load_error(best, current, load):
             reason = f"hold: {vs}, but not at the arrival rate / prompt length +-{cfg.load_confidence_z} std errors"
         else:
             kind = {2: "meets both SLOs with most headroom", 1: "TTFT cannot be met; best TTFT that keeps TPOT",
-                    0: "TPOT cannot be met; best TPOT"}[best.tier]
+                    0: "TPOT cannot be held; smallest overshoot"}[best.tier]
             reason = f"move: {kind} (ranks {_fmt_rank(best)} vs {_fmt_rank(current)})"
             self._split, self._last_switch = (best.prefill_percent, best.decode_percent), now
             self.switches += 1
@@ -447,7 +493,7 @@ class SloPartitioner:
         for shifted in (load.shifted(-z), load.shifted(z)) if z > 0 else ():
             b = self.predict(best.prefill_percent, best.decode_percent, shifted)
             c = self.predict(current.prefill_percent, current.decode_percent, shifted)
-            if b.rank < c.rank:
+            if _worth(b, self.config.score_cap) < _worth(c, self.config.score_cap):
                 return False
         return True
 
@@ -456,4 +502,4 @@ class SloPartitioner:
                   preds: tuple[SplitPrediction, ...], load: LoadState) -> Decision:
         total = self.config.total_sms
         return Decision(now, split[0], split[1], round(total * split[0] / 100), round(total * split[1] / 100),
-                        changed, reason, predicted, best, preds, load)
+                        changed, reason, predicted, best, preds, load, float(self.ttft_correction))

@@ -6,13 +6,13 @@ from __future__ import annotations
 __all__ = ["predict_queue_wait_s", "rank_split"]
 
 
-def rank_split(ttft_ratio: float, tpot_ratio: float, score_cap: float, tpot_margin: float) -> tuple[int, float]:
+def rank_split(ttft_ratio: float, tpot_ratio: float, tpot_margin: float) -> tuple[int, float]:
     """(tier, value inside the tier) of a split from its SLO / predicted ratios; see the module docstring."""
     if ttft_ratio >= 1 and tpot_ratio >= 1:
-        return 2, min(ttft_ratio, tpot_ratio, score_cap)
+        return 2, min(ttft_ratio, tpot_ratio)
     if tpot_ratio >= 1 + tpot_margin:
         return 1, min(ttft_ratio, 1.0)
-    return 0, min(tpot_ratio, 1.0)
+    return 0, min(ttft_ratio, tpot_ratio)
 
 
 _RHO_KNEE = 0.95  # past this the M/D/1 wait continues as a straight line (finite, still steep)

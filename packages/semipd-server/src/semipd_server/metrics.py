@@ -173,6 +173,10 @@ class ServerMetrics:
             "semipd:predicted_ttft_seconds", "TTFT the slo policy predicts at the current split", labels,
             registry=r,
         )
+        self.ttft_correction = Gauge(
+            "semipd:slo_ttft_correction", "Measured / modelled TTFT factor the slo policy applies", labels,
+            registry=r,
+        )
         self.predicted_tpot = Gauge(
             "semipd:predicted_tpot_seconds", "TPOT the slo policy predicts at the current split", labels,
             registry=r,
@@ -227,6 +231,7 @@ class ServerMetrics:
         self.repartition_latency.labels(m).set(stats.get("last_repartition_s", 0))
         self.predicted_ttft.labels(m).set(stats.get("predicted_ttft_s", 0))
         self.predicted_tpot.labels(m).set(stats.get("predicted_tpot_s", 0))
+        self.ttft_correction.labels(m).set(stats.get("ttft_correction", 1.0))
         self.cache_pages.labels(m).set(stats.get("cached_pages", 0))
         self.cache_evictable.labels(m).set(stats.get("evictable_pages", 0))
         for key, counter in self._engine_totals:
