@@ -438,16 +438,21 @@ def test_a_standing_backlog_moves_sms_to_prefill() -> None:
         assert pred.queue_wait_ms >= 1000 * backlog_s / 2 - 1e-6
 
 
-def test_overload_keeps_decode_within_tpot_and_gives_prefill_the_rest() -> None:
-    """Prefill overloaded (no split meets TTFT): the running batch keeps its TPOT (with the margin) and prefill
-    gets every SM decode can spare. The old even trade (min of the two ratios) starved decode (H200, 12 req/s)."""
-    truth, rng = Truth(), np.random.default_rng(5)
-    cfg = SloPartitionerConfig(slo_ttft_ms=2000, slo_tpot_ms=25, hysteresis=0.0, min_dwell_s=0.0,
+def _decide_steady(seed: int, slo: tuple[float, float], load: tuple) -> tuple[SloPartitionerConfig, object]:
+    """One decision after 20 s of a steady load (feed_window's rate .. waiting_mean), no hysteresis/dwell/band."""
+    truth, rng = Truth(), np.random.default_rng(seed)
+    cfg = SloPartitionerConfig(slo_ttft_ms=slo[0], slo_tpot_ms=slo[1], hysteresis=0.0, min_dwell_s=0.0,
                                load_confidence_z=0.0)
     p = SloPartitioner(cfg, profile_for(truth, rng, 0.02))
     for w in range(10):
-        feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, 40.0, (2000, 4000), 64, 3000, 0.02, 60.0)
-    d = p.decide(20.0)
+        feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, *load)
+    return cfg, p.decide(20.0)
+
+
+def test_overload_keeps_decode_within_tpot_and_gives_prefill_the_rest() -> None:
+    """Prefill overloaded (no split meets TTFT): the running batch keeps its TPOT (with the margin) and prefill
+    gets every SM decode can spare. The old even trade (min of the two ratios) starved decode (H200, 12 req/s)."""
+    cfg, d = _decide_steady(5, (2000, 25), (40.0, (2000, 4000), 64, 3000, 0.02, 60.0))
     assert not any(x.meets_slo for x in d.candidates)  # the load this test is about
     keeps_tpot = [x for x in d.candidates if x.tpot_ms * (1 + cfg.overload_tpot_margin) <= cfg.slo_tpot_ms]
     assert keeps_tpot, "some split must keep TPOT for the test to mean anything"
@@ -459,13 +464,7 @@ def test_overload_keeps_decode_within_tpot_and_gives_prefill_the_rest() -> None:
 
 def test_light_load_ranks_splits_with_ample_headroom_equal_and_stays() -> None:
     """Far inside both SLOs every split is 'good enough' (score_cap): no move just for more headroom."""
-    truth, rng = Truth(), np.random.default_rng(6)
-    cfg = SloPartitionerConfig(slo_ttft_ms=5000, slo_tpot_ms=200, hysteresis=0.0, min_dwell_s=0.0,
-                               load_confidence_z=0.0)
-    p = SloPartitioner(cfg, profile_for(truth, rng, 0.02))
-    for w in range(10):
-        feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, 0.2, (100, 200), 2, 300, 0.02, 0.0)
-    d = p.decide(20.0)
+    cfg, d = _decide_steady(6, (5000, 200), (0.2, (100, 200), 2, 300, 0.02, 0.0))
     start = next(x for x in d.candidates if x.prefill_percent == cfg.initial_split[0])
     assert start.tier == 2 and start.score > cfg.score_cap
     assert not d.changed and d.split == cfg.initial_split  # more headroom is not worth a move
