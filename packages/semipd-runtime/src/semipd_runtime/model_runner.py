@@ -12,7 +12,7 @@ from torch import Tensor
 from semipd_kernels import ops
 from semipd_memory import KVPool
 from semipd_runtime.cuda_graph import DecodeGraphRunner
-from semipd_runtime.forward_batch import AttentionMetadata, fill_placeholders, to_device_parts
+from semipd_runtime.forward_batch import AttentionMetadata, fill_placeholders, to_device, to_device_parts
 from semipd_runtime.messages import CoreSampling
 from semipd_runtime.models.llama import LlamaForCausalLM
 
@@ -44,7 +44,8 @@ class ModelRunner:
     def page_table_from_rows(self, rows: list[list[int]]) -> Tensor:
         """int32 [B, max_pages] from explicit page lists (padding -1), for workers that don't own the allocator."""
         width = max(len(r) for r in rows)
-        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32, device=self.device)
+        # through pinned memory: a pageable copy would wait for the step the prefill worker has in flight
+        return to_device([r + [-1] * (width - len(r)) for r in rows], torch.int32, self.device)
 
     def build_metadata(
         self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int],
