@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, with_layers  # noqa: E402
+from model_shapes import SHAPES, datasheet_hbm_tbps, with_layers  # noqa: E402
 
 from semipd_memory import KVPool  # noqa: E402
 from semipd_runtime.model_runner import ModelRunner  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
-    hbm = args.hbm_tbps or (4.8 if "H200" in name else 3.35)
+    hbm = args.hbm_tbps or datasheet_hbm_tbps(name)
     cfg_dict = with_layers(SHAPES[args.shape], args.layers)
     mcfg = ModelConfig.from_dict(cfg_dict)
     model = build_empty_model(mcfg, torch.device("cuda"), torch.bfloat16)

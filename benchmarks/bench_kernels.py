@@ -17,11 +17,12 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-HBM_TBPS = 3.35  # H100 SXM HBM3 peak
+HBM_TBPS = 3.35  # datasheet peak; main() sets it by GPU name (H100 SXM 3.35, H200 4.8)
 BF16_TFLOPS = 989.0  # H100 SXM dense bf16 peak
 HQ, HK, D, HIDDEN, INTER, VOCAB = 32, 8, 128, 4096, 14336, 128256
 DT = torch.bfloat16
@@ -289,6 +290,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU", file=sys.stderr)
         return 2
+    global HBM_TBPS
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from model_shapes import datasheet_hbm_tbps
+    HBM_TBPS = datasheet_hbm_tbps(torch.cuda.get_device_name())
     if args.check:
         return run_check(args.out)
     benches: dict[str, Callable[[], list[dict[str, Any]]]] = {

@@ -30,6 +30,11 @@ TINY: dict[str, Any] = dict(
 SHAPES = {"llama-3.1-8b": LLAMA31_8B, "llama-3.2-3b": LLAMA32_3B, "tiny": TINY}
 
 
+def datasheet_hbm_tbps(gpu_name: str) -> float:
+    """Peak HBM bandwidth of the GPU by name (datasheet TB/s), for roofline columns: H200 4.8, H100 SXM 3.35."""
+    return 4.8 if "H200" in gpu_name else 3.35
+
+
 def with_layers(cfg: dict[str, Any], layers: int | None) -> dict[str, Any]:
     return cfg if layers is None else dict(cfg, num_hidden_layers=layers)
 
