@@ -71,8 +71,9 @@ def main() -> None:
                     raise TimeoutError(f"split {want} not in effect after {args.timeout_s}s")
             wall = time.perf_counter() - t0
             st = core.stats()
-            row = {"backend": args.backend, "prefill_percent": want[0], "decode_percent": want[1], "prefill_sm": st.prefill_sm,
-                   "decode_sm": st.decode_sm, "core_latency_ms": 1e3 * st.last_repartition_s,
+            row = {"backend": args.backend, "prefill_percent": want[0], "decode_percent": want[1],
+                   "prefill_sm": st.prefill_sm, "decode_sm": st.decode_sm,
+                   "core_latency_ms": 1e3 * st.last_repartition_s,
                    "wall_ms": 1e3 * wall, "decode_steps_meanwhile": steps, "running": st.num_running}
             rows.append(row)
             print(json.dumps(row), flush=True)

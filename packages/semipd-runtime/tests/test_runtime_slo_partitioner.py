@@ -350,7 +350,7 @@ def test_hysteresis_stops_flapping_on_noisy_stationary_load(truth: Truth, data: 
     sim = EngineSim(p, truth, rng, load["rate"], load["prompt"], load["batch"], load["ctx_per_seq"], noise,
                     t0=-120.0)
     moves = []
-    start_split = p.current_split
+    start_split = p.current_split  # replaced by the split at w == 0, once settled
     for w in range(-60, 60):  # 60 windows to settle (queue, rate estimate), then 60 that must not flap
         sim.run(2.0 * w + 2)
         if w == 0:

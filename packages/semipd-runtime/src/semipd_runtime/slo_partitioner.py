@@ -188,8 +188,8 @@ class SplitPrediction:
     queue_wait_ms: float
     prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
     score: float
-    tier: int = 0  # 2: both SLOs hold, 1: only TPOT (with margin), 0: neither (see the module docstring)
-    tier_value: float = 0.0  # what ranks splits inside the tier (capped score, TTFT ratio, TPOT ratio)
+    tier: int = 0  # 2: both SLOs hold, 1: only TPOT (with margin), 0: TPOT not held (see the module docstring)
+    tier_value: float = 0.0  # what ranks splits inside the tier (score, TTFT ratio, score)
 
     @property
     def meets_slo(self) -> bool:

@@ -10,8 +10,8 @@ def rank_split(ttft_ratio: float, tpot_ratio: float, tpot_margin: float) -> tupl
     """(tier, value inside the tier) of a split from its SLO / predicted ratios; see the module docstring."""
     if ttft_ratio >= 1 and tpot_ratio >= 1:
         return 2, min(ttft_ratio, tpot_ratio)
-    if tpot_ratio >= 1 + tpot_margin:
-        return 1, min(ttft_ratio, 1.0)
+    if tpot_ratio >= 1 + tpot_margin:  # so TTFT is the one that fails
+        return 1, ttft_ratio
     return 0, min(ttft_ratio, tpot_ratio)
 
 
