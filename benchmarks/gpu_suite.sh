@@ -29,14 +29,17 @@ stage() {  # stage NAME LIMIT_S CMD...
 
 # goodput sweep: one long-prompt workload, rates swept, several server configs appended to one results file
 # 30 s of arrivals per rate (not a fixed count): the slo policy needs several decision windows at one rate
+# SLO_TTFT_MS / SLO_TPOT_MS set both what the bench scores and what the SLO policy aims at
+SLO_FLAGS="--slo-ttft-ms ${SLO_TTFT_MS:-2000} --slo-tpot-ms ${SLO_TPOT_MS:-25}"
+SWEEP_RATES=${SWEEP_RATES:-"4 6 8 10 12"}
 SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 400 \
-  --duration-s 20 --request-rates 4 6 8 10 12 --slo-ttft-ms 2000 --slo-tpot-ms 25 --request-timeout-s 120"}
-SLO_FLAGS="--slo-ttft-ms 2000 --slo-tpot-ms 25"
+  --duration-s 20 --request-rates $SWEEP_RATES $SLO_FLAGS --request-timeout-s 60"}
 UNIFIED_CFGS=(unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048")
 SEMIPD_CFGS=(semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40"
-  semi-pd-green-slo="--enable-semi-pd --sm-partition green --partition-policy slo $SLO_FLAGS")
+  semi-pd-green-slo${SLO_LABEL:-}="--enable-semi-pd --sm-partition green --decode-sm-percent 40 --partition-policy slo $SLO_FLAGS")
+# the SLO policy starts from the static split (decode 40%) and moves from there
 # one call per shape: the strongest unified chunk size (2048 beat 512 on the H200) against both semi-PD policies
-MAIN_CFGS=("${UNIFIED_CFGS[1]}" "${SEMIPD_CFGS[@]}")
+MAIN_CFGS=("${SEMIPD_CFGS[1]}" "${SEMIPD_CFGS[0]}" "${UNIFIED_CFGS[1]}")  # slo first: a cut-off call keeps it
 sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made by model_shapes.py (SWEEP_BENCH above)
   local shape=$1 limit=$2; shift 2
   local cfgs=()
@@ -84,8 +87,10 @@ for s in "$@"; do
       sweep llama8b 580 "${UNIFIED_CFGS[@]}" "${SEMIPD_CFGS[@]}" ;;
     sweep8b_main | sweep3b_main)
       sweep "llama${s:5:2}" 580 "${MAIN_CFGS[@]}" ;;
-    sweep8b_slo)  # the SLO policy alone (e.g. after a policy change; merge with an earlier file via --compare)
-      sweep llama8b "${SWEEP_LIMIT_S:-300}" "semi-pd-green-slo-tiered=${SEMIPD_CFGS[1]#*=}" ;;
+    sweep8b_slo | sweep3b_slo)  # the SLO policy alone (SLO_LABEL tells runs apart; merge files via --compare)
+      sweep "llama${s:5:2}" "${SWEEP_LIMIT_S:-300}" "${SEMIPD_CFGS[1]}" ;;
+    sweep8b_static | sweep3b_static)
+      sweep "llama${s:5:2}" "${SWEEP_LIMIT_S:-300}" "${SEMIPD_CFGS[0]}" ;;
     sweep8b_unified | sweep3b_unified)
       sweep "llama${s:5:2}" 580 "${UNIFIED_CFGS[@]}" ;;
     sweep8b_semipd | sweep3b_semipd)

@@ -3,7 +3,9 @@ the split's rank from its predicted SLO ratios (pure Python; imports nothing fro
 
 from __future__ import annotations
 
-__all__ = ["predict_queue_wait_s", "rank_split"]
+import math
+
+__all__ = ["predict_queue_wait_s", "queue_wait_quantile", "rank_split"]
 
 
 def rank_split(ttft_ratio: float, tpot_ratio: float, tpot_margin: float) -> tuple[int, float]:
@@ -43,3 +45,19 @@ def predict_queue_wait_s(per_request_s: float, backlog_s: float, arrival_rate: f
     else:
         fluid = excess - drain * horizon_s / 2
     return stochastic + fluid, rho
+
+
+def queue_wait_quantile(mean_wait_s: float, rho: float, quantile: float) -> float:
+    """The `quantile` of the queue wait given its mean (M/D/1-like: a request waits at all with probability ~rho,
+    and the waits of those that do are about exponential with mean W / rho). SLO attainment is judged per request,
+    so "90% of requests within the TTFT SLO" needs the 0.9 quantile of the wait inside it, not the mean: at rho 0.8
+    it is 2.6x the mean. Returns 0 when fewer than 1 - quantile of the requests wait."""
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    if mean_wait_s <= 0 or rho <= 0:
+        return 0.0
+    p_wait = min(1.0, rho)
+    tail = 1.0 - quantile
+    if p_wait <= tail:
+        return 0.0
+    return mean_wait_s / p_wait * math.log(p_wait / tail)
