@@ -11,7 +11,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_runtime_parity_random import assert_pool_clean, write_random_model
+from runtime_fixtures import core_config, eager_decode_graphs, random_model_fixture
+from test_runtime_parity_random import assert_pool_clean
 
 from semipd_runtime.core import CoreConfig, EngineCore
 from semipd_runtime.cuda_graph import DecodeGraphRunner, graph_batch_sizes
@@ -33,21 +34,15 @@ def test_batch_sizes_reject_nonpositive() -> None:
 
 
 def core_for(path: Path, graphs: bool, **kw: object) -> EngineCore:
-    cfg = CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=256, eos_token_ids=[],
-                     num_pages=kw.pop("num_pages", 200), page_size=4, max_running_requests=12, **kw)  # type: ignore[arg-type]
+    cfg = core_config(path, max_model_len=256, num_pages=kw.pop("num_pages", 200), max_running_requests=12,
+                      **kw)
     core = EngineCore(cfg)
-    if graphs:  # the CPU stand-in for a captured graph: same buffers and padding, run eagerly
-        r = core.runner
-        r.graphs = DecodeGraphRunner(r.model, r.kv_pool, r.cos_sin_cache, r.page_size,
-                                     core.allocator.req_to_page.shape[1], max_bs=8, replay=False)
+    if graphs:
+        eager_decode_graphs(core, max_bs=8)
     return core
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("graph-model")
-    write_random_model("llama31-untied", path)
-    return path
+model_dir = random_model_fixture("graph-model", kind="llama31-untied")
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -20,52 +20,35 @@ import torch
 pytest.importorskip("transformers")
 
 from semipd_memory import PageAllocator, RadixCache  # noqa: E402
-from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.cuda_graph import DecodeGraphRunner  # noqa: E402
 from semipd_runtime.forward_batch import fill_placeholders  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling, TokenLogprobMsg  # noqa: E402
 from semipd_runtime.models.llama import LlamaForCausalLM  # noqa: E402
-from semipd_runtime.models.loader import load_model  # noqa: E402
 from semipd_runtime.request import Request, RequestStatus  # noqa: E402
 from semipd_runtime.scheduler import ScheduledBatch, Scheduler  # noqa: E402
 from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
 
-from test_runtime_parity_random import assert_pool_clean, write_random_model  # noqa: E402
+from runtime_fixtures import core_config, eager_decode_graphs  # noqa: E402
+from runtime_fixtures import prompts_fixture, random_model_fixture  # noqa: E402
+from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
 PAGE = 4
 GREEDY = CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("llama-overlap")
-    write_random_model("llama-tied", d, seed=2)
-    return d
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> LlamaForCausalLM:
-    return load_model(str(model_dir), torch.device("cpu"), torch.float32)
-
-
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(5)
-    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 30, 7, 50, 1, 20, 13, 9)]
+model_dir = random_model_fixture("llama-overlap", seed=2)  # `model` (conftest) loads it
+prompts = prompts_fixture(5, (3, 30, 7, 50, 1, 20, 13, 9))
 
 
 def make_core(model_dir: Path, model: LlamaForCausalLM, mode: str, overlap: bool, graphs: bool = False,
               **kw: Any) -> EngineCore:
-    cfg = CoreConfig(model_path=str(model_dir), device="cpu", dtype="float32", max_model_len=kw.pop("ctx", 128),
-                     eos_token_ids=kw.pop("eos", []), num_pages=kw.pop("num_pages", 200), page_size=PAGE,
-                     mode=mode, prefill_placement="thread", chunked_prefill_size=kw.pop("chunked_prefill_size", 16),
-                     max_prefill_tokens=32, overlap_schedule=overlap, **kw)
+    cfg = core_config(model_dir, max_model_len=kw.pop("ctx", 128), eos_token_ids=kw.pop("eos", []),
+                      num_pages=kw.pop("num_pages", 200), page_size=PAGE, mode=mode,
+                      prefill_placement="thread", chunked_prefill_size=kw.pop("chunked_prefill_size", 16),
+                      max_prefill_tokens=32, overlap_schedule=overlap, **kw)
     core = create_core(cfg, model=model)
-    if graphs:  # the CPU stand-in for captured decode graphs: same static buffers, run eagerly
-        r = core.runner
-        r.graphs = DecodeGraphRunner(r.model, r.kv_pool, r.cos_sin_cache, r.page_size,
-                                     core.allocator.req_to_page.shape[1], max_bs=4, replay=False)
+    if graphs:
+        eager_decode_graphs(core, max_bs=4)
     return core
 
 
@@ -408,11 +391,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def cuda_core(model_dir: Path, mode: str, overlap: bool, **kw: Any) -> EngineCore:
-    cfg = CoreConfig(model_path=str(model_dir), device="cuda", dtype="float32", max_model_len=128,
-                     eos_token_ids=kw.pop("eos", []),
-                     num_pages=kw.pop("num_pages", 200), page_size=PAGE, mode=mode, prefill_placement="thread",
-                     chunked_prefill_size=16, max_prefill_tokens=32, max_running_requests=12, cuda_graph_max_bs=4,
-                     overlap_schedule=overlap, **kw)
+    cfg = core_config(model_dir, device="cuda", max_model_len=128, eos_token_ids=kw.pop("eos", []),
+                      num_pages=kw.pop("num_pages", 200), page_size=PAGE, mode=mode,
+                      prefill_placement="thread", chunked_prefill_size=16, max_prefill_tokens=32,
+                      max_running_requests=12, cuda_graph_max_bs=4, overlap_schedule=overlap, **kw)
     return create_core(cfg)
 
 

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 
-from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.models.llama import LlamaForCausalLM  # noqa: E402
-from semipd_runtime.models.loader import load_model  # noqa: E402
 
-from test_runtime_parity_random import assert_pool_clean, write_random_model  # noqa: E402
+from runtime_fixtures import core_config, random_model_fixture  # noqa: E402
+from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
 PAGE = 4
 
@@ -37,22 +37,12 @@ class Req:
     follows: str | None = None  # a next turn: the prompt goes after that request's prompt and output
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("llama-cache")
-    write_random_model("llama-tied", d, seed=4)
-    return d
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> LlamaForCausalLM:
-    return load_model(str(model_dir), torch.device("cpu"), torch.float32)
+model_dir = random_model_fixture("llama-cache", seed=4)  # `model` (conftest) loads it
 
 
 def make_core(model_dir: Path, model: LlamaForCausalLM, mode: str, cache: bool, **kw: Any) -> EngineCore:
-    cfg = CoreConfig(model_path=str(model_dir), device="cpu", dtype="float32", max_model_len=128,
-                     eos_token_ids=[], page_size=PAGE, mode=mode, prefill_placement="thread",
-                     enable_radix_cache=cache, max_prefill_tokens=32, **kw)
+    cfg = core_config(model_dir, max_model_len=128, page_size=PAGE, mode=mode, prefill_placement="thread",
+                      enable_radix_cache=cache, max_prefill_tokens=32, **kw)
     return create_core(cfg, model=model)
 
 

@@ -9,42 +9,32 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.cuda_graph import DecodeGraphRunner  # noqa: E402
 from semipd_runtime.latency_model import LatencyProfile  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.partition import SmPartition  # noqa: E402
 from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
 from semipd_runtime.slo_control import SloSettings  # noqa: E402
 
-from test_runtime_parity_random import assert_pool_clean, write_random_model  # noqa: E402
+from runtime_fixtures import core_config, eager_decode_graphs  # noqa: E402
+from runtime_fixtures import prompts_fixture, random_model_fixture  # noqa: E402
+from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
 GREEDY = CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
 def make_core(path: Path, mode: str, placement: str = "thread", **kw: object) -> EngineCore:
-    cfg = CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=256, eos_token_ids=[],
-                     num_pages=200, page_size=4, mode=mode, prefill_placement=placement, chunked_prefill_size=16,
-                     max_prefill_tokens=16, **kw)  # type: ignore[arg-type]  # small batches: several per move
+    cfg = core_config(path, max_model_len=256, num_pages=200, mode=mode, prefill_placement=placement,
+                      chunked_prefill_size=16, max_prefill_tokens=16, **kw)  # small batches: several per move
     return create_core(cfg)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("llama")
-    write_random_model("llama-tied", d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(7)
-    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 40, 9, 70, 2, 25, 48, 13, 33, 60, 4, 17)]
+model_dir = random_model_fixture("llama")
+prompts = prompts_fixture(7, (5, 40, 9, 70, 2, 25, 48, 13, 33, 60, 4, 17))
 
 
 def standby_ready_queued(core: SemiPDCore) -> bool:
@@ -248,14 +238,12 @@ class KeyedPartition(SmPartition):
 
 def test_retired_split_drops_its_decode_graphs(model_dir: Path, prompts: list[list[int]],
                                                unified_out: dict[str, list[int]]) -> None:
-    cfg = CoreConfig(model_path=str(model_dir), device="cpu", dtype="float32", max_model_len=256, eos_token_ids=[],
-                     num_pages=200, page_size=4, mode="semi-pd", prefill_placement="thread",
-                     chunked_prefill_size=16, max_prefill_tokens=48)
+    cfg = core_config(model_dir, max_model_len=256, num_pages=200, mode="semi-pd", prefill_placement="thread",
+                      chunked_prefill_size=16, max_prefill_tokens=48)
     core = create_core(cfg, partition=KeyedPartition(50, 50))
     assert isinstance(core, SemiPDCore)
     r = core.runner
-    r.graphs = DecodeGraphRunner(r.model, r.kv_pool, r.cos_sin_cache, r.page_size,
-                                 core.allocator.req_to_page.shape[1], max_bs=8, replay=False)
+    eager_decode_graphs(core, max_bs=8)
     first = core.channel.current.partition
     assert isinstance(first, KeyedPartition)
     r.graphs.graphs[(first.key, 4)] = r.graphs.graphs[(first.key, 8)] = object()  # as if captured there

@@ -6,22 +6,22 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
 
-from test_runtime_parity_random import assert_pool_clean, write_random_model  # noqa: E402
+from runtime_fixtures import core_config, prompts_fixture, random_model_fixture  # noqa: E402
+from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
 
 def make_core(path: Path, mode: str, **kw: object) -> EngineCore:
-    cfg = CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=256, eos_token_ids=[],
-                     num_pages=kw.pop("num_pages", 200), page_size=4, mode=mode, prefill_placement="thread",
-                     chunked_prefill_size=kw.pop("chunked_prefill_size", 16), max_prefill_tokens=48, **kw)
+    cfg = core_config(path, max_model_len=256, num_pages=kw.pop("num_pages", 200), mode=mode,
+                      prefill_placement="thread", chunked_prefill_size=kw.pop("chunked_prefill_size", 16),
+                      max_prefill_tokens=48, **kw)
     return create_core(cfg)
 
 
@@ -41,17 +41,8 @@ def run(core: EngineCore, prompts: list[list[int]], sampling: CoreSampling) -> d
     return out
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("llama")
-    write_random_model("llama-tied", d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(3)
-    return [torch.randint(3, 256, (n,), generator=g).tolist() for n in (3, 30, 7, 70, 1, 20, 45, 12)]
+model_dir = random_model_fixture("llama")
+prompts = prompts_fixture(3, (3, 30, 7, 70, 1, 20, 45, 12))
 
 
 @pytest.mark.parametrize("sampling", [

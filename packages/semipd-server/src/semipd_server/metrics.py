@@ -63,134 +63,67 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r, labels = self.registry, ["model_name"]
         self.model_name = model_name
-        self.ttft = Histogram(
-            "semipd:time_to_first_token_seconds",
-            "Time from arrival to the first output token",
-            labels,
-            buckets=_TTFT_BUCKETS,
-            registry=r,
-        )
-        self.tpot = Histogram(
-            "semipd:time_per_output_token_seconds",
-            "Per request: (e2e - ttft) / (output tokens - 1)",
-            labels,
-            buckets=_TPOT_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "semipd:inter_token_latency_seconds",
-            "Gap between consecutive output tokens, as streamed",
-            labels,
-            buckets=_TPOT_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "semipd:e2e_request_latency_seconds",
-            "Time from arrival to the last token",
-            labels,
-            buckets=_E2E_BUCKETS,
-            registry=r,
-        )
-        self.prompt_tokens = Counter(
-            "semipd:prompt_tokens", "Prompt tokens of finished requests", labels, registry=r
-        )
-        self.generation_tokens = Counter("semipd:generation_tokens", "Generated tokens", labels, registry=r)
-        self.request_success = Counter(
-            "semipd:request_success",
-            "Finished requests by finish reason",
-            labels + ["finished_reason"],
-            registry=r,
-        )
-        self.request_errors = Counter(
-            "semipd:request_errors",
-            "Requests answered with an error, by HTTP status",
-            labels + ["status"],
-            registry=r,
-        )
-        self.running = Gauge(
-            "semipd:num_requests_running", "Requests the engine is running", labels, registry=r
-        )
-        self.waiting = Gauge(
-            "semipd:num_requests_waiting", "Requests waiting in the engine's queue", labels, registry=r
-        )
-        self.in_flight = Gauge(
-            "semipd:num_requests_in_flight", "HTTP generation requests being served", labels, registry=r
-        )
-        self.pages_used = Gauge(
-            "semipd:kv_pages_used",
-            "KV cache pages held by requests (cached-evictable ones excluded)",
-            labels,
-            registry=r,
-        )
-        self.cache_pages = Gauge(
-            "semipd:prefix_cache_pages", "KV pages in the radix prefix cache", labels, registry=r
-        )
-        self.cache_evictable = Gauge(
-            "semipd:prefix_cache_evictable_pages",
-            "Cached KV pages no request holds (reusable or freed on demand)",
-            labels,
-            registry=r,
-        )
-        self.cache_hit_tokens = Counter(
-            "semipd:prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", labels, registry=r
-        )
-        self.cache_query_tokens = Counter(
-            "semipd:prefix_cache_query_tokens",
-            "Prompt tokens looked up in the prefix cache",
-            labels,
-            registry=r,
-        )
-        self.pages_total = Gauge("semipd:kv_pages_total", "KV cache pages in the pool", labels, registry=r)
-        self.kv_usage = Gauge(
-            "semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)", labels, registry=r
-        )
-        self.sm_split = Gauge(
-            "semipd:sm_split",
-            "SMs granted to each role (0 when not partitioned)",
-            labels + ["role"],
-            registry=r,
-        )
-        self.prefill_sm_count = Gauge(
-            "semipd:prefill_sm_count", "SMs granted to the prefill worker (0 when not partitioned)", labels,
-            registry=r,
-        )
-        self.decode_sm_count = Gauge(
-            "semipd:decode_sm_count", "SMs granted to the decode worker (0 when not partitioned)", labels,
-            registry=r,
-        )
-        self.sm_percent = Gauge(
-            "semipd:sm_percent", "Current SM split in percent of the device, per role (semi-pd)",
-            labels + ["role"], registry=r,
-        )
-        self.repartitions = Counter(
-            "semipd:repartitions", "SM re-partitions that took effect", labels, registry=r
-        )
-        self.repartition_latency = Gauge(
-            "semipd:repartition_latency_seconds", "Last re-partition: request to new split in effect",
-            labels, registry=r,
-        )
-        self.predicted_ttft = Gauge(
-            "semipd:predicted_ttft_seconds", "TTFT the slo policy predicts at the current split", labels,
-            registry=r,
-        )
-        self.ttft_correction = Gauge(
-            "semipd:slo_ttft_correction", "Measured / modelled TTFT factor the slo policy applies", labels,
-            registry=r,
-        )
-        self.predicted_tpot = Gauge(
-            "semipd:predicted_tpot_seconds", "TPOT the slo policy predicts at the current split", labels,
-            registry=r,
-        )
-        self.slo_decisions = Counter(
-            "semipd:slo_decisions", "Decisions the slo policy made", labels, registry=r
-        )
+
+        # every family is labelled by model (plus `extra` labels) and lives in this app's registry
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        def counter(name: str, doc: str, *extra: str) -> Counter:
+            return Counter(name, doc, labels + list(extra), registry=r)
+
+        def gauge(name: str, doc: str, *extra: str) -> Gauge:
+            return Gauge(name, doc, labels + list(extra), registry=r)
+
+        self.ttft = histogram("semipd:time_to_first_token_seconds",
+                              "Time from arrival to the first output token", _TTFT_BUCKETS)
+        self.tpot = histogram("semipd:time_per_output_token_seconds",
+                              "Per request: (e2e - ttft) / (output tokens - 1)", _TPOT_BUCKETS)
+        self.itl = histogram("semipd:inter_token_latency_seconds",
+                             "Gap between consecutive output tokens, as streamed", _TPOT_BUCKETS)
+        self.e2e = histogram("semipd:e2e_request_latency_seconds", "Time from arrival to the last token",
+                             _E2E_BUCKETS)
+        self.prompt_tokens = counter("semipd:prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("semipd:generation_tokens", "Generated tokens")
+        self.request_success = counter("semipd:request_success", "Finished requests by finish reason",
+                                       "finished_reason")
+        self.request_errors = counter("semipd:request_errors",
+                                      "Requests answered with an error, by HTTP status", "status")
+        self.running = gauge("semipd:num_requests_running", "Requests the engine is running")
+        self.waiting = gauge("semipd:num_requests_waiting", "Requests waiting in the engine's queue")
+        self.in_flight = gauge("semipd:num_requests_in_flight", "HTTP generation requests being served")
+        self.pages_used = gauge("semipd:kv_pages_used",
+                                "KV cache pages held by requests (cached-evictable ones excluded)")
+        self.cache_pages = gauge("semipd:prefix_cache_pages", "KV pages in the radix prefix cache")
+        self.cache_evictable = gauge("semipd:prefix_cache_evictable_pages",
+                                     "Cached KV pages no request holds (reusable or freed on demand)")
+        self.cache_hit_tokens = counter("semipd:prefix_cache_hit_tokens",
+                                        "Prompt tokens served from the prefix cache")
+        self.cache_query_tokens = counter("semipd:prefix_cache_query_tokens",
+                                          "Prompt tokens looked up in the prefix cache")
+        self.pages_total = gauge("semipd:kv_pages_total", "KV cache pages in the pool")
+        self.kv_usage = gauge("semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)")
+        self.sm_split = gauge("semipd:sm_split", "SMs granted to each role (0 when not partitioned)", "role")
+        self.prefill_sm_count = gauge("semipd:prefill_sm_count",
+                                      "SMs granted to the prefill worker (0 when not partitioned)")
+        self.decode_sm_count = gauge("semipd:decode_sm_count",
+                                     "SMs granted to the decode worker (0 when not partitioned)")
+        self.sm_percent = gauge("semipd:sm_percent",
+                                "Current SM split in percent of the device, per role (semi-pd)", "role")
+        self.repartitions = counter("semipd:repartitions", "SM re-partitions that took effect")
+        self.repartition_latency = gauge("semipd:repartition_latency_seconds",
+                                         "Last re-partition: request to new split in effect")
+        self.predicted_ttft = gauge("semipd:predicted_ttft_seconds",
+                                    "TTFT the slo policy predicts at the current split")
+        self.ttft_correction = gauge("semipd:slo_ttft_correction",
+                                     "Measured / modelled TTFT factor the slo policy applies")
+        self.predicted_tpot = gauge("semipd:predicted_tpot_seconds",
+                                    "TPOT the slo policy predicts at the current split")
+        self.slo_decisions = counter("semipd:slo_decisions", "Decisions the slo policy made")
         self._engine_totals = (("repartitions", self.repartitions), ("slo_decisions", self.slo_decisions),
                                ("prefix_hit_tokens", self.cache_hit_tokens),
                                ("prefix_query_tokens", self.cache_query_tokens))
         self._seen = {key: 0.0 for key, _ in self._engine_totals}  # engine totals already counted
-        self.draining = Gauge(
-            "semipd:server_draining", "1 while the server drains before exit", labels, registry=r
-        )
+        self.draining = gauge("semipd:server_draining", "1 while the server drains before exit")
         for fam in (
             self.running,
             self.waiting,
