@@ -65,8 +65,12 @@ def test_padded_decode_logits_equal_eager(model_dir: Path, lens: list[int], seed
     graphs.page_table.random_(0, 50)  # stale rows from "earlier steps" must not matter
     got = graphs.run([t[0] for t in nxt], lens, rows)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # padded rows wrote nothing: the cache equals the eager decode's exactly
-    assert torch.equal(core.kv_pool.k(0), k_eager)
+    # padded rows wrote nothing: every slot the eager decode left alone is bit-for-bit untouched, and the slots
+    # it wrote hold the same keys (close, not equal: a GEMM over 8 padded rows may round differently from 3)
+    k_padded = core.kv_pool.k(0)
+    untouched = k_eager == k_before
+    assert torch.equal(k_padded[untouched], k_before[untouched])
+    torch.testing.assert_close(k_padded, k_eager, rtol=1e-5, atol=1e-5)
     for s in slots:
         alloc.free(s)
 
