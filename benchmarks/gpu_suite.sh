@@ -91,6 +91,8 @@ for s in "$@"; do
       sweep "llama${s:5:2}" "${SWEEP_LIMIT_S:-300}" "${SEMIPD_CFGS[1]}" ;;
     sweep8b_static | sweep3b_static)
       sweep "llama${s:5:2}" "${SWEEP_LIMIT_S:-300}" "${SEMIPD_CFGS[0]}" ;;
+    sweep8b_unified2048 | sweep3b_unified2048)
+      sweep "llama${s:5:2}" "${SWEEP_LIMIT_S:-300}" "${UNIFIED_CFGS[1]}" ;;
     sweep8b_unified | sweep3b_unified)
       sweep "llama${s:5:2}" 580 "${UNIFIED_CFGS[@]}" ;;
     sweep8b_semipd | sweep3b_semipd)

@@ -187,6 +187,11 @@ def test_slo_policy_profiles_observes_and_decides(model_dir: Path, prompts: list
         assert out == {**unified_out, **{k: v for k, v in out.items() if k not in unified_out}}
         assert stats.partition_policy == "slo" and stats.slo_decisions >= 1
         assert stats.slo_observations > seen
+        # the finished requests' output lengths reached the partitioner (decode-slot time), and it plans with the
+        # engine's batch cap
+        finished = core.slo.partitioner.load_state(time.monotonic()).mean_output_tokens
+        assert finished == pytest.approx(sum(map(len, out.values())) / len(out))
+        assert core.slo.partitioner.config.max_decode_batch == core.cfg.max_running_requests
         assert stats.predicted_ttft_s > 0 and stats.predicted_tpot_s > 0 and stats.measured_tpot_s > 0
         assert stats.repartitions == core.channel.repartitions  # whatever it chose, the core followed
         assert (stats.prefill_sm_percent, stats.decode_sm_percent) == core.slo.split

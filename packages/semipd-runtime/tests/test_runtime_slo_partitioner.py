@@ -158,16 +158,22 @@ class EngineSim:
             p.observe_decode(b, ctx, share, self.truth.decode(b, ctx, share) * rng.lognormal(0, self.noise))
 
 
-def rank_of(pred_ttft_s: float, pred_tpot_s: float, cfg: SloPartitionerConfig) -> tuple[float, int, float, bool]:
+def rank_of(pred_ttft_s: float, pred_tpot_s: float, cfg: SloPartitionerConfig,
+            best_tpot_s: float) -> tuple[float, int, float, bool]:
     """(score, tier, value in tier, near a tier boundary), written out again here: both SLOs -> headroom;
-    only TPOT (with margin) -> TTFT ratio; else -> the smaller ratio."""
+    only TPOT (with margin) -> TTFT ratio; else the splits within the tolerance of the best TPOT (`best_tpot_s`)
+    by TTFT ratio, above the rest by TPOT relative to the best."""
     ttft, tpot = cfg.slo_ttft_ms / (1000 * pred_ttft_s), cfg.slo_tpot_ms / (1000 * pred_tpot_s)
     near = any(abs(r - 1) < 0.03 for r in (ttft, tpot)) or abs(tpot - 1 - cfg.overload_tpot_margin) < 0.03
     if ttft >= 1 and tpot >= 1:
         return min(ttft, tpot), 2, min(ttft, tpot), near
     if tpot >= 1 + cfg.overload_tpot_margin:
         return min(ttft, tpot), 1, ttft, near
-    return min(ttft, tpot), 0, min(ttft, tpot), near
+    relative = best_tpot_s / pred_tpot_s
+    near = near or abs(relative - cfg.overload_tpot_tolerance) < 0.03
+    if relative >= cfg.overload_tpot_tolerance:
+        return min(ttft, tpot), 0, 1 + ttft, near
+    return min(ttft, tpot), 0, relative, near
 
 
 def grown_tpot(step_s, batch: float, context: float, share: float, current_share: float, cap: float) -> float:
@@ -205,7 +211,9 @@ def truth_scores(truth: Truth, load: LoadState, cfg: SloPartitionerConfig,
         wait = max(queue_wait_quantile(wait, rho, cfg.ttft_quantile), backlog)  # a newcomer waits for the backlog
         tpot = grown_tpot(lambda b, c, sh: truth.decode(b, c, sh), load.decode_batch, load.decode_context_tokens,
                           ds, current[1] / 100, cfg.max_batch_growth)
-        out[split] = rank_of(wait + own, tpot, cfg)
+        out[split] = (wait + own, tpot)
+    best_tpot = min(tpot for _, tpot in out.values())
+    return {split: rank_of(ttft, tpot, cfg, best_tpot) for split, (ttft, tpot) in out.items()}
     return out
 
 
@@ -309,7 +317,8 @@ def test_choice_equals_brute_force_over_fitted_model(truth: Truth, load: dict, n
         assert d.predicted.rank == best
         assert d.split in [(x.prefill_percent, x.decode_percent) for x in preds if x.rank == best]
     for x in preds:  # the ranking rule, restated
-        score, tier, value, _ = rank_of(x.ttft_ms / 1000, x.tpot_ms / 1000, p.config)
+        score, tier, value, _ = rank_of(x.ttft_ms / 1000, x.tpot_ms / 1000, p.config,
+                                        min(y.tpot_ms for y in preds) / 1000)
         assert (x.score, x.tier) == (pytest.approx(score), tier) and x.tier_value == pytest.approx(value)
     assert d.changed == (d.split != p.config.initial_split)
     # TPOT is one decode step of the window's mean batch at the decode share, grown by Little's law
@@ -535,3 +544,54 @@ def test_ttft_correction_is_clipped_and_bad_samples_rejected() -> None:
             p.observe_ttft(bad)
     with pytest.raises(ValueError, match="ttft_feedback_gain"):
         SloPartitionerConfig(ttft_feedback_gain=1.5)
+
+
+def _decide_full_batch(max_decode_batch: int | None) -> tuple[SloPartitionerConfig, SloPartitioner, object]:
+    """A full decode batch (64 of 64) with requests waiting for it and long outputs: admission waits on decode."""
+    truth, rng = Truth(), np.random.default_rng(11)
+    cfg = SloPartitionerConfig(slo_ttft_ms=2000, slo_tpot_ms=40, hysteresis=0.0, min_dwell_s=0.0,
+                               load_confidence_z=0.0, max_decode_batch=max_decode_batch)
+    p = SloPartitioner(cfg, profile_for(truth, rng, 0.02))
+    for _ in range(50):
+        p.observe_finish(1024)
+    for w in range(10):
+        feed_window(p, truth, rng, 2.0 * w, 2.0 * w + 2, 4.0, (200, 400), 64, 1500, 0.02, 8.0)
+    return cfg, p, p.decide(20.0)
+
+
+def test_a_full_decode_batch_bounds_admission_and_keeps_decode_sms() -> None:
+    """With the engine's batch cap known, a split that decodes slower also frees decode slots slower: the waiting
+    requests' TTFT counts that (3B shape on the H200: the policy gave prefill 96 SMs while 60 of 64 slots were
+    full, TPOT rose to 20 ms and admission, not prefill, became the bottleneck)."""
+    _, _, blind = _decide_full_batch(None)
+    cfg, p, capped = _decide_full_batch(64)
+    assert capped.load.mean_output_tokens == 1024 and capped.load.decode_batch == 64
+    lost = []
+    for b, c in zip(blind.candidates, capped.candidates, strict=True):
+        assert c.ttft_ms >= b.ttft_ms * (1 - 1e-9)  # the slot bound only adds wait
+        # no slot is free: the waiting requests take turns on slots that each free every slot_s seconds
+        slot_s = p._decode_slot_s(capped.load, c.decode_percent / 100)
+        assert c.queue_wait_ms >= 1000 * capped.load.waiting_requests * slot_s * (1 - 1e-9)
+        if b.meets_slo and not c.meets_slo:
+            lost.append(c)
+    assert lost, "some split must look fine until the slot bound counts, for the test to mean anything"
+    assert capped.predicted is not None and capped.predicted.meets_slo
+    assert all(x.decode_percent < capped.decode_percent for x in lost)  # the splits that decode too slowly
+    with pytest.raises(ValueError, match="output_tokens"):
+        p.observe_finish(-1)
+    with pytest.raises(ValueError, match="max_decode_batch"):
+        SloPartitionerConfig(max_decode_batch=0)
+
+
+def test_when_no_split_holds_tpot_the_best_ttft_near_the_best_tpot_wins() -> None:
+    """TPOT is out of reach everywhere (a tight SLO, a big batch): splits within overload_tpot_tolerance of the
+    best TPOT tie on it and the best TTFT among them wins, neither the most decode SMs nor the most prefill."""
+    cfg, d = _decide_steady(12, (2000, 6), (6.0, (1500, 3000), 64, 3000, 0.02, 4.0))
+    assert all(x.tier == 0 for x in d.candidates)
+    best_tpot = min(x.tpot_ms for x in d.candidates)
+    near = [x for x in d.candidates if best_tpot / x.tpot_ms >= cfg.overload_tpot_tolerance]
+    assert d.predicted is not None and d.predicted in near
+    assert d.predicted.ttft_ms == min(x.ttft_ms for x in near)
+    assert d.prefill_percent > min(x.prefill_percent for x in d.candidates)  # decode did not take every SM
+    far = [x for x in d.candidates if x not in near]
+    assert far, "some split must be far from the best TPOT for the test to mean anything"

@@ -42,7 +42,10 @@ def create_core(
         # candidates on the device's SM granularity (a nominal 100 "SMs" without a GPU); under MPS the decode
         # process keeps the cap it started with, so only the prefill share is a choice
         fixed = cfg.decode_sm_percent if cfg.sm_partition == "mps" else None
-        pcfg = cfg.slo.partitioner_config(_device_sm_count() or 100, split, fixed, max(cfg.max_prefill_tokens, 1))
+        # green and none split disjointly: prefill runs on what decode leaves, so the decode share is the split
+        start = split if fixed is not None else (100.0 - cfg.decode_sm_percent, float(cfg.decode_sm_percent))
+        pcfg = cfg.slo.partitioner_config(_device_sm_count() or 100, start, fixed, max(cfg.max_prefill_tokens, 1),
+                                          max_decode_batch=cfg.max_running_requests)
         assert pcfg.initial_split is not None
         split = partition.split if partition is not None else pcfg.initial_split
         slo = SloController(cfg.slo, pcfg)

@@ -27,6 +27,7 @@ from semipd_runtime.messages import (
     PrefillFailed,
     PrefillItem,
     PrefillReady,
+    TokenLogprobMsg,
     TokenEvent,
 )
 from semipd_runtime.models.llama import LlamaForCausalLM
@@ -94,6 +95,12 @@ class SemiPDCore(EngineCore):
         super().add_request(msg)
         if self.slo is not None and msg.rid in self.requests:
             self.slo.observe_arrival(msg.rid, len(msg.prompt_ids), time.monotonic())
+
+    def _accepted(self, req: Request, i: int, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
+        event = super()._accepted(req, i, tok, lp)
+        if self.slo is not None and event.finish_reason is not None:  # how long a decode slot stays taken
+            self.slo.observe_finish(len(req.output_ids))
+        return event
 
     # --- requests -------------------------------------------------------------------------------------------
     def abort(self, rid: str, reason: str = "abort", error: str | None = None, status: int = 0) -> None:

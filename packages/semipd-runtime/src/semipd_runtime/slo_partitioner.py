@@ -23,8 +23,12 @@ A split scores min(slo_ttft / ttft, slo_tpot / tpot) (>= 1: both SLOs predicted 
 2. only TPOT holds (with `overload_tpot_margin` to spare): the best TTFT wins. Overloaded, the running batch keeps
    its TPOT and prefill gets every SM decode can spare; trading both SLOs evenly instead (min of the two ratios)
    gave decode 12 of 132 SMs on the H200 at 12 req/s and broke TPOT for all 64 running requests;
-3. TPOT cannot be held (with the margin): the smallest worst-case overshoot, min of the two ratios, wins (ranking
-   by TPOT alone here gave prefill 24 of 132 SMs on the H200 when a full decode batch briefly broke TPOT).
+3. TPOT cannot be held (with the margin): the splits within `overload_tpot_tolerance` of the best TPOT any split
+   reaches tie on TPOT, and the best TTFT among them wins. Ranking by TPOT alone gave prefill 24 of 132 SMs on
+   the H200 when a full decode batch briefly broke TPOT (decode saturates HBM well before all SMs); the smaller
+   of the two ratios gave prefill 112 SMs with TTFT hopeless and broke TPOT for the whole batch for 30 s.
+With `max_decode_batch` known, a split is also only as fast as its decode frees slots (a full batch: admission
+waits on decode), and TTFT counts that wait.
 Measured TTFTs correct the TTFT predictions (observe_ttft), since the step models see only step times.
 It moves only when the best split ranks in a higher tier, or in the same tier beats the current one by
 `hysteresis` (relative); it must also rank no worse with the measured arrival rate and prompt length moved by
@@ -85,11 +89,18 @@ class SloPartitionerConfig:
     hysteresis: float = 0.1  # move only for a relative score gain above this ...
     load_confidence_z: float = 2.0  # ... and only when it ranks no worse with the load moved +-z standard errors
     score_cap: float = 2.0  # headroom beyond this (x the SLOs) is not worth a move
-    ttft_feedback_gain: float = 0.3  # 0 disables; see observe_ttft
+    # 0 disables (the default): see observe_ttft. At 0.3 on the H200 it swung between its clips (0.5 and 4) within
+    # a minute: the TTFTs measured in a window belong to requests that arrived a queue earlier
+    ttft_feedback_gain: float = 0.0
     ttft_feedback_min_samples: int = 4  # measured TTFTs in a window before the correction moves
     overload_tpot_margin: float = 0.1  # when TTFT cannot be met, TPOT must hold with this much to spare
     ttft_quantile: float = 0.9  # TTFT is judged at this quantile of its predicted distribution
     max_batch_growth: float = 4.0  # most a slower decode split is predicted to grow the running batch
+    # when no split holds TPOT: splits within this fraction of the best TPOT count as equal (best TTFT wins)
+    overload_tpot_tolerance: float = 0.9
+    # the engine's cap on running requests (None: unknown). Past it requests wait for a decode slot, which frees
+    # every output_tokens x TPOT / cap seconds: with a full batch a slower decode split also slows admission
+    max_decode_batch: int | None = None
     candidates: tuple[tuple[float, float], ...] | None = None
     total_sms: int = 132
     sm_step: int = 8
@@ -123,6 +134,12 @@ class SloPartitionerConfig:
         if isinstance(self.max_batch_growth, bool) or not isinstance(self.max_batch_growth, (int, float)) or not (
                 1 <= self.max_batch_growth < math.inf):
             raise ValueError(f"max_batch_growth must be a finite number >= 1, got {self.max_batch_growth!r}")
+        if isinstance(self.overload_tpot_tolerance, bool) or not isinstance(
+                self.overload_tpot_tolerance, (int, float)) or not 0 < self.overload_tpot_tolerance <= 1:
+            raise ValueError(f"overload_tpot_tolerance must be in (0, 1], got {self.overload_tpot_tolerance!r}")
+        if self.max_decode_batch is not None and (isinstance(self.max_decode_batch, bool) or not isinstance(
+                self.max_decode_batch, int) or self.max_decode_batch < 1):
+            raise ValueError(f"max_decode_batch must be None or an int >= 1, got {self.max_decode_batch!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if isinstance(self.score_cap, bool) or not isinstance(self.score_cap, (int, float)) or not (
@@ -175,6 +192,7 @@ class LoadState:
     waiting_attn: float
     decode_batch: float
     decode_context_tokens: float
+    mean_output_tokens: float = 0.0  # of recently finished requests (0: none seen)
     arrival_rate_stderr: float = 0.0  # Poisson: sqrt(count) / span
     prompt_tokens_stderr: float = 0.0
     prompt_attn_stderr: float = 0.0
@@ -269,6 +287,8 @@ class SloPartitioner:
         self.prefill_model = PrefillLatencyModel(**model_args)
         self.decode_model = DecodeLatencyModel(**model_args)
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=1_000_000)
+        self._outputs: deque[int] = deque(maxlen=self.config.rate_target_arrivals)
+        self._best_tpot_memo: tuple[object, float] = (None, 0.0)
         self._first_arrival: float | None = None
         # queue snapshot sums since the last decision: [count, waiting reqs, tokens, attn, decode batch, context]
         self._queue_sum = np.zeros(6)
@@ -341,6 +361,12 @@ class SloPartitioner:
         self._arrivals.append((float(t), int(prompt_tokens)))
         self._first_arrival = t if self._first_arrival is None else min(self._first_arrival, t)
 
+    def observe_finish(self, output_tokens: int) -> None:
+        """A request finished after generating `output_tokens` tokens (sizes how long a decode slot stays taken)."""
+        if isinstance(output_tokens, bool) or not isinstance(output_tokens, (int, np.integer)) or output_tokens < 0:
+            raise ValueError(f"output_tokens must be an int >= 0, got {output_tokens!r}")
+        self._outputs.append(int(output_tokens))
+
     def update_queue(self, waiting_prompt_tokens: Sequence[int], running_batch: int,
                      running_context_tokens: int) -> None:
         """Queue state now (call it every step or so): prompt tokens still to prefill per waiting request, and the
@@ -390,7 +416,8 @@ class SloPartitioner:
         else:
             mean_n = mean_attn = 0.0
         # plain floats: these end up in msgspec-encoded stats, which reject numpy scalars
-        return LoadState(float(rate), float(mean_n), float(mean_attn), *(float(v) for v in q[1:]),
+        mean_out = float(np.mean(self._outputs)) if self._outputs else 0.0
+        return LoadState(float(rate), float(mean_n), float(mean_attn), *(float(v) for v in q[1:]), mean_out,
                          *(float(e) for e in errors))
 
     def predict(self, prefill_percent: float, decode_percent: float, load: LoadState) -> SplitPrediction:
@@ -409,6 +436,12 @@ class SloPartitioner:
         if load.waiting_tokens > 0:
             steps = max(1.0, load.waiting_tokens / cfg.prefill_token_budget)
             backlog = pm.predict_features(np.array([steps, load.waiting_tokens, load.waiting_attn]), p_share)
+        tpot = self._predict_tpot(load, d_share)
+        slot_s = self._decode_slot_s(load, d_share)
+        if slot_s > 0:  # admission is bounded by decode slots too: serve at the slower of the two
+            per_request = max(per_request, slot_s)
+            free = max(0.0, float(cfg.max_decode_batch or 0) - load.decode_batch)
+            backlog = max(backlog, max(0.0, load.waiting_requests - free) * slot_s)
         # a burst is judged over how long a split will likely run, not over one window
         horizon = max(cfg.planning_horizon_s, cfg.min_dwell_s)
         wait, rho = predict_queue_wait_s(per_request, backlog, load.arrival_rate, horizon, cfg.load_confidence_z)
@@ -419,13 +452,33 @@ class SloPartitioner:
         quantile_wait = max(queue_wait_quantile(wait, rho, cfg.ttft_quantile), backlog)
         ttft_mean = (mean_wait + own) * self.ttft_correction
         ttft = (quantile_wait + own) * self.ttft_correction
-        tpot = self._predict_tpot(load, d_share)
         ttft_ratio, tpot_ratio = cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot)
         score = min(ttft_ratio, tpot_ratio)
-        tier, value = rank_split(ttft_ratio, tpot_ratio, cfg.overload_tpot_margin)
+        best_tpot_ratio = cfg.slo_tpot_ms / (1000 * self._best_tpot(load))
+        tier, value = rank_split(ttft_ratio, tpot_ratio, cfg.overload_tpot_margin, best_tpot_ratio,
+                                 cfg.overload_tpot_tolerance)
         return SplitPrediction(prefill_percent, decode_percent, float(1000 * ttft), float(1000 * tpot),
                                float(1000 * quantile_wait), float(rho), float(score), tier, float(value),
                                float(1000 * ttft_mean))
+
+    def _best_tpot(self, load: LoadState) -> float:
+        """The lowest TPOT any candidate predicts (at the largest decode share), memoized per load."""
+        key = (load, self._split)
+        if self._best_tpot_memo[0] != key:
+            share = max(d for _, d in self.config.candidates) / 100.0  # type: ignore[union-attr]
+            self._best_tpot_memo = (key, self._predict_tpot(load, share))
+        return self._best_tpot_memo[1]
+
+    def _decode_slot_s(self, load: LoadState, d_share: float) -> float:
+        """Seconds of decode-slot time per request with a full batch: output tokens x TPOT at max_decode_batch /
+        max_decode_batch, i.e. 1 / the most requests per second this decode share can complete (0: unknown)."""
+        cap = self.config.max_decode_batch
+        if cap is None or load.mean_output_tokens <= 0:
+            return 0.0
+        per_seq = (load.decode_context_tokens / load.decode_batch if load.decode_batch > 0
+                   else load.mean_prompt_tokens + load.mean_output_tokens / 2)
+        full = self.decode_model.predict_features(decode_features(cap, cap * per_seq), d_share)
+        return load.mean_output_tokens * full / cap
 
     def _predict_tpot(self, load: LoadState, d_share: float) -> float:
         """One decode step of the running batch at `d_share`. Nothing decodes: one sequence of a mean prompt (the
@@ -440,8 +493,11 @@ class SloPartitioner:
         if load.decode_batch < 1:
             return tpot
         now = model.predict_features(decode_features(batch, context), self._split[1] / 100.0)
+        cap = self.config.max_batch_growth
+        if self.config.max_decode_batch is not None:  # the batch cannot grow past the engine's cap
+            cap = min(cap, max(1.0, self.config.max_decode_batch / batch))
         for _ in range(8):
-            growth = min(self.config.max_batch_growth, max(1.0, tpot / now))
+            growth = min(cap, max(1.0, tpot / now))
             grown = model.predict_features(decode_features(batch * growth, context * growth), d_share)
             if grown <= tpot * (1 + 1e-3):
                 return max(tpot, grown)
@@ -509,7 +565,7 @@ class SloPartitioner:
             reason = f"hold: {vs}, but not at the arrival rate / prompt length +-{cfg.load_confidence_z} std errors"
         else:
             kind = {2: "meets both SLOs with most headroom", 1: "TTFT cannot be met; best TTFT that keeps TPOT",
-                    0: "TPOT cannot be held; smallest overshoot"}[best.tier]
+                    0: "TPOT cannot be held; best TTFT near the best TPOT"}[best.tier]
             reason = f"move: {kind} (ranks {_fmt_rank(best)} vs {_fmt_rank(current)})"
             self._split, self._last_switch = (best.prefill_percent, best.decode_percent), now
             self.switches += 1
