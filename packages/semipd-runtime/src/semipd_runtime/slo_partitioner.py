@@ -438,8 +438,7 @@ class SloPartitioner:
             backlog = pm.predict_features(np.array([steps, load.waiting_tokens, load.waiting_attn]), p_share)
         tpot = self._predict_tpot(load, d_share)
         slot_s = self._decode_slot_s(load, d_share)
-        if slot_s > 0:  # admission is bounded by decode slots too: serve at the slower of the two
-            per_request = max(per_request, slot_s)
+        if slot_s > 0:  # requests past the free decode slots wait for one: a slot frees every slot_s seconds
             free = max(0.0, float(cfg.max_decode_batch or 0) - load.decode_batch)
             backlog = max(backlog, max(0.0, load.waiting_requests - free) * slot_s)
         # a burst is judged over how long a split will likely run, not over one window
@@ -450,6 +449,14 @@ class SloPartitioner:
         mean_wait = max(wait, backlog)
         # attainment is per request: judge TTFT at its ttft_quantile, not its mean
         quantile_wait = max(queue_wait_quantile(wait, rho, cfg.ttft_quantile), backlog)
+        # decode slots are max_decode_batch servers, not one: below their capacity they add next to no queueing
+        # (treating them as one server at rho 0.85 predicted a 1.3 s TTFT and moved SMs to decode, H200 3B),
+        # past it the arrivals it cannot finish pile up over the horizon
+        slot_rho = load.arrival_rate * slot_s
+        if slot_rho > 1:
+            overflow = (slot_rho - 1) * horizon / 2
+            mean_wait, quantile_wait = max(mean_wait, overflow), max(quantile_wait, overflow)
+        rho = max(rho, slot_rho)
         ttft_mean = (mean_wait + own) * self.ttft_correction
         ttft = (quantile_wait + own) * self.ttft_correction
         ttft_ratio, tpot_ratio = cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot)
