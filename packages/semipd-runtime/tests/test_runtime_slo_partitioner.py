@@ -595,3 +595,23 @@ def test_when_no_split_holds_tpot_the_best_ttft_near_the_best_tpot_wins() -> Non
     assert d.prefill_percent > min(x.prefill_percent for x in d.candidates)  # decode did not take every SM
     far = [x for x in d.candidates if x not in near]
     assert far, "some split must be far from the best TPOT for the test to mean anything"
+
+
+def test_partitioner_modules_import_only_numpy_and_each_other() -> None:
+    """Another engine imports the partitioner without the rest of semipd (torch, zmq...): its modules may import
+    the standard library, numpy and each other only."""
+    own = {"slo_partitioner", "slo_config", "slo_types", "slo_scoring", "latency_model"}
+    for name in own:
+        tree = ast.parse((SRC / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            for mod in mods:
+                top, _, rest = mod.partition(".")
+                ok = (top in sys.stdlib_module_names or top == "numpy" or top == "__future__"
+                      or (top == "semipd_runtime" and rest in own))
+                assert ok, f"{name}.py imports {mod}"

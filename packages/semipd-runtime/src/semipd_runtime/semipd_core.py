@@ -27,8 +27,8 @@ from semipd_runtime.messages import (
     PrefillFailed,
     PrefillItem,
     PrefillReady,
-    TokenLogprobMsg,
     TokenEvent,
+    TokenLogprobMsg,
 )
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.partition import SmPartition

@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from semipd_runtime.messages import EngineStats
-from semipd_runtime.slo_partitioner import POLICIES, Decision, SloPartitioner, SloPartitionerConfig, sm_split_candidates
+from semipd_runtime.slo_partitioner import (
+    POLICIES,
+    Decision,
+    SloPartitioner,
+    SloPartitionerConfig,
+    sm_split_candidates,
+)
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,229 +52,13 @@ from semipd_runtime.latency_model import (
     PrefillLatencyModel,
     decode_features,
 )
+from semipd_runtime.slo_config import POLICIES, SloPartitionerConfig, check_split, sm_split_candidates
 from semipd_runtime.slo_scoring import predict_queue_wait_s, queue_wait_quantile, rank_split
+from semipd_runtime.slo_types import Decision, LoadState, SplitPrediction, clear_gain, fmt_rank, worth
 
+__all__ = ["POLICIES", "Decision", "LoadState", "SloPartitioner", "SloPartitionerConfig", "SplitPrediction",
+           "predict_queue_wait_s", "sm_split_candidates"]
 log = logging.getLogger(__name__)
-POLICIES = ("static", "slo")
-
-
-def sm_split_candidates(total_sms: int = 132, sm_step: int = 8) -> tuple[tuple[float, float], ...]:
-    """(prefill %, decode %) with prefill on a multiple of `sm_step` SMs (the green-context split granularity) and
-    decode on the rest, both >= sm_step: 8/124, 16/116, ..., 120/12 for 132 SMs. Percents are exact (x 100 / total),
-    so `round(percent * total_sms / 100)` gives the SM counts back."""
-    if isinstance(total_sms, bool) or not isinstance(total_sms, int) or total_sms < 2:
-        raise ValueError(f"total_sms must be an int >= 2, got {total_sms!r}")
-    if isinstance(sm_step, bool) or not isinstance(sm_step, int) or not 1 <= sm_step <= total_sms // 2:
-        raise ValueError(f"sm_step must be an int in [1, total_sms // 2], got {sm_step!r}")
-    splits = []
-    for prefill_sms in range(sm_step, total_sms - sm_step + 1, sm_step):
-        splits.append((100.0 * prefill_sms / total_sms, 100.0 * (total_sms - prefill_sms) / total_sms))
-    return tuple(splits)
-
-
-@dataclass(frozen=True, slots=True)
-class SloPartitionerConfig:
-    """Knobs of the SLO partitioner; `candidates` None -> `sm_split_candidates(total_sms, sm_step)`.
-
-    Each candidate is (prefill %, decode %) of the SMs; they may sum to more than 100 for MPS caps.
-    `initial_split` None -> the candidate closest to an even split; under policy "static" it never moves.
-    """
-
-    slo_ttft_ms: float = 1000.0
-    slo_tpot_ms: float = 50.0
-    policy: str = "slo"
-    repartition_interval_s: float = 2.0
-    min_dwell_s: float = 6.0
-    hysteresis: float = 0.1  # move only for a relative score gain above this ...
-    load_confidence_z: float = 2.0  # ... and only when it ranks no worse with the load moved +-z standard errors
-    score_cap: float = 2.0  # headroom beyond this (x the SLOs) is not worth a move
-    # 0 disables (the default): see observe_ttft. At 0.3 on the H200 it swung between its clips (0.5 and 4) within
-    # a minute: the TTFTs measured in a window belong to requests that arrived a queue earlier
-    ttft_feedback_gain: float = 0.0
-    ttft_feedback_min_samples: int = 4  # measured TTFTs in a window before the correction moves
-    overload_tpot_margin: float = 0.1  # when TTFT cannot be met, TPOT must hold with this much to spare
-    ttft_quantile: float = 0.9  # TTFT is judged at this quantile of its predicted distribution
-    max_batch_growth: float = 4.0  # most a slower decode split is predicted to grow the running batch
-    # when no split holds TPOT: splits within this fraction of the best TPOT count as equal (best TTFT wins)
-    overload_tpot_tolerance: float = 0.9
-    # the engine's cap on running requests (None: unknown). Past it requests wait for a decode slot, which frees
-    # every output_tokens x TPOT / cap seconds: with a full batch a slower decode split also slows admission
-    max_decode_batch: int | None = None
-    candidates: tuple[tuple[float, float], ...] | None = None
-    total_sms: int = 132
-    sm_step: int = 8
-    initial_split: tuple[float, float] | None = None
-    prefill_token_budget: int = 8192  # most new tokens one prefill step batches
-    planning_horizon_s: float = 60.0  # a backlog surplus (burst) is predicted to drain over this long
-    # arrival rate and prompt lengths look back at most this far, or less when rate_target_arrivals came in a
-    # shorter time (100 Poisson arrivals: ~10% error). 60 s / 200 lagged a rising load on the H200: it read
-    # 3.5-4.3 req/s while 5.3 arrived, and the split stayed put while TTFT failed
-    rate_window_s: float = 30.0
-    rate_target_arrivals: int = 100
-    window: int = 256  # samples kept per SM share in each latency model
-    forgetting: float = 0.99  # per-sample weight decay inside each share's window
-    min_samples: int = 8  # per latency model before the first non-static decision
-
-    def __post_init__(self) -> None:
-        positive = ("slo_ttft_ms", "slo_tpot_ms", "repartition_interval_s", "rate_window_s", "planning_horizon_s")
-        for name in positive:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if isinstance(self.ttft_feedback_gain, bool) or not 0 <= self.ttft_feedback_gain <= 1:
-            raise ValueError(f"ttft_feedback_gain must be in [0, 1], got {self.ttft_feedback_gain!r}")
-        for name in ("min_dwell_s", "hysteresis", "load_confidence_z", "overload_tpot_margin"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if isinstance(self.ttft_quantile, bool) or not isinstance(self.ttft_quantile, (int, float)) or not (
-                0 < self.ttft_quantile < 1):
-            raise ValueError(f"ttft_quantile must be in (0, 1), got {self.ttft_quantile!r}")
-        if isinstance(self.max_batch_growth, bool) or not isinstance(self.max_batch_growth, (int, float)) or not (
-                1 <= self.max_batch_growth < math.inf):
-            raise ValueError(f"max_batch_growth must be a finite number >= 1, got {self.max_batch_growth!r}")
-        if isinstance(self.overload_tpot_tolerance, bool) or not isinstance(
-                self.overload_tpot_tolerance, (int, float)) or not 0 < self.overload_tpot_tolerance <= 1:
-            raise ValueError(f"overload_tpot_tolerance must be in (0, 1], got {self.overload_tpot_tolerance!r}")
-        if self.max_decode_batch is not None and (isinstance(self.max_decode_batch, bool) or not isinstance(
-                self.max_decode_batch, int) or self.max_decode_batch < 1):
-            raise ValueError(f"max_decode_batch must be None or an int >= 1, got {self.max_decode_batch!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if isinstance(self.score_cap, bool) or not isinstance(self.score_cap, (int, float)) or not (
-                self.score_cap >= 1 and math.isfinite(self.score_cap)):
-            raise ValueError(f"score_cap must be a finite number >= 1, got {self.score_cap!r}")
-        for name in ("prefill_token_budget", "window", "min_samples", "rate_target_arrivals",
-                     "ttft_feedback_min_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "window" else 1):
-                raise ValueError(f"{name} must be an int >= {2 if name == 'window' else 1}, got {v!r}")
-        if isinstance(self.forgetting, bool) or not 0 < self.forgetting <= 1:
-            raise ValueError(f"forgetting must be in (0, 1], got {self.forgetting!r}")
-        candidates = sm_split_candidates(self.total_sms, self.sm_step) if self.candidates is None \
-            else tuple(_check_split(c, "candidates") for c in self.candidates)
-        if not candidates:
-            raise ValueError("candidates must hold at least one (prefill %, decode %) split")
-        if len(set(candidates)) != len(candidates):
-            raise ValueError(f"candidates must not repeat a split, got {candidates}")
-        object.__setattr__(self, "candidates", candidates)
-        if self.initial_split is None:
-            initial = min(candidates, key=lambda c: (abs(c[0] - c[1]), -c[1]))
-        else:
-            initial = _check_split(self.initial_split, "initial_split")
-            if initial not in candidates:
-                raise ValueError(f"initial_split {initial} must be one of the candidates {candidates}")
-        object.__setattr__(self, "initial_split", initial)
-
-
-def _check_split(split: object, name: str) -> tuple[float, float]:
-    try:
-        p, d = split  # type: ignore[misc]
-        p, d = float(p), float(d)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: each split must be a pair (prefill %, decode %), got {split!r}") from None
-    if not (0 < p <= 100 and 0 < d <= 100):
-        raise ValueError(f"{name}: percents must be in (0, 100], got {split!r}")
-    return (p, d)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadState:
-    """The load a decision was made for: recent arrivals (with the standard errors of their estimates),
-    queue and decode batch averaged over the queue updates since the previous decision."""
-
-    arrival_rate: float  # requests/s
-    mean_prompt_tokens: float
-    mean_prompt_attn: float  # mean of n (n + 1) / 2: causal attention work of one prompt
-    waiting_requests: float
-    waiting_tokens: float
-    waiting_attn: float
-    decode_batch: float
-    decode_context_tokens: float
-    mean_output_tokens: float = 0.0  # of recently finished requests (0: none seen)
-    arrival_rate_stderr: float = 0.0  # Poisson: sqrt(count) / span
-    prompt_tokens_stderr: float = 0.0
-    prompt_attn_stderr: float = 0.0
-
-    def shifted(self, z: float) -> LoadState:
-        """The arrival statistics moved by z standard errors (z < 0: lighter load), clipped at 0."""
-        return dataclasses.replace(
-            self, arrival_rate=max(0.0, self.arrival_rate + z * self.arrival_rate_stderr),
-            mean_prompt_tokens=max(0.0, self.mean_prompt_tokens + z * self.prompt_tokens_stderr),
-            mean_prompt_attn=max(0.0, self.mean_prompt_attn + z * self.prompt_attn_stderr))
-
-
-@dataclass(frozen=True, slots=True)
-class SplitPrediction:
-    """Predicted latencies of one candidate split; score >= 1 means both SLOs are predicted to hold."""
-
-    prefill_percent: float
-    decode_percent: float
-    ttft_ms: float
-    tpot_ms: float
-    queue_wait_ms: float
-    prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
-    score: float
-    tier: int = 0  # 2: both SLOs hold, 1: only TPOT (with margin), 0: TPOT not held (see the module docstring)
-    tier_value: float = 0.0  # what ranks splits inside the tier (score, TTFT ratio, score)
-    ttft_mean_ms: float = 0.0  # mean TTFT (ttft_ms is its ttft_quantile); the TTFT feedback compares means
-
-    @property
-    def meets_slo(self) -> bool:
-        return self.score >= 1.0
-
-    @property
-    def rank(self) -> tuple[int, float]:
-        return (self.tier, self.tier_value)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The split to run (percent of the SMs and SM counts), why, and the predictions behind it."""
-
-    time: float
-    prefill_percent: float
-    decode_percent: float
-    prefill_sms: int
-    decode_sms: int
-    changed: bool  # True once, at the decide() call that moved the split
-    reason: str
-    predicted: SplitPrediction | None  # at the chosen split (None while warming up)
-    best: SplitPrediction | None  # the best-scoring candidate (may differ: hysteresis / dwell)
-    candidates: tuple[SplitPrediction, ...]
-    load: LoadState
-    ttft_correction: float = 1.0  # measured / modelled TTFT factor the predictions carry (observe_ttft)
-
-    @property
-    def split(self) -> tuple[float, float]:
-        return (self.prefill_percent, self.decode_percent)
-
-    def as_dict(self) -> dict[str, object]:
-        """Flat values for a log line or metrics (no per-candidate detail)."""
-        keys = ("time", "prefill_percent", "decode_percent", "prefill_sms", "decode_sms", "changed", "reason")
-        out: dict[str, object] = {k: getattr(self, k) for k in keys}
-        out.update(arrival_rate=self.load.arrival_rate, waiting_requests=self.load.waiting_requests,
-                   decode_batch=self.load.decode_batch, ttft_correction=self.ttft_correction)
-        if self.predicted is not None:
-            out.update(predicted_ttft_ms=self.predicted.ttft_ms, predicted_tpot_ms=self.predicted.tpot_ms,
-                       predicted_score=self.predicted.score, prefill_utilization=self.predicted.prefill_utilization)
-        if self.best is not None:
-            out.update(best_prefill_percent=self.best.prefill_percent, best_score=self.best.score)
-        return out
-
-
-def _worth(p: SplitPrediction, score_cap: float) -> tuple[int, float]:
-    """A split's rank as far as moving is concerned: headroom past score_cap counts as score_cap."""
-    return (p.tier, min(p.tier_value, score_cap) if p.tier == 2 else p.tier_value)
-
-
-def _clear_gain(best: SplitPrediction, current: SplitPrediction, hysteresis: float, score_cap: float) -> bool:
-    (bt, bv), (ct, cv) = _worth(best, score_cap), _worth(current, score_cap)
-    return bt > ct or (bt == ct and bv > cv * (1 + hysteresis))
-
-
-def _fmt_rank(p: SplitPrediction) -> str:
-    return f"tier {p.tier} {p.tier_value:.3f} (score {p.score:.3f})"
 
 
 class SloPartitioner:
@@ -518,7 +301,7 @@ class SloPartitioner:
 
     def force_split(self, prefill_percent: float, decode_percent: float, now: float) -> None:
         """Tell the partitioner the engine runs this split (e.g. it could not apply the chosen one)."""
-        split = _check_split((prefill_percent, decode_percent), "split")
+        split = check_split((prefill_percent, decode_percent), "split")
         if split not in self.config.candidates:  # type: ignore[operator]
             raise ValueError(f"split {split} is not one of the candidates")
         if split != self._split:
@@ -561,19 +344,19 @@ class SloPartitioner:
         best = max(preds, key=lambda p: (p.rank, p is current, -abs(p.prefill_percent - self._split[0])))
         if cfg.policy == "static":
             return self._decision(now, self._split, False, "static policy", current, best, preds, load)
-        vs = f"best {best.prefill_percent:.1f}% ranks {_fmt_rank(best)} vs {_fmt_rank(current)}"
+        vs = f"best {best.prefill_percent:.1f}% ranks {fmt_rank(best)} vs {fmt_rank(current)}"
         if best is current or best.rank <= current.rank:
-            reason = f"current split is best (ranks {_fmt_rank(current)})"
+            reason = f"current split is best (ranks {fmt_rank(current)})"
         elif now - self._last_switch < cfg.min_dwell_s:
             reason = f"hold: dwell {now - self._last_switch:.2f}s < min_dwell_s {cfg.min_dwell_s}s"
-        elif not _clear_gain(best, current, cfg.hysteresis, cfg.score_cap):
+        elif not clear_gain(best, current, cfg.hysteresis, cfg.score_cap):
             reason = f"hold: {vs}, gain under hysteresis {cfg.hysteresis}"
         elif not self._no_worse_under_load_error(best, current, load):
             reason = f"hold: {vs}, but not at the arrival rate / prompt length +-{cfg.load_confidence_z} std errors"
         else:
             kind = {2: "meets both SLOs with most headroom", 1: "TTFT cannot be met; best TTFT that keeps TPOT",
                     0: "TPOT cannot be held; best TTFT near the best TPOT"}[best.tier]
-            reason = f"move: {kind} (ranks {_fmt_rank(best)} vs {_fmt_rank(current)})"
+            reason = f"move: {kind} (ranks {fmt_rank(best)} vs {fmt_rank(current)})"
             self._split, self._last_switch = (best.prefill_percent, best.decode_percent), now
             self.switches += 1
             return self._decision(now, self._split, True, reason, best, best, preds, load)
@@ -588,7 +371,7 @@ class SloPartitioner:
         for shifted in (load.shifted(-z), load.shifted(z)) if z > 0 else ():
             b = self.predict(best.prefill_percent, best.decode_percent, shifted)
             c = self.predict(current.prefill_percent, current.decode_percent, shifted)
-            if _worth(b, self.config.score_cap) < _worth(c, self.config.score_cap):
+            if worth(b, self.config.score_cap) < worth(c, self.config.score_cap):
                 return False
         return True
 
