@@ -31,9 +31,12 @@ stage() {  # stage NAME LIMIT_S CMD...
 # 30 s of arrivals per rate (not a fixed count): the slo policy needs several decision windows at one rate
 # SLO_TTFT_MS / SLO_TPOT_MS set both what the bench scores and what the SLO policy aims at
 SLO_FLAGS="--slo-ttft-ms ${SLO_TTFT_MS:-2000} --slo-tpot-ms ${SLO_TPOT_MS:-25}"
+# SWEEP_INPUT_LEN / SWEEP_OUTPUT_LEN shape the workload (e.g. 256 in for short prompts, where semi-PD should lose);
+# SWEEP_DURATION_S is the arrival window per rate (20 s: ~160 requests at 8 req/s, noisy near the knee)
 SWEEP_RATES=${SWEEP_RATES:-"4 6 8 10 12"}
-SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 400 \
-  --duration-s 20 --request-rates $SWEEP_RATES $SLO_FLAGS --request-timeout-s 60"}
+SWEEP_BENCH=${SWEEP_BENCH:-"--dataset uniform --input-len ${SWEEP_INPUT_LEN:-3072} --output-len ${SWEEP_OUTPUT_LEN:-256} \
+  --range-ratio 0.5 --num-prompts 1000 --duration-s ${SWEEP_DURATION_S:-20} --request-rates $SWEEP_RATES $SLO_FLAGS \
+  --request-timeout-s 60"}
 UNIFIED_CFGS=(unified-512="--chunked-prefill-size 512" unified-2048="--chunked-prefill-size 2048")
 SEMIPD_CFGS=(semi-pd-green-static="--enable-semi-pd --sm-partition green --decode-sm-percent 40"
   semi-pd-green-slo${SLO_LABEL:-}="--enable-semi-pd --sm-partition green --decode-sm-percent 40 --partition-policy slo $SLO_FLAGS")
