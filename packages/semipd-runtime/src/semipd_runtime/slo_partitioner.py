@@ -249,7 +249,7 @@ class SloPartitioner:
                                  cfg.overload_tpot_tolerance)
         return SplitPrediction(prefill_percent, decode_percent, float(1000 * ttft), float(1000 * tpot),
                                float(1000 * quantile_wait), float(rho), float(score), tier, float(value),
-                               float(1000 * ttft_mean))
+                               float(1000 * ttft_mean), float(1000 * own), float(1000 * backlog), float(slot_rho))
 
     def _best_tpot(self, load: LoadState) -> float:
         """The lowest TPOT any candidate predicts (at the largest decode share), memoized per load."""

@@ -42,11 +42,16 @@ class SplitPrediction:
     ttft_ms: float
     tpot_ms: float
     queue_wait_ms: float
-    prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
+    prefill_utilization: float  # rho: arrival rate x per-request service time (prefill, or decode slots if slower)
     score: float
     tier: int = 0  # 2: both SLOs hold, 1: only TPOT (with margin), 0: TPOT not held (see the module docstring)
     tier_value: float = 0.0  # what ranks splits inside the tier (score, TTFT ratio, score)
     ttft_mean_ms: float = 0.0  # mean TTFT (ttft_ms is its ttft_quantile); the TTFT feedback compares means
+    # where the TTFT comes from (for the log): the request's own prefill, the prefill time of what waits now, and
+    # the decode slots' utilization (arrival rate x slot time per request; > 1: admission cannot keep up)
+    own_prefill_ms: float = 0.0
+    backlog_ms: float = 0.0
+    slot_utilization: float = 0.0
 
     @property
     def meets_slo(self) -> bool:
@@ -86,7 +91,11 @@ class Decision:
                    decode_batch=self.load.decode_batch, ttft_correction=self.ttft_correction)
         if self.predicted is not None:
             out.update(predicted_ttft_ms=self.predicted.ttft_ms, predicted_tpot_ms=self.predicted.tpot_ms,
-                       predicted_score=self.predicted.score, prefill_utilization=self.predicted.prefill_utilization)
+                       predicted_score=self.predicted.score, prefill_utilization=self.predicted.prefill_utilization,
+                       predicted_queue_wait_ms=self.predicted.queue_wait_ms,
+                       predicted_own_prefill_ms=self.predicted.own_prefill_ms,
+                       predicted_backlog_ms=self.predicted.backlog_ms,
+                       slot_utilization=self.predicted.slot_utilization)
         if self.best is not None:
             out.update(best_prefill_percent=self.best.prefill_percent, best_score=self.best.score)
         return out
