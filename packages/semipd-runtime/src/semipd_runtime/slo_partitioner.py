@@ -71,7 +71,6 @@ class SloPartitioner:
         self.decode_model = DecodeLatencyModel(**model_args)
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=1_000_000)
         self._outputs: deque[int] = deque(maxlen=self.config.rate_target_arrivals)
-        self._best_tpot_memo: tuple[object, float] = (None, 0.0)
         self._first_arrival: float | None = None
         # queue snapshot sums since the last decision: [count, waiting reqs, tokens, attn, decode batch, context]
         self._queue_sum = np.zeros(6)
@@ -239,7 +238,6 @@ class SloPartitioner:
         if slot_rho > 1:
             overflow = (slot_rho - 1) * horizon / 2
             mean_wait, quantile_wait = max(mean_wait, overflow), max(quantile_wait, overflow)
-        rho = max(rho, slot_rho)
         ttft_mean = (mean_wait + own) * self.ttft_correction
         ttft = (quantile_wait + own) * self.ttft_correction
         ttft_ratio, tpot_ratio = cfg.slo_ttft_ms / (1000 * ttft), cfg.slo_tpot_ms / (1000 * tpot)
@@ -252,12 +250,8 @@ class SloPartitioner:
                                float(1000 * ttft_mean), float(1000 * own), float(1000 * backlog), float(slot_rho))
 
     def _best_tpot(self, load: LoadState) -> float:
-        """The lowest TPOT any candidate predicts (at the largest decode share), memoized per load."""
-        key = (load, self._split)
-        if self._best_tpot_memo[0] != key:
-            share = max(d for _, d in self.config.candidates) / 100.0  # type: ignore[union-attr]
-            self._best_tpot_memo = (key, self._predict_tpot(load, share))
-        return self._best_tpot_memo[1]
+        """The lowest TPOT any candidate predicts: at the largest decode share."""
+        return self._predict_tpot(load, max(d for _, d in self.config.candidates) / 100.0)  # type: ignore[union-attr]
 
     def _decode_slot_s(self, load: LoadState, d_share: float) -> float:
         """Seconds of decode-slot time per request with a full batch: output tokens x TPOT at max_decode_batch /

@@ -8,8 +8,8 @@ import math
 __all__ = ["predict_queue_wait_s", "queue_wait_quantile", "rank_split"]
 
 
-def rank_split(ttft_ratio: float, tpot_ratio: float, tpot_margin: float, best_tpot_ratio: float = math.inf,
-               tpot_tolerance: float = 1.0) -> tuple[int, float]:
+def rank_split(ttft_ratio: float, tpot_ratio: float, tpot_margin: float, best_tpot_ratio: float,
+               tpot_tolerance: float) -> tuple[int, float]:
     """(tier, value inside the tier) of a split from its SLO / predicted ratios; see the partitioner's docstring.
     Tier 0 (TPOT not held with the margin): the splits within `tpot_tolerance` of the best TPOT any split
     reaches (`best_tpot_ratio`) rank above the rest, by TTFT; the rest by how close their TPOT comes."""
@@ -17,8 +17,6 @@ def rank_split(ttft_ratio: float, tpot_ratio: float, tpot_margin: float, best_tp
         return 2, min(ttft_ratio, tpot_ratio)
     if tpot_ratio >= 1 + tpot_margin:  # so TTFT is the one that fails
         return 1, ttft_ratio
-    if not math.isfinite(best_tpot_ratio):  # no reference: the smaller ratio
-        return 0, min(ttft_ratio, tpot_ratio)
     relative = tpot_ratio / best_tpot_ratio
     if relative >= tpot_tolerance * (1 - 1e-9):
         return 0, 1.0 + ttft_ratio

@@ -42,10 +42,10 @@ class SplitPrediction:
     ttft_ms: float
     tpot_ms: float
     queue_wait_ms: float
-    prefill_utilization: float  # rho: arrival rate x per-request service time (prefill, or decode slots if slower)
+    prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
     score: float
     tier: int = 0  # 2: both SLOs hold, 1: only TPOT (with margin), 0: TPOT not held (see the module docstring)
-    tier_value: float = 0.0  # what ranks splits inside the tier (score, TTFT ratio, score)
+    tier_value: float = 0.0  # what ranks inside the tier: score; TTFT ratio; 1 + TTFT ratio near the best TPOT
     ttft_mean_ms: float = 0.0  # mean TTFT (ttft_ms is its ttft_quantile); the TTFT feedback compares means
     # where the TTFT comes from (for the log): the request's own prefill, the prefill time of what waits now, and
     # the decode slots' utilization (arrival rate x slot time per request; > 1: admission cannot keep up)
