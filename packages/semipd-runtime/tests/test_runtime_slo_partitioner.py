@@ -5,9 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
-import json
 import math
-import subprocess
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -26,14 +24,12 @@ from semipd_runtime.latency_model import (
     decode_sample,
     nnls,
     prefill_sample,
-    profile_cache_path,
 )
 from semipd_runtime.slo_partitioner import (
     LoadState,
     SloPartitioner,
     SloPartitionerConfig,
     predict_queue_wait_s,
-    sm_split_candidates,
 )
 from semipd_runtime.slo_scoring import queue_wait_quantile
 
