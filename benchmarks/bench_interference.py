@@ -31,7 +31,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def child(args: argparse.Namespace) -> dict:
-    from semipd_runtime.core import CoreConfig
+    from semipd_runtime.config import EngineConfig
     from semipd_runtime.core_factory import create_core
     from semipd_runtime.messages import AddRequest, CoreSampling
 
@@ -45,7 +45,7 @@ def child(args: argparse.Namespace) -> dict:
     tokens = n_streams * stream_tokens + 3 * max_len
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    cfg = CoreConfig(
+    cfg = EngineConfig.from_knobs(
         model_path=str(model_dir), device=args.device, dtype=str(dtype).removeprefix("torch."),
         max_model_len=max_len, eos_token_ids=[],
         max_running_requests=n_streams + 4, chunked_prefill_size=args.chunk, page_size=16,

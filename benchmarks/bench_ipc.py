@@ -228,7 +228,7 @@ def check_kv(b: Child, device: str) -> dict:
         assert b("write_pages", rid=rid, pages=pages[rid]) == rid
         if rid == 2:
             parked_held = alloc.num_parked_pages == 3
-            alloc.writer_done(slots[2])
+            alloc.writer_done("prefill")
     page_shape = (16, 8, 128)
     exact = True
     written = torch.zeros(64, dtype=torch.bool, device=device)

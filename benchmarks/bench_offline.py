@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import SHAPES, with_layers  # noqa: E402
 
-from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.models.config import ModelConfig  # noqa: E402
 from semipd_runtime.models.loader import build_empty_model, load_weights  # noqa: E402
@@ -109,11 +110,11 @@ def main() -> None:
     tokens = max_b * (args.prompt_len + args.output_len)
 
     def make_core(graphs: bool, overlap: bool = True) -> EngineCore:
-        core = EngineCore(CoreConfig(
+        core = EngineCore(EngineConfig.from_knobs(
             model_path="<random>", device=args.device, dtype=str(dtype).removeprefix("torch."),
             max_model_len=args.prompt_len + args.output_len + 16, eos_token_ids=[], max_running_requests=max_b,
             chunked_prefill_size=8192, page_size=16, num_pages=tokens // 16 + 2 * max_b,
-            disable_cuda_graph=not graphs, overlap_schedule=overlap), model=ours)
+            disable_cuda_graph=not graphs, disable_overlap_schedule=not overlap), model=ours)
         core.capture_cuda_graphs()
         return core
 

@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import SHAPES, with_layers  # noqa: E402
 
-from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.models.config import ModelConfig  # noqa: E402
 from semipd_runtime.models.loader import build_empty_model, init_random_weights  # noqa: E402
@@ -88,7 +89,7 @@ def first_token(core: EngineCore, rid: str, prompt: list[int], device: str) -> S
 def make_core(model: Any, args: argparse.Namespace, dtype: torch.dtype, radix_cache: bool) -> EngineCore:
     prompt_len = args.prefix_len + args.suffix_len
     pages_per_prompt = -(-(prompt_len + 1) // args.page_size)
-    return EngineCore(CoreConfig(
+    return EngineCore(EngineConfig.from_knobs(
         model_path="<random>", device=args.device, dtype=str(dtype).removeprefix("torch."),
         max_model_len=prompt_len + args.page_size, eos_token_ids=[], max_running_requests=2,
         chunked_prefill_size=args.chunked_prefill_size, page_size=args.page_size,

@@ -4,7 +4,7 @@
 
 Builds a semi-PD core on random weights, keeps `--streams` requests decoding, then cycles through splits; for each
 move it reports the latency the core measured (request -> standby ready and switched) and the wall time of the
-step loop until `channel.split` shows the new split. Under `mps` the standby is a new process (it maps the
+step loop until `executor.split` shows the new split. Under `mps` the standby is a new process (it maps the
 shared weights and KV pool) and only the prefill cap moves (the decode process keeps the cap it started with:
 `--splits` are then prefill %), under `green` a thread on freshly built green contexts.
 """
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import SHAPES, with_layers  # noqa: E402
 
-from semipd_runtime.core import CoreConfig  # noqa: E402
+from semipd_runtime.config import EngineConfig  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> None:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model_dir = Path(tempfile.mkdtemp())
     (model_dir / "config.json").write_text(json.dumps(cfg_dict))
-    cfg = CoreConfig(model_path=str(model_dir), device=args.device, dtype=str(dtype).removeprefix("torch."),
+    cfg = EngineConfig.from_knobs(model_path=str(model_dir), device=args.device, dtype=str(dtype).removeprefix("torch."),
                      max_model_len=4096, eos_token_ids=[], max_running_requests=args.streams + 4, page_size=16,
                      num_pages=(args.streams + 2) * 4096 // 16, mode="semi-pd", sm_partition=args.backend,
                      prefill_placement="process" if args.backend != "green" else "thread",
@@ -64,7 +64,7 @@ def main() -> None:
             t0 = time.perf_counter()
             core.repartition(*want)
             steps = 0
-            while core.channel.split != want or core.channel.in_transition:
+            while core.executor.split != want or core.executor.in_transition:
                 core.step()
                 steps += 1
                 if time.perf_counter() - t0 > args.timeout_s:

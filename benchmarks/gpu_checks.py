@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import SHAPES, with_layers  # noqa: E402
 
-from semipd_runtime.core import CoreConfig  # noqa: E402
+from semipd_runtime.config import EngineConfig  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.models.config import ModelConfig  # noqa: E402
@@ -85,8 +85,8 @@ def main() -> None:
     lens = [1, 17, 100, 513, 1500, 64, 300, 2048]
     prompts = [torch.randint(10, cfg_dict["vocab_size"], (n,), generator=g).tolist() for n in lens]
 
-    def core_cfg(dtype: str, **kw: object) -> CoreConfig:
-        return CoreConfig(model_path=str(model_dir), device="cuda", dtype=dtype, max_model_len=4096,
+    def core_cfg(dtype: str, **kw: object) -> EngineConfig:
+        return EngineConfig.from_knobs(model_path=str(model_dir), device="cuda", dtype=dtype, max_model_len=4096,
                           eos_token_ids=[], max_running_requests=16, chunked_prefill_size=512, page_size=16,
                           num_pages=2048, **kw)  # type: ignore[arg-type]
 
@@ -122,7 +122,7 @@ def main() -> None:
               "equal_requests": sum(a == b for a, b in zip(ours[d], want)), "of": len(want),
               "ok": d != "float32" or ours[d] == want}, rows)
         del eager
-        serial = create_core(core_cfg(d, overlap_schedule=False), model=models[d])
+        serial = create_core(core_cfg(d, disable_overlap_schedule=True), model=models[d])
         want = generate(serial, prompts, args.new_tokens)
         emit({"check": f"overlap/{d}", "equal_requests": sum(a == b for a, b in zip(ours[d], want)), "of": len(want),
               "ok": d != "float32" or ours[d] == want}, rows)

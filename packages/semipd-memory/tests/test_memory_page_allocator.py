@@ -73,13 +73,13 @@ def test_misuse_raises_clear_errors() -> None:
         PageAllocator(4, 2, 2, 8).alloc(5)
 
 
-def test_deferred_free_parks_pages_until_writer_done_or_dead() -> None:
+def test_deferred_free_parks_pages_until_writer_done() -> None:
     a = PageAllocator(num_pages=6, page_size=2, max_requests=4, max_pages_per_request=6)
     s0, s1, s2 = a.alloc(2), a.alloc(2), a.alloc(1)
     assert s0 is not None and s1 is not None and s2 is not None
-    a.free_deferred(s0, "prefill")
-    a.free_deferred(s1, "prefill")
-    a.free_deferred(s2, "other")
+    a.free_deferred(s0, "batch-0")
+    a.free_deferred(s1, "batch-1")
+    a.free_deferred(s2, "step-7")
     # parked pages are neither free nor reusable, and the slot's row still names them (the writer may write)
     assert a.num_free_pages == 1 and a.num_used_pages == 5 and a.num_parked_pages == 5
     assert a.alloc(2) is None
@@ -88,18 +88,23 @@ def test_deferred_free_parks_pages_until_writer_done_or_dead() -> None:
     with pytest.raises(ValueError, match="parked"):
         a.free(s0)
     with pytest.raises(ValueError, match="parked"):
-        a.free_deferred(s0, "prefill")
+        a.free_deferred(s0, "batch-0")
     with pytest.raises(ValueError, match="writer must be"):
         a.free_deferred(3, "")
-    a.writer_done(s0)
+    with pytest.raises(ValueError, match="not parked for writer"):
+        a.writer_done("batch-0", {s1: [2]})
+    with pytest.raises(ValueError, match="not own pages"):
+        a.writer_done("batch-0", {s0: [4]})
+    assert a.parked_for("batch-0") == [s0]
+    assert a.writer_done("batch-0") == 2
     assert a.num_free_pages == 3 and row(a, s0) == [-1] * 6
-    with pytest.raises(ValueError, match="expected parked"):
-        a.writer_done(s0)
-    assert a.writer_dead("nobody") == 0
-    assert a.writer_dead("prefill") == 2  # only s1 is left for "prefill"
-    assert a.num_parked_pages == 1 and a.parked_slots() == {s2: "other"}
-    assert a.writer_dead("prefill") == 0
-    assert a.writer_dead("other") == 1
+    assert a.writer_done("batch-0") == 0  # exactly once: nothing is parked for it any more
+    assert a.writer_done("nobody") == 0
+    assert a.writer_done("batch-1", {s1: [a.pages(s1)[0]]}) == 2  # its first page goes to the cache
+    assert a.num_cached_pages == 1 and a.num_evictable_pages == 1
+    assert a.num_parked_pages == 1 and a.parked_slots() == {s2: "step-7"}
+    assert a.writer_done("step-7") == 1
+    a.uncache([2])
     assert a.num_free_pages == 6 and a.num_used_pages == 0
     a.check_integrity()
 
@@ -183,22 +188,14 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.a.free_deferred(slot, writer)
             self.parked[slot] = (writer, self.model.pop(slot))
 
-    @precondition(lambda self: bool(self.parked))
-    @rule(data=st.data())
-    def writer_done(self, data: st.DataObject) -> None:
-        slot = data.draw(st.sampled_from(sorted(self.parked)))
-        self.a.writer_done(slot)
-        del self.parked[slot]
-        with pytest.raises(ValueError):
-            self.a.writer_done(slot)
-
     @rule(writer=st.sampled_from(["prefill", "standby", "ghost"]))
-    def writer_dead(self, writer: str) -> None:
+    def writer_done(self, writer: str) -> None:
         gone = [s for s, (w, _) in self.parked.items() if w == writer]
         expected = sum(len(self.parked[s][1]) for s in gone)
-        assert self.a.writer_dead(writer) == expected
+        assert self.a.writer_done(writer) == expected
         for s in gone:
             del self.parked[s]
+        assert self.a.writer_done(writer) == 0
 
     @invariant()
     def consistent(self) -> None:
@@ -216,8 +213,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for slot in list(self.model):
             self.a.free(slot)
-        self.a.writer_dead("prefill")
-        self.a.writer_dead("standby")
+        self.a.writer_done("prefill")
+        self.a.writer_done("standby")
         self.a.check_integrity()
         assert self.a.num_free_pages == self.a.num_pages, "pages leaked after everything finished"
 

@@ -131,13 +131,25 @@ def test_parked_slot_keeps_its_prefix_locked_until_the_writer_is_done() -> None:
     c.free_deferred(s, "prefill")  # aborted while the prefill worker still reads the prefix
     assert c.evict(10) == 0 and a.num_used_pages == 3
     a.check_integrity()
-    c.writer_done(s)
+    assert c.writer_done("prefill") == 1  # its own page; the shared ones go back to the cache
     assert a.num_used_pages == 0 and a.num_evictable_pages == 2
-    s, _ = c.alloc([1, 2, 3, 4, 6])  # type: ignore[misc]
-    c.free_deferred(s, "prefill")
-    assert c.writer_dead("prefill") == 1  # its own page; the shared ones go back to the cache
-    assert a.num_used_pages == 0 and c.evict(10) == 2 and a.num_free_pages == a.num_pages
     a.check_integrity()
+
+
+def test_deferred_free_caches_the_written_pages_once_the_writer_is_done() -> None:
+    """A request released while a step in flight still writes its pages: they join the cache only then."""
+    c = make(num_pages=8, page_size=2)
+    a = c.allocator
+    s, _ = c.alloc([1, 2, 3, 4, 5])  # type: ignore[misc]
+    c.free_deferred(s, "step-3", [1, 2, 3, 4, 5], 5)
+    assert c.match([1, 2, 3, 4, 9]) == [] and a.num_parked_pages == 3  # not readable while being written
+    assert c.writer_done("step-2") == 0 and a.num_parked_pages == 3
+    assert c.writer_done("step-3") == 3
+    assert len(c.match([1, 2, 3, 4, 9])) == 2 and a.num_evictable_pages == 2 and a.num_used_pages == 0
+    a.check_integrity()
+    with pytest.raises(ValueError, match="num_written"):
+        s2, _ = c.alloc([7, 8, 9])  # type: ignore[misc]
+        c.free_deferred(s2, "step-4", [7, 8], 3)
 
 
 def test_disabled_cache_is_the_bare_allocator() -> None:
@@ -322,8 +334,9 @@ class CacheMachine(RuleBasedStateMachine):
         elif how == "abort_unwritten":
             self.c.free(slot)
         else:
+            # parked while a writer works: its written pages (if any are said written) are cached when it is done
             writer = data.draw(st.sampled_from(["prefill", "standby"]))
-            self.c.free_deferred(slot, writer)
+            self.c.free_deferred(slot, writer, tokens, written if data.draw(st.booleans()) else 0)
             self.parked[slot] = writer
 
     @precondition(lambda self: bool(self.live))
@@ -335,16 +348,9 @@ class CacheMachine(RuleBasedStateMachine):
         tokens, written = self.live.pop(slot)
         self.c.free(slot, tokens, written)
 
-    @precondition(lambda self: bool(self.parked))
-    @rule(data=st.data())
-    def writer_done(self, data: st.DataObject) -> None:
-        slot = data.draw(st.sampled_from(sorted(self.parked)))
-        del self.parked[slot]
-        self.c.writer_done(slot)
-
     @rule(writer=st.sampled_from(["prefill", "standby"]))
-    def writer_dead(self, writer: str) -> None:
-        self.c.writer_dead(writer)
+    def writer_done(self, writer: str) -> None:
+        self.c.writer_done(writer)
         self.parked = {s: w for s, w in self.parked.items() if w != writer}
 
     @rule(n=st.integers(0, 6))
@@ -367,8 +373,8 @@ class CacheMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         for slot in list(self.live):
             self.c.free(slot)
-        self.c.writer_dead("prefill")
-        self.c.writer_dead("standby")
+        self.c.writer_done("prefill")
+        self.c.writer_done("standby")
         self.a.check_integrity()
         assert self.a.num_used_pages == 0, "refcounts did not return to zero"
         assert self.a.num_free_pages + self.a.num_evictable_pages == self.a.num_pages

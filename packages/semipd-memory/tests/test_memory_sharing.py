@@ -153,7 +153,7 @@ def test_two_process_kv_pages_written_by_b_read_by_a(worker: ipc.Worker) -> None
         assert worker.call("write_pages", rid=rid, pages=pages[rid]) == rid  # the "done" message
         if rid == 2:
             assert alloc.num_used_pages == used_in_flight  # nothing was freed before done
-            alloc.writer_done(slots[2])  # type: ignore[arg-type]
+            alloc.writer_done("prefill")
         alloc.check_integrity()
 
     page_shape = (SHAPE["page_size"], SHAPE["num_kv_heads"], SHAPE["head_dim"])

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from runtime_fixtures import core_config, eager_decode_graphs, random_model_fixture
 from test_runtime_parity_random import assert_pool_clean
 
-from semipd_runtime.core import CoreConfig, EngineCore
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core import EngineCore
 from semipd_runtime.cuda_graph import DecodeGraphRunner, graph_batch_sizes
 from semipd_runtime.messages import AddRequest, CoreSampling
 
@@ -98,8 +99,8 @@ def test_graphs_off_on_cpu_and_flag_validation(model_dir: Path) -> None:
     assert core_for(model_dir, graphs=False).runner.graphs is None  # CPU: nothing to capture
     with pytest.raises(ValueError, match="cuda_graph_max_bs"):
         core_for(model_dir, graphs=False, cuda_graph_max_bs=0)
-    cfg = CoreConfig(model_path="x", device="cpu", dtype="float32", max_model_len=8, eos_token_ids=[],
+    cfg = EngineConfig.from_knobs(model_path="x", device="cpu", dtype="float32", max_model_len=8, eos_token_ids=[],
                      max_running_requests=512)
-    assert cfg.graph_max_bs() == 256
-    cfg.disable_cuda_graph = True
-    assert cfg.graph_max_bs() == 0
+    assert cfg.scheduler.graph_max_bs() == 256
+    cfg.scheduler.disable_cuda_graph = True
+    assert cfg.scheduler.graph_max_bs() == 0

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from semipd_runtime.core import CoreConfig, EngineCore
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core import EngineCore
 from semipd_runtime.messages import AddRequest, CoreSampling
 from semipd_runtime.models.loader import load_model
 
@@ -24,7 +25,7 @@ def config_only(tmp_path: Path) -> Path:
 
 
 def generate(path: Path, load_format: str) -> list[int]:
-    core = EngineCore(CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=128,
+    core = EngineCore(EngineConfig.from_knobs(model_path=str(path), device="cpu", dtype="float32", max_model_len=128,
                                  eos_token_ids=[], num_pages=32, page_size=4, load_format=load_format))
     core.add_request(AddRequest("r", [5, 6, 7, 8, 9], CoreSampling(temperature=0.0, max_tokens=6, ignore_eos=True)))
     return [t for ev in core.run_until_idle() for t in ev.token_ids]

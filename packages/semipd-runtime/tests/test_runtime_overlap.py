@@ -26,10 +26,9 @@ from semipd_runtime.forward_batch import fill_placeholders  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling, TokenLogprobMsg  # noqa: E402
 from semipd_runtime.models.llama import LlamaForCausalLM  # noqa: E402
 from semipd_runtime.request import Request, RequestStatus  # noqa: E402
-from semipd_runtime.scheduler import ScheduledBatch, Scheduler  # noqa: E402
-from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
+from semipd_runtime.scheduler import ScheduledBatch, Scheduler, step_writer  # noqa: E402
 
-from runtime_fixtures import core_config, eager_decode_graphs  # noqa: E402
+from runtime_fixtures import core_config, eager_decode_graphs, shared_pool  # noqa: E402
 from runtime_fixtures import prompts_fixture, random_model_fixture  # noqa: E402
 from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
@@ -45,7 +44,7 @@ def make_core(model_dir: Path, model: LlamaForCausalLM, mode: str, overlap: bool
     cfg = core_config(model_dir, max_model_len=kw.pop("ctx", 128), eos_token_ids=kw.pop("eos", []),
                       num_pages=kw.pop("num_pages", 200), page_size=PAGE, mode=mode,
                       prefill_placement="thread", chunked_prefill_size=kw.pop("chunked_prefill_size", 16),
-                      max_prefill_tokens=32, overlap_schedule=overlap, **kw)
+                      max_prefill_tokens=32, disable_overlap_schedule=not overlap, **kw)
     core = create_core(cfg, model=model)
     if graphs:
         eager_decode_graphs(core, max_bs=4)
@@ -87,7 +86,7 @@ def run(core: EngineCore, reqs: list[tuple[str, list[int], CoreSampling]],
                 break
         res.steps = core.num_steps
         assert set(res.reasons) == set(res.tokens)
-        assert core.inflight is None and not core.scheduler.deferred
+        assert core.inflight is None and not core.allocator.parked_slots()
         assert_pool_clean(core, evict=False)
     finally:
         core.close()
@@ -224,14 +223,14 @@ def test_release_waits_for_the_step_in_flight(model_dir: Path, model: LlamaForCa
         held = a.num_used_pages
         core.abort("a")
         assert core.pending[-1].finish_reason == "abort"
-        # still held: the step in flight writes a's K/V
-        assert slot in a.live_slots() and a.num_used_pages == held
+        # still held (parked under the step's writer name): the step in flight writes a's K/V
+        assert a.parked_slots() == {slot: step_writer(core.inflight.step)} and a.num_used_pages == held  # type: ignore[union-attr]
         own = len(pages) - a.num_shared(slot)  # its prompt's full pages were published (shared) at prefill end
-        assert [d.slot for d in core.scheduler.deferred] == [slot] and core.scheduler.num_deferred_pages == own
+        assert list(a.parked_slots()) == [slot] and a.num_parked_pages == own
         a.check_integrity()
         events = core.step()  # launches the next step (without a), resolves the one a was in: released
         assert [e.rid for e in events if e.rid == "a"] == ["a"] and events[0].finish_reason == "abort"
-        assert slot not in a.live_slots() and not core.scheduler.deferred
+        assert slot not in a.live_slots() and not a.parked_slots()
         assert a.num_used_pages == held - len(pages)
         # a stop token sampled at step N: b was already in N+1, so its pages wait for N+1's resolve
         b = core.requests["b"]
@@ -239,8 +238,8 @@ def test_release_waits_for_the_step_in_flight(model_dir: Path, model: LlamaForCa
         events = core.step()
         assert [(e.rid, e.finish_reason) for e in events] == [("b", "stop")]
         assert b.status is RequestStatus.FINISHED and not b.has_placeholder
-        assert [d.slot for d in core.scheduler.deferred] != [] and b.last_step == core.inflight.step  # type: ignore[union-attr]
-        assert core.step() == [] and not core.scheduler.deferred and not core.has_work()
+        assert a.parked_slots() and b.last_step == core.inflight.step  # type: ignore[union-attr]
+        assert core.step() == [] and not a.parked_slots() and not core.has_work()
         assert_pool_clean(core)
     finally:
         core.close()
@@ -275,12 +274,13 @@ def test_deferred_release_bookkeeping() -> None:
     step = _launch(s, [r])  # 6 prompt tokens: 2 pages
     assert r.last_step == step == 1 and s.in_flight
     s.finish(r, "abort")
-    assert r.slot is None and len(a.live_slots()) == 1 and a.num_free_pages == 6 and s.num_deferred_pages == 2
+    assert r.slot is None and a.parked_slots() == {0: step_writer(step)} and a.num_free_pages == 6
+    assert a.num_parked_pages == 2
     a.check_integrity()
     with pytest.raises(AssertionError):
         s.resolved(2)  # steps resolve in order, and only launched ones
     s.resolved(step)
-    assert not s.deferred and s.num_deferred_pages == 0 and not a.live_slots() and not s.in_flight
+    assert not a.parked_slots() and a.num_parked_pages == 0 and not a.live_slots() and not s.in_flight
     # its first full page (written, tokens known) went to the prefix cache; the partial one is free
     assert a.num_cached_pages == 1 and a.num_free_pages == 7
     a.check_integrity()
@@ -289,7 +289,7 @@ def test_deferred_release_bookkeeping() -> None:
     s.add(r2)
     _resolve(s, _launch(s, [r2]), [r2])
     s.finish(r2, "length")
-    assert not s.deferred and not a.live_slots()
+    assert not a.parked_slots() and not a.live_slots()
     a.check_integrity()
 
 
@@ -319,7 +319,7 @@ def test_growing_waits_for_pages_in_flight_instead_of_preempting_more() -> None:
     # rather than being preempted too
     assert s.schedule() is None
     assert r.status is RequestStatus.RUNNING and s.running == [r] and r.num_preemptions == 0
-    assert v.status is RequestStatus.WAITING and v.num_preemptions == 1 and s.num_deferred_pages == 2
+    assert v.status is RequestStatus.WAITING and v.num_preemptions == 1 and a.num_parked_pages == 2
     a.check_integrity()
     _resolve(s, step, [v])
     batch = s.schedule()
@@ -354,16 +354,16 @@ def test_placeholders_are_read_on_the_device(model_dir: Path, model: LlamaForCau
     core.close()
 
 
-class SloRecorder:
-    """The SloController calls SemiPDCore makes, recording the decode observations."""
+class DecodeRecorder:
+    """An observer of the core recording its decode-step observations (the others are no-ops)."""
 
     def __init__(self) -> None:
         self.decode: list[tuple[int, int, float, float]] = []
 
-    def observe_decode(self, batch: int, context: int, share: float, seconds: float) -> None:
+    def on_decode_step(self, batch: int, context: int, share: float, seconds: float) -> None:
         self.decode.append((batch, context, share, seconds))
 
-    def decide(self, now: float) -> None:
+    def after_step(self, scheduler: Scheduler, now: float) -> None:
         return None
 
     def __getattr__(self, name: str) -> Any:
@@ -373,13 +373,13 @@ class SloRecorder:
 def test_semipd_decode_timing_counts_each_step_once(model_dir: Path, model: LlamaForCausalLM,
                                                    prompts: list[list[int]]) -> None:
     core = make_core(model_dir, model, "semi-pd", overlap=True)
-    assert isinstance(core, SemiPDCore)
-    rec = SloRecorder()
-    core.slo = rec  # type: ignore[assignment]
+    shared_pool(core)
+    rec = DecodeRecorder()
+    core.observers = [rec]  # type: ignore[list-item]
     t0 = time.perf_counter()
     res = run(core, [(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)])
     wall = time.perf_counter() - t0
-    assert len(rec.decode) == res.steps > 0 and not core._decode_share
+    assert len(rec.decode) == res.steps > 0
     # the steps' own times (from when the step before was done) never overlap: their sum fits in the run
     assert all(sec >= 0 for *_, sec in rec.decode) and sum(sec for *_, sec in rec.decode) <= wall
     assert sum(b for b, *_ in rec.decode) == sum(len(t) - 1 for t in res.tokens.values())
@@ -394,7 +394,7 @@ def cuda_core(model_dir: Path, mode: str, overlap: bool, **kw: Any) -> EngineCor
     cfg = core_config(model_dir, device="cuda", max_model_len=128, eos_token_ids=kw.pop("eos", []),
                       num_pages=kw.pop("num_pages", 200), page_size=PAGE, mode=mode,
                       prefill_placement="thread", chunked_prefill_size=16, max_prefill_tokens=32,
-                      max_running_requests=12, cuda_graph_max_bs=4, overlap_schedule=overlap, **kw)
+                      max_running_requests=12, cuda_graph_max_bs=4, disable_overlap_schedule=not overlap, **kw)
     return create_core(cfg)
 
 

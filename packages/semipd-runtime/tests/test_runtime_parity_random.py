@@ -9,7 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from semipd_runtime.core import CoreConfig, EngineCore  # noqa: E402
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 
 BASE = dict(
@@ -61,7 +62,7 @@ def assert_pool_clean(core: EngineCore, evict: bool = True) -> None:
 
 
 def run_core(path: Path, prompts: list[list[int]], n: int, **kw: int) -> list[list[int]]:
-    cfg = CoreConfig(model_path=str(path), device="cpu", dtype="float32", max_model_len=512, eos_token_ids=[],
+    cfg = EngineConfig.from_knobs(model_path=str(path), device="cpu", dtype="float32", max_model_len=512, eos_token_ids=[],
                      num_pages=kw.pop("num_pages", 256), page_size=kw.pop("page_size", 4), **kw)
     core = EngineCore(cfg)
     for i, p in enumerate(prompts):

@@ -23,7 +23,7 @@ from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.models.llama import LlamaForCausalLM  # noqa: E402
 
-from runtime_fixtures import core_config, random_model_fixture  # noqa: E402
+from runtime_fixtures import core_config, random_model_fixture, shared_pool  # noqa: E402
 from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
 PAGE = 4
@@ -166,7 +166,7 @@ def test_hits_skip_compute(model_dir: Path, model: LlamaForCausalLM, mode: str) 
     outs: dict[bool, list[list[int]]] = {}
     for cache in (False, True):
         core = make_core(model_dir, model, mode, cache=cache, num_pages=64, chunked_prefill_size=64)
-        runner = core.channel.current.channel.worker.runner if mode == "semi-pd" else core.runner  # type: ignore[attr-defined]
+        runner = shared_pool(core).router.current.channel.worker.runner if mode == "semi-pd" else core.runner  # type: ignore[attr-defined]
         seen = count_tokens(runner)
         try:
             outs[cache] = []
@@ -250,12 +250,12 @@ def test_prefill_batch_budget_counts_only_uncached_tokens(model_dir: Path, model
         core.add_request(AddRequest("warm", prefix + [1], greedy))
         while core.has_work() or core.pending:
             core.step()
-        sent = core.next_batch
+        sent = shared_pool(core).next_batch
         core.add_request(AddRequest("short", list(range(100, 108)), greedy))
         core.add_request(AddRequest("cached", prefix + [2, 3, 4, 5], greedy))  # 40 tokens, 4 to compute
         while core.has_work() or core.pending:
             core.step()
-        assert core.next_batch - sent == 1, "both went to the prefill worker in one batch"
+        assert shared_pool(core).next_batch - sent == 1, "both went to the prefill worker in one batch"
         assert_pool_clean(core)
     finally:
         core.close()

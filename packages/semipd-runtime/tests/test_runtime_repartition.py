@@ -17,10 +17,10 @@ from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.latency_model import LatencyProfile  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 from semipd_runtime.partition import SmPartition  # noqa: E402
-from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
+from semipd_runtime.shared_pool_prefill import SharedPoolPrefill  # noqa: E402
 from semipd_runtime.slo_control import SloSettings  # noqa: E402
 
-from runtime_fixtures import core_config, eager_decode_graphs  # noqa: E402
+from runtime_fixtures import core_config, eager_decode_graphs, shared_pool, slo_controller  # noqa: E402
 from runtime_fixtures import prompts_fixture, random_model_fixture  # noqa: E402
 from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
@@ -37,9 +37,9 @@ model_dir = random_model_fixture("llama")
 prompts = prompts_fixture(7, (5, 40, 9, 70, 2, 25, 48, 13, 33, 60, 4, 17))
 
 
-def standby_ready_queued(core: SemiPDCore) -> bool:
+def standby_ready_queued(core: EngineCore) -> bool:
     """The standby worker has sent its ready message (the next poll switches to it)."""
-    ch = core.channel.standby.channel if core.channel.standby is not None else None
+    ch = shared_pool(core).router.standby.channel if shared_pool(core).router.standby is not None else None
     if ch is None:
         return False
     return bool(ch.pull.poll(0)) if hasattr(ch, "pull") else not ch.outbox.empty()  # type: ignore[attr-defined]
@@ -58,9 +58,9 @@ def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tup
     step, added = 0, 0
     deadline = time.monotonic() + timeout_s
     while added < len(prompts) or core.has_work() or core.pending or (
-            isinstance(core, SemiPDCore) and (core.channel.in_transition or core.channel.retiring)):
+            isinstance(core.executor, SharedPoolPrefill) and (shared_pool(core).router.in_transition or shared_pool(core).router.retiring)):
         assert time.monotonic() < deadline, "stream did not finish"
-        busy = isinstance(core, SemiPDCore) and core.channel.in_transition
+        busy = isinstance(core.executor, SharedPoolPrefill) and shared_pool(core).router.in_transition
         if hold and added >= len(prompts) - hold and busy and standby_ready_queued(core):  # type: ignore[arg-type]
             while added < len(prompts):
                 core.add_request(AddRequest(f"r{added}", prompts[added], GREEDY))
@@ -71,7 +71,7 @@ def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tup
                 core.add_request(AddRequest(f"r{added}", prompts[added], GREEDY))
                 added += 1
         for split in (moves or {}).get(step, []):
-            assert isinstance(core, SemiPDCore)
+            shared_pool(core)
             core.repartition(*split)
         if abort_rate and rng.random() < abort_rate:
             core.abort(f"r{rng.randrange(added)}")
@@ -80,7 +80,7 @@ def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tup
             if ev.finish_reason:
                 assert ev.rid not in reasons, f"{ev.rid} finished twice"
                 reasons[ev.rid] = ev.finish_reason
-        if isinstance(core, SemiPDCore):
+        if isinstance(core.executor, SharedPoolPrefill):
             core.allocator.check_integrity()
         step += 1
         if not core.has_work():
@@ -103,15 +103,15 @@ MOVES = {"process": {2: [(40.0, 60.0)]}, "thread": {2: [(25.0, 75.0), (75.0, 25.
 def test_forced_repartition_loses_and_duplicates_nothing(model_dir: Path, prompts: list[list[int]],
                                                          unified_out: dict[str, list[int]], placement: str) -> None:
     core = make_core(model_dir, "semi-pd", placement)
-    assert isinstance(core, SemiPDCore)
-    router = core.channel
+    shared_pool(core)
+    router = shared_pool(core).router
     first = router.current
     try:
         out, reasons = stream(core, prompts, moves=MOVES[placement], hold=4)
         assert out == unified_out
         assert set(reasons.values()) == {"length"}
         core.allocator.check_integrity()
-        assert not core.parked
+        assert not core.allocator.parked_slots()
         assert_pool_clean(core)
         stats = core.stats()
         assert router.split == (40.0, 60.0) == (stats.prefill_sm_percent, stats.decode_sm_percent)
@@ -124,7 +124,7 @@ def test_forced_repartition_loses_and_duplicates_nothing(model_dir: Path, prompt
         if placement == "process":
             proc = first.channel.proc  # type: ignore[attr-defined]
             assert not proc.is_alive() and proc.exitcode == 0, "old prefill process exits cleanly"
-            assert core.prefill_info.pid == router.current.channel.proc.pid  # type: ignore[attr-defined]
+            assert shared_pool(core).ready.pid == router.current.channel.proc.pid  # type: ignore[attr-defined]
         else:
             assert not first.channel.thread.is_alive()  # type: ignore[attr-defined]
     finally:
@@ -137,14 +137,14 @@ def test_forced_repartition_loses_and_duplicates_nothing(model_dir: Path, prompt
 def test_repartition_with_aborts_and_batches_in_flight(model_dir: Path, prompts: list[list[int]]) -> None:
     """Aborts while batches sit on an old worker: their pages wait for that worker (its own writer name)."""
     core = make_core(model_dir, "semi-pd", "thread")
-    assert isinstance(core, SemiPDCore)
+    shared_pool(core)
     try:
         moves = {s: [((25.0, 75.0), (75.0, 25.0))[s % 2]] for s in range(1, 40, 3)}
         _, reasons = stream(core, prompts * 2, moves=moves, abort_rate=0.3)
         assert "abort" in reasons.values()
-        assert core.channel.repartitions >= 5 and core.channel.switches_in_flight >= 1
+        assert shared_pool(core).router.repartitions >= 5 and shared_pool(core).router.switches_in_flight >= 1
         core.allocator.check_integrity()
-        assert not core.parked
+        assert not core.allocator.parked_slots()
         assert_pool_clean(core)
     finally:
         core.close()
@@ -152,18 +152,18 @@ def test_repartition_with_aborts_and_batches_in_flight(model_dir: Path, prompts:
 
 def test_repartition_to_current_split_is_a_no_op(model_dir: Path) -> None:
     core = make_core(model_dir, "semi-pd", "thread")
-    assert isinstance(core, SemiPDCore)
+    shared_pool(core)
     try:
-        assert core.channel.split == (50.0, 50.0)
+        assert shared_pool(core).router.split == (50.0, 50.0)
         assert core.repartition(50, 50) is False
         core.step()
-        assert core.channel.repartitions == 0 and len(core.channel.history) == 1
+        assert shared_pool(core).router.repartitions == 0 and len(shared_pool(core).router.history) == 1
     finally:
         core.close()
 
 
 def slo_settings(tmp_path: Path, **kw: object) -> SloSettings:
-    base = dict(slo_ttft_ms=200.0, slo_tpot_ms=20.0, repartition_interval_s=0.05, min_dwell_s=0.0, hysteresis=0.0,
+    base = dict(partition_policy="slo", slo_ttft_ms=200.0, slo_tpot_ms=20.0, repartition_interval_s=0.05, min_dwell_s=0.0, hysteresis=0.0,
                 profile_splits=2, profile_requests=4, profile_prompt_tokens=32, profile_decode_tokens=4,
                 profile_cache_dir=str(tmp_path))
     return SloSettings(**{**base, **kw})  # type: ignore[arg-type]
@@ -172,16 +172,17 @@ def slo_settings(tmp_path: Path, **kw: object) -> SloSettings:
 def test_slo_policy_profiles_observes_and_decides(model_dir: Path, prompts: list[list[int]],
                                                   unified_out: dict[str, list[int]], tmp_path: Path) -> None:
     core = make_core(model_dir, "semi-pd", "thread", slo=slo_settings(tmp_path))
-    assert isinstance(core, SemiPDCore) and core.slo is not None
+    slo = slo_controller(core)
+    assert slo is not None
     try:
         (path,) = tmp_path.glob("slo_profile--*.json")
         profile = LatencyProfile.load(path)
         assert len({s.sm_share for s in profile.prefill}) == 2 and len(profile.prefill) >= 8
         assert len({s.sm_share for s in profile.decode}) == 2
-        assert core.slo.partitioner.warmup_reason() is None  # the profile makes it ready to decide at once
-        assert core.channel.repartitions == 0 and core.channel.split == core.slo.split
+        assert slo.partitioner.warmup_reason() is None  # the profile makes it ready to decide at once
+        assert shared_pool(core).router.repartitions == 0 and shared_pool(core).router.split == slo.split
         assert_pool_clean(core)
-        seen = core.slo.observations
+        seen = slo.observations
         out, _ = stream(core, prompts * 3)
         stats = core.stats()
         assert out == {**unified_out, **{k: v for k, v in out.items() if k not in unified_out}}
@@ -189,29 +190,30 @@ def test_slo_policy_profiles_observes_and_decides(model_dir: Path, prompts: list
         assert stats.slo_observations > seen
         # the finished requests' output lengths reached the partitioner (decode-slot time), and it plans with the
         # engine's batch cap
-        finished = core.slo.partitioner.load_state(time.monotonic()).mean_output_tokens
+        finished = slo.partitioner.load_state(time.monotonic()).mean_output_tokens
         assert finished == pytest.approx(sum(map(len, out.values())) / len(out))
-        assert core.slo.partitioner.config.max_decode_batch == core.cfg.max_running_requests
+        assert slo.partitioner.config.max_decode_batch == core.cfg.max_running_requests
         assert stats.predicted_ttft_s > 0 and stats.predicted_tpot_s > 0 and stats.measured_tpot_s > 0
-        assert stats.repartitions == core.channel.repartitions  # whatever it chose, the core followed
-        assert (stats.prefill_sm_percent, stats.decode_sm_percent) == core.slo.split
+        assert stats.repartitions == shared_pool(core).router.repartitions  # whatever it chose, the core followed
+        assert (stats.prefill_sm_percent, stats.decode_sm_percent) == slo.split
     finally:
         core.close()
     # the next start reuses the cached profile: no profiling pass (no re-partition, no dummy steps)
     again = make_core(model_dir, "semi-pd", "thread", slo=slo_settings(tmp_path))
-    assert isinstance(again, SemiPDCore) and again.slo is not None
+    slo_again = slo_controller(again)
+    assert slo_again is not None
     try:
-        assert len(again.channel.history) == 1 and again.num_steps == 0
-        assert again.slo.partitioner.warmup_reason() is None
+        assert len(shared_pool(again).router.history) == 1 and again.num_steps == 0
+        assert slo_again.partitioner.warmup_reason() is None
     finally:
         again.close()
 
 
 def test_static_policy_never_moves(model_dir: Path, prompts: list[list[int]], tmp_path: Path) -> None:
-    core = make_core(model_dir, "semi-pd", "thread", slo=SloSettings(policy="static"))
-    assert isinstance(core, SemiPDCore)
+    core = make_core(model_dir, "semi-pd", "thread", slo=SloSettings(partition_policy="static"))
+    shared_pool(core)
     try:
-        assert core.slo is None  # static keeps today's path exactly
+        assert slo_controller(core) is None and not core.observers  # static: no controller watches
         stream(core, prompts)
         assert core.stats().repartitions == 0 and core.stats().partition_policy == "static"
     finally:
@@ -219,7 +221,7 @@ def test_static_policy_never_moves(model_dir: Path, prompts: list[list[int]], tm
 
 
 @pytest.mark.parametrize("kw, name", [
-    (dict(policy="fast"), "partition_policy"), (dict(slo_ttft_ms=0), "slo_ttft_ms"),
+    (dict(partition_policy="fast"), "partition_policy"), (dict(slo_ttft_ms=0), "slo_ttft_ms"),
     (dict(slo_tpot_ms=float("nan")), "slo_tpot_ms"), (dict(repartition_interval_s=-1), "repartition_interval_s"),
     (dict(profile_requests=0), "profile_requests"),
 ])
@@ -246,17 +248,17 @@ def test_retired_split_drops_its_decode_graphs(model_dir: Path, prompts: list[li
     cfg = core_config(model_dir, max_model_len=256, num_pages=200, mode="semi-pd", prefill_placement="thread",
                       chunked_prefill_size=16, max_prefill_tokens=48)
     core = create_core(cfg, partition=KeyedPartition(50, 50))
-    assert isinstance(core, SemiPDCore)
+    shared_pool(core)
     r = core.runner
     eager_decode_graphs(core, max_bs=8)
-    first = core.channel.current.partition
+    first = shared_pool(core).router.current.partition
     assert isinstance(first, KeyedPartition)
     r.graphs.graphs[(first.key, 4)] = r.graphs.graphs[(first.key, 8)] = object()  # as if captured there
     r.graphs.graphs[(7, 4)] = kept = object()  # another stream's graph
     try:
         out, _ = stream(core, prompts, moves={2: [(25.0, 75.0)]})
         assert out == unified_out
-        assert core.channel.current.partition is not first and not core.channel.retiring
+        assert shared_pool(core).router.current.partition is not first and not shared_pool(core).router.retiring
         assert r.graphs.graphs == {(7, 4): kept}  # the retired split's graphs went with it, nothing else
     finally:
         core.close()

@@ -12,9 +12,9 @@ pytest.importorskip("transformers")
 from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.core_factory import create_core  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
-from semipd_runtime.semipd_core import SemiPDCore  # noqa: E402
 
-from runtime_fixtures import core_config, prompts_fixture, random_model_fixture  # noqa: E402
+from runtime_fixtures import core_config, kill_prefill_worker, prompts_fixture, random_model_fixture  # noqa: E402
+from runtime_fixtures import shared_pool  # noqa: E402
 from test_runtime_parity_random import assert_pool_clean  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def test_semipd_equals_unified(model_dir: Path, prompts: list[list[int]], sampli
     unified = make_core(model_dir, "unified")
     want = run(unified, prompts, sampling)
     semi = make_core(model_dir, "semi-pd")
-    assert isinstance(semi, SemiPDCore)
+    shared_pool(semi)
     try:
         got = run(semi, prompts, sampling)
         assert_pool_clean(semi)
@@ -64,7 +64,7 @@ def test_semipd_equals_unified(model_dir: Path, prompts: list[list[int]], sampli
 
 def test_semipd_random_aborts_keep_pool_clean(model_dir: Path, prompts: list[list[int]]) -> None:
     core = make_core(model_dir, "semi-pd")
-    assert isinstance(core, SemiPDCore)
+    shared_pool(core)
     rng = random.Random(0)
     try:
         for round_ in range(3):
@@ -89,7 +89,7 @@ def test_semipd_random_aborts_keep_pool_clean(model_dir: Path, prompts: list[lis
                     break
             assert finished == set(rids)
             assert_pool_clean(core, evict=False)  # the next round may hit what this one cached
-        assert not core.parked
+        assert not core.allocator.parked_slots()
         assert_pool_clean(core)
     finally:
         core.close()
@@ -97,14 +97,14 @@ def test_semipd_random_aborts_keep_pool_clean(model_dir: Path, prompts: list[lis
 
 def test_dead_prefill_worker_fails_its_requests(model_dir: Path, prompts: list[list[int]]) -> None:
     core = make_core(model_dir, "semi-pd")
-    assert isinstance(core, SemiPDCore)
+    shared_pool(core)
     try:
         core.add_request(AddRequest("early", prompts[0], CoreSampling(temperature=0.0, max_tokens=30,
                                                                      ignore_eos=True)))
         events = []
         while not any(ev.token_ids for ev in events):
             events += core.step()
-        core.channel.kill()  # type: ignore[attr-defined]
+        kill_prefill_worker(core)
         for i, p in enumerate(prompts[1:4]):
             core.add_request(AddRequest(f"late{i}", p, CoreSampling(temperature=0.0, max_tokens=5)))
         for _ in range(10_000):

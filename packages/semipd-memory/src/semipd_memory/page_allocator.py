@@ -5,9 +5,9 @@ kernels read (`req_to_page[slot, i]` is the i-th page of the request, -1 past it
 Python lists so that alloc/free never touch the device except to write the rows that changed.
 
 Every page is in exactly one state: free, owned by a live slot, owned by a parked slot, or *cached*. A slot
-is *parked* when its request finished while another worker (the writer, e.g. the prefill worker) may still be
-writing its pages: the pages come back only when that writer reports done (`writer_done`) or is declared dead
-(`writer_dead`), never earlier, and exactly once.
+is *parked* when its request finished while a writer may still write its pages (a prefill batch on another
+worker, or a step still in flight on the device; each has a name): the pages come back only when that writer is
+done (`writer_done(writer)`, also the call for a writer that died), never earlier, and exactly once.
 
 A cached page belongs to the prefix cache (`RadixCache`); any number of slots may share it. A slot's row is
 then its shared prefix (cached pages, counted in their reference counts) followed by its own pages. Freeing a
@@ -17,7 +17,7 @@ page can leave the cache (`uncache`), so eviction never takes a page a request s
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -228,18 +228,29 @@ class PageAllocator:
         self._parked_writer[slot] = writer
         self._num_parked_pages += self._num_own(slot)
 
-    def writer_done(self, slot: int) -> None:
-        """The writer of a parked slot reported done: release the slot and its pages."""
-        self._check_slot(slot, (_PARKED,), "writer_done")
-        self._unpark(slot)
+    def writer_done(self, writer: str, to_cache: Mapping[int, Collection[int]] | None = None) -> int:
+        """`writer` will never write again (it finished, or died): release every slot parked for it, handing
+        each slot's own pages in `to_cache[slot]` to the cache as in `free`. Returns the own pages released."""
+        slots = [s for s, w in self._parked_writer.items() if w == writer]
+        stray = set(to_cache or {}) - set(slots)
+        if stray:
+            raise ValueError(f"writer_done: slots {sorted(stray)[:8]} are not parked for writer {writer!r}")
+        released = 0
+        for slot in slots:
+            keep = set((to_cache or {}).get(slot, ()))
+            own = self._slot_pages[slot][self._slot_shared[slot] :]
+            if keep - set(own):
+                raise ValueError(f"writer_done: to_cache pages {sorted(keep - set(own))[:8]} are not own pages of "
+                                 f"slot {slot}")
+            released += len(own)
+            del self._parked_writer[slot]
+            self._num_parked_pages -= len(own)
+            self._release(slot, keep)
+        return released
 
-    def writer_dead(self, writer: str) -> int:
-        """Release everything parked for `writer` (it will never write again). Returns the own pages freed."""
-        freed = 0
-        for slot in [s for s, w in self._parked_writer.items() if w == writer]:
-            freed += self._num_own(slot)
-            self._unpark(slot)
-        return freed
+    def parked_for(self, writer: str) -> list[int]:
+        """Slots parked until `writer` is done."""
+        return [s for s, w in self._parked_writer.items() if w == writer]
 
     # --- integrity ------------------------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -362,8 +373,3 @@ class PageAllocator:
         self._slot_shared[slot] = 0
         self._slot_state[slot] = _FREE
         self._free_slots.append(slot)
-
-    def _unpark(self, slot: int) -> None:
-        del self._parked_writer[slot]
-        self._num_parked_pages -= self._num_own(slot)
-        self._release(slot)

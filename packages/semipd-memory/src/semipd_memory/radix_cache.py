@@ -44,6 +44,7 @@ class RadixCache:
         self._heap: list[tuple[int, int, _Node]] = []  # (last_access, seq, leaf): lazy, checked when popped
         self._num_nodes = 0
         self._slot_node: dict[int, _Node] = {}  # slot -> deepest node of the prefix it shares (locked)
+        self._deferred: dict[int, tuple[list[int], int]] = {}  # parked slot -> (tokens, num_written) to cache
         self.hit_tokens = 0  # prompt tokens served from the cache, over all admissions
         self.query_tokens = 0  # prompt tokens of all admissions
         allocator.attach_cache(self)
@@ -125,16 +126,23 @@ class RadixCache:
         """Release a live slot. Its first `num_written` tokens are `tokens[:num_written]` and their K/V is
         fully written: those full pages go into the cache (a page the cache already holds for the same tokens
         is freed as a duplicate), the rest back to the free list."""
+        self._check_written(tokens, num_written)
+        self.allocator.free(slot, self._adopt(slot, tokens, num_written))
+
+    @staticmethod
+    def _check_written(tokens: Sequence[int], num_written: int) -> None:
         if isinstance(num_written, bool) or not isinstance(num_written, int):
             raise TypeError(f"free: num_written must be an int, got {type(num_written).__name__}")
         if not 0 <= num_written <= len(tokens):
             raise ValueError(f"free: num_written={num_written} is outside [0, len(tokens)={len(tokens)}]")
-        adopted: list[int] = []
-        if self.enabled and num_written >= self.page_size:
-            row = self.allocator.pages(slot)
-            n = min(num_written // self.page_size, len(row))
-            adopted = self._insert(tokens[: n * self.page_size], row[:n], self.allocator.num_shared(slot))
-        self.allocator.free(slot, adopted)
+
+    def _adopt(self, slot: int, tokens: Sequence[int], num_written: int) -> list[int]:
+        """Insert the slot's written full pages into the tree; the pages the tree adopted."""
+        if not self.enabled or num_written < self.page_size:
+            return []
+        row = self.allocator.pages(slot)
+        n = min(num_written // self.page_size, len(row))
+        return self._insert(tokens[: n * self.page_size], row[:n], self.allocator.num_shared(slot))
 
     def publish(self, slot: int, tokens: Sequence[int]) -> int:
         """A live slot whose first len(tokens) tokens are `tokens` with their K/V written (a finished prefill)
@@ -159,15 +167,21 @@ class RadixCache:
             self._unlock(old)
         return len(adopted)
 
-    def free_deferred(self, slot: int, writer: str) -> None:
-        """Park the slot (its shared prefix stays locked: the writer may still read it)."""
+    def free_deferred(self, slot: int, writer: str, tokens: Sequence[int] = (), num_written: int = 0) -> None:
+        """`free` for a slot that `writer` may still write (and read: its shared prefix stays locked): the slot
+        is parked, and its written full pages go into the cache only once the writer is done."""
+        self._check_written(tokens, num_written)
         self.allocator.free_deferred(slot, writer)
+        self._deferred[slot] = (list(tokens[:num_written]), num_written)
 
-    def writer_done(self, slot: int) -> None:
-        self.allocator.writer_done(slot)
-
-    def writer_dead(self, writer: str) -> int:
-        return self.allocator.writer_dead(writer)
+    def writer_done(self, writer: str) -> int:
+        """Release every slot parked for `writer` (it finished, or died), as `free` would have; returns the own
+        pages released."""
+        to_cache: dict[int, list[int]] = {}
+        for slot in self.allocator.parked_for(writer):
+            tokens, num_written = self._deferred.pop(slot, ([], 0))
+            to_cache[slot] = self._adopt(slot, tokens, num_written)
+        return self.allocator.writer_done(writer, to_cache)
 
     def evict(self, num_pages: int) -> int:
         """Free up to `num_pages` unreferenced cached pages, least recently used leaves first; returns how

@@ -1,4 +1,6 @@
-"""EngineCore: scheduler + model runner + sampler behind a token-level API (no text, no asyncio).
+"""EngineCore: scheduler + model runner + sampler + a prefill executor behind a token-level API (no text, no
+asyncio). Unified serving, semi-PD and later variants are the same core given another `PrefillExecutor`
+(`prefill_executor.py`); the SLO controller watches through a `CoreObserver` hook.
 
 The front end (`Engine`) talks to it in-process through a thread, or across a process boundary with the same
 messages (`core_client.py`).
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from semipd_memory import KVPool, PageAllocator, RadixCache
+from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.forward_batch import to_device
 from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent, TokenLogprobMsg
@@ -28,63 +31,24 @@ from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.models.loader import load_model
+from semipd_runtime.observer import CoreObserver
+from semipd_runtime.prefill_executor import LocalPrefill, PrefillExecutor, PrefillReport
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import SampledTokens, Sampler
 from semipd_runtime.scheduler import ScheduledBatch, Scheduler
-from semipd_runtime.slo_control import SloSettings
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class CoreConfig:
-    model_path: str
-    device: str
-    dtype: str  # "float32" | "bfloat16" | "float16"
-    max_model_len: int
-    eos_token_ids: list[int]
-    max_running_requests: int = 64
-    chunked_prefill_size: int = 512
-    page_size: int = 16
-    num_pages: int | None = None
-    mem_fraction_static: float = 0.85
-    cpu_kv_budget_bytes: int = 1 << 30
-    enable_radix_cache: bool = True  # share cached prompt prefixes (full pages) between requests
-    # per-state timeouts (seconds, None = no limit): an expired request ends with finish_reason "abort"
-    queue_timeout_s: float | None = None
-    prefill_timeout_s: float | None = None
-    decode_timeout_s: float | None = None
-    # semi-PD
-    mode: str = "unified"  # "unified" | "semi-pd"
-    sm_partition: str = "none"  # "none" | "green" | "mps"
-    prefill_placement: str = "process"  # "process" | "thread"
-    prefill_sm_percent: int = 50
-    decode_sm_percent: int = 50
-    max_prefill_tokens: int = 8192  # tokens per batch sent to the prefill worker (a longer prompt goes alone)
-    # decode CUDA graphs (CUDA only): batch sizes up to cuda_graph_max_bs (None: max_running_requests, <= 256)
-    cuda_graph_max_bs: int | None = None
-    disable_cuda_graph: bool = False
-    load_format: str = "auto"  # "auto" (safetensors) | "dummy" (random weights at the config's shapes)
-    slo: SloSettings | None = None  # semi-PD partition_policy "slo" (None: static split)
-    # schedule and launch step N+1 before reading step N's tokens (SGLang's overlap scheduler): the device never
-    # waits for the host between steps; same outputs
-    overlap_schedule: bool = True
-
-    def graph_max_bs(self) -> int:
-        if self.disable_cuda_graph:
-            return 0
-        return self.cuda_graph_max_bs if self.cuda_graph_max_bs is not None else min(self.max_running_requests, 256)
-
-
-def kv_pages_for(cfg: CoreConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
-    if cfg.num_pages is not None:
-        return cfg.num_pages
-    shape = (mcfg.num_layers, cfg.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype)
+def kv_pages_for(cfg: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    if cfg.scheduler.num_pages is not None:
+        return cfg.scheduler.num_pages
+    shape = (mcfg.num_layers, cfg.scheduler.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = int(free - total * (1.0 - cfg.mem_fraction_static))
+        budget = int(free - total * (1.0 - cfg.scheduler.mem_fraction_static))
     else:
-        budget = cfg.cpu_kv_budget_bytes
+        budget = cfg.scheduler.cpu_kv_budget_bytes
     pages = KVPool.pages_for_budget(max(budget, 0), *shape)
     if pages < 1:
         raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes); lower the model size")
@@ -104,6 +68,7 @@ class StepInFlight:
     launched_at: float
     num_requests: int
     num_context: int  # tokens in the cache before the step (its requests')
+    decode_share: float = 1.0  # the decode SM share it was launched with (0..1]
     elapsed_s: float = 0.0  # set by resolve: from max(launch, the step before done) to done
 
 
@@ -115,57 +80,85 @@ def _record_event(device: torch.device) -> torch.cuda.Event | None:
     return ev
 
 
-class EngineCore:
-    # the SM partition decode runs in (semi-PD's decode worker overrides it); graphs are captured inside it
-    decode_context: Callable[[], AbstractContextManager[object]] = nullcontext
+ExecutorFactory = Callable[["EngineCore"], PrefillExecutor]
 
-    def __init__(self, cfg: CoreConfig, model: LlamaForCausalLM | None = None) -> None:
+
+def check_fits(num_prompt: int, max_tokens: int, max_model_len: int, page_size: int, num_pages: int | None) -> None:
+    """Raise InvalidRequestError for a request that can never run (context or KV pool too small)."""
+    if num_prompt < 1:
+        raise InvalidRequestError("prompt must contain at least one token", param="prompt")
+    if num_prompt >= max_model_len:
+        raise InvalidRequestError(
+            f"prompt has {num_prompt} tokens; this model's context is {max_model_len} tokens", param="prompt")
+    if num_prompt + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"this model's context is {max_model_len} tokens, but {num_prompt + max_tokens} were requested "
+            f"({num_prompt} in the prompt, {max_tokens} in max_tokens); reduce the prompt or max_tokens",
+            param="max_tokens")
+    need = -(-(num_prompt + max_tokens) // page_size)
+    if num_pages is not None and need > num_pages:
+        raise InvalidRequestError(f"request needs {need} KV pages but the pool has only {num_pages}",
+                                  param="max_tokens")
+
+
+class EngineCore:
+    def __init__(self, cfg: EngineConfig, model: LlamaForCausalLM | None = None,
+                 make_executor: ExecutorFactory | None = None, observers: Sequence[CoreObserver] = ()) -> None:
+        """make_executor(core): how prompts are prefilled (default `LocalPrefill`: inside this core's steps); it
+        is built last and may use the core's model, KV pool and runner."""
         self.cfg = cfg
         device = torch.device(cfg.device)
         dtype = getattr(torch, cfg.dtype)
-        self.model = model if model is not None else load_model(cfg.model_path, device, dtype, cfg.load_format)
+        self.model = model if model is not None else load_model(cfg.model_path, device, dtype, cfg.model.load_format)
         mcfg = self.model.config
         num_pages = kv_pages_for(cfg, mcfg, dtype, device)
-        max_pages_per_req = -(-cfg.max_model_len // cfg.page_size)
+        max_pages_per_req = -(-cfg.max_model_len // cfg.scheduler.page_size)
         self.allocator = PageAllocator(
-            num_pages, cfg.page_size, cfg.max_running_requests, max_pages_per_req, device=device
+            num_pages, cfg.scheduler.page_size, cfg.scheduler.max_running_requests, max_pages_per_req, device=device
         )
         self.kv_pool = KVPool(
-            mcfg.num_layers, num_pages, cfg.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device
+            mcfg.num_layers, num_pages, cfg.scheduler.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device
         )
-        if cfg.cuda_graph_max_bs is not None and cfg.cuda_graph_max_bs < 1:
-            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {cfg.cuda_graph_max_bs}")
-        self.runner = ModelRunner(self.model, self.kv_pool, cfg.page_size, cfg.max_model_len,
-                                  cuda_graph_max_bs=cfg.graph_max_bs())
-        self.cache = RadixCache(self.allocator, enabled=cfg.enable_radix_cache)
+        self.runner = ModelRunner(self.model, self.kv_pool, cfg.scheduler.page_size, cfg.max_model_len,
+                                  cuda_graph_max_bs=cfg.scheduler.graph_max_bs())
+        self.cache = RadixCache(self.allocator, enabled=cfg.scheduler.enable_radix_cache)
         self.scheduler = Scheduler(
             self.allocator,
-            max_running_requests=cfg.max_running_requests,
-            chunked_prefill_size=cfg.chunked_prefill_size,
+            max_running_requests=cfg.scheduler.max_running_requests,
+            chunked_prefill_size=cfg.scheduler.chunked_prefill_size,
             cache=self.cache,
         )
         self.sampler = Sampler()
-        self.requests: dict[str, Request] = {}
-        self.eos = set(cfg.eos_token_ids)
+        self.eos = set(cfg.model.eos_token_ids)
         self.num_steps = 0
         self.pending: list[TokenEvent] = []  # events produced outside step() (aborts, rejections)
         self.scheduler.ends = self._ends
         self.inflight: StepInFlight | None = None  # overlap mode: launched, not resolved yet
         self._last_done_at = 0.0
         self._last_expiry = 0.0
-        log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.page_size, device,
-                 cfg.dtype, "on" if cfg.enable_radix_cache else "off")
+        self.observers = list(observers)
+        self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
+        log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
+                 cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        """Unfinished requests by rid (the scheduler owns them)."""
+        return self.scheduler.requests
+
+    def decode_context(self) -> AbstractContextManager[object]:
+        """The SM share the core's steps run in (graphs are captured inside it)."""
+        return self.executor.decode_context()
 
     def warm_up(self) -> None:
         """Compile the kernels of the step shapes this core runs outside CUDA graphs (CUDA only): mixed
-        prefill+decode steps up to the chunk size in unified mode, eager decode batches above the graph sizes."""
+        prefill+decode steps up to the chunk size when prompts run in its steps, eager decode batches above the
+        graph sizes. (An executor's worker warms up its own prefill shapes.)"""
+        tokens = self.cfg.scheduler.chunked_prefill_size if self.executor.in_step else 1
         with self.decode_context():
-            dt = self.runner.warm_up(self.warm_up_tokens(), self.cfg.max_running_requests, self.sampler)
+            dt = self.runner.warm_up(tokens, self.cfg.scheduler.max_running_requests, self.sampler)
         if dt:
             log.info("warmed up in %.2fs", dt)
-
-    def warm_up_tokens(self) -> int:
-        return self.cfg.chunked_prefill_size
 
     def capture_cuda_graphs(self) -> None:
         """Capture the decode graphs now, inside the decode partition, rather than on each size's first use."""
@@ -173,28 +166,27 @@ class EngineCore:
             with self.decode_context():
                 self.runner.graphs.capture()
 
+    def drop_decode_graphs(self, stream_key: int) -> None:
+        """Graphs captured on a decode stream that is gone (a retired split) can never run again."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.drop(stream_key)
+
+    def repartition(self, prefill_percent: float, decode_percent: float) -> bool:
+        """Move to a new (prefill %, decode %) SM split between steps; requests in flight continue. It takes
+        effect once the executor's standby worker is ready. False: nothing to change (no split, or the same)."""
+        started = self.executor.repartition(prefill_percent, decode_percent)
+        if not self.executor.in_transition:  # unchanged or failed: observers learn what runs
+            self._split_changed(self.executor.split, False)
+        return started
+
+    def _split_changed(self, split: tuple[float, float], switched: bool) -> None:
+        for obs in self.observers:
+            obs.on_split(split, switched)
+
     # --- requests -------------------------------------------------------------------------------------------
     def check_fits(self, num_prompt: int, max_tokens: int) -> None:
         """Raise InvalidRequestError for a request that can never run (context or pool too small)."""
-        if num_prompt < 1:
-            raise InvalidRequestError("prompt must contain at least one token", param="prompt")
-        ctx = self.cfg.max_model_len
-        if num_prompt >= ctx:
-            raise InvalidRequestError(
-                f"prompt has {num_prompt} tokens; this model's context is {ctx} tokens", param="prompt"
-            )
-        if num_prompt + max_tokens > ctx:
-            raise InvalidRequestError(
-                f"this model's context is {ctx} tokens, but {num_prompt + max_tokens} were requested "
-                f"({num_prompt} in the prompt, {max_tokens} in max_tokens); reduce the prompt or max_tokens",
-                param="max_tokens",
-            )
-        need = self.allocator.pages_needed(num_prompt + max_tokens)
-        if need > self.allocator.num_pages:
-            raise InvalidRequestError(
-                f"request needs {need} KV pages but the pool has only {self.allocator.num_pages}",
-                param="max_tokens",
-            )
+        check_fits(num_prompt, max_tokens, self.cfg.max_model_len, self.allocator.page_size, self.allocator.num_pages)
 
     def add_request(self, msg: AddRequest) -> None:
         if msg.rid in self.requests:
@@ -206,12 +198,17 @@ class EngineCore:
             self.pending.append(TokenEvent(msg.rid, [], None, "abort", e.message, 400))
             return
         req = Request(msg.rid, list(msg.prompt_ids), msg.sampling)
-        self.requests[msg.rid] = req
         self.scheduler.add(req)
+        now = time.monotonic()
+        for obs in self.observers:
+            obs.on_arrival(req, now)
 
     def abort(self, rid: str, reason: str = "abort", error: str | None = None, status: int = 0) -> None:
-        req = self.requests.pop(rid, None)
-        if req is None or req.status is RequestStatus.FINISHED:
+        """End a request in any state; its pages come back once nothing writes them (scheduler.finish)."""
+        for obs in self.observers:
+            obs.on_abort(rid)
+        req = self.requests.get(rid)
+        if req is None:
             return
         self.scheduler.finish(req, reason)
         self.pending.append(TokenEvent(rid, [], None, reason, error, status))
@@ -223,9 +220,9 @@ class EngineCore:
             return
         self._last_expiry = now
         limits = {
-            RequestStatus.WAITING: self.cfg.queue_timeout_s,
-            RequestStatus.PREFILLING: self.cfg.prefill_timeout_s,
-            RequestStatus.RUNNING: self.cfg.decode_timeout_s,
+            RequestStatus.WAITING: self.cfg.scheduler.queue_timeout_s,
+            RequestStatus.PREFILLING: self.cfg.scheduler.prefill_timeout_s,
+            RequestStatus.RUNNING: self.cfg.scheduler.decode_timeout_s,
         }
         for req in list(self.requests.values()):
             limit = limits.get(req.status)
@@ -233,11 +230,11 @@ class EngineCore:
                 self.abort(req.rid, "abort", f"request timed out while {req.status.value}", 504)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.inflight is not None
+        return self.scheduler.has_work() or self.inflight is not None or self.executor.busy
 
     def stats(self) -> EngineStats:
-        return EngineStats(
-            num_running=self.scheduler.num_running,
+        s = EngineStats(
+            num_running=self.scheduler.num_running + self.scheduler.num_prefilling,
             num_waiting=self.scheduler.num_waiting,
             pages_used=self.allocator.num_used_pages,
             pages_total=self.allocator.num_pages,
@@ -247,22 +244,82 @@ class EngineCore:
             prefix_hit_tokens=self.cache.hit_tokens,
             prefix_query_tokens=self.cache.query_tokens,
         )
+        self.executor.fill_stats(s)
+        for obs in self.observers:
+            obs.fill_stats(s)
+        return s
 
     # --- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Overlap mode: schedule and launch step N+1, then resolve step N (the device runs N+1 while the host
-        reads N's tokens and builds N+2). Otherwise: launch and resolve the one step."""
+        reads N's tokens and builds N+2). Otherwise: launch and resolve the one step. With an executor outside
+        the step, its reports are collected after that (their requests carry real first tokens and join the
+        next step) and new prefill batches go out."""
         self.expire()
         events, self.pending = self.pending, []
-        batch = self.scheduler.schedule()
-        if not self.cfg.overlap_schedule:
+        overlap = self.cfg.scheduler.overlap_schedule
+        in_step = self.executor.in_step
+        schedule = self.scheduler.schedule if in_step else self.scheduler.schedule_decode
+        with self.decode_context():
+            prev, self.inflight = self.inflight, None
+            batch = schedule()
+            if overlap and batch is not None:
+                self.inflight, batch = self.launch(batch, prev), None
+            if prev is not None:  # before the poll: a split retired there has no step of ours in flight
+                events += self.resolve(prev)
+            if not in_step:
+                # nothing to decode: wait a little for the prefill worker instead of spinning
+                idle = batch is None and self.inflight is None and prev is None
+                for report in self.executor.poll(0.02 if idle and self.executor.busy else 0.0):
+                    events += self._prefill_reported(report)
+                self._dispatch_prefill()
+                if batch is None and self.inflight is None:
+                    batch = schedule()
             if batch is not None:
-                events += self.run_batch(batch)
-            return events
-        prev = self.inflight
-        self.inflight = self.launch(batch, prev) if batch is not None else None
-        if prev is not None:
-            events += self.resolve(prev)
+                st = self.launch(batch)
+                if overlap:
+                    self.inflight = st
+                else:
+                    events += self.resolve(st)
+        now = time.monotonic()
+        for obs in self.observers:
+            split = obs.after_step(self.scheduler, now)
+            if split is not None:
+                self.repartition(*split)
+        events += self.pending
+        self.pending = []
+        return events
+
+    def _dispatch_prefill(self) -> None:
+        """Admit waiting requests into a prefill batch when the executor takes one."""
+        waiting = self.scheduler.waiting
+        if self.executor.error:
+            while waiting:  # no prefill worker: these can never start
+                self.abort(waiting[0].rid, "abort", f"prefill worker unavailable: {self.executor.error}", 503)
+            return
+        budget = self.executor.token_budget()
+        if budget <= 0 or not waiting:
+            return
+        reqs = self.scheduler.admit_prefill(budget, self.executor.next_writer())
+        if reqs:
+            self.executor.submit(reqs, [self.allocator.pages(r.slot) for r in reqs if r.slot is not None])
+
+    def _prefill_reported(self, report: PrefillReport) -> list[TokenEvent]:
+        """A batch came back: its live requests decode from now on (or fail); then nothing writes its pages."""
+        events: list[TokenEvent] = []
+        if report.timing is not None:
+            for obs in self.observers:
+                obs.on_prefill(report.timing)
+        for req in report.requests:
+            if req.status is not RequestStatus.PREFILLING:
+                continue  # finished meanwhile (abort): its pages are parked under this batch's writer
+            if report.error:
+                self.abort(req.rid, "abort", report.error, report.status)
+                continue
+            tok, lp = report.first_tokens[req.rid]
+            self.scheduler.prefilled(req)
+            events.append(self.accept_token(req, tok, lp))
+        self.cache.writer_done(report.writer)
         return events
 
     def run_batch(self, batch: ScheduledBatch) -> list[TokenEvent]:
@@ -304,7 +361,8 @@ class EngineCore:
             index.append(len(req.output_ids))
             req.output_ids.append(-1 - j)
         done = sampled.ready if sampled is not None else _record_event(logits.device)
-        return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts))
+        share = self.executor.split[1] / 100 if not self.executor.in_step else 1.0
+        return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts), share)
 
     def resolve(self, st: StepInFlight) -> list[TokenEvent]:
         """Wait for a launched step (its own work, nothing queued after it), put its tokens in place of the
@@ -317,6 +375,8 @@ class EngineCore:
         st.elapsed_s = now - max(st.launched_at, self._last_done_at)  # the step's own time, not its overlap
         self._last_done_at = now
         self.scheduler.resolved(st.step)
+        for obs in self.observers:  # the step's own time (measured from when the one before ended)
+            obs.on_decode_step(st.num_requests, st.num_context, st.decode_share, st.elapsed_s)
         events = []
         for req, i, tok, lp in zip(st.requests, st.index, tokens, logprobs):
             if req.status is not RequestStatus.FINISHED:
@@ -331,10 +391,15 @@ class EngineCore:
     def _accepted(self, req: Request, i: int, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
         """output_ids[i] = tok is known now: finish req if it ends there."""
         reason = self._finish_reason(req, tok, i + 1)
+        if i == 0:
+            now = time.monotonic()
+            for obs in self.observers:
+                obs.on_first_token(req, now)
         if reason is not None:
             del req.output_ids[i + 1 :]  # the placeholder of a step in flight: that row is discarded
             self.scheduler.finish(req, reason)
-            self.requests.pop(req.rid, None)
+            for obs in self.observers:  # how long a decode slot stays taken
+                obs.on_finish(req)
         return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason)
 
     def _finish_reason(self, req: Request, tok: int, num_out: int) -> str | None:
@@ -353,7 +418,8 @@ class EngineCore:
         return self._reaches_length(req, len(req.output_ids))
 
     def close(self) -> None:
-        """Release workers the core started (none for the unified core)."""
+        """Release the executor's workers (none for LocalPrefill)."""
+        self.executor.close()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[TokenEvent]:
         """Offline helper: step until every request finished."""

@@ -13,14 +13,15 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import msgspec
 import zmq
 
-from semipd_runtime.core import CoreConfig, EngineCore
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core import EngineCore
 from semipd_runtime.core_factory import create_core
+from semipd_runtime.partition import environment
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -35,20 +36,6 @@ from semipd_runtime.messages import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 OutputCallback = Callable[[FromCore], None]
@@ -66,9 +53,7 @@ def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: Outpu
             elif isinstance(msg, StatsRequest):
                 emit(StepOutput([], core.stats()))
             elif isinstance(msg, Repartition):
-                repartition = getattr(core, "repartition", None)  # semi-PD only
-                if repartition is not None:
-                    repartition(msg.prefill_percent, msg.decode_percent)
+                core.repartition(msg.prefill_percent, msg.decode_percent)  # no-op without an SM split
             elif isinstance(msg, Shutdown):
                 core.close()
                 return
@@ -94,12 +79,12 @@ def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: Outpu
 class ThreadCoreClient:
     """The core runs in a daemon thread of this process."""
 
-    def __init__(self, cfg: CoreConfig, on_output: OutputCallback) -> None:
+    def __init__(self, cfg: EngineConfig, on_output: OutputCallback) -> None:
         self.inbox: queue.Queue[ToCore] = queue.Queue()
         self.on_output = on_output
         self.core = create_core(cfg)
         self.alive = True
-        on_output(CoreReady(self.core.stats(), cfg.page_size, cfg.max_model_len))
+        on_output(CoreReady(self.core.stats(), cfg.scheduler.page_size, cfg.max_model_len))
         self.thread = threading.Thread(target=self._run, name="semipd-core", daemon=True)
         self.thread.start()
 
@@ -130,7 +115,7 @@ class ThreadCoreClient:
             self.thread.join(timeout=10)
 
 
-def run_core_process(cfg: CoreConfig, in_addr: str, out_addr: str, log_level: int) -> None:
+def run_core_process(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: int) -> None:
     """Entry point of the core process: load, report ready, serve until Shutdown or the parent is gone."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s core %(name)s: %(message)s")
     ctx = zmq.Context()
@@ -160,7 +145,7 @@ def run_core_process(cfg: CoreConfig, in_addr: str, out_addr: str, log_level: in
 
     try:
         core = create_core(cfg)
-        emit(CoreReady(core.stats(), cfg.page_size, cfg.max_model_len))
+        emit(CoreReady(core.stats(), cfg.scheduler.page_size, cfg.max_model_len))
         core_loop(core, get, emit)
     except Exception as e:
         log.exception("engine core failed")
@@ -174,7 +159,7 @@ def run_core_process(cfg: CoreConfig, in_addr: str, out_addr: str, log_level: in
 class ProcessCoreClient:
     """The core runs in a child process; a reader thread here receives its outputs and watches it live."""
 
-    def __init__(self, cfg: CoreConfig, on_output: OutputCallback, startup_timeout_s: float = 600.0,
+    def __init__(self, cfg: EngineConfig, on_output: OutputCallback, startup_timeout_s: float = 600.0,
                  env: dict[str, str] | None = None) -> None:
         self.on_output = on_output
         self._dir = tempfile.TemporaryDirectory(prefix="semipd-")

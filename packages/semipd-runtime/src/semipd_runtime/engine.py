@@ -11,13 +11,14 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from semipd_runtime.core import CoreConfig
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core import check_fits
 from semipd_runtime.core_client import ProcessCoreClient, ThreadCoreClient
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from semipd_runtime.messages import (
@@ -34,11 +35,9 @@ from semipd_runtime.messages import (
 )
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.default_model import resolve_model_path
-from semipd_runtime.models.loader import LOAD_FORMATS
 from semipd_runtime.outputs import RequestOutput
-from semipd_runtime.partition import percent_from_env
+from semipd_runtime.partition import partition_class
 from semipd_runtime.sampling_params import SamplingParams
-from semipd_runtime.slo_control import SloSettings
 from semipd_runtime.tokenizer import Tokenizer
 from semipd_runtime.tracked_request import TrackedRequest
 
@@ -47,122 +46,57 @@ Prompt = str | list[int]
 
 
 class Engine:
-    def __init__(
-        self,
-        model_path: str | Path | None = None,
-        mode: str = "unified",
-        *,
-        max_running_requests: int = 64,
-        max_queued_requests: int | None = None,
-        chunked_prefill_size: int = 512,
-        page_size: int = 16,
-        num_pages: int | None = None,
-        mem_fraction_static: float = 0.85,
-        max_model_len: int | None = None,
-        dtype: str | None = None,
-        device: str | None = None,
-        core: str = "thread",
-        sm_partition: str = "none",
-        prefill_sm_percent: int | None = None,
-        decode_sm_percent: int | None = None,
-        prefill_placement: str = "process",
-        max_prefill_tokens: int = 8192,
-        queue_timeout_s: float | None = None,
-        prefill_timeout_s: float | None = None,
-        decode_timeout_s: float | None = None,
-        cuda_graph_max_bs: int | None = None,
-        disable_cuda_graph: bool = False,
-        load_format: str = "auto",
-        partition_policy: str = "static",
-        slo_ttft_ms: float = 1000.0,
-        slo_tpot_ms: float = 50.0,
-        repartition_interval_s: float = 2.0,
-        slo_options: Mapping[str, Any] | None = None,
-        enable_radix_cache: bool = True,
-        disable_overlap_schedule: bool = False,
-    ) -> None:
-        """partition_policy "slo" (semi-pd only): an SLO-aware controller moves the SM split at run time to keep
-        TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, re-deciding every repartition_interval_s; `slo_options`
-        sets the other SloSettings fields (e.g. profile_splits, profile_cache_dir, min_dwell_s).
-        disable_overlap_schedule: resolve each step before scheduling the next (by default step N+1 is
-        scheduled and launched while step N runs on the device; same outputs)."""
-        if mode not in ("unified", "semi-pd"):
-            raise ValueError(f"mode must be 'unified' or 'semi-pd', got {mode!r}")
-        if sm_partition not in ("none", "green", "mps"):
-            raise ValueError(f"sm_partition must be one of none, green, mps; got {sm_partition!r}")
-        if prefill_placement not in ("process", "thread"):
-            raise ValueError(f"prefill_placement must be 'process' or 'thread', got {prefill_placement!r}")
-        prefill_pct = percent_from_env("prefill_sm_percent", prefill_sm_percent, "SEMI_PD_PREFILL_SM_PERCENTILE", 50)
-        decode_pct = percent_from_env("decode_sm_percent", decode_sm_percent, "SEMI_PD_DECODE_SM_PERCENTILE",
-                                      100 - prefill_pct if prefill_sm_percent is not None else 50)
-        slo = _slo_settings(mode, partition_policy, slo_ttft_ms, slo_tpot_ms, repartition_interval_s, slo_options)
-        if not isinstance(enable_radix_cache, bool):
-            raise TypeError(f"enable_radix_cache must be a bool, got {type(enable_radix_cache).__name__}")
-        if core not in ("thread", "process"):
-            raise ValueError(f"core must be 'thread' or 'process', got {core!r}")
-        for name, v in (("max_running_requests", max_running_requests), ("page_size", page_size),
-                        ("chunked_prefill_size", chunked_prefill_size), ("max_prefill_tokens", max_prefill_tokens)):
-            if v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if load_format not in LOAD_FORMATS:
-            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
-        if cuda_graph_max_bs is not None and cuda_graph_max_bs < 1:
-            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {cuda_graph_max_bs}")
-        if max_queued_requests is not None and max_queued_requests < 0:
-            raise ValueError(f"max_queued_requests must be >= 0, got {max_queued_requests}")
-        if not 0.0 < mem_fraction_static < 1.0:
-            raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static}")
-        path = resolve_model_path(model_path)
+    def __init__(self, model_path: str | Path | None = None, mode: str = "unified", *,
+                 config: EngineConfig | None = None, core: str = "thread", **knobs: Any) -> None:
+        """`knobs`: any EngineConfig knob by name (max_running_requests=8, sm_partition="green", ...;
+        `slo_options` sets further SloSettings fields), or a whole `config`. partition_policy "slo" (semi-pd
+        only): an SLO-aware controller moves the SM split at run time to keep TTFT <= slo_ttft_ms and TPOT <=
+        slo_tpot_ms. disable_overlap_schedule: resolve each step before scheduling the next (by default step
+        N+1 is scheduled and launched while step N runs on the device; same outputs). core: "thread" (offline)
+        or "process" (the server)."""
+        if config is None:
+            config = EngineConfig.from_knobs(
+                core=core, mode=mode, model_path=None if model_path is None else str(model_path), **knobs)
+        elif knobs or model_path is not None or mode != "unified":
+            raise TypeError("pass either config=EngineConfig(...) or model_path / mode / knobs, not both")
+        path = resolve_model_path(config.model.model_path)
         self.model_path = path
-        self.model_name = path.name if model_path is not None else "SmolLM2-135M-Instruct"
+        self.model_name = path.name if config.model.model_path is not None else "SmolLM2-135M-Instruct"
         self.model_config = ModelConfig.from_dir(path)
         self.tokenizer = Tokenizer.from_dir(path)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        self.max_model_len = min(max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
         eos = set(self.tokenizer.eos_token_ids)
         gen_cfg = path / "generation_config.json"
         if gen_cfg.is_file():
             e = json.loads(gen_cfg.read_text()).get("eos_token_id")
             eos |= set(e if isinstance(e, list) else [] if e is None else [e])
-        self.max_running_requests = max_running_requests
-        self.max_queued_requests = max_queued_requests
-        self._cfg = CoreConfig(
-            model_path=str(path), device=device, dtype=dtype, max_model_len=self.max_model_len,
-            eos_token_ids=sorted(eos), max_running_requests=max_running_requests,
-            chunked_prefill_size=chunked_prefill_size, page_size=page_size, num_pages=num_pages,
-            mem_fraction_static=mem_fraction_static, queue_timeout_s=queue_timeout_s,
-            prefill_timeout_s=prefill_timeout_s, decode_timeout_s=decode_timeout_s, mode=mode,
-            sm_partition=sm_partition, prefill_placement=prefill_placement, prefill_sm_percent=prefill_pct,
-            decode_sm_percent=decode_pct, max_prefill_tokens=max_prefill_tokens, slo=slo,
-            cuda_graph_max_bs=cuda_graph_max_bs, disable_cuda_graph=disable_cuda_graph, load_format=load_format,
-            enable_radix_cache=enable_radix_cache, overlap_schedule=not disable_overlap_schedule,
-        )
-        self.mode = mode
+        self.config = config.resolved(max_position_embeddings=self.model_config.max_position_embeddings,
+                                      eos_token_ids=sorted(eos), model_path=str(path),
+                                      cuda_available=torch.cuda.is_available())
+        cfg = self.config
+        self.max_model_len = cfg.max_model_len
+        self.max_running_requests = cfg.scheduler.max_running_requests
+        self.max_queued_requests = cfg.scheduler.max_queued_requests
+        self.mode = cfg.semi_pd.mode
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[TrackedRequest, int]] = {}  # core rid -> (request, completion index)
         self._stats = EngineStats()
         self._stats_event = threading.Event()
         self._dead: str | None = None
-        self._page_size = page_size
         self._ids = itertools.count()
-        if mode == "semi-pd" and sm_partition == "mps":
-            # under MPS every role is a process started with its SM percentage
-            from semipd_runtime.partition import check_mps_daemon
-
-            check_mps_daemon()
-            core = "process"
-            env = {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(decode_pct)}
-            self._client: ThreadCoreClient | ProcessCoreClient = ProcessCoreClient(self._cfg, self._on_output, env=env)
-        elif core == "process":
-            self._client = ProcessCoreClient(self._cfg, self._on_output)
+        part = partition_class(cfg.semi_pd.sm_partition)
+        self._client: ThreadCoreClient | ProcessCoreClient
+        if self.mode == "semi-pd" and part.needs_core_process:
+            part.check_available()  # the decode role's process starts with its share in its environment
+            env = part.core_process_env(cfg.shares[1])
+            self._client = ProcessCoreClient(cfg, self._on_output, env=env)
+        elif cfg.core == "process":
+            self._client = ProcessCoreClient(cfg, self._on_output)
         else:
-            self._client = ThreadCoreClient(self._cfg, self._on_output)
+            self._client = ThreadCoreClient(cfg, self._on_output)
         if self._dead:
             raise RuntimeError(self._dead)
-        log.info("engine ready: model %s, %d KV pages of %d tokens, context %d, core=%s",
-                 self.model_name, self._stats.pages_total, page_size, self.max_model_len, core)
+        log.info("engine ready: model %s, %d KV pages of %d tokens, context %d, core=%s", self.model_name,
+                 self._stats.pages_total, cfg.scheduler.page_size, self.max_model_len, cfg.core)
 
     # --- submission -----------------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -177,22 +111,8 @@ class Engine:
         return list(prompt)
 
     def _check_fits(self, n_prompt: int, params: SamplingParams) -> None:
-        ctx = self.max_model_len
-        if n_prompt == 0:
-            raise InvalidRequestError("prompt must contain at least one token", param="prompt")
-        if n_prompt >= ctx:
-            raise InvalidRequestError(f"prompt has {n_prompt} tokens; this model's context is {ctx} tokens",
-                                      param="prompt")
-        if n_prompt + params.max_tokens > ctx:
-            raise InvalidRequestError(
-                f"this model's context is {ctx} tokens, but {n_prompt + params.max_tokens} were requested "
-                f"({n_prompt} in the prompt, {params.max_tokens} in max_tokens); reduce the prompt or max_tokens",
-                param="max_tokens")
-        pages = -(-(n_prompt + params.max_tokens) // self._page_size)
-        if self._stats.pages_total and pages > self._stats.pages_total:
-            raise InvalidRequestError(
-                f"request needs {pages} KV pages but the pool has only {self._stats.pages_total}",
-                param="max_tokens")
+        check_fits(n_prompt, params.max_tokens, self.max_model_len, self.config.scheduler.page_size,
+                   self._stats.pages_total or None)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                sink: Any = None) -> TrackedRequest:
@@ -369,21 +289,3 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _slo_settings(mode: str, policy: str, ttft_ms: float, tpot_ms: float, interval_s: float,
-                  options: Mapping[str, Any] | None) -> SloSettings | None:
-    """Validated settings of the SLO policy (None under "static": today's fixed split, no controller)."""
-    if policy not in ("static", "slo"):
-        raise ValueError(f"partition_policy must be 'static' or 'slo', got {policy!r}")
-    if policy == "slo" and mode != "semi-pd":
-        raise ValueError("partition_policy='slo' needs mode='semi-pd' (unified mode has no SM split)")
-    extra = dict(options or {})
-    known = set(SloSettings.__dataclass_fields__) - {"policy", "slo_ttft_ms", "slo_tpot_ms",
-                                                      "repartition_interval_s"}
-    unknown = sorted(set(extra) - known)
-    if unknown:
-        raise ValueError(f"slo_options: unknown option(s) {unknown}; known: {sorted(known)}")
-    settings = SloSettings(policy=policy, slo_ttft_ms=ttft_ms, slo_tpot_ms=tpot_ms,
-                           repartition_interval_s=interval_s, **extra)
-    return settings if policy == "slo" else None

@@ -24,9 +24,29 @@ ROLES = ("prefill", "decode")
 
 
 class SmPartition:
-    """Base: no confinement. `role_context(role)` is entered by the thread running that role."""
+    """Base: no confinement. `role_context(role)` is entered by the thread running that role.
+
+    The class also says where the roles run and what moves: `prefill_placement` (thread or process),
+    `core_process_env` (the decode role's environment when it is a process of its own), and
+    `decode_share_moves` (False: a new split can move only the prefill share)."""
 
     kind = "none"
+    placement: str | None = None  # forced placement of the prefill role ("thread" / "process"), None: a choice
+    decode_share_moves = True
+    needs_core_process = False  # the decode role (the engine core) must be a process started with its env
+
+    @classmethod
+    def prefill_placement(cls, requested: str) -> str:
+        return cls.placement or requested
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise with instructions when this backend cannot run here (checked before anything starts)."""
+
+    @classmethod
+    def core_process_env(cls, decode_percent: float) -> dict[str, str]:
+        """Environment the engine core process (the decode role) must start with."""
+        return {}
 
     def __init__(self, prefill_percent: float, decode_percent: float) -> None:
         for name, v in (("prefill_sm_percent", prefill_percent), ("decode_sm_percent", decode_percent)):
@@ -68,6 +88,21 @@ class SmPartition:
         self.close()
 
 
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ updated for the block (a spawned process copies it: MPS reads its percentage at CUDA init)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _device_sm_count() -> int:
     import torch
 
@@ -77,6 +112,17 @@ def _device_sm_count() -> int:
 
 class MpsPartition(SmPartition):
     kind = "mps"
+    placement = "process"  # every role is a process started with its SM percentage
+    decode_share_moves = False  # the decode process's cap was read at its CUDA init
+    needs_core_process = True
+
+    @classmethod
+    def check_available(cls) -> None:
+        check_mps_daemon()
+
+    @classmethod
+    def core_process_env(cls, decode_percent: float) -> dict[str, str]:
+        return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(max(1, round(decode_percent)))}
 
     def __init__(self, prefill_percent: float, decode_percent: float, check_daemon: bool = True) -> None:
         super().__init__(prefill_percent, decode_percent)
@@ -97,7 +143,7 @@ class MpsPartition(SmPartition):
         return MpsPartition(prefill_percent, self.percent["decode"], check_daemon=False)
 
     def process_env(self, role: str) -> dict[str, str]:
-        return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(max(1, round(self.percent[role])))}
+        return self.core_process_env(self.percent[role])
 
 
 def check_mps_daemon() -> None:
@@ -121,6 +167,7 @@ class GreenPartition(SmPartition):
     """Two disjoint SM groups of one device, each with its own stream; the roles are threads."""
 
     kind = "green"
+    placement = "thread"  # green contexts isolate only inside one process
 
     def __init__(self, prefill_percent: float, decode_percent: float, device_index: int = 0,
                  family: dict[int, GreenPartition] | None = None) -> None:
@@ -220,24 +267,15 @@ class GreenPartition(SmPartition):
 _RETIRED: list[tuple[list[object], list[object]]] = []  # closed green contexts and streams, kept to process exit
 
 
-def create_partition(kind: str, prefill_percent: float, decode_percent: float) -> SmPartition:
-    if kind == "green":
-        return GreenPartition(prefill_percent, decode_percent)
-    if kind == "mps":
-        return MpsPartition(prefill_percent, decode_percent)
-    if kind == "none":
-        return SmPartition(prefill_percent, decode_percent)
-    raise ValueError(f"sm_partition must be one of green, mps, none; got {kind!r}")
+PARTITIONS: dict[str, type[SmPartition]] = {"none": SmPartition, "green": GreenPartition, "mps": MpsPartition}
 
 
-def percent_from_env(name: str, value: int | None, alias: str, default: int) -> int:
-    """CLI value, else Semi-PD's environment variable (SEMI_PD_PREFILL_SM_PERCENTILE ...), else default."""
-    if value is not None:
-        return value
-    raw = os.environ.get(alias)
-    if raw is None:
-        return default
+def partition_class(kind: str) -> type[SmPartition]:
     try:
-        return int(raw)
-    except ValueError as e:
-        raise ValueError(f"{alias}={raw!r} is not an integer percentage (for {name})") from e
+        return PARTITIONS[kind]
+    except KeyError:
+        raise ValueError(f"sm_partition must be one of {', '.join(PARTITIONS)}; got {kind!r}") from None
+
+
+def create_partition(kind: str, prefill_percent: float, decode_percent: float) -> SmPartition:
+    return partition_class(kind)(prefill_percent, decode_percent)

@@ -13,23 +13,22 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from semipd_runtime.core import CoreConfig
-from semipd_runtime.core_client import environment
+from semipd_runtime.config import EngineConfig
 from semipd_runtime.messages import FromPrefill, PrefillBatch, PrefillReady, Shutdown, ToPrefill
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
-from semipd_runtime.partition import SmPartition
+from semipd_runtime.partition import SmPartition, environment
 from semipd_runtime.prefill_worker import PrefillWorker, prefill_loop
 
 if TYPE_CHECKING:
-    from semipd_runtime.semipd_core import SemiPDCore
+    from semipd_runtime.core import EngineCore
 
 log = logging.getLogger(__name__)
 
 
 def run_prefill_process(
-    cfg: CoreConfig, model_cfg: ModelConfig, weights_handle: Any, kv_handle: Any, kv_shape: dict[str, Any],
+    cfg: EngineConfig, model_cfg: ModelConfig, weights_handle: Any, kv_handle: Any, kv_shape: dict[str, Any],
     in_addr: str, out_addr: str, sm_count: int, log_level: int,
 ) -> None:
     from semipd_memory import KVPool, bind_tensors, import_tensors
@@ -46,8 +45,8 @@ def run_prefill_process(
         kv_buffer = import_tensors(kv_handle)["kv"]
         model = bind_tensors(lambda: LlamaForCausalLM(model_cfg), weights)
         kv_pool = KVPool.from_buffer(kv_buffer, **kv_shape)
-        runner = ModelRunner(model, kv_pool, cfg.page_size, cfg.max_model_len)
-        worker = PrefillWorker(runner, cfg.max_prefill_tokens)
+        runner = ModelRunner(model, kv_pool, cfg.scheduler.page_size, cfg.max_model_len)
+        worker = PrefillWorker(runner, cfg.scheduler.max_prefill_tokens)
         worker.warm_up()  # before ready: a standby takes batches only once its kernels are compiled
         tensors = list(weights.values()) + [kv_buffer]
         all_shared = all(t.is_cuda or t.is_shared() for t in tensors)
@@ -68,7 +67,7 @@ def run_prefill_process(
 
 
 class ProcessPrefillChannel:
-    def __init__(self, core: SemiPDCore, partition: SmPartition) -> None:
+    def __init__(self, core: EngineCore, partition: SmPartition) -> None:
         from semipd_memory import export_tensors
 
         cfg = core.cfg
@@ -119,10 +118,6 @@ class ProcessPrefillChannel:
                 except zmq.Again:
                     break
         return out
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.join(timeout=10)
 
     def close(self) -> None:
         if self.proc.is_alive():

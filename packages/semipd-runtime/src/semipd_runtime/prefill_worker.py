@@ -137,11 +137,6 @@ class ThreadPrefillChannel:
         except queue.Empty:
             return out
 
-    def kill(self) -> None:
-        """Test hook: make the worker stop as if it died (the thread can't be killed; it just stops serving)."""
-        self.inbox.put(Shutdown())
-        self.thread.join(timeout=10)
-
     def close(self) -> None:
         if self.thread.is_alive():
             self.inbox.put(Shutdown())

@@ -6,8 +6,8 @@ standby reports ready; from then on they go to the standby, while the old worker
 holds and is retired (process joined, thread ended) once it has answered all of them. Its partition (green
 contexts) is closed only after the decode side has also left it, i.e. once a decode step entered a newer one.
 
-Each generation writes pages under its own writer name, so pages of a request aborted while an old worker holds
-its batch are released only when *that* worker reports the batch done (or is declared dead).
+Pages of a request aborted while a worker holds its batch are released only when that worker reports the batch
+done, or is declared dead (each batch writes under its own writer name: `shared_pool_prefill.py`).
 """
 
 from __future__ import annotations
@@ -33,10 +33,6 @@ class PrefillChannel(Protocol):
     def close(self) -> None: ...
 
 
-def writer_name(generation: int) -> str:
-    return f"prefill-{generation}"
-
-
 @dataclass(eq=False)
 class PrefillGeneration:
     index: int
@@ -52,10 +48,6 @@ class PrefillGeneration:
         if not self.closed:
             self.closed = True
             self.channel.close()
-
-    @property
-    def writer(self) -> str:
-        return writer_name(self.index)
 
     @property
     def split(self) -> tuple[float, float]:
@@ -78,7 +70,6 @@ class PrefillRouter:
         self._pending_split: tuple[float, float] | None = None  # asked for while a standby was starting
         self._batch_gen: dict[int, PrefillGeneration] = {}
         self._answered: dict[int, PrefillGeneration] = {}  # batches answered by the last poll(), by who
-        self._rid_gen: dict[str, PrefillGeneration] = {}
         self._decode_index = self.current.index  # generation whose partition the decode side last entered
         self.repartitions = 0
         self.failures = 0
@@ -142,20 +133,7 @@ class PrefillRouter:
         gen.batches.add(batch.batch_id)
         gen.sent += 1
         self._batch_gen[batch.batch_id] = gen
-        for item in batch.items:
-            self._rid_gen[item.rid] = gen
         gen.channel.send(batch)
-
-    def writer_of(self, rid: str) -> str:
-        gen = self._rid_gen.get(rid)
-        return (gen or self.current).writer
-
-    def kill(self) -> None:
-        """Test hook: the current worker dies (its channel's kill)."""
-        self.current.channel.kill()  # type: ignore[attr-defined]
-
-    def writers(self) -> list[str]:
-        return [writer_name(i) for i in range(self._next_index)]
 
     def poll(self, timeout_s: float) -> list[FromPrefill]:
         self._answered = {}
@@ -174,9 +152,6 @@ class PrefillRouter:
             if isinstance(msg, (PrefillDone, PrefillFailed)):
                 gen.batches.discard(msg.batch_id)
                 self._answered[msg.batch_id] = self._batch_gen.pop(msg.batch_id, gen)
-            if isinstance(msg, PrefillDone):
-                for res in msg.results:
-                    self._rid_gen.pop(res.rid, None)
         return msgs
 
     def generation_of_batch(self, batch_id: int) -> PrefillGeneration:

@@ -11,7 +11,7 @@ from semipd_runtime.messages import CoreSampling, TokenLogprobMsg
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
-    PREFILLING = "prefilling"  # semi-PD: its prefill batch is with the prefill worker
+    PREFILLING = "prefilling"  # with a prefill executor outside the core's step (semi-PD worker, remote prefill)
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -30,6 +30,7 @@ class Request:
     finish_reason: str | None = None
     num_preemptions: int = 0
     last_step: int = 0  # newest launched step it is in: that step may write its pages until it resolves
+    writer: str | None = None  # PREFILLING: the prefill batch that writes its pages (named in the allocator)
     pending_logprobs: list[TokenLogprobMsg] = field(default_factory=list)
 
     @property

@@ -4,9 +4,13 @@ admission, minus the longest prefix the radix cache already holds (those tokens 
 decode grows a request page by page, evicting cached pages and then preempting (recompute) the newest request
 when the pool is dry. A request that ends or is preempted leaves its written full pages in the cache.
 
+The scheduler owns every request's state: WAITING (queued), PREFILLING (admitted, its prompt with a prefill
+executor outside the core's step: semi-PD's worker, a remote prefill), RUNNING, and the rid -> request map.
+
 Steps are launched and resolved in order (the core may launch step N+1 before it resolves N). A request
-released while a step it is in is unresolved keeps its pages until that step resolves: its kernels may still
-write them, and the other worker of semi-PD would otherwise get them at once."""
+released while something may still write its pages (a step in flight, a prefill batch) is parked in the
+allocator under that writer's name and its pages come back when the writer is done: one mechanism for both.
+A step's writer name is `step_writer(n)`."""
 
 from __future__ import annotations
 
@@ -34,13 +38,9 @@ class ScheduledBatch:
         return r.num_computed + self.num_new_tokens[i] == r.seq_len
 
 
-@dataclass(slots=True)
-class _Release:
-    step: int  # the step that must resolve first
-    slot: int
-    tokens: list[int]
-    num_written: int
-    own_pages: int  # pages of its own (not shared cached ones) the release hands back
+def step_writer(step: int) -> str:
+    """The allocator's name for step `step` as the writer of the pages of the requests in it."""
+    return f"step-{step}"
 
 
 class Scheduler:
@@ -60,13 +60,13 @@ class Scheduler:
         self.token_budget = chunked_prefill_size
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.prefilling: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # every unfinished request, by rid
         # True for a request whose newest token (still in flight) is known to be its last (length limits): it is
         # scheduled no more and finishes when that token resolves
         self.ends: Callable[[Request], bool] = lambda req: False
         self.last_launched = 0  # steps are numbered from 1
         self.last_resolved = 0
-        self.deferred: list[_Release] = []
-        self.num_deferred_pages = 0
 
     # --- steps in flight ------------------------------------------------------------------------------------
     def launched(self, batch: ScheduledBatch) -> int:
@@ -80,12 +80,7 @@ class Scheduler:
         """Step `step` (and every one before it) finished on the device: release what waited for it."""
         assert step == self.last_resolved + 1 <= self.last_launched, (step, self.last_resolved, self.last_launched)
         self.last_resolved = step
-        due = [d for d in self.deferred if d.step <= step]
-        if due:
-            self.deferred = [d for d in self.deferred if d.step > step]
-            for d in due:
-                self.num_deferred_pages -= d.own_pages
-                self.cache.free(d.slot, d.tokens, d.num_written)
+        self.cache.writer_done(step_writer(step))
 
     @property
     def num_running(self) -> int:
@@ -95,15 +90,25 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_prefilling(self) -> int:
+        return len(self.prefilling)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     @property
     def in_flight(self) -> bool:
         return self.last_launched > self.last_resolved
 
     def add(self, req: Request) -> None:
+        if req.rid in self.requests:
+            raise ValueError(f"duplicate request id {req.rid}")
+        self.requests[req.rid] = req
         self.waiting.append(req)
+
+    def get(self, rid: str) -> Request | None:
+        return self.requests.get(rid)
 
     def schedule_decode(self) -> ScheduledBatch | None:
         """Only the decode tokens (semi-PD's decode worker; prefill happens elsewhere)."""
@@ -152,6 +157,42 @@ class Scheduler:
             budget -= n
         return batch if batch.requests else None
 
+    def admit_prefill(self, token_budget: int, writer: str) -> list[Request]:
+        """Admit waiting requests (FCFS) for a prefill executor, as one batch that `writer` writes: up to
+        `token_budget` tokens to compute (a cached prefix is free; a longer first request goes alone) and the
+        running limit. Each gets its slot and moves to PREFILLING."""
+        batch: list[Request] = []
+        budget = max(token_budget, 1)
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            # tokens of a decode step in flight are resolved before admission (the executor gets real ids)
+            assert not req.has_placeholder, f"{req.rid} admitted with a token still in flight"
+            if len(self.running) + len(self.prefilling) >= self.max_running:
+                break
+            if batch and req.seq_len > budget and (
+                req.seq_len - self.cache.cached_prefix_tokens(req.token_slice(0, req.seq_len)) > budget
+            ):
+                break
+            slot = self.admit(req)  # sets req.num_computed to the cached prefix
+            if slot is None:
+                break
+            self.waiting.popleft()
+            req.slot, req.status, req.state_since, req.writer = slot, RequestStatus.PREFILLING, time.monotonic(), writer
+            self.prefilling[req.rid] = req
+            batch.append(req)
+            budget -= req.num_uncomputed
+        return batch
+
+    def prefilled(self, req: Request) -> None:
+        """The executor wrote req's K/V (all seq_len tokens): it decodes from now on; later admissions share its
+        prompt's full pages."""
+        assert req.status is RequestStatus.PREFILLING and req.slot is not None, req.rid
+        del self.prefilling[req.rid]
+        req.num_computed, req.writer = req.seq_len, None
+        self.cache.publish(req.slot, req.prompt_ids)
+        req.status, req.state_since = RequestStatus.RUNNING, time.monotonic()
+        self.running.append(req)
+
     def admit(self, req: Request) -> int | None:
         """Reserve a slot for all of req's tokens, sharing the longest cached prefix (req.num_computed is set
         to it); None when slots or pages are short."""
@@ -170,8 +211,8 @@ class Scheduler:
             if missing <= 0 or self.cache.extend(req.slot, missing):
                 return True
             a = self.allocator
-            if missing <= a.num_free_pages + a.num_evictable_pages + self.num_deferred_pages:
-                return False  # enough come back when the step in flight resolves: req waits a step, no one else
+            if missing <= a.num_free_pages + a.num_evictable_pages + a.num_parked_pages:
+                return False  # enough come back when a writer is done: req waits a step, no one else
             victim = self.running[-1]
             self.preempt(victim)
             if victim is req:
@@ -187,10 +228,14 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def finish(self, req: Request, reason: str) -> None:
+        """End req in whatever state it is; its pages come back once nothing writes them any more."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
+        elif req.status is RequestStatus.PREFILLING:
+            del self.prefilling[req.rid]
+        self.requests.pop(req.rid, None)
         self._release(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
 
@@ -200,10 +245,10 @@ class Scheduler:
             return
         tokens = req.token_slice(0, req.num_computed)
         assert min(tokens, default=0) >= 0, f"{req.rid}: released before its tokens are known (radix keys)"
-        if req.last_step > self.last_resolved:  # a step in flight may still write its pages
-            own = len(self.allocator.pages(req.slot)) - self.allocator.num_shared(req.slot)
-            self.deferred.append(_Release(req.last_step, req.slot, tokens, req.num_computed, own))
-            self.num_deferred_pages += own
+        if req.writer is not None:  # a prefill batch may still write (and read) its pages
+            self.cache.free_deferred(req.slot, req.writer, tokens, req.num_computed)
+        elif req.last_step > self.last_resolved:  # a step in flight may still write its pages
+            self.cache.free_deferred(req.slot, step_writer(req.last_step), tokens, req.num_computed)
         else:
             self.cache.free(req.slot, tokens, req.num_computed)
-        req.slot = None
+        req.slot, req.writer = None, None

@@ -1,15 +1,21 @@
 """The SLO policy inside the semi-PD decode worker: feeds `SloPartitioner` the engine's own measurements (prefill
 and decode step times, arrivals, queue state), asks it for a split every `repartition_interval_s`, and keeps what
-the engine reports about it (stats, metrics, logs). The core applies a changed split through its PrefillRouter."""
+the engine reports about it (stats, metrics, logs). `SloObserver` is the controller as the core's observer hook:
+the core applies the split it returns through its prefill executor."""
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from semipd_runtime.knobs import knob, validate_knobs
 from semipd_runtime.messages import EngineStats
+from semipd_runtime.prefill_executor import PrefillTiming
+from semipd_runtime.request import Request
+from semipd_runtime.scheduler import Scheduler
 from semipd_runtime.slo_partitioner import (
     POLICIES,
     Decision,
@@ -21,39 +27,41 @@ from semipd_runtime.slo_partitioner import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class SloSettings:
-    """Settings of `partition_policy="slo"` (CoreConfig.slo); the profile_* knobs size the startup profiling pass
-    (runs when no cached profile matches): `profile_splits` candidate splits, `profile_requests` dummy requests
-    per split of about `profile_prompt_tokens` x (1..k)/k tokens, each decoding `profile_decode_tokens` tokens."""
+    """The SLO section of the engine config (`partition_policy="slo"`, semi-PD only); the profile_* knobs size the
+    startup profiling pass (runs when no cached profile matches): `profile_splits` candidate splits,
+    `profile_requests` dummy requests per split of about `profile_prompt_tokens` x (1..k)/k tokens, each decoding
+    `profile_decode_tokens` tokens."""
 
-    policy: str = "slo"
-    slo_ttft_ms: float = 1000.0
-    slo_tpot_ms: float = 50.0
-    repartition_interval_s: float = 2.0
-    min_dwell_s: float = 6.0
-    hysteresis: float = 0.1
-    sm_step: int = 8
-    profile_splits: int = 3
-    profile_requests: int = 6
+    partition_policy: str = knob("static", "static: keep the SM split; slo: move it at run time to keep TTFT/TPOT "
+                                 "within their SLOs (semi-pd)", flags=("--partition-policy",), choices=POLICIES,
+                                 group="pd")
+    slo_ttft_ms: float = knob(1000.0, "TTFT target of the slo policy", flags=("--slo-ttft-ms",), minimum=0,
+                              exclusive=True, group="pd")
+    slo_tpot_ms: float = knob(50.0, "TPOT target of the slo policy", flags=("--slo-tpot-ms",), minimum=0,
+                              exclusive=True, group="pd")
+    repartition_interval_s: float = knob(2.0, "how often the slo policy re-decides the split (seconds)",
+                                         flags=("--repartition-interval-s",), minimum=0, exclusive=True, group="pd")
+    min_dwell_s: float = knob(6.0, "least time between two moves of the split", minimum=0)
+    hysteresis: float = knob(0.1, "a move must gain this fraction of headroom", minimum=0)
+    sm_step: int = knob(8, "granularity of candidate splits (SMs)", minimum=1)
+    profile_splits: int = knob(3, "splits the startup profiling pass runs (0: none)", minimum=0)
+    profile_requests: int = knob(6, "dummy requests per profiled split", minimum=1)
     # None: min(4096, max_prefill_tokens, half the context). Prompts of the size served: fitted on 256-token
     # prompts only, the attention term of 3k-token prompts was an extrapolation and the split never moved (H200)
-    profile_prompt_tokens: int | None = None
-    profile_decode_tokens: int = 16
-    profile_cache_dir: str | None = None  # None: <semipd cache>/profiles; "": never read or write a cache
-    profile_timeout_s: float = 600.0
+    profile_prompt_tokens: int | None = knob(None, "longest profiling prompt", minimum=1)
+    profile_decode_tokens: int = knob(16, "tokens each profiling request decodes", minimum=1)
+    profile_cache_dir: str | None = knob(None, "None: <semipd cache>/profiles; '': never read or write a cache")
+    profile_timeout_s: float = knob(600.0, "longest profiling pass", minimum=0, exclusive=True)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"partition_policy must be one of {POLICIES}, got {self.policy!r}")
-        for name in ("profile_splits", "profile_requests", "profile_prompt_tokens", "profile_decode_tokens"):
+        for name in ("profile_splits", "profile_requests", "profile_prompt_tokens", "profile_decode_tokens",
+                     "sm_step"):
             v = getattr(self, name)
-            if v is None and name == "profile_prompt_tokens":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "profile_splits" else 1):
-                raise ValueError(f"slo {name} must be an int >= {0 if name == 'profile_splits' else 1}, got {v!r}")
-        if not (isinstance(self.profile_timeout_s, (int, float)) and self.profile_timeout_s > 0):
-            raise ValueError(f"slo profile_timeout_s must be > 0, got {self.profile_timeout_s!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"slo {name} must be an int, got {v!r}")
+        validate_knobs(self)
         self.partitioner_config(100, None)  # validates the SLO numbers with the argument's name in the message
 
     def profile_prompt_length(self, max_model_len: int, max_prefill_tokens: int) -> int:
@@ -73,7 +81,7 @@ class SloSettings:
         if initial is not None:
             initial = nearest_split(candidates, initial)
         return SloPartitionerConfig(
-            slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms, policy=self.policy,
+            slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms, policy=self.partition_policy,
             repartition_interval_s=self.repartition_interval_s, min_dwell_s=self.min_dwell_s,
             hysteresis=self.hysteresis, candidates=candidates, total_sms=total_sms, sm_step=self.sm_step,
             initial_split=initial, prefill_token_budget=prefill_token_budget, max_decode_batch=max_decode_batch)
@@ -172,7 +180,7 @@ class SloController:
             log.warning("split %s is not an SLO candidate; the partitioner keeps %s", split, self.split)
 
     def fill_stats(self, s: EngineStats) -> None:
-        s.partition_policy = self.settings.policy
+        s.partition_policy = self.settings.partition_policy
         s.slo_decisions = self.decisions
         s.slo_observations = self.observations
         s.measured_ttft_s = float(self.measured["ttft"])
@@ -184,3 +192,43 @@ class SloController:
             if d.predicted is not None:
                 s.predicted_ttft_s = float(d.predicted.ttft_ms) / 1000
                 s.predicted_tpot_s = float(d.predicted.tpot_ms) / 1000
+
+
+class SloObserver:
+    """The SloController as a CoreObserver (`observer.py`)."""
+
+    def __init__(self, controller: SloController) -> None:
+        self.controller = controller
+
+    def on_arrival(self, req: Request, now: float) -> None:
+        self.controller.observe_arrival(req.rid, len(req.prompt_ids), now)
+
+    def on_first_token(self, req: Request, now: float) -> None:
+        self.controller.observe_first_token(req.rid, now)
+
+    def on_finish(self, req: Request) -> None:  # how long a decode slot stays taken
+        self.controller.observe_finish(len(req.output_ids))
+
+    def on_abort(self, rid: str) -> None:
+        self.controller.forget(rid)
+
+    def on_decode_step(self, batch: int, context_tokens: int, share: float, seconds: float) -> None:
+        self.controller.observe_decode(batch, context_tokens, share, seconds)
+
+    def on_prefill(self, timing: PrefillTiming) -> None:
+        self.controller.observe_prefill(timing.new_tokens, timing.cached_tokens, timing.share, timing.elapsed_s)
+
+    def on_split(self, split: tuple[float, float], switched: bool) -> None:
+        if switched and split == self.controller.split:
+            return  # the split it chose took effect
+        self.controller.applied(split, time.monotonic())
+
+    def after_step(self, scheduler: Scheduler, now: float) -> tuple[float, float] | None:
+        running = scheduler.running
+        self.controller.update_queue([r.seq_len - r.num_computed for r in scheduler.waiting], len(running),
+                                     sum(r.seq_len for r in running))
+        decision = self.controller.decide(now)
+        return decision.split if decision is not None and decision.changed else None
+
+    def fill_stats(self, stats: EngineStats) -> None:
+        self.controller.fill_stats(stats)

@@ -19,14 +19,15 @@ from semipd_runtime.models.default_model import cache_root
 from semipd_runtime.request import RequestStatus
 
 if TYPE_CHECKING:
-    from semipd_runtime.semipd_core import SemiPDCore
+    from semipd_runtime.core import EngineCore
+    from semipd_runtime.shared_pool_prefill import SharedPoolPrefill
     from semipd_runtime.slo_control import SloController
 
 log = logging.getLogger(__name__)
 PROFILE_RID = "__slo_profile"
 
 
-def profile_key(core: SemiPDCore, partition_kind: str) -> dict[str, str]:
+def profile_key(core: EngineCore, partition_kind: str) -> dict[str, str]:
     dev = next(core.model.parameters()).device
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"model": f"{Path(core.cfg.model_path).name}-{core.cfg.dtype}", "gpu": f"{gpu}-{partition_kind}"}
@@ -45,7 +46,8 @@ def profile_splits(candidates: Sequence[tuple[float, float]], initial: tuple[flo
     return picks + [initial]
 
 
-def seed_from_profile(core: SemiPDCore, ctl: SloController, partition_kind: str) -> None:
+def seed_from_profile(core: EngineCore, executor: SharedPoolPrefill, ctl: SloController,
+                      partition_kind: str) -> None:
     """Seed the partitioner from the cached profile when one matches, else run the pass (and cache it)."""
     settings = ctl.settings
     key = profile_key(core, partition_kind)
@@ -66,7 +68,7 @@ def seed_from_profile(core: SemiPDCore, ctl: SloController, partition_kind: str)
         log.info("slo: no profiling pass (profile_splits=0): the partitioner learns from live steps only")
         return
     t0 = time.perf_counter()
-    profile = run_profile(core, ctl, key)
+    profile = run_profile(core, executor, ctl, key)
     log.info("slo: profiled %d prefill and %d decode steps at %d splits in %.1fs", len(profile.prefill),
              len(profile.decode), settings.profile_splits, time.perf_counter() - t0)
     if path is not None:
@@ -74,10 +76,11 @@ def seed_from_profile(core: SemiPDCore, ctl: SloController, partition_kind: str)
         log.info("slo: latency profile saved to %s", path)
 
 
-def run_profile(core: SemiPDCore, ctl: SloController, key: dict[str, str]) -> LatencyProfile:
+def run_profile(core: EngineCore, executor: SharedPoolPrefill, ctl: SloController,
+                key: dict[str, str]) -> LatencyProfile:
     s = ctl.settings
-    splits = profile_splits(ctl.partitioner.config.candidates or (), core.channel.split, s.profile_splits)
-    longest = s.profile_prompt_length(core.cfg.max_model_len, core.cfg.max_prefill_tokens)
+    splits = profile_splits(ctl.partitioner.config.candidates or (), executor.split, s.profile_splits)
+    longest = s.profile_prompt_length(core.cfg.max_model_len, core.cfg.scheduler.max_prefill_tokens)
     sampling = CoreSampling(temperature=0.0, max_tokens=s.profile_decode_tokens, ignore_eos=True)
     rng = random.Random(0)
     vocab = core.model.config.vocab_size
@@ -87,7 +90,7 @@ def run_profile(core: SemiPDCore, ctl: SloController, key: dict[str, str]) -> La
     try:
         for split in splits:
             core.repartition(*split)
-            _pump(core, lambda: core.channel.split == split and not core.channel.in_transition, deadline)
+            _pump(core, lambda: executor.split == split and not executor.in_transition, deadline)
             for i in range(s.profile_requests):
                 # one request per prefill batch, of growing length, while the earlier ones decode: varied steps
                 rid, n = f"{PROFILE_RID}-{n}", n + 1
@@ -98,13 +101,13 @@ def run_profile(core: SemiPDCore, ctl: SloController, key: dict[str, str]) -> La
             _pump(core, lambda: not core.has_work() and not core.pending, deadline)
     finally:
         ctl.profiling = False
-    if core.prefill_error:
-        raise RuntimeError(f"slo profiling failed: {core.prefill_error}")
-    core.channel.repartitions = 0  # count only the splits taken while serving
+    if executor.error:
+        raise RuntimeError(f"slo profiling failed: {executor.error}")
+    executor.router.repartitions = 0  # count only the splits taken while serving
     return ctl.partitioner.export_profile(key)
 
 
-def _pump(core: SemiPDCore, done: Callable[[], bool], deadline: float) -> None:
+def _pump(core: EngineCore, done: Callable[[], bool], deadline: float) -> None:
     while not done():
         if time.monotonic() > deadline:
             raise RuntimeError("slo profiling pass did not finish in time (raise profile_timeout_s or lower "

@@ -10,40 +10,35 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 
+from semipd_runtime.config import CliKnob, cli_knobs
+from semipd_runtime.knobs import Knob, check_value
 from semipd_server.app import build_app
 from semipd_server.state import ServerState
 
 log = logging.getLogger("semipd_server")
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(kind: type, name: str, k: Knob) -> Callable[[str], Any]:
+    """An argparse type: parse, then the knob's own bounds (the message names the flag's knob)."""
 
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        try:
+            check_value(name, k, v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{name} ")) from None
+        return v
 
-def _non_negative(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
+    return parse
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -51,47 +46,43 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.const is False:
             return text
         return f"{text} (default: {action.default})"
 
 
+def _add_knob(group: argparse._ArgumentGroup, ck: CliKnob) -> None:
+    k = ck.knob
+    meta = {"metavar": k.flags[0].lstrip("-").upper().replace("-", "_")}
+    if ck.value_type == "bool":
+        group.add_argument(*k.flags, dest=ck.name, action="store_false" if k.invert else "store_true", help=k.help)
+    elif k.choices:
+        group.add_argument(*k.flags, dest=ck.name, choices=list(k.choices), default=ck.default, help=k.help)
+    elif ck.value_type in ("int", "float"):
+        kind = int if ck.value_type == "int" else float
+        group.add_argument(*k.flags, dest=ck.name, type=_number(kind, ck.name, k), default=ck.default, help=k.help,
+                           **meta)
+    else:
+        group.add_argument(*k.flags, dest=ck.name, default=ck.default, help=k.help, **meta)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Engine flags come from the engine's config knobs (semipd_runtime.config): each is written once there."""
     p = argparse.ArgumentParser(
         prog="semipd-server",
         formatter_class=_HelpFormatter,
         description="OpenAI-compatible server for semipd (semi-disaggregated prefill/decode on one GPU).",
     )
-    m = p.add_argument_group("model")
-    m.add_argument(
-        "--model-path",
-        default=None,
-        help="Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct",
-    )
-    m.add_argument(
-        "--served-model-name", default=None, help="model name clients must send (default: the model's)"
-    )
-    m.add_argument(
-        "--context-length", type=_positive, default=None, help="max tokens per request (prompt+output)"
-    )
-    m.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)",
-    )
-    m.add_argument(
-        "--load-format",
-        choices=["auto", "dummy"],
-        default="auto",
-        help="auto: the model directory's safetensors; dummy: random weights at its config's shapes (benchmarks)",
-    )
-    m.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    h = p.add_argument_group("HTTP")
+    groups = {"model": p.add_argument_group("model"), "http": p.add_argument_group("HTTP"),
+              "sched": p.add_argument_group("scheduling and memory"),
+              "pd": p.add_argument_group("prefill/decode disaggregation")}
+    for ck in cli_knobs():
+        _add_knob(groups[ck.knob.group], ck)
+    groups["model"].add_argument(
+        "--served-model-name", default=None, help="model name clients must send (default: the model's)")
+    h = groups["http"]
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
-    h.add_argument(
-        "--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)"
-    )
+    h.add_argument("--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)")
     h.add_argument(
         "--api-key",
         default=os.environ.get("SEMIPD_API_KEY"),
@@ -104,73 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to let in-flight requests finish after SIGINT/SIGTERM before aborting them",
     )
     h.add_argument("--log-requests", action="store_true", help="write an access log line per request")
-    s = p.add_argument_group("scheduling and memory")
-    s.add_argument("--max-running-requests", type=_positive, default=64, help="requests decoded together")
-    s.add_argument(
-        "--max-queued-requests",
-        type=_non_negative,
-        default=None,
-        help="requests allowed to wait beyond the running ones; more get HTTP 429 (default: no limit)",
-    )
-    s.add_argument("--chunked-prefill-size", type=_positive, default=512,
-                   help="unified mode: prefill tokens per step (mixed with the decode batch)")
-    s.add_argument("--max-prefill-tokens", type=_positive, default=8192,
-                   help="semi-pd: prompt tokens per prefill batch and forward (a longer prompt runs in chunks of it)")
-    s.add_argument("--page-size", type=_positive, default=16, help="tokens per KV cache page")
-    s.add_argument("--num-pages", type=_positive, default=None, help="KV pages (default: from memory)")
-    s.add_argument(
-        "--mem-fraction-static",
-        type=float,
-        default=0.85,
-        help="fraction of GPU memory for weights + KV cache",
-    )
-    s.add_argument(
-        "--cuda-graph-max-bs",
-        type=_positive,
-        default=None,
-        help="largest decode batch run as a CUDA graph (default: --max-running-requests, at most 256)",
-    )
-    s.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly (CUDA)")
-    s.add_argument(
-        "--disable-overlap-schedule",
-        action="store_true",
-        help="resolve each step before scheduling the next (default: schedule step N+1 while N runs on the GPU)",
-    )
-    s.add_argument(
-        "--disable-radix-cache",
-        action="store_true",
-        help="do not share cached prompt prefixes between requests (radix prefix cache over the KV pages)",
-    )
-    d = p.add_argument_group("prefill/decode disaggregation")
-    d.add_argument(
-        "--mode",
-        choices=["unified", "semi-pd"],
-        default="unified",
-        help="unified: chunked prefill mixed with decode; semi-pd: separate prefill and decode workers",
-    )
-    d.add_argument("--enable-semi-pd", action="store_true", help="same as --mode semi-pd (Semi-PD's flag)")
-    d.add_argument(
-        "--sm-partition",
-        choices=["none", "green", "mps"],
-        default="none",
-        help="how semi-pd confines each worker to its share of SMs",
-    )
-    d.add_argument("--prefill-sm-percent", type=int, default=None, help="prefill worker's SM share (semi-pd)")
-    d.add_argument("--decode-sm-percent", type=int, default=None, help="decode worker's SM share (semi-pd)")
-    d.add_argument(
-        "--partition-policy",
-        choices=["static", "slo"],
-        default="static",
-        help="static: keep the SM split; slo: move it at run time to keep TTFT/TPOT within their SLOs (semi-pd)",
-    )
-    d.add_argument("--slo-ttft-ms", type=_positive_float, default=1000.0, help="TTFT target of the slo policy")
-    d.add_argument("--slo-tpot-ms", type=_positive_float, default=50.0, help="TPOT target of the slo policy")
-    d.add_argument(
-        "--repartition-interval-s",
-        type=_positive_float,
-        default=2.0,
-        help="how often the slo policy re-decides the split (seconds)",
-    )
+    groups["pd"].add_argument("--enable-semi-pd", action="store_true",
+                              help="same as --mode semi-pd (Semi-PD's flag)")
     p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity"
     )
@@ -178,33 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Engine(...) keyword arguments from the CLI; the core always runs in its own process behind the server."""
-    return {
-        "mode": "semi-pd" if args.enable_semi_pd else args.mode,
-        "max_running_requests": args.max_running_requests,
-        "max_queued_requests": args.max_queued_requests,
-        "chunked_prefill_size": args.chunked_prefill_size,
-        "max_prefill_tokens": args.max_prefill_tokens,
-        "page_size": args.page_size,
-        "num_pages": args.num_pages,
-        "mem_fraction_static": args.mem_fraction_static,
-        "max_model_len": args.context_length,
-        "dtype": args.dtype,
-        "device": args.device,
-        "core": "process",
-        "sm_partition": args.sm_partition,
-        "prefill_sm_percent": args.prefill_sm_percent,
-        "decode_sm_percent": args.decode_sm_percent,
-        "cuda_graph_max_bs": args.cuda_graph_max_bs,
-        "disable_cuda_graph": args.disable_cuda_graph,
-        "disable_overlap_schedule": args.disable_overlap_schedule,
-        "load_format": args.load_format,
-        "partition_policy": args.partition_policy,
-        "slo_ttft_ms": args.slo_ttft_ms,
-        "slo_tpot_ms": args.slo_tpot_ms,
-        "repartition_interval_s": args.repartition_interval_s,
-        "enable_radix_cache": not args.disable_radix_cache,
-    }
+    """Engine(...) keyword arguments from the CLI (every config knob with a flag); the core always runs in its own
+    process behind the server."""
+    kw = {ck.name: getattr(args, ck.name) for ck in cli_knobs()}
+    if args.enable_semi_pd:
+        kw["mode"] = "semi-pd"
+    kw["core"] = "process"
+    return kw
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -292,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     log.info("starting engine core (model %s)", args.model_path or "default SmolLM2-135M-Instruct")
     try:
-        engine = Engine(args.model_path, **engine_kwargs(args))
+        engine = Engine(**engine_kwargs(args))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         log.error("engine failed to start: %s", e)
         sock.close()
