@@ -13,6 +13,7 @@ import pytest
 
 from semipd_runtime import Engine, SamplingParams
 from semipd_runtime.errors import EngineDeadError
+from semipd_runtime.shared_pool_prefill import SharedPoolPrefill
 
 PROMPTS = [
     "The capital of France is",
@@ -53,12 +54,14 @@ def semi_engine() -> Iterator[Engine]:
 
 def test_prefill_process_maps_and_does_not_copy(semi_engine: Engine) -> None:
     core = semi_engine._client.core  # type: ignore[union-attr]
+    executor = core.executor
+    assert isinstance(executor, SharedPoolPrefill)
     for _ in range(100):
-        if core.prefill_info.pid:
+        if executor.ready.pid:
             break
         semi_engine.generate("warm up", SamplingParams(max_tokens=1))
         time.sleep(0.05)
-    info = core.prefill_info
+    info = executor.ready
     assert info.pid and info.pid != os.getpid()
     assert info.all_shared
     weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
@@ -93,7 +96,7 @@ def test_random_aborts_leave_integrity_clean(semi_engine: Engine) -> None:
     assert semi_engine._stats.integrity_error == ""
 
 
-def test_killing_prefill_process_fails_its_requests_without_hanging() -> None:
+def test_killing_prefill_process_fails_its_requests_then_a_new_worker_serves() -> None:
     with Engine(mode="semi-pd", sm_partition="none", prefill_placement="process", num_pages=512,
                 chunked_prefill_size=16, core="process") as eng:
         eng.generate("warm up", SamplingParams(max_tokens=2))
@@ -105,8 +108,9 @@ def test_killing_prefill_process_fails_its_requests_without_hanging() -> None:
             decoding = eng.stream(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
             first = await decoding.__anext__()  # this one is decoding when the prefill worker dies
             assert first.outputs[0].token_ids
+            os.kill(pid, signal.SIGKILL)  # idle: the next batch goes to a dead worker and fails
 
-            async def doomed() -> object:
+            async def maybe_doomed() -> object:
                 try:
                     async for _ in eng.stream(long_prompt, SamplingParams(max_tokens=4)):
                         pass
@@ -114,20 +118,23 @@ def test_killing_prefill_process_fails_its_requests_without_hanging() -> None:
                 except EngineDeadError as e:
                     return e
 
-            tasks = [asyncio.create_task(doomed()) for _ in range(3)]
-            await asyncio.sleep(0.3)
-            os.kill(pid, signal.SIGKILL)
-            results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+            results = await asyncio.wait_for(asyncio.gather(*(maybe_doomed() for _ in range(3))), timeout=120)
             last = first
             async for o in decoding:
                 last = o
             return results, last.outputs[0].finish_reason
 
         results, decode_reason = asyncio.run(run())
-        assert all(isinstance(r, EngineDeadError) for r in results), results
+        # the batch the dead worker held failed (at least the first one); anything later was served by its
+        # replacement
+        assert all(r == "finished" or isinstance(r, EngineDeadError) for r in results), results
+        assert isinstance(results[0], EngineDeadError) or any(isinstance(r, EngineDeadError) for r in results)
         assert decode_reason == "length"  # the decode worker kept serving what it had
-        with pytest.raises(EngineDeadError):
-            asyncio.run(eng.check_health())
-        with pytest.raises(EngineDeadError):
-            eng.generate("new request", SamplingParams(max_tokens=2))
+        deadline = time.monotonic() + 120
+        while not eng.refresh_stats()["healthy"]:  # a fresh prefill worker is starting
+            assert time.monotonic() < deadline, "the prefill worker did not come back"
+            time.sleep(0.1)
+        asyncio.run(eng.check_health())
+        assert eng._stats.prefill_pid not in (0, pid)
+        assert eng.generate("new request", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
         assert eng.refresh_stats()["pages_used"] == 0

@@ -65,7 +65,7 @@ def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tup
             while added < len(prompts):
                 core.add_request(AddRequest(f"r{added}", prompts[added], GREEDY))
                 added += 1
-            core._dispatch_prefill()  # type: ignore[attr-defined]  # to the old worker: the switch is next poll
+            core._dispatch_prefill()  # to the old worker: the switch is next poll
         for _ in range(2):
             if added < len(prompts) and (added < len(prompts) - hold or not busy):
                 core.add_request(AddRequest(f"r{added}", prompts[added], GREEDY))
@@ -118,7 +118,7 @@ def test_forced_repartition_loses_and_duplicates_nothing(model_dir: Path, prompt
         assert stats.repartitions == router.repartitions == (1 if placement == "process" else 3)
         assert router.switches_in_flight >= 1  # the old worker finished batches it held at the switch
         assert not router.retiring and router.standby is None
-        assert sum(g.sent for g in router.history) == core.next_batch
+        assert sum(g.sent for g in router.history) == shared_pool(core).next_batch
         assert first.sent > 0 and router.history[-1].sent > 0  # both the old and the new worker served
         assert first.closed
         if placement == "process":
@@ -192,7 +192,7 @@ def test_slo_policy_profiles_observes_and_decides(model_dir: Path, prompts: list
         # engine's batch cap
         finished = slo.partitioner.load_state(time.monotonic()).mean_output_tokens
         assert finished == pytest.approx(sum(map(len, out.values())) / len(out))
-        assert slo.partitioner.config.max_decode_batch == core.cfg.max_running_requests
+        assert slo.partitioner.config.max_decode_batch == core.cfg.scheduler.max_running_requests
         assert stats.predicted_ttft_s > 0 and stats.predicted_tpot_s > 0 and stats.measured_tpot_s > 0
         assert stats.repartitions == shared_pool(core).router.repartitions  # whatever it chose, the core followed
         assert (stats.prefill_sm_percent, stats.decode_sm_percent) == slo.split

@@ -95,18 +95,24 @@ def test_semipd_random_aborts_keep_pool_clean(model_dir: Path, prompts: list[lis
         core.close()
 
 
-def test_dead_prefill_worker_fails_its_requests(model_dir: Path, prompts: list[list[int]]) -> None:
+def test_dead_prefill_worker_fails_its_requests_and_comes_back(model_dir: Path, prompts: list[list[int]]) -> None:
     core = make_core(model_dir, "semi-pd")
-    shared_pool(core)
+    executor = shared_pool(core)
+    executor.max_restarts = 1
+    greedy = CoreSampling(temperature=0.0, max_tokens=5, ignore_eos=True)
     try:
         core.add_request(AddRequest("early", prompts[0], CoreSampling(temperature=0.0, max_tokens=30,
                                                                      ignore_eos=True)))
         events = []
         while not any(ev.token_ids for ev in events):
             events += core.step()
+        # the worker dies; the batch sent to it next fails (only its requests), then a fresh worker takes over
         kill_prefill_worker(core)
+        core.add_request(AddRequest("doomed", prompts[3], greedy))
+        events += core.step()
+        assert core.requests["doomed"].status.value == "prefilling"
         for i, p in enumerate(prompts[1:4]):
-            core.add_request(AddRequest(f"late{i}", p, CoreSampling(temperature=0.0, max_tokens=5)))
+            core.add_request(AddRequest(f"late{i}", p, greedy))
         for _ in range(10_000):
             events += core.step()
             if not core.has_work() and not core.pending:
@@ -114,12 +120,28 @@ def test_dead_prefill_worker_fails_its_requests(model_dir: Path, prompts: list[l
         by_rid: dict[str, list] = {}
         for ev in events:
             by_rid.setdefault(ev.rid, []).append(ev)
-        # the running request keeps decoding to its end; the others fail with 503 / abort
+        # the running request keeps decoding to its end; the dead worker's request fails with 503; a fresh worker
+        # serves the later ones (same tokens as unified)
         assert by_rid["early"][-1].finish_reason == "length"
         assert sum(len(e.token_ids) for e in by_rid["early"]) == 30
+        last = by_rid["doomed"][-1]
+        assert last.finish_reason == "abort" and last.status == 503 and not last.token_ids
+        unified = make_core(model_dir, "unified")
+        want = run(unified, prompts[1:4], greedy)
         for i in range(3):
-            last = by_rid[f"late{i}"][-1]
-            assert last.finish_reason == "abort" and last.status == 503
+            assert [t for e in by_rid[f"late{i}"] for t in e.token_ids] == want[f"r{i}"]
+        assert core.stats().healthy and executor.restarts == 1 and core.stats().repartitions == 0
+        assert_pool_clean(core)
+        # a second death, past max_restarts: the executor gives up, waiting requests fail, decoding goes on
+        kill_prefill_worker(core)
+        core.add_request(AddRequest("after", prompts[2], greedy))
+        core.add_request(AddRequest("after2", prompts[1], greedy))
+        for _ in range(10_000):
+            events += core.step()
+            if not core.has_work() and not core.pending:
+                break
+        assert [ev for ev in events if ev.rid == "after"][-1].status == 503
+        assert [ev for ev in events if ev.rid == "after2"][-1].status == 503
         assert not core.stats().healthy
         assert_pool_clean(core)
     finally:

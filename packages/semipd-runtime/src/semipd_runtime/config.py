@@ -1,5 +1,5 @@
-"""EngineConfig: every engine knob, written once, in a typed tree (model / scheduler / semi-PD / SLO sections),
-validated once when built. `Engine(...)` keywords are checked against it (`EngineConfig.from_knobs`) and the
+"""EngineConfig: every engine knob, written once, in a typed tree (model / scheduler / semi-PD / SLO
+sections), validated once when built. `Engine(...)` keywords are checked against it (`EngineConfig.from_knobs`) and the
 server's flags are generated from it (`semipd_server.cli`). `resolved()` fills what depends on the model
 (context length, dtype and device defaults, EOS ids, SM shares from the environment); the core takes only a
 resolved config."""
@@ -20,13 +20,15 @@ from semipd_runtime.slo_control import SloSettings
 DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("unified", "semi-pd")
 # Semi-PD's own environment variables for the shares (its launch scripts set these)
-SHARE_ENV = {"prefill_sm_percent": "SEMI_PD_PREFILL_SM_PERCENTILE", "decode_sm_percent": "SEMI_PD_DECODE_SM_PERCENTILE"}
+SHARE_ENV = {"prefill_sm_percent": "SEMI_PD_PREFILL_SM_PERCENTILE",
+             "decode_sm_percent": "SEMI_PD_DECODE_SM_PERCENTILE"}
 
 
 @dataclass(slots=True, kw_only=True)
 class ModelOptions:
-    model_path: str | None = knob(None, "Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct",
-                                  flags=("--model-path",), group="model")
+    model_path: str | None = knob(
+        None, "Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct", flags=("--model-path",),
+        group="model")
     max_model_len: int | None = knob(None, "max tokens per request (prompt+output); default: the model's",
                                      flags=("--context-length",), minimum=1, group="model")
     dtype: str | None = knob(None, "weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)",
@@ -34,8 +36,8 @@ class ModelOptions:
     load_format: str = knob("auto", "auto: the model directory's safetensors; dummy: random weights at its "
                             "config's shapes (benchmarks)", flags=("--load-format",), choices=LOAD_FORMATS,
                             group="model")
-    device: str | None = knob(None, "cuda, cuda:N or cpu (default: cuda when available)", flags=("--device",),
-                              group="model")
+    device: str | None = knob(None, "cuda, cuda:N or cpu (default: cuda when available)",
+                              flags=("--device",), group="model")
     eos_token_ids: list[int] = field(default_factory=list)  # resolved from the tokenizer and generation config
 
     def __post_init__(self) -> None:
@@ -155,7 +157,12 @@ class EngineConfig:
         sets further SloSettings fields by name. Unknown names raise TypeError listing the known ones."""
         by_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         owner = knob_owners()
-        for name, value in {**dict(slo_options or {}), **knobs}.items():
+        extra = dict(slo_options or {})
+        unknown = sorted(n for n in extra if owner.get(n) != "slo")
+        if unknown:
+            known = sorted(n for n, section in owner.items() if section == "slo")
+            raise ValueError(f"slo_options: unknown option(s) {unknown}; known: {known}")
+        for name, value in {**extra, **knobs}.items():
             section = owner.get(name)
             if section is None:
                 raise TypeError(f"unknown engine option {name!r}; known: {', '.join(sorted(owner))}")

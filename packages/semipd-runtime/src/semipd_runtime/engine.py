@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from semipd_runtime.capacity import check_fits
 from semipd_runtime.config import EngineConfig
-from semipd_runtime.core import check_fits
 from semipd_runtime.core_client import ProcessCoreClient, ThreadCoreClient
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from semipd_runtime.messages import (

@@ -114,6 +114,22 @@ class PrefillRouter:
             return False
         return True
 
+    def restart(self) -> bool:
+        """The current worker died: start a fresh one at the same split (it takes over once ready, as a standby
+        does). False when none could be started."""
+        dead = self.current
+        dead.batches.clear()  # failed by the caller; the dead worker retires once replaced
+        if self.standby is not None:
+            return True  # a worker for a new split is starting already: it takes over
+        self._pending_split = None
+        try:
+            self.standby = self._start(dead.partition.resplit(*dead.split), time.perf_counter())
+        except Exception:
+            self.failures += 1
+            log.exception("could not restart the prefill worker at %.1f/%.1f%%", *dead.split)
+            return False
+        return True
+
     @contextmanager
     def decode_context(self) -> Iterator[None]:
         """Enter the current generation's decode role context (a new split is entered at the next step)."""
@@ -180,7 +196,7 @@ class PrefillRouter:
         sb.ready = True
         self.retiring.append(old)
         self.history.append(sb)
-        self.repartitions += 1
+        self.repartitions += sb.split != old.split  # a restart at the same split is not a re-partition
         self.switches_in_flight += bool(old.batches)
         self.last_latency_s = time.perf_counter() - sb.requested_at
         log.info("re-partition %.1f/%.1f%% -> %.1f/%.1f%% in effect after %.1f ms (generation %d; %d batches "

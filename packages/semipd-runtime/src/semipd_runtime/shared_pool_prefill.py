@@ -5,7 +5,11 @@ reserved in the shared KV pool and samples their first tokens; the core's own st
 Batches go out through a `PrefillRouter` (`repartition.py`), which owns the workers: one *generation* per SM split,
 a standby started for a new split, the old one retired once it answered what it held. At most two batches are in
 flight (one running, one queued behind it), so the worker never idles between batches. Each batch writes under its
-own writer name; its report tells the core that nothing writes those pages any more."""
+own writer name; its report tells the core that nothing writes those pages any more.
+
+A worker that dies fails the batches it held (only those requests) and is replaced by a fresh one at the same
+split, up to `max_restarts` times; meanwhile new prompts wait. Past that, or when no replacement starts, the
+executor reports an error and waiting requests fail."""
 
 from __future__ import annotations
 
@@ -22,10 +26,10 @@ from semipd_runtime.messages import (
     PrefillItem,
     PrefillReady,
 )
+from semipd_runtime.partition import SmPartition
 from semipd_runtime.prefill_executor import PrefillReport, PrefillTiming, SplitListener
 from semipd_runtime.repartition import PrefillChannel, PrefillGeneration, PrefillRouter
 from semipd_runtime.request import Request
-from semipd_runtime.partition import SmPartition
 
 log = logging.getLogger(__name__)
 ChannelFactory = Callable[[SmPartition, int], PrefillChannel]  # (partition, generation index) -> its worker
@@ -46,13 +50,15 @@ class SharedPoolPrefill:
     in_step = False
 
     def __init__(self, make_channel: ChannelFactory, partition: SmPartition, max_prefill_tokens: int,
-                 drop_decode_graphs: Callable[[int], None] = lambda key: None) -> None:
+                 drop_decode_graphs: Callable[[int], None] = lambda key: None, max_restarts: int = 3) -> None:
         """drop_decode_graphs(stream key): a retired split's decode stream is gone, so are graphs captured on it."""
         self.max_prefill_tokens = max(max_prefill_tokens, 1)
         self.max_batches_in_flight = 2
         self.batches: dict[int, _Batch] = {}  # in flight at a prefill worker
         self.next_batch = 0
         self.error = ""
+        self.restarting = ""  # why the worker is being replaced ("" = it is not)
+        self.restarts, self.max_restarts = 0, max_restarts
         self.prefill_sm, self.decode_sm = partition.sm_count["prefill"], partition.sm_count["decode"]
         self.ready = PrefillReady()
         self.on_split: SplitListener | None = None
@@ -94,7 +100,7 @@ class SharedPoolPrefill:
         return bool(self.batches) or self.router.in_transition or bool(self.router.retiring)
 
     def token_budget(self) -> int:
-        if self.error or len(self.batches) >= self.max_batches_in_flight:
+        if self.error or self.restarting or len(self.batches) >= self.max_batches_in_flight:
             return 0
         return self.max_prefill_tokens
 
@@ -122,7 +128,17 @@ class SharedPoolPrefill:
                 reports += self._done(msg)
         if self.batches and not self.router.alive and not self.error:
             reports += self._died("prefill worker died")
+        if self.restarting:
+            self._check_restart()
         return reports
+
+    def _check_restart(self) -> None:
+        r = self.router
+        if r.current.channel.alive and not r.in_transition:
+            log.warning("prefill worker replaced (generation %d) after: %s", r.current.index, self.restarting)
+            self.restarting = ""
+        elif r.standby is None and not r.current.channel.alive:  # the replacement failed to start
+            self.error, self.restarting = f"{self.restarting}; restart failed", ""
 
     def _done(self, msg: PrefillDone) -> list[PrefillReport]:
         batch = self.batches.pop(msg.batch_id, None)
@@ -137,7 +153,11 @@ class SharedPoolPrefill:
         """A worker is gone: every batch in flight fails (their writers will never write again)."""
         log.error("%s; failing %d prefilling requests", message,
                   sum(len(b.requests) for b in self.batches.values()))
-        self.error = message
+        if self.restarts < self.max_restarts and self.router.restart():
+            self.restarts += 1
+            self.restarting = message
+        else:
+            self.error = message
         reports = [PrefillReport(batch_writer(i), b.requests, error=message) for i, b in self.batches.items()]
         self.batches.clear()
         return reports
@@ -146,7 +166,8 @@ class SharedPoolPrefill:
     def fill_stats(self, s: EngineStats) -> None:
         r = self.router
         s.prefill_sm, s.decode_sm = self.prefill_sm, self.decode_sm
-        s.healthy, s.health_error = not self.error, self.error
+        s.healthy = not (self.error or self.restarting)
+        s.health_error = self.error or (f"prefill worker restarting after: {self.restarting}" if self.restarting else "")
         s.prefill_pid = self.ready.pid
         s.prefill_sm_percent, s.decode_sm_percent = r.split
         s.repartitions, s.repartition_failures, s.last_repartition_s = r.repartitions, r.failures, r.last_latency_s

@@ -15,9 +15,9 @@ from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
-
 from semipd_runtime.config import CliKnob, cli_knobs
 from semipd_runtime.knobs import Knob, check_value
+
 from semipd_server.app import build_app
 from semipd_server.state import ServerState
 
