@@ -143,6 +143,7 @@ def test_send_to_a_dead_peer_returns(connect_first: bool) -> None:
         if connect_first:  # connected and serving: then SIGKILLed mid-conversation
             assert chan.send(StatsRequest()) and chan.send(AddRequest("x", [1], CoreSampling()))
             assert isinstance(chan.recv(60.0), StepOutput)
+            assert proc.pid is not None
             os.kill(proc.pid, signal.SIGKILL)
         proc.join(timeout=60)
         assert not proc.is_alive()

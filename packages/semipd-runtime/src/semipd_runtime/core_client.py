@@ -133,6 +133,9 @@ def run_core_process(cfg: CoreConfig, addrs: ChannelAddrs, log_level: int) -> No
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s core %(name)s: %(message)s")
     chan: ZmqChannel[FromCore, ToCore] = ZmqChannel.connect(addrs, ToCore, peer_alive=parent_alive())
 
+    def emit(msg: FromCore) -> None:
+        chan.send(msg)  # dropped once the front end is gone: get() then tells the loop to stop
+
     def get(block: bool) -> list[ToCore]:
         msgs = chan.recv_all(None if block else 0.0)
         if not msgs and not chan.peer_alive():  # orphaned: the front end died without telling us
@@ -141,11 +144,11 @@ def run_core_process(cfg: CoreConfig, addrs: ChannelAddrs, log_level: int) -> No
 
     try:
         core = create_core(cfg)
-        chan.send(CoreReady(core.stats(), cfg.page_size, cfg.max_model_len))
-        core_loop(core, get, chan.send)
+        emit(CoreReady(core.stats(), cfg.page_size, cfg.max_model_len))
+        core_loop(core, get, emit)
     except Exception as e:
         log.exception("engine core failed")
-        chan.send(CoreFailure(f"engine core failed: {e!r}"))
+        emit(CoreFailure(f"engine core failed: {e!r}"))
     finally:
         chan.close(linger_s=1.0)
 

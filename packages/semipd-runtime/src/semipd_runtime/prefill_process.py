@@ -49,7 +49,10 @@ def run_prefill_process(
             msg = chan.recv()  # None: the decode worker is gone
             return Shutdown() if msg is None else msg
 
-        prefill_loop(worker, recv, chan.send)
+        def send(msg: FromPrefill) -> None:
+            chan.send(msg)
+
+        prefill_loop(worker, recv, send)
     finally:
         chan.close(linger_s=1.0)
 
