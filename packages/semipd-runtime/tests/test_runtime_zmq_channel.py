@@ -50,7 +50,11 @@ def test_round_trip_of_typed_messages() -> None:
         assert got == sent and [type(m) for m in got] == [type(m) for m in sent]
         back = StepOutput([TokenEvent("a", [5], finish_reason="length")], EngineStats(num_running=1))
         assert child.send(back)
-        assert parent.recv(10.0) == back
+        deadline = time.monotonic() + 10
+        while not parent.pending():  # a peek: the message stays queued
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert parent.pending() and parent.recv(10.0) == back and not parent.pending()
         assert parent.recv_all(0.0) == []  # nothing else queued, and a zero timeout does not wait
     finally:
         child.close()

@@ -143,6 +143,10 @@ class ZmqChannel(Generic[SendT, RecvT]):
             except zmq.Again:
                 return out
 
+    def pending(self) -> bool:
+        """A message is waiting to be received (nothing is consumed)."""
+        return bool(self._pull.poll(0))
+
     def _decode(self, data: bytes) -> RecvT:
         msg: RecvT = self._dec.decode(data)
         return msg
