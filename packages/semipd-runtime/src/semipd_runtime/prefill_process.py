@@ -67,8 +67,8 @@ class ProcessPrefillChannel:
         self._weights_handle = export_tensors({n: p.data for n, p in core.model.named_parameters()})
         self._kv_handle = export_tensors({"kv": core.kv_pool.buffer})
         kv_shape = {"num_layers": core.kv_pool.num_layers, "num_pages": core.kv_pool.num_pages,
-                        "page_size": core.kv_pool.page_size, "num_kv_heads": core.kv_pool.num_kv_heads,
-                        "head_dim": core.kv_pool.head_dim}
+                    "page_size": core.kv_pool.page_size, "num_kv_heads": core.kv_pool.num_kv_heads,
+                    "head_dim": core.kv_pool.head_dim}
         self.proc = mp.get_context("spawn").Process(
             target=run_prefill_process,
             args=(cfg, core.model.config, self._weights_handle, self._kv_handle, kv_shape, self.chan.addrs,
