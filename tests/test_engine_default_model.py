@@ -7,8 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
-from semipd_runtime import Engine, SamplingParams
+from semipd_runtime import Engine, EngineStats, SamplingParams
 from semipd_runtime.errors import InvalidRequestError
 
 PROMPTS = [
@@ -33,7 +32,7 @@ def engine() -> Iterator[Engine]:
 @pytest.fixture(autouse=True)
 def pool_is_empty_after(engine: Engine) -> Iterator[None]:
     yield
-    assert engine.refresh_stats()["pages_used"] == 0
+    assert engine.refresh_stats().pages_used == 0
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +59,14 @@ def test_greedy_batched_equals_transformers_gguf(engine: Engine, hf_model) -> No
                                     pad_token_id=0)
         assert out.token_ids == ref[0, len(ids):].tolist(), prompt
         assert out.finish_reason == "length"
+
+
+def test_stats_are_a_struct_callers_cannot_change(engine: Engine) -> None:
+    stats = engine.stats()
+    assert isinstance(stats, EngineStats) and stats.pages_total == 256 and stats.healthy
+    stats.pages_total, stats.healthy = 1, False
+    assert engine.stats().pages_total == 256 and engine.stats().healthy  # a copy: the engine goes by its own
+    assert engine.refresh_stats() == engine.stats() and engine.refresh_stats() is not engine.stats()
 
 
 def test_seed_reproduces_sampling(engine: Engine) -> None:
@@ -145,5 +152,5 @@ def test_process_core_matches_thread_core(engine: Engine) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=12)
     with Engine(core="process", num_pages=256) as proc_engine:
         got = [o.token_ids for o in proc_engine.generate(PROMPTS[:4], params)]
-        assert proc_engine.refresh_stats()["pages_used"] == 0
+        assert proc_engine.refresh_stats().pages_used == 0
     assert got == [o.token_ids for o in engine.generate(PROMPTS[:4], params)]

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from semipd_runtime import Engine, SamplingParams
 from semipd_runtime.errors import EngineDeadError
 from semipd_runtime.shared_pool_prefill import SharedPoolPrefill
@@ -40,7 +39,7 @@ def test_semipd_greedy_equals_unified(placement: str, unified_outputs: list[list
                 chunked_prefill_size=64, max_prefill_tokens=200, core="process") as eng:
         got = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
         stats = eng.refresh_stats()
-        assert stats["pages_used"] == 0 and stats["healthy"] == 1
+        assert stats.pages_used == 0 and stats.healthy
     assert got == unified_outputs
 
 
@@ -89,18 +88,18 @@ def test_random_aborts_leave_integrity_clean(semi_engine: Engine) -> None:
     assert set(reasons) <= {"abort", "length"} and "abort" in reasons
     for _ in range(50):
         stats = semi_engine.refresh_stats()
-        if stats["pages_used"] == 0:
+        if stats.pages_used == 0:
             break
         time.sleep(0.1)
-    assert stats["pages_used"] == 0
-    assert semi_engine._stats.integrity_error == ""
+    assert stats.pages_used == 0
+    assert stats.integrity_error == ""
 
 
 def test_killing_prefill_process_fails_its_requests_then_a_new_worker_serves() -> None:
     with Engine(mode="semi-pd", sm_partition="none", prefill_placement="process", num_pages=512,
                 chunked_prefill_size=16, core="process") as eng:
         eng.generate("warm up", SamplingParams(max_tokens=2))
-        pid = eng.refresh_stats() and eng._stats.prefill_pid
+        pid = eng.refresh_stats().prefill_pid
         assert pid
 
         async def run() -> tuple[list[object], str | None]:
@@ -131,10 +130,10 @@ def test_killing_prefill_process_fails_its_requests_then_a_new_worker_serves() -
         assert isinstance(results[0], EngineDeadError) or any(isinstance(r, EngineDeadError) for r in results)
         assert decode_reason == "length"  # the decode worker kept serving what it had
         deadline = time.monotonic() + 120
-        while not eng.refresh_stats()["healthy"]:  # a fresh prefill worker is starting
+        while not eng.refresh_stats().healthy:  # a fresh prefill worker is starting
             assert time.monotonic() < deadline, "the prefill worker did not come back"
             time.sleep(0.1)
         asyncio.run(eng.check_health())
-        assert eng._stats.prefill_pid not in (0, pid)
+        assert eng.stats().prefill_pid not in (0, pid)
         assert eng.generate("new request", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
-        assert eng.refresh_stats()["pages_used"] == 0
+        assert eng.refresh_stats().pages_used == 0

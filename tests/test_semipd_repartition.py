@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from semipd_runtime import Engine, SamplingParams
 
 PROMPTS = [
@@ -63,16 +62,16 @@ def test_repartition_message_during_streams_changes_nothing_but_the_split() -> N
     with Engine(mode="semi-pd", sm_partition="none", prefill_placement="process", num_pages=512,
                 chunked_prefill_size=64, max_prefill_tokens=200, core="process") as eng:
         eng.generate("warm up", SamplingParams(max_tokens=1))
-        old_pid = int(eng.refresh_stats() and eng._stats.prefill_pid)
+        old_pid = eng.refresh_stats().prefill_pid
         got = streams(eng, prompts, during=lambda: eng.repartition(30, 70))
         deadline = time.monotonic() + 180  # a standby process starts in ~15-45 s on a busy 2-core CPU
-        while eng.refresh_stats()["repartitions"] < 1:  # requests may all finish before the standby is ready
+        while eng.refresh_stats().repartitions < 1:  # requests may all finish before the standby is ready
             assert time.monotonic() < deadline, "re-partition never took effect"
             time.sleep(0.2)
         stats = eng.refresh_stats()
-        assert (stats["prefill_sm_percent"], stats["decode_sm_percent"]) == (30.0, 70.0)
-        assert stats["pages_used"] == 0 and stats["healthy"] == 1 and stats["last_repartition_s"] > 0
-        new_pid = eng._stats.prefill_pid
+        assert (stats.prefill_sm_percent, stats.decode_sm_percent) == (30.0, 70.0)
+        assert stats.pages_used == 0 and stats.healthy and stats.last_repartition_s > 0
+        new_pid = stats.prefill_pid
         assert new_pid and new_pid != old_pid
         more = [o.token_ids for o in eng.generate(prompts[:2], GREEDY)]  # served by the new worker
         for _ in range(100):  # the old worker is retired at a later step: reaped, so its pid is gone
@@ -83,7 +82,8 @@ def test_repartition_message_during_streams_changes_nothing_but_the_split() -> N
             eng.generate("tick", SamplingParams(max_tokens=1))
         else:
             pytest.fail(f"old prefill process {old_pid} still exists")
-        assert eng.refresh_stats()["pages_used"] == 0 and eng._stats.integrity_error == ""
+        stats = eng.refresh_stats()
+        assert stats.pages_used == 0 and stats.integrity_error == ""
     assert got == want and more == want[:2]
 
 
@@ -97,9 +97,9 @@ def test_slo_policy_end_to_end(tmp_path: Path) -> None:
         assert list(tmp_path.glob("slo_profile--*.json"))  # the startup profile was measured and cached
         streams(eng, PROMPTS)
         stats = eng.refresh_stats()
-        assert eng._stats.partition_policy == "slo"
-        assert stats["slo_decisions"] >= 1 and stats["slo_observations"] > 0
-        assert stats["predicted_ttft_s"] > 0 and stats["predicted_tpot_s"] > 0
-        assert stats["measured_tpot_s"] > 0
-        assert stats["pages_used"] == 0 and stats["healthy"] == 1
-        assert 0 < stats["prefill_sm_percent"] < 100 and 0 < stats["decode_sm_percent"] < 100
+        assert stats.partition_policy == "slo"
+        assert stats.slo_decisions >= 1 and stats.slo_observations > 0
+        assert stats.predicted_ttft_s > 0 and stats.predicted_tpot_s > 0
+        assert stats.measured_tpot_s > 0
+        assert stats.pages_used == 0 and stats.healthy
+        assert 0 < stats.prefill_sm_percent < 100 and 0 < stats.decode_sm_percent < 100

@@ -17,6 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from semipd_runtime import Engine, SamplingParams
+from semipd_server.engine_protocol import ServedEngine, ServedTokenizer
 from semipd_server.testing import ServerProcess, child_pids, proc_cmdline
 
 pytestmark = pytest.mark.slow
@@ -60,6 +61,10 @@ def metrics(server: ServerProcess) -> dict[str, float]:
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
     }
+
+
+def test_engine_satisfies_the_server_protocol(offline: Engine) -> None:
+    assert isinstance(offline, ServedEngine) and isinstance(offline.tokenizer, ServedTokenizer)
 
 
 def test_completions_equal_offline_engine(client: openai.OpenAI, offline: Engine) -> None:

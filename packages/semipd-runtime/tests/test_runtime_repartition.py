@@ -42,7 +42,7 @@ def standby_ready_queued(core: EngineCore) -> bool:
     ch = shared_pool(core).router.standby.channel if shared_pool(core).router.standby is not None else None
     if ch is None:
         return False
-    return bool(ch.pull.poll(0)) if hasattr(ch, "pull") else not ch.outbox.empty()  # type: ignore[attr-defined]
+    return ch.chan.pending() if hasattr(ch, "chan") else not ch.outbox.empty()  # type: ignore[attr-defined]
 
 
 def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tuple[float, float]]] | None = None,

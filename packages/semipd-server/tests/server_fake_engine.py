@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from semipd_runtime import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from semipd_runtime import CompletionOutput, EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 
 
@@ -20,6 +20,9 @@ class CharTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in ids)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return chr(token_id)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if messages[0]["role"] == "assistant":
@@ -40,6 +43,7 @@ def logprob_of(step: int) -> float:
 class FakeEngine:
     model_name = "fake-model"
     model_path = "/models/fake-model"
+    mode = "unified"
 
     def __init__(self, max_model_len: int = 64, max_active: int = 8, step_s: float = 0.001) -> None:
         self.tokenizer = CharTokenizer()
@@ -124,15 +128,14 @@ class FakeEngine:
         if self.dead:
             raise EngineDeadError("engine core process died")
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "num_running": len(self.active),
-            "num_waiting": 0,
-            "pages_used": 2 * len(self.active),
-            "pages_total": self.pages_total,
-            "prefill_sm": 0,
-            "decode_sm": 0,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.active), pages_used=2 * len(self.active),
+                           pages_total=self.pages_total, healthy=not self.dead)
+
+    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
+        if self.dead:
+            raise EngineDeadError("engine core process died")
+        return self.stats()
 
 
 def _copy(c: CompletionOutput) -> CompletionOutput:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from semipd_runtime import EngineStats
 from semipd_server.app import build_app
 from semipd_server.sse import parse_sse
 from server_fake_engine import FakeEngine, expected_tokens, logprob_of
@@ -398,26 +399,10 @@ def test_prefix_cache_metrics_follow_engine_totals() -> None:
     from semipd_server.metrics import ServerMetrics
 
     m = ServerMetrics("tiny")
-    m.update_engine_stats(
-        {
-            "pages_used": 3,
-            "pages_total": 10,
-            "cached_pages": 5,
-            "evictable_pages": 2,
-            "prefix_hit_tokens": 32,
-            "prefix_query_tokens": 100,
-        }
-    )
-    m.update_engine_stats(
-        {
-            "pages_used": 0,
-            "pages_total": 10,
-            "cached_pages": 6,
-            "evictable_pages": 6,
-            "prefix_hit_tokens": 48,
-            "prefix_query_tokens": 130,
-        }
-    )
+    m.update_engine_stats(EngineStats(pages_used=3, pages_total=10, cached_pages=5, evictable_pages=2,
+                                      prefix_hit_tokens=32, prefix_query_tokens=100))
+    m.update_engine_stats(EngineStats(pages_used=0, pages_total=10, cached_pages=6, evictable_pages=6,
+                                      prefix_hit_tokens=48, prefix_query_tokens=130))
     got = metric_samples(m.render().decode())
     assert got[("semipd:prefix_cache_hit_tokens_total", ())] == 48  # totals, not the sum of reports
     assert got[("semipd:prefix_cache_query_tokens_total", ())] == 130

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from semipd_runtime import EngineStats
 from semipd_server.cli import build_parser, engine_kwargs, main
 from semipd_server.metrics import ServerMetrics
 
@@ -62,11 +64,11 @@ def test_split_and_repartition_metrics() -> None:
     for name in ("semipd:prefill_sm_count", "semipd:decode_sm_count", "semipd:repartitions_total",
                  "semipd:predicted_ttft_seconds", "semipd:predicted_tpot_seconds"):
         assert before[(name, ())] == 0, name  # every series exists from the first scrape
-    stats = {"prefill_sm": 40, "decode_sm": 92, "prefill_sm_percent": 30.3, "decode_sm_percent": 69.7,
-             "repartitions": 2, "slo_decisions": 5, "predicted_ttft_s": 0.25, "predicted_tpot_s": 0.012,
-             "last_repartition_s": 0.003, "ttft_correction": 1.7}
+    stats = EngineStats(prefill_sm=40, decode_sm=92, prefill_sm_percent=30.3, decode_sm_percent=69.7,
+                        repartitions=2, slo_decisions=5, predicted_ttft_s=0.25, predicted_tpot_s=0.012,
+                        last_repartition_s=0.003, ttft_correction=1.7)
     m.update_engine_stats(stats)
-    m.update_engine_stats({**stats, "repartitions": 3})
+    m.update_engine_stats(msgspec.structs.replace(stats, repartitions=3))
     after = samples(m)
     assert after[("semipd:prefill_sm_count", ())] == 40 and after[("semipd:decode_sm_count", ())] == 92
     assert after[("semipd:sm_percent", (("role", "prefill"),))] == pytest.approx(30.3)

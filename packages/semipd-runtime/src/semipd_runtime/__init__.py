@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from semipd_runtime.messages import EngineStats
 from semipd_runtime.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from semipd_runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from semipd_runtime.engine import Engine
 
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "TokenLogprob"]
+__all__ = ["CompletionOutput", "Engine", "EngineStats", "RequestOutput", "SamplingParams", "TokenLogprob"]
 
 
 def __getattr__(name: str) -> object:

@@ -8,14 +8,10 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
-import os
 import queue
-import tempfile
 import threading
-import time
 from collections.abc import Callable
 
-import msgspec
 import zmq
 
 from semipd_runtime.config import EngineConfig
@@ -34,6 +30,7 @@ from semipd_runtime.messages import (
     StepOutput,
     ToCore,
 )
+from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, parent_alive
 
 log = logging.getLogger(__name__)
 
@@ -115,32 +112,18 @@ class ThreadCoreClient:
             self.thread.join(timeout=10)
 
 
-def run_core_process(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: int) -> None:
+def run_core_process(cfg: EngineConfig, addrs: ChannelAddrs, log_level: int) -> None:
     """Entry point of the core process: load, report ready, serve until Shutdown or the parent is gone."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s core %(name)s: %(message)s")
-    ctx = zmq.Context()
-    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    pull.connect(in_addr)
-    push.connect(out_addr)
-    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ToCore)
-    parent = os.getppid()
+    chan: ZmqChannel[FromCore, ToCore] = ZmqChannel.connect(addrs, ToCore, peer_alive=parent_alive())
 
     def emit(msg: FromCore) -> None:
-        push.send(enc.encode(msg))
+        chan.send(msg)  # dropped once the front end is gone: get() then tells the loop to stop
 
     def get(block: bool) -> list[ToCore]:
-        msgs: list[ToCore] = []
-        while not msgs:
-            if pull.poll(200 if block else 0):
-                while True:
-                    try:
-                        msgs.append(dec.decode(pull.recv(zmq.NOBLOCK)))
-                    except zmq.Again:
-                        break
-            if os.getppid() != parent:  # orphaned: the front end died without telling us
-                return [Shutdown()]
-            if not block:
-                break
+        msgs = chan.recv_all(None if block else 0.0)
+        if not msgs and not chan.peer_alive():  # orphaned: the front end died without telling us
+            return [Shutdown()]
         return msgs
 
     try:
@@ -151,9 +134,7 @@ def run_core_process(cfg: EngineConfig, in_addr: str, out_addr: str, log_level: 
         log.exception("engine core failed")
         emit(CoreFailure(f"engine core failed: {e!r}"))
     finally:
-        push.close(linger=1000)
-        pull.close(linger=0)
-        ctx.term()
+        chan.close(linger_s=1.0)
 
 
 class ProcessCoreClient:
@@ -162,20 +143,14 @@ class ProcessCoreClient:
     def __init__(self, cfg: EngineConfig, on_output: OutputCallback, startup_timeout_s: float = 600.0,
                  env: dict[str, str] | None = None) -> None:
         self.on_output = on_output
-        self._dir = tempfile.TemporaryDirectory(prefix="semipd-")
-        in_addr, out_addr = f"ipc://{self._dir.name}/in", f"ipc://{self._dir.name}/out"
-        self.ctx = zmq.Context()
-        self.push, self.pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
-        self.push.bind(in_addr)
-        self.pull.bind(out_addr)
-        self._send_lock = threading.Lock()
-        self.enc, self.dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromCore)
+        self.chan: ZmqChannel[ToCore, FromCore] = ZmqChannel.bind(FromCore, prefix="semipd")
         self.proc = mp.get_context("spawn").Process(
             target=run_core_process,
-            args=(cfg, in_addr, out_addr, logging.getLogger().getEffectiveLevel()),
+            args=(cfg, self.chan.addrs, logging.getLogger().getEffectiveLevel()),
             name="semipd-core",
             daemon=False,  # it starts its own child (the semi-PD prefill worker); it exits when we do (ppid watch)
         )
+        self.chan.peer_alive = self.proc.is_alive
         with environment(env or {}):  # spawn copies os.environ: MPS reads its percentage at CUDA init
             self.proc.start()
         self.alive = True
@@ -190,40 +165,27 @@ class ProcessCoreClient:
         self.reader.start()
 
     def _wait_first(self, timeout_s: float) -> FromCore:
-        waited = 0.0
-        while waited < timeout_s:
-            if self.pull.poll(200):
-                return self.dec.decode(self.pull.recv())
-            waited += 0.2
-            if not self.proc.is_alive():
-                return CoreFailure(f"engine core process exited with code {self.proc.exitcode} during startup")
+        first = self.chan.recv(timeout_s)
+        if first is not None:
+            return first
+        if not self.proc.is_alive():
+            return CoreFailure(f"engine core process exited with code {self.proc.exitcode} during startup")
         return CoreFailure(f"engine core process did not start within {timeout_s:.0f}s")
 
     def _read(self) -> None:
         while True:
-            if self.pull.poll(100):
-                msg = self.dec.decode(self.pull.recv())
-                self.on_output(msg)
-                if isinstance(msg, CoreFailure):
-                    break
-                continue
-            if not self.proc.is_alive():
+            msg = self.chan.recv()  # None only once the core process is gone and everything it sent is read
+            if msg is None:
                 if not self._closing:
                     self.on_output(CoreFailure(f"engine core process died (exit code {self.proc.exitcode})"))
+                break
+            self.on_output(msg)
+            if isinstance(msg, CoreFailure):
                 break
         self.alive = False
 
     def send(self, msg: ToCore) -> None:
-        data = self.enc.encode(msg)
-        with self._send_lock:
-            while True:  # a PUSH socket blocks while its peer is gone: never hang on a dead core
-                try:
-                    self.push.send(data, zmq.NOBLOCK)
-                    return
-                except zmq.Again:
-                    if not self.proc.is_alive():
-                        return  # the reader thread reports the death to every waiting request
-                    time.sleep(0.001)
+        self.chan.send(msg)  # dropped if the core is dead: the reader thread reports that to every request
 
     def close(self) -> None:
         if self._closing:
@@ -241,8 +203,5 @@ class ProcessCoreClient:
                 self.proc.join(timeout=5)
         if hasattr(self, "reader"):
             self.reader.join(timeout=2)
-        self.push.close(linger=0)
-        self.pull.close(linger=0)
-        self.ctx.term()
-        self._dir.cleanup()
+        self.chan.close()
         self.alive = False

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from semipd_runtime.capacity import check_fits
@@ -237,19 +238,9 @@ class Engine:
         for c in crids:
             self._client.send(AbortRequest(c))
 
-    def stats(self) -> dict[str, float]:
-        s = self._stats
-        return {"num_running": s.num_running, "num_waiting": s.num_waiting, "pages_used": s.pages_used,
-                "pages_total": s.pages_total, "prefill_sm": s.prefill_sm, "decode_sm": s.decode_sm,
-                "healthy": int(s.healthy), "prefill_sm_percent": s.prefill_sm_percent,
-                "decode_sm_percent": s.decode_sm_percent, "repartitions": s.repartitions,
-                "repartition_failures": s.repartition_failures, "last_repartition_s": s.last_repartition_s,
-                "slo_decisions": s.slo_decisions, "slo_observations": s.slo_observations,
-                "predicted_ttft_s": s.predicted_ttft_s, "predicted_tpot_s": s.predicted_tpot_s,
-                "ttft_correction": s.ttft_correction,
-                "measured_ttft_s": s.measured_ttft_s, "measured_tpot_s": s.measured_tpot_s,
-                "cached_pages": s.cached_pages, "evictable_pages": s.evictable_pages,
-                "prefix_hit_tokens": s.prefix_hit_tokens, "prefix_query_tokens": s.prefix_query_tokens}
+    def stats(self) -> EngineStats:
+        """The core's last report; a copy, so that callers never change what the engine goes by."""
+        return msgspec.structs.replace(self._stats)
 
     def repartition(self, prefill_percent: float, decode_percent: float) -> None:
         """Move semi-PD to a new SM split (percent of the SMs per role) without stopping: in-flight requests
@@ -261,7 +252,7 @@ class Engine:
                 raise ValueError(f"{name} must be a number in [1, 100], got {v!r}")
         self._client.send(Repartition(float(prefill_percent), float(decode_percent)))
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, float]:
+    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
         """Ask the core for fresh numbers (waits for its next report)."""
         if self._dead:
             raise EngineDeadError(self._dead)

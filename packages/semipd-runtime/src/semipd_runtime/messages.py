@@ -96,6 +96,11 @@ class EngineStats(msgspec.Struct):
     prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, since start
     prefix_query_tokens: int = 0  # prompt tokens of all admissions, since start
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the pool's pages held by requests (0..1)."""
+        return self.pages_used / self.pages_total if self.pages_total else 0.0
+
 
 class StepOutput(msgspec.Struct, tag=True):
     events: list[TokenEvent]

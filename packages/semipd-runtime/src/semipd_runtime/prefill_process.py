@@ -6,12 +6,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import tempfile
-import time
 from typing import TYPE_CHECKING, Any
-
-import msgspec
-import zmq
 
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.messages import FromPrefill, PrefillBatch, PrefillReady, Shutdown, ToPrefill
@@ -20,6 +15,7 @@ from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.partition import SmPartition, environment
 from semipd_runtime.prefill_worker import PrefillWorker, prefill_loop
+from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, parent_alive
 
 if TYPE_CHECKING:
     from semipd_runtime.core import EngineCore
@@ -29,17 +25,12 @@ log = logging.getLogger(__name__)
 
 def run_prefill_process(
     cfg: EngineConfig, model_cfg: ModelConfig, weights_handle: Any, kv_handle: Any, kv_shape: dict[str, Any],
-    in_addr: str, out_addr: str, sm_count: int, log_level: int,
+    addrs: ChannelAddrs, sm_count: int, log_level: int,
 ) -> None:
     from semipd_memory import KVPool, bind_tensors, import_tensors
 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s prefill %(name)s: %(message)s")
-    ctx = zmq.Context()
-    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    pull.connect(in_addr)
-    push.connect(out_addr)
-    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(ToPrefill)
-    parent = os.getppid()
+    chan: ZmqChannel[FromPrefill, ToPrefill] = ZmqChannel.connect(addrs, ToPrefill, peer_alive=parent_alive())
     try:
         weights = import_tensors(weights_handle)
         kv_buffer = import_tensors(kv_handle)["kv"]
@@ -51,19 +42,18 @@ def run_prefill_process(
         tensors = list(weights.values()) + [kv_buffer]
         all_shared = all(t.is_cuda or t.is_shared() for t in tensors)
         mapped = sum(t.numel() * t.element_size() for t in tensors)
-        push.send(enc.encode(PrefillReady(sm_count, os.getpid(), mapped, all_shared)))
+        chan.send(PrefillReady(sm_count, os.getpid(), mapped, all_shared))
 
         def recv() -> ToPrefill:
-            while not pull.poll(500):
-                if os.getppid() != parent:
-                    return Shutdown()
-            return dec.decode(pull.recv())
+            msg = chan.recv()  # None: the decode worker is gone
+            return Shutdown() if msg is None else msg
 
-        prefill_loop(worker, recv, lambda m: push.send(enc.encode(m)))
+        def send(msg: FromPrefill) -> None:
+            chan.send(msg)
+
+        prefill_loop(worker, recv, send)
     finally:
-        push.close(linger=1000)
-        pull.close(linger=0)
-        ctx.term()
+        chan.close(linger_s=1.0)
 
 
 class ProcessPrefillChannel:
@@ -71,24 +61,19 @@ class ProcessPrefillChannel:
         from semipd_memory import export_tensors
 
         cfg = core.cfg
-        self._dir = tempfile.TemporaryDirectory(prefix="semipd-prefill-")
-        in_addr, out_addr = f"ipc://{self._dir.name}/in", f"ipc://{self._dir.name}/out"
-        self.ctx = zmq.Context()
-        self.push, self.pull = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
-        self.push.bind(in_addr)
-        self.pull.bind(out_addr)
-        self.enc, self.dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(FromPrefill)
+        self.chan: ZmqChannel[ToPrefill, FromPrefill] = ZmqChannel.bind(FromPrefill, prefix="semipd-prefill")
         # handles keep the exported memory alive on this side for as long as the channel lives
         self._weights_handle = export_tensors({n: p.data for n, p in core.model.named_parameters()})
         self._kv_handle = export_tensors({"kv": core.kv_pool.buffer})
-        kv_shape = dict(num_layers=core.kv_pool.num_layers, num_pages=core.kv_pool.num_pages,
-                        page_size=core.kv_pool.page_size, num_kv_heads=core.kv_pool.num_kv_heads,
-                        head_dim=core.kv_pool.head_dim)
+        kv_shape = {"num_layers": core.kv_pool.num_layers, "num_pages": core.kv_pool.num_pages,
+                    "page_size": core.kv_pool.page_size, "num_kv_heads": core.kv_pool.num_kv_heads,
+                    "head_dim": core.kv_pool.head_dim}
         self.proc = mp.get_context("spawn").Process(
             target=run_prefill_process,
-            args=(cfg, core.model.config, self._weights_handle, self._kv_handle, kv_shape, in_addr, out_addr,
+            args=(cfg, core.model.config, self._weights_handle, self._kv_handle, kv_shape, self.chan.addrs,
                   partition.sm_count["prefill"], logging.getLogger().getEffectiveLevel()),
             name="semipd-prefill", daemon=True)
+        self.chan.peer_alive = self.proc.is_alive
         with environment(partition.process_env("prefill")):
             self.proc.start()
 
@@ -97,36 +82,16 @@ class ProcessPrefillChannel:
         return self.proc.is_alive()
 
     def send(self, batch: PrefillBatch) -> None:
-        # a PUSH socket blocks while no peer is connected: never block on a dead worker (the core detects the
-        # death through `alive` and fails the batch)
-        data = self.enc.encode(batch)
-        while True:
-            try:
-                self.push.send(data, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if not self.proc.is_alive():
-                    return
-                time.sleep(0.001)
+        self.chan.send(batch)  # dropped if the worker is dead: the core sees `alive` go False and fails the batch
 
     def poll(self, timeout_s: float) -> list[FromPrefill]:
-        out: list[FromPrefill] = []
-        if self.pull.poll(int(timeout_s * 1000)):
-            while True:
-                try:
-                    out.append(self.dec.decode(self.pull.recv(zmq.NOBLOCK)))
-                except zmq.Again:
-                    break
-        return out
+        return self.chan.recv_all(timeout_s)
 
     def close(self) -> None:
         if self.proc.is_alive():
-            self.push.send(self.enc.encode(Shutdown()))
+            self.chan.send(Shutdown())
             self.proc.join(timeout=10)
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join(timeout=5)
-        self.push.close(linger=0)
-        self.pull.close(linger=0)
-        self.ctx.term()
-        self._dir.cleanup()
+        self.chan.close()

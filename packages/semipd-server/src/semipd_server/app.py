@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from semipd_server.engine_protocol import ServedEngine
 from semipd_server.errors import ApiError
 from semipd_server.metrics import CONTENT_TYPE
 from semipd_server.native_routes import abort_request, generate
@@ -115,7 +116,7 @@ async def models(request: Request) -> Response:
         "object": "model",
         "created": int(state.created),
         "owned_by": "semipd",
-        "root": str(getattr(state.engine, "model_path", state.model_name)),
+        "root": str(state.engine.model_path),
         "max_model_len": state.max_model_len,
     }
     return JSONResponse({"object": "list", "data": [card]})
@@ -137,7 +138,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(
-    engine: Any, model_name: str | None = None, api_key: str | None = None, page_size: int | None = None
+    engine: ServedEngine, model_name: str | None = None, api_key: str | None = None, page_size: int | None = None
 ) -> Starlette:
     """The ASGI app serving `engine` (a semipd_runtime.Engine); `page_size` is the engine's KV page size."""
     state = ServerState(

@@ -19,6 +19,7 @@ from semipd_runtime.config import CliKnob, cli_knobs
 from semipd_runtime.knobs import Knob, check_value
 
 from semipd_server.app import build_app
+from semipd_server.engine_protocol import ServedEngine
 from semipd_server.state import ServerState
 
 log = logging.getLogger("semipd_server")
@@ -127,7 +128,7 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> None:
+async def serve(engine: ServedEngine, args: argparse.Namespace, sock: socket.socket) -> None:
     app = build_app(engine, args.served_model_name, args.api_key, page_size=args.page_size)
     state: ServerState = app.state.server
     config = HypercornConfig()
@@ -165,7 +166,7 @@ async def serve(engine: Any, args: argparse.Namespace, sock: socket.socket) -> N
         state.model_name,
         engine.mode,
         engine.max_model_len,
-        stats.get("pages_total", 0),
+        stats.pages_total,
         args.page_size,
         args.max_running_requests,
         "unlimited" if args.max_queued_requests is None else args.max_queued_requests,

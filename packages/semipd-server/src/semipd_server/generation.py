@@ -7,24 +7,13 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 from semipd_runtime import RequestOutput, SamplingParams
 from semipd_runtime.errors import SemipdError
 
+from semipd_server.engine_protocol import Prompt, ServedEngine
 from semipd_server.errors import ApiError, from_engine_error
-
-Prompt = str | list[int]
-
-
-class StreamingEngine(Protocol):
-    """What the server needs of semipd_runtime.Engine."""
-
-    def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]: ...
-
-    def abort(self, request_id: str) -> None: ...
 
 
 def new_request_id(prefix: str) -> str:
@@ -36,7 +25,7 @@ class Generation:
 
     def __init__(
         self,
-        engine: StreamingEngine,
+        engine: ServedEngine,
         request_id: str,
         stream: AsyncIterator[RequestOutput],
         first: asyncio.Future[RequestOutput],
@@ -50,7 +39,7 @@ class Generation:
 
     @classmethod
     async def start(
-        cls, engine: StreamingEngine, prompt: Prompt, params: SamplingParams, request_id: str
+        cls, engine: ServedEngine, prompt: Prompt, params: SamplingParams, request_id: str
     ) -> Generation:
         stream = engine.stream(prompt, params, request_id)
 
@@ -101,7 +90,7 @@ def _api_error(e: BaseException) -> BaseException:
 
 
 async def start_all(
-    engine: StreamingEngine, prompts: list[Prompt], params: SamplingParams, base_id: str
+    engine: ServedEngine, prompts: list[Prompt], params: SamplingParams, base_id: str
 ) -> list[Generation]:
     """Submit every prompt of a batch; if one is refused, abort those already submitted."""
     gens: list[Generation] = []

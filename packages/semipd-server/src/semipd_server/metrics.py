@@ -4,11 +4,11 @@ apps (tests) never share or double-register series."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from semipd_runtime import RequestOutput
+from semipd_runtime import EngineStats, RequestOutput
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -58,6 +58,56 @@ _TPOT_BUCKETS = (
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineMetric:
+    """One series fed from the engine's stats. kind "gauge": set to the field's value; "counter": the field is a
+    running total since the engine started, which the counter follows up (a restarted engine starts again at 0).
+    Rows that share a name are one family, told apart by their `role` label."""
+
+    name: str
+    kind: str  # "gauge" | "counter"
+    doc: str
+    field: str  # the EngineStats field (or property) it reads
+    role: str | None = None
+
+
+_SM_SPLIT_DOC = "SMs granted to each role (0 when not partitioned)"
+_SM_PERCENT_DOC = "Current SM split in percent of the device, per role (semi-pd)"
+ENGINE_METRICS: tuple[EngineMetric, ...] = (
+    EngineMetric("semipd:num_requests_running", "gauge", "Requests the engine is running", "num_running"),
+    EngineMetric("semipd:num_requests_waiting", "gauge", "Requests waiting in the engine's queue", "num_waiting"),
+    EngineMetric("semipd:kv_pages_used", "gauge", "KV cache pages held by requests (cached-evictable ones excluded)",
+                 "pages_used"),
+    EngineMetric("semipd:kv_pages_total", "gauge", "KV cache pages in the pool", "pages_total"),
+    EngineMetric("semipd:kv_cache_usage_perc", "gauge", "Fraction of KV pages in use (0..1)", "kv_cache_usage"),
+    EngineMetric("semipd:prefix_cache_pages", "gauge", "KV pages in the radix prefix cache", "cached_pages"),
+    EngineMetric("semipd:prefix_cache_evictable_pages", "gauge",
+                 "Cached KV pages no request holds (reusable or freed on demand)", "evictable_pages"),
+    EngineMetric("semipd:prefix_cache_hit_tokens", "counter", "Prompt tokens served from the prefix cache",
+                 "prefix_hit_tokens"),
+    EngineMetric("semipd:prefix_cache_query_tokens", "counter", "Prompt tokens looked up in the prefix cache",
+                 "prefix_query_tokens"),
+    EngineMetric("semipd:sm_split", "gauge", _SM_SPLIT_DOC, "prefill_sm", role="prefill"),
+    EngineMetric("semipd:sm_split", "gauge", _SM_SPLIT_DOC, "decode_sm", role="decode"),
+    EngineMetric("semipd:prefill_sm_count", "gauge", "SMs granted to the prefill worker (0 when not partitioned)",
+                 "prefill_sm"),
+    EngineMetric("semipd:decode_sm_count", "gauge", "SMs granted to the decode worker (0 when not partitioned)",
+                 "decode_sm"),
+    EngineMetric("semipd:sm_percent", "gauge", _SM_PERCENT_DOC, "prefill_sm_percent", role="prefill"),
+    EngineMetric("semipd:sm_percent", "gauge", _SM_PERCENT_DOC, "decode_sm_percent", role="decode"),
+    EngineMetric("semipd:repartitions", "counter", "SM re-partitions that took effect", "repartitions"),
+    EngineMetric("semipd:repartition_latency_seconds", "gauge", "Last re-partition: request to new split in effect",
+                 "last_repartition_s"),
+    EngineMetric("semipd:predicted_ttft_seconds", "gauge", "TTFT the slo policy predicts at the current split",
+                 "predicted_ttft_s"),
+    EngineMetric("semipd:slo_ttft_correction", "gauge", "Measured / modelled TTFT factor the slo policy applies",
+                 "ttft_correction"),
+    EngineMetric("semipd:predicted_tpot_seconds", "gauge", "TPOT the slo policy predicts at the current split",
+                 "predicted_tpot_s"),
+    EngineMetric("semipd:slo_decisions", "counter", "Decisions the slo policy made", "slo_decisions"),
+)
+
+
 class ServerMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -88,91 +138,37 @@ class ServerMetrics:
                                        "finished_reason")
         self.request_errors = counter("semipd:request_errors",
                                       "Requests answered with an error, by HTTP status", "status")
-        self.running = gauge("semipd:num_requests_running", "Requests the engine is running")
-        self.waiting = gauge("semipd:num_requests_waiting", "Requests waiting in the engine's queue")
         self.in_flight = gauge("semipd:num_requests_in_flight", "HTTP generation requests being served")
-        self.pages_used = gauge("semipd:kv_pages_used",
-                                "KV cache pages held by requests (cached-evictable ones excluded)")
-        self.cache_pages = gauge("semipd:prefix_cache_pages", "KV pages in the radix prefix cache")
-        self.cache_evictable = gauge("semipd:prefix_cache_evictable_pages",
-                                     "Cached KV pages no request holds (reusable or freed on demand)")
-        self.cache_hit_tokens = counter("semipd:prefix_cache_hit_tokens",
-                                        "Prompt tokens served from the prefix cache")
-        self.cache_query_tokens = counter("semipd:prefix_cache_query_tokens",
-                                          "Prompt tokens looked up in the prefix cache")
-        self.pages_total = gauge("semipd:kv_pages_total", "KV cache pages in the pool")
-        self.kv_usage = gauge("semipd:kv_cache_usage_perc", "Fraction of KV pages in use (0..1)")
-        self.sm_split = gauge("semipd:sm_split", "SMs granted to each role (0 when not partitioned)", "role")
-        self.prefill_sm_count = gauge("semipd:prefill_sm_count",
-                                      "SMs granted to the prefill worker (0 when not partitioned)")
-        self.decode_sm_count = gauge("semipd:decode_sm_count",
-                                     "SMs granted to the decode worker (0 when not partitioned)")
-        self.sm_percent = gauge("semipd:sm_percent",
-                                "Current SM split in percent of the device, per role (semi-pd)", "role")
-        self.repartitions = counter("semipd:repartitions", "SM re-partitions that took effect")
-        self.repartition_latency = gauge("semipd:repartition_latency_seconds",
-                                         "Last re-partition: request to new split in effect")
-        self.predicted_ttft = gauge("semipd:predicted_ttft_seconds",
-                                    "TTFT the slo policy predicts at the current split")
-        self.ttft_correction = gauge("semipd:slo_ttft_correction",
-                                     "Measured / modelled TTFT factor the slo policy applies")
-        self.predicted_tpot = gauge("semipd:predicted_tpot_seconds",
-                                    "TPOT the slo policy predicts at the current split")
-        self.slo_decisions = counter("semipd:slo_decisions", "Decisions the slo policy made")
-        self._engine_totals = (("repartitions", self.repartitions), ("slo_decisions", self.slo_decisions),
-                               ("prefix_hit_tokens", self.cache_hit_tokens),
-                               ("prefix_query_tokens", self.cache_query_tokens))
-        self._seen = {key: 0.0 for key, _ in self._engine_totals}  # engine totals already counted
         self.draining = gauge("semipd:server_draining", "1 while the server drains before exit")
-        for fam in (
-            self.running,
-            self.waiting,
-            self.in_flight,
-            self.pages_used,
-            self.pages_total,
-            self.kv_usage,
-            self.cache_pages,
-            self.cache_evictable,
-            self.draining,
-            self.prefill_sm_count,
-            self.decode_sm_count,
-            self.repartition_latency,
-            self.predicted_ttft,
-            self.predicted_tpot,
-        ):
+        families: dict[str, Gauge | Counter] = {}
+        self._engine_series: list[tuple[EngineMetric, Gauge | Counter]] = []
+        for row in ENGINE_METRICS:
+            extra = ("role",) if row.role else ()
+            if row.name not in families:
+                make = gauge if row.kind == "gauge" else counter
+                families[row.name] = make(row.name, row.doc, *extra)
+            child = families[row.name].labels(model_name, *([row.role] if row.role else []))
+            self._engine_series.append((row, child))
+        self._seen = {row.field: 0.0 for row in ENGINE_METRICS if row.kind == "counter"}  # totals counted
+        # every series exists from the first scrape: the engine's at their defaults, the server's at 0
+        self.update_engine_stats(EngineStats())
+        for fam in (self.in_flight, self.draining):
             fam.labels(model_name).set(0)
-        # create the unlabelled-looking children now so that every series exists (at 0) from the first scrape
-        for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
-                    self.repartitions, self.slo_decisions, self.cache_hit_tokens, self.cache_query_tokens):
-            fam.labels(model_name)
+        for hist_or_counter in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens,
+                                self.generation_tokens):
+            hist_or_counter.labels(model_name)
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)
 
-    def update_engine_stats(self, stats: Mapping[str, float]) -> None:
-        m = self.model_name
-        self.running.labels(m).set(stats.get("num_running", 0))
-        self.waiting.labels(m).set(stats.get("num_waiting", 0))
-        used, total = stats.get("pages_used", 0), stats.get("pages_total", 0)
-        self.pages_used.labels(m).set(used)
-        self.pages_total.labels(m).set(total)
-        self.kv_usage.labels(m).set(used / total if total else 0.0)
-        for role in ("prefill", "decode"):
-            self.sm_split.labels(m, role).set(stats.get(f"{role}_sm", 0))
-            self.sm_percent.labels(m, role).set(stats.get(f"{role}_sm_percent", 0))
-        self.prefill_sm_count.labels(m).set(stats.get("prefill_sm", 0))
-        self.decode_sm_count.labels(m).set(stats.get("decode_sm", 0))
-        self.repartition_latency.labels(m).set(stats.get("last_repartition_s", 0))
-        self.predicted_ttft.labels(m).set(stats.get("predicted_ttft_s", 0))
-        self.predicted_tpot.labels(m).set(stats.get("predicted_tpot_s", 0))
-        self.ttft_correction.labels(m).set(stats.get("ttft_correction", 1.0))
-        self.cache_pages.labels(m).set(stats.get("cached_pages", 0))
-        self.cache_evictable.labels(m).set(stats.get("evictable_pages", 0))
-        for key, counter in self._engine_totals:
-            # the engine reports running totals; a counter only goes up (a restarted engine starts again at 0)
-            total = float(stats.get(key, 0))
-            if total > self._seen[key]:
-                counter.labels(m).inc(total - self._seen[key])
-            self._seen[key] = total
+    def update_engine_stats(self, stats: EngineStats) -> None:
+        for row, series in self._engine_series:
+            value = float(getattr(stats, row.field))
+            if isinstance(series, Gauge):
+                series.set(value)
+                continue
+            if value > self._seen[row.field]:
+                series.inc(value - self._seen[row.field])
+            self._seen[row.field] = value
 
     def error(self, status: int) -> None:
         self.request_errors.labels(self.model_name, str(status)).inc()

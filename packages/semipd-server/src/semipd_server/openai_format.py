@@ -11,6 +11,8 @@ from typing import Any
 
 from semipd_runtime import CompletionOutput, TokenLogprob
 
+from semipd_server.engine_protocol import ServedTokenizer
+
 
 def _byte_level_table() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable character a byte-level BPE vocab uses for each byte."""
@@ -30,9 +32,8 @@ class TokenStrings:
     """Token id -> (text, raw UTF-8 bytes) for logprobs. A byte-level BPE token can hold part of a character;
     its bytes are exact while its text shows the replacement character, as OpenAI does."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: ServedTokenizer) -> None:
         self._tokenizer = tokenizer
-        self._pieces = getattr(tokenizer, "id_to_token", None)
         self._byte_level = _decoder_kinds(tokenizer) & {"ByteLevel"} != set()
         self._table = _byte_level_table()
         self.text = lru_cache(maxsize=65536)(self._text)
@@ -42,7 +43,7 @@ class TokenStrings:
         return str(self._tokenizer.decode([token_id], skip_special_tokens=False))
 
     def _raw(self, token_id: int) -> list[int]:
-        piece = self._pieces(token_id) if callable(self._pieces) else None
+        piece = self._tokenizer.id_to_token(token_id)
         if piece:
             if self._byte_level and all(ch in self._table for ch in piece):
                 return [self._table[ch] for ch in piece]
@@ -51,8 +52,9 @@ class TokenStrings:
         return list(self.text(token_id).encode("utf-8"))
 
 
-def _decoder_kinds(tokenizer: Any) -> set[str]:
-    """Decoder types of a `tokenizers` backend (e.g. {"ByteLevel"}), empty when unknown."""
+def _decoder_kinds(tokenizer: ServedTokenizer) -> set[str]:
+    """Decoder types of a `tokenizers` backend (e.g. {"ByteLevel"}), empty when unknown (the tests' fake has
+    no backend)."""
     backend = getattr(tokenizer, "backend", None)
     try:
         decoder = json.loads(backend.to_str()).get("decoder") or {}  # type: ignore[union-attr]

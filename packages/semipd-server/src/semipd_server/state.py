@@ -6,8 +6,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
+from semipd_runtime import EngineStats
+
+from semipd_server.engine_protocol import ServedEngine
 from semipd_server.errors import ApiError
 from semipd_server.metrics import ServerMetrics
 from semipd_server.openai_format import TokenStrings
@@ -17,7 +19,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServerState:
-    engine: Any  # semipd_runtime.Engine (typed loosely so unit tests can hand in a small fake)
+    engine: ServedEngine  # semipd_runtime.Engine, or the unit tests' fake
     model_name: str
     api_key: str | None = None
     page_size: int | None = None  # KV page size, to cap default lengths at what the pool can hold
@@ -34,13 +36,13 @@ class ServerState:
 
     @property
     def max_model_len(self) -> int:
-        return int(self.engine.max_model_len)
+        return self.engine.max_model_len
 
     def default_max_tokens(self, n_prompt: int) -> int:
         """Output budget when a chat request sets none (OpenAI: the rest of the context), capped by the KV pool
         so that the default never turns into a 'needs more pages than the pool has' rejection."""
         room = self.max_model_len - n_prompt
-        pages_total = int(self.engine.stats().get("pages_total", 0))
+        pages_total = self.engine.stats().pages_total
         if self.page_size and pages_total:
             room = min(room, pages_total * self.page_size - n_prompt)
         return max(1, room)
@@ -83,12 +85,10 @@ class ServerState:
         except TimeoutError:
             return False
 
-    async def engine_stats(self) -> dict[str, int]:
+    async def engine_stats(self) -> EngineStats:
         """Fresh numbers from the engine core when it can give them (one round trip), else its last report."""
-        refresh = getattr(self.engine, "refresh_stats", None)
-        if refresh is not None:
-            try:
-                return dict(await asyncio.get_running_loop().run_in_executor(None, refresh, 2.0))
-            except Exception as e:  # noqa: BLE001 - a dead core still has last-known stats to show
-                log.debug("engine stats refresh failed: %r", e)
-        return dict(self.engine.stats())
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.engine.refresh_stats, 2.0)
+        except Exception as e:  # noqa: BLE001 - a dead core still has last-known stats to show
+            log.debug("engine stats refresh failed: %r", e)
+        return self.engine.stats()
