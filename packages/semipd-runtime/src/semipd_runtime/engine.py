@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 from semipd_runtime.capacity import check_fits
@@ -24,6 +25,7 @@ from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFul
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
+    Bootstrap,
     CoreFailure,
     CoreReady,
     CoreSampling,
@@ -37,6 +39,7 @@ from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.default_model import resolve_model_path
 from semipd_runtime.outputs import RequestOutput
 from semipd_runtime.partition import partition_class
+from semipd_runtime.pd_types import room_key
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_runtime.tokenizer import Tokenizer
 from semipd_runtime.tracked_request import TrackedRequest
@@ -115,10 +118,15 @@ class Engine:
                    self._stats.pages_total or None)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-               sink: Any = None) -> TrackedRequest:
+               sink: Any = None, bootstrap: tuple[str, int | None, int | str] | None = None) -> TrackedRequest:
         """Validate and send one request (n completions); raises InvalidRequestError / QueueFullError /
-        EngineDeadError before anything is queued."""
+        EngineDeadError before anything is queued. bootstrap: (host, port or None, room) of a PD pair, which a
+        prefill or decode instance needs (`disaggregation_mode`) and other instances ignore."""
         params = params or SamplingParams()
+        pd_mode = self.config.semi_pd.disaggregation_mode
+        if pd_mode != "null" and bootstrap is None:
+            raise InvalidRequestError(f"a {pd_mode} instance needs bootstrap_room (send requests through "
+                                      "smg --pd-disaggregation)", param="bootstrap_room")
         params.validate(self.model_config.vocab_size)
         ids = self._prompt_ids(prompt)
         self._check_fits(len(ids), params)
@@ -147,7 +155,12 @@ class Engine:
                 min_p=float(params.min_p), seed=(base_seed + i) % (1 << 63), max_tokens=params.max_tokens,
                 stop_token_ids=list(params.stop_token_ids or []), ignore_eos=params.ignore_eos,
                 logprobs=params.logprobs)
-            self._client.send(AddRequest(crid, ids, sampling, time.time()))
+            boot = None
+            if pd_mode != "null" and bootstrap is not None:
+                boot = Bootstrap(bootstrap[0], bootstrap[1] or 0, room_key(bootstrap[2], i))
+                if pd_mode == "prefill":  # the prefill leg samples only the first token; the decode goes on
+                    sampling = msgspec.structs.replace(sampling, max_tokens=1)
+            self._client.send(AddRequest(crid, ids, sampling, time.time(), boot))
         return req
 
     # --- outputs from the core (background thread) ---------------------------------------------------------
