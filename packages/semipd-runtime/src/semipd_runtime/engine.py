@@ -80,6 +80,7 @@ class Engine:
         self.max_running_requests = cfg.scheduler.max_running_requests
         self.max_queued_requests = cfg.scheduler.max_queued_requests
         self.mode = cfg.semi_pd.mode
+        self.disaggregation_mode = cfg.semi_pd.disaggregation_mode  # "null" | "prefill" | "decode"
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[TrackedRequest, int]] = {}  # core rid -> (request, completion index)
         self._stats = EngineStats()
@@ -220,8 +221,8 @@ class Engine:
                 raise r.error
         return [r.snapshot(final=True) for r in reqs]
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     bootstrap: tuple[str, int | None, int | str] | None = None) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         def deliver(item: RequestOutput | BaseException) -> None:
@@ -230,7 +231,7 @@ class Engine:
             except RuntimeError:
                 pass  # the consumer's event loop is closed: nobody is listening any more
 
-        req = self.submit(prompt, params, request_id, sink=deliver)
+        req = self.submit(prompt, params, request_id, sink=deliver, bootstrap=bootstrap)
         req.streaming = True
         try:
             while True:

@@ -18,6 +18,7 @@ from semipd_server.errors import ApiError
 from semipd_server.metrics import CONTENT_TYPE
 from semipd_server.native_routes import abort_request, generate
 from semipd_server.openai_routes import create_chat_completion, create_completion
+from semipd_server.pd_routes import ROUTES as PD_ROUTES
 from semipd_server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def build_app(
         Route("/abort_request", abort_request, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *PD_ROUTES,  # what the smg gateway reads
     ]
     handlers: dict[Any, Any] = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers)

@@ -14,6 +14,8 @@ from semipd_runtime.errors import SemipdError
 
 from semipd_server.errors import ApiError, from_engine_error
 
+Bootstrap = tuple[str, int | None, int]  # a PD pair's (bootstrap host, port or None, room) for one prompt
+
 Prompt = str | list[int]
 
 
@@ -50,9 +52,11 @@ class Generation:
 
     @classmethod
     async def start(
-        cls, engine: StreamingEngine, prompt: Prompt, params: SamplingParams, request_id: str
+        cls, engine: StreamingEngine, prompt: Prompt, params: SamplingParams, request_id: str,
+        bootstrap: Bootstrap | None = None,
     ) -> Generation:
-        stream = engine.stream(prompt, params, request_id)
+        # only PD instances take a bootstrap (an engine without the keyword never gets one)
+        stream = engine.stream(prompt, params, request_id, **({"bootstrap": bootstrap} if bootstrap else {}))
 
         async def first_output() -> RequestOutput:
             return await stream.__anext__()
@@ -101,14 +105,16 @@ def _api_error(e: BaseException) -> BaseException:
 
 
 async def start_all(
-    engine: StreamingEngine, prompts: list[Prompt], params: SamplingParams, base_id: str
+    engine: StreamingEngine, prompts: list[Prompt], params: SamplingParams, base_id: str,
+    bootstraps: list[Bootstrap | None] | None = None,
 ) -> list[Generation]:
     """Submit every prompt of a batch; if one is refused, abort those already submitted."""
     gens: list[Generation] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            gens.append(await Generation.start(engine, prompt, params, rid))
+            boot = bootstraps[i] if bootstraps else None
+            gens.append(await Generation.start(engine, prompt, params, rid, boot))
     except BaseException:
         for g in gens:
             await g.close()
