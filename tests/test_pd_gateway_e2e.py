@@ -22,8 +22,8 @@ SMG = Path(sys.executable).parent / "smg"
 if not SMG.exists():
     pytest.skip("needs the smg gateway binary (semipd-server[pd])", allow_module_level=True)
 
-from semipd_runtime import Engine, SamplingParams  # noqa: E402
-from semipd_server.testing import ServerProcess, free_port  # noqa: E402
+from semipd_runtime import Engine, SamplingParams
+from semipd_server.testing import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -117,6 +117,9 @@ def test_gateway_outputs_equal_unified(pd: Pd, unified: Engine) -> None:
     stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat_ref
+    text = httpx.get(f"{pd.prefill.url}/metrics", timeout=30).text
+    sent = [ln for ln in text.splitlines() if ln.startswith("semipd:pd_kv_transfer_seconds_count")]
+    assert sent and float(sent[0].split()[-1]) >= 6, text[-2000:]  # 2 + 1 + 2 + 1 requests' KV went out
 
 
 def test_pd_instance_without_room_is_400(pd: Pd) -> None:
@@ -153,11 +156,21 @@ def test_random_disconnects_free_every_page(pd: Pd) -> None:
 def test_prefill_killed_fails_requests_then_recovers(pd: Pd) -> None:
     body = {"model": MODEL, "prompt": "Tell me a long story about a dragon. " * 8, "max_tokens": 8}
     port = pd.prefill.port
-    pd.prefill.proc.kill()  # the core process follows its parent (ppid watch)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as ex:  # requests in flight when the prefill dies
+        t0 = time.monotonic()
+        futs = [ex.submit(httpx.post, f"{pd.url}/v1/completions", json={**body, "max_tokens": 64}, timeout=60)
+                for _ in range(4)]
+        _wait(lambda: pd.pages_used(pd.decode)[0] > 0 or all(f.done() for f in futs), "requests in flight", 30)
+        pd.prefill.proc.kill()  # the core process follows its parent (ppid watch)
+        for f in futs:
+            f.result()  # each one ends (success if it got its KV before the kill, else an error): no hang
+        assert time.monotonic() - t0 < 45
     pd.prefill.proc.wait(10)
     t0 = time.monotonic()
     r = httpx.post(f"{pd.url}/v1/completions", json=body, timeout=60)
-    assert r.status_code >= 500, r.text
+    assert r.status_code >= 500, r.text  # a later request fails cleanly while the prefill is gone
     assert time.monotonic() - t0 < 30
     # the decode side holds nothing for it
     _wait(lambda: pd.pages_used(pd.decode) == (0, ""), "decode pages free", 60)
