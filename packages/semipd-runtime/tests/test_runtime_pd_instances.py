@@ -1,6 +1,6 @@
 """A prefill Engine and a decode Engine (threads of this process, the default model) hand requests over through
-the real bootstrap server and the real Mooncake transfer engine (TCP): greedy outputs equal one unified Engine's,
-a layout mismatch fails with a clear error, and every page comes back on both sides."""
+the real bootstrap server and the real Mooncake transfer engine (TCP): greedy outputs equal one unified Engine's
+and every page comes back on both sides."""
 
 from __future__ import annotations
 
