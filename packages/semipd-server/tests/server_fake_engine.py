@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from semipd_runtime import CompletionOutput, EngineStats, RequestOutput, SamplingParams, TokenLogprob
+from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 
 
@@ -55,10 +56,12 @@ class FakeEngine:
         self.finished: list[str] = []
         self.dead = False
         self.pages_total = 100
+        self.config = EngineConfig()
         self.gate: asyncio.Event | None = None  # when set by a test, streams wait on it before each token
 
     async def stream(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        bootstrap: tuple[str, int | None, int | str] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
         params.validate()

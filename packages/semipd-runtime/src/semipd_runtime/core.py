@@ -32,6 +32,7 @@ from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.observer import CoreObserver
+from semipd_runtime.pd_prefill import KvSender
 from semipd_runtime.prefill_executor import LocalPrefill, PrefillExecutor, PrefillReport
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import SampledTokens, Sampler
@@ -105,6 +106,7 @@ class EngineCore:
         self._last_expiry = 0.0
         self.observers = list(observers)
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
+        self.kv_sender: KvSender | None = None  # a PD prefill instance: sends first-token requests' KV on
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
 
@@ -164,7 +166,9 @@ class EngineCore:
         except InvalidRequestError as e:
             self.pending.append(TokenEvent(msg.rid, [], None, "abort", e.message, 400))
             return
-        req = Request(msg.rid, list(msg.prompt_ids), msg.sampling)
+        req = Request(msg.rid, list(msg.prompt_ids), msg.sampling, bootstrap=msg.bootstrap)
+        if self.kv_sender is not None and req.bootstrap is not None:
+            self.kv_sender.track(req, req.bootstrap.room)
         self.scheduler.add(req)
         now = time.monotonic()
         for obs in self.observers:
@@ -177,6 +181,8 @@ class EngineCore:
         req = self.requests.get(rid)
         if req is None:
             return
+        if self.kv_sender is not None:
+            self.kv_sender.ended(rid, error or reason)
         self.scheduler.finish(req, reason)
         self.pending.append(TokenEvent(rid, [], None, reason, error, status))
 
@@ -197,7 +203,8 @@ class EngineCore:
                 self.abort(req.rid, "abort", f"request timed out while {req.status.value}", 504)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.inflight is not None or self.executor.busy
+        return (self.scheduler.has_work() or self.inflight is not None or self.executor.busy
+                or (self.kv_sender is not None and self.kv_sender.busy))
 
     def stats(self) -> EngineStats:
         s = EngineStats(
@@ -212,6 +219,8 @@ class EngineCore:
             prefix_query_tokens=self.cache.query_tokens,
         )
         self.executor.fill_stats(s)
+        if self.kv_sender is not None:
+            self.kv_sender.fill_stats(s)
         for obs in self.observers:
             obs.fill_stats(s)
         return s
@@ -223,6 +232,8 @@ class EngineCore:
         the step, its reports are collected after that (their requests carry real first tokens and join the
         next step) and new prefill batches go out."""
         self.expire()
+        if self.kv_sender is not None:
+            self._poll_kv_sender()
         events, self.pending = self.pending, []
         overlap = self.cfg.scheduler.overlap_schedule
         in_step = self.executor.in_step
@@ -256,6 +267,16 @@ class EngineCore:
         events += self.pending
         self.pending = []
         return events
+
+    def _poll_kv_sender(self) -> None:
+        """Release the pages of finished KV transfers; abort what the decode side gave up on."""
+        assert self.kv_sender is not None
+        idle = not self.scheduler.has_work() and self.inflight is None and not self.executor.busy
+        writers, aborted = self.kv_sender.poll(0.01 if idle else 0.0)  # nothing else to do: wait, do not spin
+        for writer in writers:
+            self.cache.writer_done(writer)
+        for rid in aborted:
+            self.abort(rid, "abort", "the decode instance aborted the request", 499)
 
     def _dispatch_prefill(self) -> None:
         """Admit waiting requests into a prefill batch when the executor takes one."""
@@ -359,6 +380,8 @@ class EngineCore:
         """output_ids[i] = tok is known now: finish req if it ends there."""
         reason = self._finish_reason(req, tok, i + 1)
         if i == 0:
+            if self.kv_sender is not None and req.bootstrap is not None and req.slot is not None:
+                self.kv_sender.first_token(req, tok, lp, self.allocator.pages(req.slot))
             now = time.monotonic()
             for obs in self.observers:
                 obs.on_first_token(req, now)
@@ -385,8 +408,10 @@ class EngineCore:
         return self._reaches_length(req, len(req.output_ids))
 
     def close(self) -> None:
-        """Release the executor's workers (none for LocalPrefill)."""
+        """Release the executor's workers (none for LocalPrefill) and the KV sender of a PD prefill instance."""
         self.executor.close()
+        if self.kv_sender is not None:
+            self.kv_sender.close()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[TokenEvent]:
         """Offline helper: step until every request finished."""

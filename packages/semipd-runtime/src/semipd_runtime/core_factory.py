@@ -25,6 +25,28 @@ def create_core(
     cfg: EngineConfig, partition: SmPartition | None = None, model: LlamaForCausalLM | None = None
 ) -> EngineCore:
     """`model`: an already built model (benchmarks with random weights); otherwise loaded from cfg.model_path."""
+    pd_mode = cfg.semi_pd.disaggregation_mode
+    if pd_mode == "decode":  # prompts are prefilled by a prefill instance: its KV arrives here (Mooncake)
+        from semipd_runtime.pd_factory import make_remote_prefill
+
+        core = EngineCore(cfg, model=model, make_executor=lambda c: make_remote_prefill(cfg, c))
+        core.warm_up()
+        core.capture_cuda_graphs()
+        return core
+    if pd_mode == "prefill":
+        from semipd_runtime.pd_factory import attach_kv_sender
+
+        core = _create_core(cfg, partition, model)
+        try:
+            attach_kv_sender(cfg, core)
+        except BaseException:
+            core.close()
+            raise
+        return core
+    return _create_core(cfg, partition, model)
+
+
+def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaForCausalLM | None) -> EngineCore:
     if cfg.semi_pd.mode == "unified":
         core = EngineCore(cfg, model=model)
         core.warm_up()

@@ -19,6 +19,8 @@ from semipd_server.errors import ApiError
 from semipd_server.metrics import CONTENT_TYPE
 from semipd_server.native_routes import abort_request, generate
 from semipd_server.openai_routes import create_chat_completion, create_completion
+from semipd_server.pd_metrics import PdCollector
+from semipd_server.pd_routes import ROUTES as PD_ROUTES
 from semipd_server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -152,9 +154,11 @@ def build_app(
         Route("/abort_request", abort_request, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *PD_ROUTES,  # what the smg gateway reads
     ]
     handlers: dict[Any, Any] = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.server = state
+    state.metrics.registry.register(PdCollector(engine, state.model_name))  # type: ignore[arg-type]
     app.add_middleware(GateMiddleware, state=state)
     return app

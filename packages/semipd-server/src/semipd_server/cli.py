@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--log-requests", action="store_true", help="write an access log line per request")
     groups["pd"].add_argument("--enable-semi-pd", action="store_true",
                               help="same as --mode semi-pd (Semi-PD's flag)")
+    groups["pd"].add_argument("--prefill-only", action="store_const", const="prefill", dest="disaggregation_mode",
+                              help="same as --disaggregation-mode prefill")
+    groups["pd"].add_argument("--decode-only", action="store_const", const="decode", dest="disaggregation_mode",
+                              help="same as --disaggregation-mode decode")
     p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity"
     )
@@ -110,6 +114,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = {ck.name: getattr(args, ck.name) for ck in cli_knobs()}
     if args.enable_semi_pd:
         kw["mode"] = "semi-pd"
+    kw["disaggregation_host"] = args.host  # the bootstrap server and the transfer engine listen beside the API
     kw["core"] = "process"
     return kw
 

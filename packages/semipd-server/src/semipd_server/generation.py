@@ -12,7 +12,7 @@ from typing import Any
 from semipd_runtime import RequestOutput, SamplingParams
 from semipd_runtime.errors import SemipdError
 
-from semipd_server.engine_protocol import Prompt, ServedEngine
+from semipd_server.engine_protocol import Bootstrap, Prompt, ServedEngine
 from semipd_server.errors import ApiError, from_engine_error
 
 
@@ -39,9 +39,10 @@ class Generation:
 
     @classmethod
     async def start(
-        cls, engine: ServedEngine, prompt: Prompt, params: SamplingParams, request_id: str
+        cls, engine: ServedEngine, prompt: Prompt, params: SamplingParams, request_id: str,
+        bootstrap: Bootstrap | None = None,
     ) -> Generation:
-        stream = engine.stream(prompt, params, request_id)
+        stream = engine.stream(prompt, params, request_id, bootstrap)
 
         async def first_output() -> RequestOutput:
             return await stream.__anext__()
@@ -90,14 +91,16 @@ def _api_error(e: BaseException) -> BaseException:
 
 
 async def start_all(
-    engine: ServedEngine, prompts: list[Prompt], params: SamplingParams, base_id: str
+    engine: ServedEngine, prompts: list[Prompt], params: SamplingParams, base_id: str,
+    bootstraps: list[Bootstrap | None] | None = None,
 ) -> list[Generation]:
     """Submit every prompt of a batch; if one is refused, abort those already submitted."""
     gens: list[Generation] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            gens.append(await Generation.start(engine, prompt, params, rid))
+            boot = bootstraps[i] if bootstraps else None
+            gens.append(await Generation.start(engine, prompt, params, rid, boot))
     except BaseException:
         for g in gens:
             await g.close()

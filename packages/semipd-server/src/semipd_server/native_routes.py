@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
+from semipd_server.pd_fields import bootstraps
 from semipd_server.protocol import GenerateRequest, decode_body, generate_params, generate_prompt
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
@@ -50,7 +51,7 @@ async def generate(request: Request) -> Response:
     params = generate_params(req)
     rid = req.rid or new_request_id("gen")
     tracker = state.metrics.tracker()
-    gens = await start_all(state.engine, [prompt], params, rid)
+    gens = await start_all(state.engine, [prompt], params, rid, bootstraps(state.engine, req, 1))
     if req.stream:
         return sse_response(_stream(gens, rid, tracker, params.n))
     last: RequestOutput | None = None

@@ -12,6 +12,7 @@ from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
 from semipd_server.openai_format import ResponseBuilder, usage
+from semipd_server.pd_fields import bootstraps
 from semipd_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,7 +64,7 @@ async def create_completion(request: Request) -> Response:
     include_usage = _include_usage(req)
     builder = ResponseBuilder(new_request_id("cmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
-    gens = await start_all(state.engine, prompts, params, builder.id)
+    gens = await start_all(state.engine, prompts, params, builder.id, bootstraps(state.engine, req, len(prompts)))
     prefixes = [
         (p if isinstance(p, str) else state.engine.tokenizer.decode(p)) if req.echo else "" for p in prompts
     ]
@@ -173,7 +174,7 @@ async def create_chat_completion(request: Request) -> Response:
     params = _chat_sampling(state, req, len(prompt_ids))
     builder = ResponseBuilder(new_request_id("chatcmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
-    gens = await start_all(state.engine, [prompt_ids], params, builder.id)
+    gens = await start_all(state.engine, [prompt_ids], params, builder.id, bootstraps(state.engine, req, 1))
     if req.stream:
         return sse_response(_stream_chat(gens, builder, tracker, req.logprobs, include_usage, params.n))
     last: dict[int, RequestOutput] = {}

@@ -44,6 +44,10 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | None | list[int | None] = None
+    bootstrap_room: int | list[int] | None = None
 
 
 class CompletionRequest(SamplingFields, forbid_unknown_fields=True):
@@ -101,6 +105,17 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     sampling_params: NativeSamplingParams | None = None
     stream: bool = False
     rid: str | None = None
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | None | list[int | None] = None
+    bootstrap_room: int | list[int] | None = None
+    # SGLang extensions smg fills when it re-serialises a /generate body: no effect on what is generated
+    model: str | None = None
+    return_text_in_logprobs: bool = False
+    log_metrics: bool = True
+    background: bool = False
+    no_logs: bool = False
+    return_bytes: bool = False
+    return_entropy: bool = False
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")

@@ -54,9 +54,9 @@ def pid_alive(pid: int) -> bool:
 class ServerProcess:
     def __init__(
         self, *args: str, log_path: Path, api_key: str | None = None, startup_timeout_s: float = 600.0,
-        single_thread: bool = True,
+        single_thread: bool = True, fixed_port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = fixed_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
