@@ -86,6 +86,9 @@ class ServerMetrics:
         self.generation_tokens = counter("semipd:generation_tokens", "Generated tokens")
         self.request_success = counter("semipd:request_success", "Finished requests by finish reason",
                                        "finished_reason")
+        # vLLM/SGLang dashboards read request_success as finished work (stop|length); a completion cut short
+        # (client gone, /abort_request, drain timeout, engine failure) is counted here instead, as SGLang names it
+        self.aborted = counter("semipd:num_aborted_requests", "Completions aborted before they finished")
         self.request_errors = counter("semipd:request_errors",
                                       "Requests answered with an error, by HTTP status", "status")
         self.running = gauge("semipd:num_requests_running", "Requests the engine is running")
@@ -145,8 +148,9 @@ class ServerMetrics:
         for fam in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens,
                     self.repartitions, self.slo_decisions, self.cache_hit_tokens, self.cache_query_tokens):
             fam.labels(model_name)
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length"):
             self.request_success.labels(model_name, reason)
+        self.aborted.labels(model_name)
 
     def update_engine_stats(self, stats: Mapping[str, float]) -> None:
         m = self.model_name
@@ -222,4 +226,7 @@ class RequestTracker:
         m.prompt_tokens.labels(name).inc(prompt_tokens)
         m.generation_tokens.labels(name).inc(self.generation_tokens)
         for reason in finish_reasons:
-            m.request_success.labels(name, reason or "abort").inc()
+            if reason in ("stop", "length"):
+                m.request_success.labels(name, reason).inc()
+            else:
+                m.aborted.labels(name).inc()

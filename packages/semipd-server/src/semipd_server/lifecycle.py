@@ -1,0 +1,116 @@
+"""How the server process ends, or carries on: the graceful drain (SIGINT/SIGTERM) whose timeout still answers
+every request it cuts off, and the watch on the engine core: when the core dies the server fails what is in
+flight and exits non-zero so that a supervisor restarts it (as vLLM and SGLang do), or with `--restart-core`
+starts a new core in place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from semipd_server.state import ServerState
+
+log = logging.getLogger("semipd_server")
+
+EXIT_CORE_DIED = 3  # the process exit code after the engine core died (and was not restarted)
+_UNWIND_S = 5.0  # how long cut-off requests get to send their answers before the HTTP server stops
+
+
+class Lifecycle:
+    def __init__(
+        self, state: ServerState, make_engine: Callable[[], Any] | None = None, poll_s: float = 0.5
+    ) -> None:
+        self.state = state
+        self.make_engine = make_engine  # set: --restart-core
+        self.poll_s = poll_s
+        self.shutdown = asyncio.Event()  # set: the HTTP server stops
+        self.exit_code = 0
+        self.restarts = 0
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let in-flight requests finish; past `timeout_s`, answer each one still running (503, or an error event
+        and [DONE] on a stream), abort its engine work, then stop the HTTP server."""
+        state = self.state
+        if not await state.wait_idle(timeout_s):
+            n = state.cut_off_in_flight(timeout_s)
+            log.warning(
+                "drain timeout (%gs): %d requests still in flight; answering each with 503 (a stream: an error "
+                "event and [DONE]) and aborting its engine work",
+                timeout_s,
+                n,
+            )
+            if await state.wait_idle(_UNWIND_S):
+                log.info("all %d cut-off requests answered", n)
+            else:
+                log.warning(
+                    "%d cut-off requests did not answer within %gs; their connections are closed",
+                    state.in_flight,
+                    _UNWIND_S,
+                )
+        self.shutdown.set()
+
+    async def watch_core(self) -> None:
+        """Poll the engine core; on its death exit (code EXIT_CORE_DIED) or restart it (--restart-core)."""
+        state = self.state
+        while not self.shutdown.is_set():
+            await asyncio.sleep(self.poll_s)
+            if getattr(state.engine, "is_alive", True) or state.draining:
+                continue
+            reason = await _death_reason(state.engine)
+            if self.make_engine is None:
+                await self._exit_for_supervisor(reason)
+                return
+            if not await self._restart(reason):
+                return
+
+    async def _exit_for_supervisor(self, reason: str) -> None:
+        log.error(
+            "engine core died (%s): failing in-flight requests and exiting with code %d so that a supervisor "
+            "restarts the server (--restart-core restarts the core in place instead)",
+            reason,
+            EXIT_CORE_DIED,
+        )
+        await self._exit(reason)
+
+    async def _exit(self, reason: str) -> None:
+        self.exit_code = EXIT_CORE_DIED
+        self.state.start_draining(f"engine core died: {reason}")
+        # the engine already failed its requests (503, or an in-band error on streams); wait for them to answer
+        await self.drain(_UNWIND_S)
+
+    async def _restart(self, reason: str) -> bool:
+        """Replace the dead engine; False (and the server exits) when the new one does not start."""
+        state, loop = self.state, asyncio.get_running_loop()
+        assert self.make_engine is not None
+        state.restarting = reason
+        log.error("engine core died (%s): its requests failed with 503; restarting it (--restart-core)", reason)
+        started = time.monotonic()
+        old = state.engine
+        await loop.run_in_executor(None, old.shutdown)
+        building = loop.run_in_executor(None, self.make_engine)
+        try:
+            new = await asyncio.shield(building)
+        except asyncio.CancelledError:  # the server stops meanwhile: the engine still being built must not leak
+            building.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().shutdown())
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to start means we cannot serve
+            log.error("engine core restart failed (%s): exiting with code %d", e, EXIT_CORE_DIED)
+            state.restarting = None
+            await self._exit(reason)
+            return False
+        state.engine = new
+        state.restarting = None
+        self.restarts += 1
+        log.info("engine core restarted in %.1fs (restart %d)", time.monotonic() - started, self.restarts)
+        return True
+
+
+async def _death_reason(engine: Any) -> str:
+    try:  # a dead engine raises its death message at once
+        await asyncio.get_running_loop().run_in_executor(None, engine.refresh_stats, 0.5)
+    except Exception as e:  # noqa: BLE001 - the message is all we want
+        return str(getattr(e, "message", None) or repr(e))
+    return "engine core is not alive"
