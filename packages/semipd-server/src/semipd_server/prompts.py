@@ -44,7 +44,9 @@ class PromptPrep:
         self.max_model_len = max_model_len
         per_token = max_token_chars(tokenizer)
         self.max_chars = None if per_token is None else max_model_len * per_token * _NORMALIZER_SHRINK
-        workers = workers or min(4, os.cpu_count() or 1)
+        # leave a core to the event loop and the engine core: tokenizing is what a flood of huge prompts costs
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = workers or max(1, min(4, cpus - 1))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="semipd-prep")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -69,7 +71,7 @@ class PromptPrep:
         """Token ids of a text or token prompt, refused (400) when it cannot fit the context. Blocking."""
         if isinstance(prompt, str):
             self.check_chars(len(prompt), param)
-            ids = list(self.tokenizer.encode(prompt))
+            ids = self.tokenizer.encode(prompt)
         else:
             ids = prompt
         self.check_tokens(len(ids), param)
@@ -84,7 +86,7 @@ class PromptPrep:
             raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         self.check_chars(len(text), "messages")
         # the template already wrote any BOS; adding special tokens again would double it
-        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
         self.check_tokens(len(ids), "messages")
         return ids
 
