@@ -102,7 +102,7 @@ def test_body_over_the_limit_is_413_before_it_is_read() -> None:
 
 def test_never_fits_is_400_and_full_queue_is_429() -> None:
     async def check(c: httpx.AsyncClient, eng: FakeEngine) -> None:
-        eng.max_running_requests, eng.max_queued_requests = 2, 1  # type: ignore[attr-defined]
+        eng.max_running_requests, eng.max_queued_requests = 2, 1
         r = await c.post("/v1/completions", json={"prompt": "ab", "n": 4, "max_tokens": 1})
         assert_error(r, 400, "n", "exceeds_capacity")
         msg = r.json()["error"]["message"]

@@ -57,7 +57,7 @@ async def models(request: Request) -> Response:
         "object": "model",
         "created": int(state.created),
         "owned_by": "semipd",
-        "root": str(getattr(state.engine, "model_name", state.model_name)),  # the model, never a host path
+        "root": state.engine.model_name,  # the model's name, never a path on the host
         "max_model_len": state.max_model_len,
     }
     return JSONResponse({"object": "list", "data": [card]})

@@ -57,7 +57,7 @@ class Lifecycle:
         state = self.state
         while not self.shutdown.is_set():
             await asyncio.sleep(self.poll_s)
-            if getattr(state.engine, "is_alive", True) or state.draining:
+            if state.engine.is_alive or state.draining:
                 continue
             reason = await _death_reason(state.engine)
             if self.make_engine is None:

@@ -71,9 +71,8 @@ class ServerState:
     def check_capacity(self, prompts: int, n: int) -> None:
         """400, not 429, for a request that no amount of waiting would let in: the engine admits at most
         running + queued completions at once, and this one alone needs prompts x n of them."""
-        running = getattr(self.engine, "max_running_requests", None)
-        queued = getattr(self.engine, "max_queued_requests", None)
-        if running is None or queued is None or prompts * n <= running + queued:
+        running, queued = self.engine.max_running_requests, self.engine.max_queued_requests
+        if queued is None or prompts * n <= running + queued:  # no queue limit: anything fits in time
             return
         what = f"n={n}" if prompts == 1 else f"{prompts} prompts x n={n}"
         raise ApiError(
