@@ -55,7 +55,7 @@ def _prepare(state: ServerState, body: bytes) -> tuple[GenerateRequest, Sampling
 async def generate(request: Request) -> Response:
     state: ServerState = request.app.state.server
     body = await request.body()
-    req, params, prompt_ids = await state.prep.run(_prepare, state, body)
+    req, params, prompt_ids = await state.prep.run(len(body), _prepare, state, body)
     rid = req.rid or new_request_id("gen")
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, [prompt_ids], params, rid)

@@ -72,7 +72,8 @@ def _prepare_completion(
 async def create_completion(request: Request) -> Response:
     state = _state(request)
     body = await request.body()
-    req, params, prompt_ids, prefixes, include_usage = await state.prep.run(_prepare_completion, state, body)
+    prepared = await state.prep.run(len(body), _prepare_completion, state, body)
+    req, params, prompt_ids, prefixes, include_usage = prepared
     builder = ResponseBuilder(new_request_id("cmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, list(prompt_ids), params, builder.id)
@@ -176,7 +177,7 @@ def _prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionReques
 async def create_chat_completion(request: Request) -> Response:
     state = _state(request)
     body = await request.body()
-    req, params, prompt_ids, include_usage = await state.prep.run(_prepare_chat, state, body)
+    req, params, prompt_ids, include_usage = await state.prep.run(len(body), _prepare_chat, state, body)
     builder = ResponseBuilder(new_request_id("chatcmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, [prompt_ids], params, builder.id)

@@ -22,6 +22,7 @@ Prompt = str | list[int]
 # A normalizer can shrink text before it is split into tokens (NFC composes up to 4 code points into one, e.g.
 # Greek with two accents and iota subscript), so the character bound allows for it.
 _NORMALIZER_SHRINK = 4
+INLINE_BYTES = 16 << 10  # bodies up to this size are prepared on the event loop: ~1 ms of tokenizing at most
 
 
 def max_token_chars(tokenizer: Any) -> int | None:
@@ -49,8 +50,11 @@ class PromptPrep:
         workers = workers or max(1, min(4, cpus - 1))
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="semipd-prep")
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on the preparation pool; its exceptions (ApiError included) are raised here."""
+    async def run(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` for a body of `size` bytes: inline when small (a millisecond at most, and never queued
+        behind a huge one), else on the preparation pool. Its exceptions (ApiError included) are raised here."""
+        if size <= INLINE_BYTES:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
     def check_chars(self, n_chars: int, param: str) -> None:
