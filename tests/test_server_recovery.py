@@ -94,7 +94,7 @@ def test_non_ascii_bearer_is_401_and_dead_core_exits_3(tmp_path: Path) -> None:
         assert server.proc.wait(60) == 3, server.log()
         wait_for(lambda: not any(pid_alive(p) for p in children), 20, "engine processes gone")
         log = server.log()
-        assert "engine core died (engine core process died" in log and "exiting with code 3" in log, log
+        assert "engine core failed (engine core process died" in log and "exiting with code 3" in log, log
     finally:
         server.stop()
 
@@ -128,3 +128,39 @@ def test_restart_core_serves_again(tmp_path: Path) -> None:
     finally:
         server.stop()
 
+
+
+def test_semipd_prefill_worker_death_restarts_the_core(tmp_path: Path) -> None:
+    """A semi-PD core whose prefill worker died stays alive but unhealthy; past --core-unhealthy-timeout the
+    server restarts the whole core (the in-place worker restart is the core's own, still to come)."""
+    server = start(tmp_path, "--mode", "semi-pd", "--restart-core", "--core-unhealthy-timeout", "2")
+    try:
+        old_core = core_pid(server)
+        (prefill,) = [p for p in child_pids(old_core) if "spawn_main" in proc_cmdline(p)]
+        flight = InFlight(server)
+        os.kill(prefill, signal.SIGKILL)
+        # the core notices a dead prefill worker only when it has prefill work for it (core's to improve): the
+        # next prompt fails, the core reports itself unhealthy, and the timeout starts
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi there", "max_tokens": 2},
+                       headers=server.headers(), timeout=60)
+        assert r.status_code == 503 and "prefill worker" in r.json()["error"]["message"], r.text
+        flight.check_failed()  # the decoding ones were answered 503 when the core was restarted
+        seen: list[str] = []
+
+        def healthy() -> bool:
+            r = httpx.get(f"{server.url}/health", timeout=30)
+            if r.status_code != 200:
+                seen.append(r.json()["error"]["code"])
+            return r.status_code == 200
+
+        wait_for(healthy, 120, "healthy again")
+        assert "engine_restarting" in seen, seen
+        new_core = core_pid(server)
+        assert new_core != old_core and [p for p in child_pids(new_core) if "spawn_main" in proc_cmdline(p)]
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4},
+                       headers=server.headers(), timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        assert "engine core failed (unhealthy for" in server.log()
+        assert server.stop() == 0, server.log()
+    finally:
+        server.stop()

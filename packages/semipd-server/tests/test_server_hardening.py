@@ -12,6 +12,7 @@ import httpx
 from semipd_server.app import build_app
 from semipd_server.gate import bearer_matches
 from semipd_server.sse import parse_sse
+from semipd_server.state import drain_timeout_error
 from server_fake_engine import FakeEngine
 from test_server_app import assert_error, metric_samples, serve
 
@@ -139,7 +140,7 @@ def test_drain_timeout_answers_every_cut_off_request() -> None:
             await asyncio.sleep(0.001)
         state.start_draining()
         assert not await state.wait_idle(0.05)
-        assert state.cut_off_in_flight(0.05) == 3
+        assert state.cut_off_in_flight(drain_timeout_error(0.05)) == 3
         assert await state.wait_idle(5.0)
         r = await whole
         assert_error(r, 503, None, "drain_timeout")

@@ -8,6 +8,7 @@ import asyncio
 import threading
 
 import httpx
+from semipd_runtime.errors import EngineDeadError
 from semipd_server.app import build_app
 from semipd_server.lifecycle import EXIT_CORE_DIED, Lifecycle
 from server_fake_engine import FakeEngine
@@ -35,7 +36,7 @@ def test_dead_core_drains_and_exits_3() -> None:
         await asyncio.wait_for(life.shutdown.wait(), 10)
         await watch
         assert life.exit_code == EXIT_CORE_DIED and state.draining
-        assert state.drain_reason == "engine core died: engine core process died"
+        assert state.drain_reason == "engine core failed: engine core process died"
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             assert_error(await c.post("/v1/completions", json={"prompt": "x"}), 503, None, "draining")
 
@@ -91,5 +92,66 @@ def test_drain_timeout_stops_the_server_after_answering() -> None:
             await life.drain(0.05)
             assert life.shutdown.is_set() and state.in_flight == 0
             assert_error(await req, 503, None, "drain_timeout")
+
+    asyncio.run(main())
+
+
+class SickEngine(FakeEngine):
+    """Alive but unhealthy, as semi-PD is while its prefill worker is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sick = False
+
+    async def check_health(self) -> None:
+        if self.sick:
+            raise EngineDeadError("prefill worker died")
+
+
+def test_unhealthy_past_the_timeout_counts_as_dead() -> None:
+    eng = SickEngine()
+    state = build_app(eng).state.server
+
+    async def main() -> None:
+        life = Lifecycle(state, poll_s=0.01, unhealthy_timeout_s=0.3)
+        watch = asyncio.create_task(life.watch_core())
+        eng.sick = True
+        await asyncio.sleep(0.2)
+        eng.sick = False  # back within the timeout (a worker restarted in place): nothing happens
+        await asyncio.sleep(0.5)
+        assert not life.shutdown.is_set()
+        eng.sick = True
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(life.shutdown.wait(), 10)
+        assert asyncio.get_running_loop().time() - started >= 0.3
+        await watch
+        assert life.exit_code == EXIT_CORE_DIED
+        assert state.drain_reason.startswith("engine core failed: unhealthy for ")
+        assert state.drain_reason.endswith("s: prefill worker died")
+
+    asyncio.run(main())
+
+
+def test_restarting_an_unhealthy_core_answers_its_requests() -> None:
+    old, new = SickEngine(), FakeEngine()
+    old.gate = asyncio.Event()  # its request never gets a token: it would wait forever on the stopped core
+    app = build_app(old, on_core_death="restart")
+    state = app.state.server
+
+    async def main() -> None:
+        life = Lifecycle(state, lambda: new, poll_s=0.01, unhealthy_timeout_s=0.1)
+        watch = asyncio.create_task(life.watch_core())
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            stuck = asyncio.create_task(c.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3}))
+            await until(lambda: state.in_flight == 1 and old.active)
+            old.sick = True
+            r = await asyncio.wait_for(stuck, 10)
+            assert_error(r, 503, None, "engine_restarting")
+            assert "unhealthy for" in r.json()["error"]["message"]
+            await until(lambda: state.engine is new)
+            assert old.aborted and old.dead  # its work aborted, then the old engine shut down
+            assert (await c.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1})).status_code == 200
+        life.shutdown.set()
+        await asyncio.wait_for(watch, 5)
 
     asyncio.run(main())

@@ -37,6 +37,16 @@ def _non_negative(text: str) -> int:
     return v
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -113,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="when the engine core dies, start a new one in place (default: fail in-flight requests and exit "
         "with code 3, for a supervisor to restart the server)",
+    )
+    h.add_argument(
+        "--core-unhealthy-timeout",
+        type=_non_negative_float,
+        default=30.0,
+        help="seconds an engine core may stay alive but unhealthy (a semi-pd prefill worker gone) before it "
+        "counts as dead (exit 3, or --restart-core); 0: never",
     )
     h.add_argument(
         "--drain-timeout",
@@ -259,7 +276,9 @@ async def serve(
     config.graceful_timeout = 5.0
     config.accesslog = logging.getLogger("semipd_server.access") if args.log_requests else None
     config.errorlog = logging.getLogger("hypercorn")
-    life = Lifecycle(state, make_engine if args.restart_core else None)
+    life = Lifecycle(
+        state, make_engine if args.restart_core else None, unhealthy_timeout_s=args.core_unhealthy_timeout
+    )
     loop = asyncio.get_running_loop()
 
     def on_signal(name: str) -> None:

@@ -1,7 +1,7 @@
 """The middleware around every HTTP request: API key (401), body size (413), drain and restart gates (503),
 in-flight accounting, and a real answer for every failure (OpenAI error body, counted by status): an unexpected
 exception becomes a counted 500 here instead of escaping to Starlette's outer handler, and a request cut off by
-the drain timeout gets a 503 (or, on a stream that already sent its 200, an error event and `[DONE]`)."""
+the drain timeout or a core restart gets a 503 (or, on a stream that already sent its 200, an error event and `[DONE]`)."""
 
 from __future__ import annotations
 
@@ -92,11 +92,12 @@ class GateMiddleware:
         try:
             await self.app(scope, self._limited(receive), exchange.send)
         except asyncio.CancelledError:
-            if not (generation and self.state.was_cut_off(task)):
+            error = self.state.cut_off_error
+            if not (generation and self.state.was_cut_off(task)) or error is None:
                 raise  # the client or the server stopping: not ours to answer
             assert task is not None
-            task.uncancel()  # the cancel was our drain timeout's; this task goes on to answer
-            await exchange.fail(self.state.cut_off_error(), scope, receive)
+            task.uncancel()  # the cancel was ours (drain timeout, core restart); this task goes on to answer
+            await exchange.fail(error, scope, receive)
         except ApiError as e:  # raised outside a route (e.g. a body limit hit in a streaming read)
             await exchange.fail(e, scope, receive)
         except Exception as e:  # every failure gets an answer that the metrics count

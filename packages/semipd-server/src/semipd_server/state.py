@@ -33,7 +33,7 @@ class ServerState:
     created: float = field(default_factory=time.time)
     in_flight: int = 0
     restarting: str | None = None  # why, while a dead engine core is being replaced (--restart-core)
-    drain_timeout_s: float = 0.0  # set once the drain timeout has cut requests off
+    cut_off_error: ApiError | None = None  # the answer of requests cut off (drain timeout, core restart)
     _idle: asyncio.Event | None = field(default=None, init=False)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
     _cut_off: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
@@ -105,25 +105,18 @@ class ServerState:
         self.drain_reason = reason
         self.metrics.draining.labels(self.model_name).set(1)
 
-    def cut_off_in_flight(self, drain_timeout_s: float) -> int:
-        """Drain timeout: cancel every generation request still running; the gate answers each one (503, or an
-        error event and [DONE] on a stream) and the cancellation aborts its engine work. Returns how many."""
-        self.drain_timeout_s = drain_timeout_s
+    def cut_off_in_flight(self, error: ApiError) -> int:
+        """Cancel every generation request still running (drain timeout, core restart); the gate answers each
+        one with `error` (or, on a stream, an error event and [DONE]) and the cancellation aborts its engine
+        work. Returns how many."""
+        self.cut_off_error = error
         for task in self._tasks - self._cut_off:
             self._cut_off.add(task)
-            task.cancel("drain timeout")
+            task.cancel(error.code)
         return len(self._cut_off)
 
     def was_cut_off(self, task: asyncio.Task[Any] | None) -> bool:
         return task in self._cut_off
-
-    def cut_off_error(self) -> ApiError:
-        return ApiError(
-            503,
-            f"the server is shutting down and its drain timeout ({self.drain_timeout_s:g}s) expired before this "
-            "request finished; it was aborted",
-            code="drain_timeout",
-        )
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no generation request is in flight; False if `timeout_s` passed first."""
@@ -146,3 +139,13 @@ class ServerState:
             except Exception as e:  # noqa: BLE001 - a dead core still has last-known stats to show
                 log.debug("engine stats refresh failed: %r", e)
         return dict(self.engine.stats())
+
+
+def drain_timeout_error(timeout_s: float) -> ApiError:
+    return ApiError(
+        503,
+        f"the server is shutting down and its drain timeout ({timeout_s:g}s) expired before this request "
+        "finished; it was aborted",
+        code="drain_timeout",
+    )
+
