@@ -24,8 +24,8 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})  # never need the API key (probe
 
 class BodyTooLarge(ApiError):
     def __init__(self, limit: int, seen: int | None = None) -> None:
-        size = f"{seen} bytes" if seen is not None else "more"
-        super().__init__(413, f"request body is {size}; this server accepts at most {limit} bytes "
+        size = f"is {seen} bytes" if seen is not None else "is longer"
+        super().__init__(413, f"request body {size}; this server accepts at most {limit} bytes "
                               f"(--max-request-bytes)", code="request_too_large")
 
 
