@@ -55,6 +55,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.dead = False
+        self.max_running_requests, self.max_queued_requests = max_active, None  # admission limits (Engine's)
         self.pages_total = 100
         self.config = EngineConfig()
         self.gate: asyncio.Event | None = None  # when set by a test, streams wait on it before each token
@@ -126,6 +127,18 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    @property
+    def is_alive(self) -> bool:
+        return not self.dead
+
+    def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, int]:
+        if self.dead:
+            raise EngineDeadError("engine core process died")
+        return self.stats()
+
+    def shutdown(self) -> None:
+        self.dead = True
 
     async def check_health(self) -> None:
         if self.dead:

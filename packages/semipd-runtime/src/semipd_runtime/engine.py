@@ -133,7 +133,8 @@ class Engine:
         self._check_fits(len(ids), params)
         if self._dead:
             raise EngineDeadError(self._dead)
-        if not self._stats.healthy:
+        # a core replacing a worker in place queues the request until the worker is back
+        if not self._stats.healthy and not self._stats.recovering:
             raise EngineDeadError(self._stats.health_error or "engine is unhealthy")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         req = TrackedRequest(rid, ids, params, self.tokenizer, sink)

@@ -83,6 +83,7 @@ class EngineStats(msgspec.Struct):
     num_steps: int = 0
     healthy: bool = True
     health_error: str = ""
+    recovering: bool = False  # unhealthy while a worker is replaced in place (semi-PD prefill restart)
     integrity_error: str = ""  # from the allocator's check when the core went idle ("" = clean)
     prefill_pid: int = 0  # semi-PD with a prefill process
     # semi-PD SM split and its controller (partition_policy "slo"); percents are of the device's SMs

@@ -166,7 +166,7 @@ class SharedPoolPrefill:
     def fill_stats(self, s: EngineStats) -> None:
         r = self.router
         s.prefill_sm, s.decode_sm = self.prefill_sm, self.decode_sm
-        s.healthy = not (self.error or self.restarting)
+        s.healthy, s.recovering = not (self.error or self.restarting), bool(self.restarting and not self.error)
         s.health_error = self.error or (f"prefill worker restarting after: {self.restarting}" if self.restarting else "")
         s.prefill_pid = self.ready.pid
         s.prefill_sm_percent, s.decode_sm_percent = r.split

@@ -46,6 +46,19 @@ class ServedEngine(Protocol):
     @property
     def config(self) -> EngineConfig: ...
 
+    @property
+    def max_running_requests(self) -> int: ...
+
+    @property
+    def max_queued_requests(self) -> int | None: ...
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine core died (its requests were failed)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
     def stats(self) -> EngineStats:
         """The engine core's last report (a copy)."""
         ...

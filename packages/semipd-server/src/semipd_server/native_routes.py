@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from semipd_runtime import CompletionOutput, RequestOutput
+from semipd_runtime import CompletionOutput, RequestOutput, SamplingParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -44,14 +44,22 @@ def _completion(rid: str, out: RequestOutput, c: CompletionOutput, delta: bool) 
     return obj
 
 
-async def generate(request: Request) -> Response:
-    state: ServerState = request.app.state.server
-    req = decode_body(await request.body(), GenerateRequest)
+def _prepare(state: ServerState, body: bytes) -> tuple[GenerateRequest, SamplingParams, list[int]]:
+    """Parse, validate and tokenize (blocking: runs on the preparation pool)."""
+    req = decode_body(body, GenerateRequest)
     prompt = generate_prompt(req)
     params = generate_params(req)
+    state.check_capacity(1, params.n)
+    return req, params, state.prep.prompt_ids(prompt, "input_ids" if req.text is None else "text")
+
+
+async def generate(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    body = await request.body()
+    req, params, prompt_ids = await state.prep.run(len(body), _prepare, state, body)
     rid = req.rid or new_request_id("gen")
     tracker = state.metrics.tracker()
-    gens = await start_all(state.engine, [prompt], params, rid, bootstraps(state.engine, req, 1))
+    gens = await start_all(state.engine, [prompt_ids], params, rid, bootstraps(state.engine, req, 1))
     if req.stream:
         return sse_response(_stream(gens, rid, tracker, params.n))
     last: RequestOutput | None = None

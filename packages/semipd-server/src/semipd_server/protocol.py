@@ -145,6 +145,10 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         ) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"malformed JSON: {e}", code="invalid_json") from None
+    except UnicodeDecodeError as e:  # JSON must be UTF-8 (RFC 8259); msgspec raises this, not a DecodeError
+        raise bad_request(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("JSON is nested too deeply", code="invalid_json") from None
 
 
 def _reject_unsupported(req: SamplingFields) -> None:
