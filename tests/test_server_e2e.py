@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from semipd_runtime import Engine, SamplingParams
 from semipd_server.testing import ServerProcess, child_pids, proc_cmdline
 

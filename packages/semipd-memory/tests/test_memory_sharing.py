@@ -27,7 +27,7 @@ from semipd_memory import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawn children inherit sys.path: they import the worker by name
-import memory_ipc_worker as ipc  # noqa: E402
+import memory_ipc_worker as ipc
 
 
 # --- one process ----------------------------------------------------------------------------------------------

@@ -285,12 +285,12 @@ def test_resolve_model_path(tmp_path: Path, default_model_dir: Path) -> None:
     assert resolve_model_path(None) == default_model_dir
     assert resolve_model_path(default_gguf_path()) == default_model_dir
     assert resolve_model_path(str(default_model_dir)) == default_model_dir
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         resolve_model_path(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_path(tmp_path / "nope")
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="not a .gguf"):
+    with pytest.raises(ValueError, match=r"not a \.gguf"):
         resolve_model_path(tmp_path / "weights.bin")
     with pytest.raises(TypeError, match="model_path"):
         resolve_model_path(42)  # type: ignore[arg-type]

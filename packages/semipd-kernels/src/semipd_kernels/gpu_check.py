@@ -6,7 +6,8 @@ figures and `ok`; the reference always runs in float32 on the same inputs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -155,7 +156,7 @@ def run_all(device: str = "cuda") -> list[dict[str, Any]]:
     for name, fn in CHECKS.items():
         try:
             results += fn(device)
-        except Exception as e:  # report and continue: one broken kernel must not hide the others' results
+        except Exception as e:  # noqa: BLE001 - one broken kernel must not hide the others' results
             results.append({"check": name, "ok": False, "error": f"{type(e).__name__}: {e}"})
         torch.cuda.empty_cache() if device == "cuda" else None
     return results

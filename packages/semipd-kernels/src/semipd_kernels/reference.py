@@ -16,16 +16,16 @@ from semipd_kernels import checks
 from semipd_kernels.rng import uniform_from_hash
 
 __all__ = [
-    "rms_norm",
-    "fused_add_rms_norm",
-    "silu_and_mul",
-    "rope_cos_sin_cache",
     "apply_rotary",
-    "store_kv",
-    "rotary_store_kv",
     "decode_attention",
+    "fused_add_rms_norm",
     "prefill_attention",
+    "rms_norm",
+    "rope_cos_sin_cache",
+    "rotary_store_kv",
     "sample",
+    "silu_and_mul",
+    "store_kv",
 ]
 
 

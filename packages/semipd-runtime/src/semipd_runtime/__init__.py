@@ -10,7 +10,7 @@ from semipd_runtime.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from semipd_runtime.engine import Engine
 
-__all__ = ["Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "TokenLogprob"]
+__all__ = ["CompletionOutput", "Engine", "RequestOutput", "SamplingParams", "TokenLogprob"]
 
 
 def __getattr__(name: str) -> object:

@@ -40,7 +40,7 @@ def _as_id_list(value: Any) -> list[int]:
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant spans for training): render the body."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2's Extension API declares `tags` as a plain attribute
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
