@@ -125,8 +125,9 @@ def check_sampling(device: str) -> list[dict[str, Any]]:
     min_p[::2] = 0.0
     args = [temperature, torch.randint(0, 200, (bsz,), generator=g, dtype=torch.int32), top_p, min_p,
             torch.randint(0, 2**62, (bsz,), generator=g), torch.randint(0, 10**6, (bsz,), generator=g)]
-    args = [a.to(device) for a in args]
-    got, want = sample(logits, *args), ref.sample(logits, *args)
+    temp, top_k, top_p, min_p, seeds, steps = (a.to(device) for a in args)
+    got = sample(logits, temp, top_k, top_p, min_p, seeds, steps)
+    want = ref.sample(logits, temp, top_k, top_p, min_p, seeds, steps)
     same = (got == want).float().mean().item()
     return [{"check": f"sample B={bsz} V={vocab}", "same_token_rate": same, "ok": same == 1.0}]
 

@@ -95,6 +95,7 @@ class RadixCache:
         a.check_capacity(total, "alloc")
         if a.num_free_slots == 0:
             return None
+        shared: list[int]
         node, shared = self._root, []
         if self.enabled:
             node, shared = self._lock_prefix(tokens, self._max_shared_pages(tokens))

@@ -145,9 +145,11 @@ class Tokenizer:
             return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
         ids = list(self.backend.encode(text, add_special_tokens=False).ids)
         if self.add_bos_token:
-            ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
+            assert self.bos_token_id is not None  # add_bos_token is only set with one
+            ids.insert(0, self.bos_token_id)
         if self.add_eos_token:
-            ids.append(self._eos_for_encode)  # type: ignore[arg-type]
+            assert self._eos_for_encode is not None  # likewise
+            ids.append(self._eos_for_encode)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
