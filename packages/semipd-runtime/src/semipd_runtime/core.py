@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from semipd_memory import KVPool, PageAllocator, RadixCache
 
+from semipd_memory import KVPool, PageAllocator, RadixCache
 from semipd_runtime.capacity import check_fits, kv_pages_for
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError

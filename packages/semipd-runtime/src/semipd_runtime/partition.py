@@ -213,6 +213,7 @@ class GreenPartition(SmPartition):
 
     def role_context_factory(self, role: str) -> Callable[[], AbstractContextManager[Any]]:
         import torch
+
         from semipd_kernels import sm_budget
 
         stream, sms = self._streams[role], self.sm_count[role] or None
