@@ -11,6 +11,8 @@ import torch
 from semipd_runtime import Engine, SamplingParams
 from semipd_runtime.errors import InvalidRequestError
 
+pytestmark = pytest.mark.slow  # the real default model: converted, loaded and run end to end
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",

@@ -27,6 +27,8 @@ PROMPTS = [
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
+pytestmark = pytest.mark.slow  # the real default model in real prefill processes
+
 
 @pytest.fixture(scope="module")
 def unified_outputs() -> list[list[int]]:

@@ -79,6 +79,7 @@ def hf_gguf_model() -> torch.nn.Module:
                                                              dtype=torch.float32).eval()
 
 
+@pytest.mark.slow  # the default model loaded twice (ours and transformers' GGUF loader)
 def test_logits_equal_transformers_gguf_load(default_model_dir: Path, hf_gguf_model: torch.nn.Module) -> None:
     from transformers import LlamaForCausalLM
 

@@ -107,7 +107,8 @@ def unified_out(model_dir: Path, prompts: list[list[int]]) -> dict[str, list[int
 MOVES = {"process": {2: [(40.0, 60.0)]}, "thread": {2: [(25.0, 75.0), (75.0, 25.0)], 9: [(40.0, 60.0)]}}
 
 
-@pytest.mark.parametrize("placement", ["process", "thread"])
+# process: spawns and replaces real prefill processes (tens of seconds on CPU); thread covers the same logic
+@pytest.mark.parametrize("placement", [pytest.param("process", marks=pytest.mark.slow), "thread"])
 def test_forced_repartition_loses_and_duplicates_nothing(model_dir: Path, prompts: list[list[int]],
                                                          unified_out: dict[str, list[int]], placement: str) -> None:
     core = make_core(model_dir, "semi-pd", placement)

@@ -366,6 +366,7 @@ def servable_loads(draw: st.DrawFn, truth: Truth) -> dict[str, object]:
 
 
 # no shrinking: each example is a 240 s closed-loop simulation, and shrinking one ran for many minutes
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(truths(), st.data(), st.floats(0.0, 0.15), st.integers(0, 2**32 - 1))

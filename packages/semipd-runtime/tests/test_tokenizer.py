@@ -59,6 +59,7 @@ def hf_tok() -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
+@pytest.mark.slow  # transformers parses the default model's whole GGUF file for its tokenizer
 def test_ids_equal_transformers_gguf_tokenizer(tok: Tokenizer, hf_tok: Any) -> None:
     for text in TEXTS:
         ids = tok.encode(text)
