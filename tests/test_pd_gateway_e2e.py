@@ -22,8 +22,8 @@ SMG = Path(sys.executable).parent / "smg"
 if not SMG.exists():
     pytest.skip("needs the smg gateway binary (semipd-server[pd])", allow_module_level=True)
 
-from semipd_runtime import Engine, SamplingParams
-from semipd_server.testing import ServerProcess, free_port
+from semipd_runtime import Engine, SamplingParams  # noqa: E402 - only once the binaries are known present
+from semipd_server.testing import ServerProcess, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from semipd_runtime import Engine, SamplingParams
 from semipd_server.engine_protocol import ServedEngine, ServedTokenizer
 from semipd_server.testing import ServerProcess

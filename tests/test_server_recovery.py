@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from semipd_server.testing import ServerProcess, child_pids, pid_alive, proc_cmdline
 
 pytestmark = pytest.mark.slow

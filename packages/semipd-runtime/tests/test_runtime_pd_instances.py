@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("mooncake.engine", reason="needs the Mooncake transfer engine (semipd-server[pd])")
 
-from semipd_runtime import EngineStats, Engine, SamplingParams
+from semipd_runtime import Engine, EngineStats, SamplingParams
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Write a haiku about the sea. " * 3]

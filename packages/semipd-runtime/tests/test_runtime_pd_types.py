@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from semipd_runtime.kv_transfer import _runs
 from semipd_runtime.pd_types import KvLayout, PdEnv, room_key
 

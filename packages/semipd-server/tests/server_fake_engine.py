@@ -132,11 +132,6 @@ class FakeEngine:
     def is_alive(self) -> bool:
         return not self.dead
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> dict[str, int]:
-        if self.dead:
-            raise EngineDeadError("engine core process died")
-        return self.stats()
-
     def shutdown(self) -> None:
         self.dead = True
 

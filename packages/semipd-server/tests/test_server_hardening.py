@@ -9,12 +9,13 @@ import json
 from typing import Any
 
 import httpx
+from server_fake_engine import FakeEngine
+from test_server_app import assert_error, metric_samples, serve
+
 from semipd_server.app import build_app
 from semipd_server.gate import bearer_matches
 from semipd_server.sse import parse_sse
 from semipd_server.state import drain_timeout_error
-from server_fake_engine import FakeEngine
-from test_server_app import assert_error, metric_samples, serve
 
 
 async def errors_counted(c: httpx.AsyncClient) -> dict[str, float]:

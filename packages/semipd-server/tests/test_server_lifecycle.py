@@ -8,11 +8,12 @@ import asyncio
 import threading
 
 import httpx
+from server_fake_engine import FakeEngine
+from test_server_app import assert_error
+
 from semipd_runtime.errors import EngineDeadError
 from semipd_server.app import build_app
 from semipd_server.lifecycle import EXIT_CORE_DIED, Lifecycle
-from server_fake_engine import FakeEngine
-from test_server_app import assert_error
 
 
 async def until(cond: object, timeout_s: float = 5.0) -> None:

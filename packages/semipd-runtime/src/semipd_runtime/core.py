@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from semipd_memory import KVPool, PageAllocator, RadixCache
 
+from semipd_memory import KVPool, PageAllocator, RadixCache
 from semipd_runtime.capacity import check_fits, kv_pages_for
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError
@@ -327,7 +328,8 @@ class EngineCore:
                   for r, n in zip(batch.requests, batch.num_new_tokens)]
         starts = [r.num_computed for r in batch.requests]
         table = self.allocator.req_to_page
-        page_table = table.index_select(0, to_device([r.slot for r in batch.requests], torch.long, table.device))
+        slots = cast(list[int], [r.slot for r in batch.requests])  # a scheduled request always holds a slot
+        page_table = table.index_select(0, to_device(slots, torch.long, table.device))
         prev_tokens = prev.sampled.tokens if prev is not None and prev.sampled is not None else None
         if prev_tokens is not None and prev_tokens.is_cuda:  # read here, maybe on another stream than its own
             prev_tokens.record_stream(torch.cuda.current_stream(self.runner.device))
@@ -337,6 +339,7 @@ class EngineCore:
             if req.num_computed - n < len(req.prompt_ids) <= req.num_computed:
                 # prompt done: later requests share its full pages from now on (readers run after this step
                 # on the same stream), not only once it ends
+                assert req.slot is not None
                 self.cache.publish(req.slot, req.prompt_ids)
         self.num_steps += 1
         step = self.scheduler.launched(batch)

@@ -4,6 +4,7 @@ stop strings, and hands token-level work to an EngineCore (thread or process).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -227,10 +228,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         def deliver(item: RequestOutput | BaseException) -> None:
-            try:
+            # RuntimeError: the consumer's event loop is closed, nobody is listening any more
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:
-                pass  # the consumer's event loop is closed: nobody is listening any more
 
         req = self.submit(prompt, params, request_id, sink=deliver, bootstrap=bootstrap)
         req.streaming = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import torch
+
 from semipd_memory import KVPool
 
 log = logging.getLogger(__name__)

@@ -166,8 +166,10 @@ class SharedPoolPrefill:
     def fill_stats(self, s: EngineStats) -> None:
         r = self.router
         s.prefill_sm, s.decode_sm = self.prefill_sm, self.decode_sm
-        s.healthy, s.recovering = not (self.error or self.restarting), bool(self.restarting and not self.error)
-        s.health_error = self.error or (f"prefill worker restarting after: {self.restarting}" if self.restarting else "")
+        s.healthy = not (self.error or self.restarting)
+        s.recovering = bool(self.restarting and not self.error)
+        restarting = f"prefill worker restarting after: {self.restarting}" if self.restarting else ""
+        s.health_error = self.error or restarting
         s.prefill_pid = self.ready.pid
         s.prefill_sm_percent, s.decode_sm_percent = r.split
         s.repartitions, s.repartition_failures, s.last_repartition_s = r.repartitions, r.failures, r.last_latency_s

@@ -40,7 +40,7 @@ def _as_id_list(value: Any) -> list[int]:
 class _GenerationTag(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` (marks assistant spans for training): render the body."""
 
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2's Extension API declares `tags` as a plain attribute
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -145,9 +145,11 @@ class Tokenizer:
             return self._encode_ids(text, add_special_tokens)
         ids = self._encode_ids(text, False)
         if self.add_bos_token:
-            ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]
+            assert self.bos_token_id is not None  # add_bos_token is only set with one
+            ids.insert(0, self.bos_token_id)
         if self.add_eos_token:
-            ids.append(self._eos_for_encode)  # type: ignore[arg-type]
+            assert self._eos_for_encode is not None  # likewise
+            ids.append(self._eos_for_encode)
         return ids
 
     def _encode_ids(self, text: str, add_special_tokens: bool) -> list[int]:

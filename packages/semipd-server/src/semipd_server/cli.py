@@ -15,9 +15,9 @@ from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+
 from semipd_runtime.config import CliKnob, cli_knobs
 from semipd_runtime.knobs import Knob, check_value
-
 from semipd_server.app import build_app
 from semipd_server.engine_protocol import ServedEngine
 from semipd_server.lifecycle import EXIT_CORE_DIED, Lifecycle
@@ -75,7 +75,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _add_knob(group: argparse._ArgumentGroup, ck: CliKnob) -> None:
     k = ck.knob
-    meta = {"metavar": k.flags[0].lstrip("-").upper().replace("-", "_")}
+    metavar = k.flags[0].lstrip("-").upper().replace("-", "_")
     if ck.value_type == "bool":
         group.add_argument(*k.flags, dest=ck.name, action="store_false" if k.invert else "store_true", help=k.help)
     elif k.choices:
@@ -83,9 +83,9 @@ def _add_knob(group: argparse._ArgumentGroup, ck: CliKnob) -> None:
     elif ck.value_type in ("int", "float"):
         kind = int if ck.value_type == "int" else float
         group.add_argument(*k.flags, dest=ck.name, type=_number(kind, ck.name, k), default=ck.default, help=k.help,
-                           **meta)
+                           metavar=metavar)
     else:
-        group.add_argument(*k.flags, dest=ck.name, default=ck.default, help=k.help, **meta)
+        group.add_argument(*k.flags, dest=ck.name, default=ck.default, help=k.help, metavar=metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,14 +204,16 @@ async def serve(
     )
     loop = asyncio.get_running_loop()
 
+    tasks: set[asyncio.Task[None]] = set()  # the drains started by signals (held: the loop keeps weak refs)
+
     def on_signal(name: str) -> None:
         if state.draining:  # a second signal: answer what is in flight now and stop
             log.warning("%s again: stopping now", name)
-            loop.create_task(life.drain(0.0))
+            tasks.add(loop.create_task(life.drain(0.0)))
             return
         log.info("%s: draining (%d requests in flight; new ones get 503)", name, state.in_flight)
         state.start_draining(name)
-        loop.create_task(life.drain(args.drain_timeout))
+        tasks.add(loop.create_task(life.drain(args.drain_timeout)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)

@@ -1,7 +1,8 @@
 """The middleware around every HTTP request: API key (401), body size (413), drain and restart gates (503),
 in-flight accounting, and a real answer for every failure (OpenAI error body, counted by status): an unexpected
 exception becomes a counted 500 here instead of escaping to Starlette's outer handler, and a request cut off by
-the drain timeout or a core restart gets a 503 (or, on a stream that already sent its 200, an error event and `[DONE]`)."""
+the drain timeout or a core restart gets a 503 (or, on a stream that already sent its 200, an error event and
+`[DONE]`)."""
 
 from __future__ import annotations
 

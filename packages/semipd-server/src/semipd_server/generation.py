@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from semipd_runtime import RequestOutput, SamplingParams
 from semipd_runtime.errors import SemipdError
-
 from semipd_server.engine_protocol import Bootstrap, Prompt, ServedEngine
 from semipd_server.errors import ApiError, from_engine_error
 
@@ -145,13 +144,14 @@ async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutp
             await g.close()
 
 
-async def wait_disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def wait_disconnected(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
     """Returns when the client has gone (ASGI http.disconnect); the request body must be read already."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def run_until_disconnect(work: Awaitable[Any], receive: Callable[[], Awaitable[dict[str, Any]]]) -> Any:
+async def run_until_disconnect(work: Awaitable[Any],
+                               receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> Any:
     """Await `work` unless the client disconnects first; then cancel it (its cleanup aborts the requests)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_disconnected(receive))

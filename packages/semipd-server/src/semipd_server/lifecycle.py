@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 
 from semipd_runtime.errors import SemipdError
-
 from semipd_server.engine_protocol import ServedEngine
 from semipd_server.errors import ApiError
 from semipd_server.state import ServerState, drain_timeout_error
@@ -133,7 +132,7 @@ class Lifecycle:
         try:
             new = await asyncio.shield(building)
         except asyncio.CancelledError:  # the server stops meanwhile: the engine still being built must not leak
-            building.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().shutdown())
+            building.add_done_callback(_shutdown_if_built)
             raise
         except Exception as e:  # noqa: BLE001 - any failure to start means we cannot serve
             log.error("engine core restart failed (%s): exiting with code %d", e, EXIT_CORE_DIED)
@@ -167,3 +166,8 @@ async def _death_reason(engine: ServedEngine) -> str:
     except Exception as e:  # noqa: BLE001 - the message is all we want
         return repr(e)
     return "engine core is not alive"
+
+
+def _shutdown_if_built(f: asyncio.Future[ServedEngine]) -> None:
+    if not f.cancelled() and f.exception() is None:
+        f.result().shutdown()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
 from semipd_runtime import EngineStats, RequestOutput
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

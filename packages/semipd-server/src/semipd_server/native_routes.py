@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from semipd_runtime import CompletionOutput, RequestOutput, SamplingParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from semipd_runtime import CompletionOutput, RequestOutput, SamplingParams
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker

@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from semipd_runtime.pd_prefill import LATENCY_BUCKETS
 
+from semipd_runtime.pd_prefill import LATENCY_BUCKETS
 from semipd_server.engine_protocol import ServedEngine
 
 
@@ -30,13 +30,13 @@ class PdCollector:
                                   labels=labels)
         h.add_metric([self.model_name], cumulative, s.pd_latency_sum)
         yield h
-        for name, doc, value in (
+        for name, doc, total in (
             ("semipd:pd_kv_transfer_bytes", "KV bytes sent to decode instances", s.pd_bytes),
             ("semipd:pd_kv_transfer_failures", "KV transfers that failed or timed out", s.pd_transfer_failures),
         ):
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric([self.model_name], value)
-            yield c
+            counter = CounterMetricFamily(name, doc, labels=labels)
+            counter.add_metric([self.model_name], total)
+            yield counter
         g = GaugeMetricFamily("semipd:pd_bootstrap_queue", "rooms waiting for their peer or their KV",
                               labels=labels)
         g.add_metric([self.model_name], s.pd_bootstrap_queue)

@@ -10,9 +10,9 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
+
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.sampling_params import SamplingParams
-
 from semipd_server.errors import ApiError, bad_request
 
 T = TypeVar("T")
@@ -46,7 +46,7 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     skip_special_tokens: bool = True
     # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
     bootstrap_host: str | list[str] | None = None
-    bootstrap_port: int | None | list[int | None] = None
+    bootstrap_port: int | list[int | None] | None = None
     bootstrap_room: int | list[int] | None = None
 
 
@@ -106,7 +106,7 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     stream: bool = False
     rid: str | None = None
     bootstrap_host: str | list[str] | None = None
-    bootstrap_port: int | None | list[int | None] = None
+    bootstrap_port: int | list[int | None] | None = None
     bootstrap_room: int | list[int] | None = None
     # SGLang extensions smg fills when it re-serialises a /generate body: no effect on what is generated
     model: str | None = None

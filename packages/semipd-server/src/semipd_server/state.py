@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from semipd_runtime import EngineStats
-
 from semipd_server.engine_protocol import ServedEngine
 from semipd_server.errors import ApiError
 from semipd_server.metrics import ServerMetrics
