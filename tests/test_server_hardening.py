@@ -105,8 +105,9 @@ def test_health_stays_fast_while_huge_prompts_are_handled(server: ServerProcess)
           f"p95 {ordered[int(len(ordered) * 0.95)] * 1000:.1f} ms, median {ordered[len(ordered) // 2] * 1000:.1f} ms")
     assert handled_s > 1.0 and len(latencies) >= 10  # the probes really overlapped the work
     # 100 ms is the bar (the loop used to stall for seconds); a single probe may still wait on the OS scheduler
-    # of a small shared machine (max 9-60 ms in most runs, 101-175 ms with load 6 on 2 cores): p95, and a cap
-    assert ordered[int(len(ordered) * 0.95)] < 0.1 and ordered[-1] < 0.5
+    # of a small shared machine (max 9-60 ms in most runs, 101-550 ms with load 6-10 on 2 cores): p95, and a
+    # cap far below the seconds the loop used to stall for
+    assert ordered[int(len(ordered) * 0.95)] < 0.1 and ordered[-1] < 1.0
     print(f"small completions meanwhile: {', '.join(f'{t * 1000:.0f} ms' for t in small)}")
     assert small and max(small) < 1.0
 
