@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from semipd_server.testing import ServerProcess, child_pids, pid_alive
+from semipd_server.testing import ServerProcess, child_pids, pid_alive, scrape_metrics
 
 pytestmark = pytest.mark.slow
 LIMIT = 12 << 20  # --max-request-bytes: room for a 10 MB prompt
@@ -44,12 +43,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0, what: str = "con
 
 
 def counters(server: ServerProcess) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return {
-        s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"}): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+    return scrape_metrics(server.url)
 
 
 def test_health_stays_fast_while_huge_prompts_are_handled(server: ServerProcess) -> None:
