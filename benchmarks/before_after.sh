@@ -5,6 +5,10 @@
 # BASELINE_TAR: `git archive <commit> -o scratch/baseline.tar` (carried; scratch/ is ignored). Each benchmark is
 # run from its tree's own benchmarks/ with that tree's packages on PYTHONPATH; logs + JSON go to $OUT/{before,after}.
 set -uo pipefail
+if [ -d .whl ]; then  # wheels the device image lacks (../shared/device/fetch-wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 OUT=${OUT:-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 BASE=/root/semipd-baseline
@@ -17,6 +21,8 @@ bench() {  # bench NAME: the same command line in both trees (the scripts' CLIs 
       --green-percent 50" ;;
     offline) echo "benchmarks/bench_offline.py --shape llama-3.1-8b --batches 1 16 64 --prompt-len 512 --output-len 128 \
       --skip-hf" ;;
+    offline_quick) echo "benchmarks/bench_offline.py --shape llama-3.1-8b --batches 1 64 --prompt-len 512 --output-len 128 \
+      --skip-hf --skip-eager --no-overlap-run" ;;
     checks_green) echo "benchmarks/gpu_checks.py --layers 4 --partitions green" ;;
   esac
 }
@@ -25,7 +31,7 @@ for name in "$@"; do
     dir=$PWD; [ "$side" = before ] && dir=$BASE
     mkdir -p "$OUT/$side"
     echo "##### $name: $side ($(date +%T))"
-    (cd "$dir" && PYTHONPATH=packages/semipd-kernels/src:packages/semipd-memory/src:packages/semipd-runtime/src:packages/semipd-server/src:benchmarks \
+    (cd "$dir" && PYTHONPATH=packages/semipd-kernels/src:packages/semipd-memory/src:packages/semipd-runtime/src:packages/semipd-server/src:benchmarks:${PYTHONPATH:-} \
       timeout -k 10 "${LIMIT_S:-240}" python3 $(bench "$name") --out "$OUT/$side/$name.json" >"$OUT/$side/$name.log" 2>&1)
     echo "rc=$? $(tail -n 12 "$OUT/$side/$name.log")"
   done
