@@ -105,6 +105,7 @@ class EngineCore:
         self._last_expiry = 0.0
         self.observers = list(observers)
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
+        self.on_close: list[Callable[[], None]] = []  # components composed in (tensor-parallel ranks) to release
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
 
@@ -385,8 +386,10 @@ class EngineCore:
         return self._reaches_length(req, len(req.output_ids))
 
     def close(self) -> None:
-        """Release the executor's workers (none for LocalPrefill)."""
+        """Release the executor's workers (none for LocalPrefill), then what was composed in (`on_close`)."""
         self.executor.close()
+        for release in self.on_close:
+            release()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[TokenEvent]:
         """Offline helper: step until every request finished."""
