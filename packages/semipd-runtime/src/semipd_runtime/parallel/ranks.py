@@ -88,6 +88,8 @@ def init_group(rank: int, size: int, init_file: str, device: torch.device,
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # the ranks are the parallelism: each takes its share of the cores, not all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,
                             timeout=timedelta(seconds=timeout_s))
     if dist.get_world_size() != size:
