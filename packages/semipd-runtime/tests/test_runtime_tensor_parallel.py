@@ -30,10 +30,11 @@ prompts = prompts_fixture(seed=7, lengths=[5, 13, 30])
 
 @pytest.fixture(scope="module")
 def mqa_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 query heads and a single KV head (replicated on both ranks at TP=2), an untied LM head, and the default
-    model's tokenizer files (Engine needs a tokenizer; the prompts are token ids below 256)."""
+    """4 query heads and a single KV head (replicated on both ranks at TP=2), an untied LM head, a vocabulary that
+    leaves a padding row in rank 1's slice, and the default model's tokenizer files (Engine needs a tokenizer; the
+    prompts are token ids below 256)."""
     d = tmp_path_factory.mktemp("tp-mqa")
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
                                    initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
