@@ -96,7 +96,7 @@ def test_tp3_default_model_matches_tp1_and_an_idle_dead_rank_is_unhealthy(prompt
     """SmolLM2-135M: 9 query heads and 3 KV heads (one per rank), tied embeddings (the vocab-parallel LM head
     reads the embedding's slice)."""
     path = default_model_path()
-    knobs = dict(device="cpu", dtype="float32", max_model_len=256, num_pages=64, page_size=16)
+    knobs = {"device": "cpu", "dtype": "float32", "max_model_len": 256, "num_pages": 64, "page_size": 16}
     core = EngineCore(EngineConfig.from_knobs(model_path=str(path), eos_token_ids=[], **knobs))
     for i, p in enumerate(prompts):
         core.add_request(AddRequest(f"r{i}", p, CoreSampling(temperature=0.0, max_tokens=8, ignore_eos=True)))

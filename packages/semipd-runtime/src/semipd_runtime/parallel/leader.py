@@ -87,7 +87,7 @@ class RankGroup:
         self.closed = True
         try:
             self.send(Stop())
-        except Exception as e:  # a dead rank or a broken group: the processes are killed below
+        except Exception as e:  # noqa: BLE001 - a dead rank or a broken group: the processes are killed below
             log.warning("tensor-parallel ranks not stopped cleanly: %s", e)
         for p in self.procs:
             p.join(timeout=10)
