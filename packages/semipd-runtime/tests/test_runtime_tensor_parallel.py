@@ -1,5 +1,5 @@
-"""Tensor parallelism end to end on CPU (gloo, real rank processes): TP=2 and TP=3 decode the same greedy tokens as
-TP=1, and a rank that dies fails the engine in bounded time and turns its health check red."""
+"""Tensor parallelism end to end on CPU (gloo, real rank processes): TP=2 and TP=3 decode the same greedy
+tokens as TP=1, and a rank that dies fails the engine in bounded time and turns its health check red."""
 
 from __future__ import annotations
 
@@ -30,13 +30,23 @@ prompts = prompts_fixture(seed=7, lengths=[5, 13, 30])
 
 @pytest.fixture(scope="module")
 def mqa_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """4 query heads and a single KV head (replicated on both ranks at TP=2), an untied LM head, a vocabulary that
-    leaves a padding row in rank 1's slice, and the default model's tokenizer files (Engine needs a tokenizer; the
-    prompts are token ids below 256)."""
+    """4 query heads and a single KV head (replicated on both ranks at TP=2), an untied LM head, a vocabulary
+    that leaves a padding row in rank 1's slice, and the default model's tokenizer files (Engine needs a
+    tokenizer; the prompts are token ids below 256)."""
     d = tmp_path_factory.mktemp("tp-mqa")
-    cfg = transformers.LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-                                   initializer_range=0.2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).eval().float().save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -45,7 +55,8 @@ def mqa_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def rank_pids(engine: Engine) -> list[int]:
-    """The tensor-parallel rank processes: the core process's spawned children, not multiprocessing's tracker."""
+    """The tensor-parallel rank processes: the core process's spawned children, not multiprocessing's
+    tracker."""
     core = engine._client.proc.pid  # type: ignore[union-attr]
     children = Path(f"/proc/{core}/task/{core}/children").read_text().split()
     pids = []
@@ -63,11 +74,20 @@ def wait_until(cond: object, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_tp2_matches_tp1_and_a_rank_killed_mid_decode_fails_the_engine(mqa_model_dir: Path,
-                                                                        prompts: list[list[int]]) -> None:
+def test_tp2_matches_tp1_and_a_rank_killed_mid_decode_fails_the_engine(
+    mqa_model_dir: Path, prompts: list[list[int]]
+) -> None:
     want = run_core(mqa_model_dir, prompts, GREEDY.max_tokens)
-    with Engine(mqa_model_dir, tp_size=2, tp_timeout_s=20.0, device="cpu", dtype="float32", max_model_len=512,
-                num_pages=256, page_size=4) as engine:
+    with Engine(
+        mqa_model_dir,
+        tp_size=2,
+        tp_timeout_s=20.0,
+        device="cpu",
+        dtype="float32",
+        max_model_len=512,
+        num_pages=256,
+        page_size=4,
+    ) as engine:
         got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
         assert got == want
         assert engine.refresh_stats()["healthy"] == 1
@@ -106,8 +126,10 @@ def test_tp3_default_model_matches_tp1_and_an_idle_dead_rank_is_unhealthy(prompt
     assert_pool_clean(core)
     del core
     with Engine(tp_size=3, tp_timeout_s=20.0, **knobs) as engine:
-        got = [o.token_ids for o in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8,
-                                                                            ignore_eos=True))]
+        got = [
+            o.token_ids
+            for o in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        ]
         assert got == [want[f"r{i}"] for i in range(len(prompts))]
         victim = rank_pids(engine)[-1]
         os.kill(victim, signal.SIGKILL)

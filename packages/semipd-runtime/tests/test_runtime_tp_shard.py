@@ -13,17 +13,35 @@ from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.loader import build_empty_model
 from semipd_runtime.parallel.shard import TensorParallel, check_tp_size, shard_config, shard_hf_tensor
 
-BASE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=257, hidden_size=32, intermediate_size=48,
-                   num_layers=1, num_heads=9, num_kv_heads=3, head_dim=4, rms_norm_eps=1e-5, rope_theta=1e4,
-                   rope_scaling=None, max_position_embeddings=64, tie_word_embeddings=True, qkv_bias=True,
-                   qk_norm=False, torch_dtype=torch.float32)
+BASE = ModelConfig(
+    architecture="LlamaForCausalLM",
+    vocab_size=257,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=1,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=4,
+    rms_norm_eps=1e-5,
+    rope_theta=1e4,
+    rope_scaling=None,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+    qkv_bias=True,
+    qk_norm=False,
+    torch_dtype=torch.float32,
+)
 
 
 def test_head_counts_that_cannot_split_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     check_tp_size(BASE, 1)
     check_tp_size(BASE, 3)  # one KV head per rank
-    check_tp_size(dataclasses.replace(BASE, num_heads=8, num_kv_heads=2, intermediate_size=64), 8)  # KV replicated
-    with pytest.raises(ValueError, match=r"tp_size=2 cannot split the model's 9 query heads.*fit this model: 1, 3"):
+    check_tp_size(
+        dataclasses.replace(BASE, num_heads=8, num_kv_heads=2, intermediate_size=64), 8
+    )  # KV replicated
+    with pytest.raises(
+        ValueError, match=r"tp_size=2 cannot split the model's 9 query heads.*fit this model: 1, 3"
+    ):
         check_tp_size(BASE, 2)
     with pytest.raises(ValueError, match="3 KV heads"):
         check_tp_size(dataclasses.replace(BASE, num_heads=12, intermediate_size=48), 4)
@@ -51,12 +69,14 @@ def test_knob_flags_and_mode() -> None:
 def test_each_rank_slices_its_heads_columns_and_vocabulary() -> None:
     g = torch.Generator().manual_seed(0)
     hd, h = BASE.head_dim, BASE.hidden_size
-    full = {"model.layers.0.self_attn.q_proj.weight": torch.randn(9 * hd, h, generator=g),
-            "model.layers.0.self_attn.k_proj.bias": torch.randn(3 * hd, generator=g),
-            "model.layers.0.self_attn.o_proj.weight": torch.randn(h, 9 * hd, generator=g),
-            "model.layers.0.mlp.up_proj.weight": torch.randn(48, h, generator=g),
-            "model.layers.0.mlp.down_proj.weight": torch.randn(h, 48, generator=g),
-            "model.layers.0.input_layernorm.weight": torch.randn(h, generator=g)}
+    full = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(9 * hd, h, generator=g),
+        "model.layers.0.self_attn.k_proj.bias": torch.randn(3 * hd, generator=g),
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(h, 9 * hd, generator=g),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(48, h, generator=g),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(h, 48, generator=g),
+        "model.layers.0.input_layernorm.weight": torch.randn(h, generator=g),
+    }
     for name, t in full.items():
         parts = [shard_hf_tensor(BASE, TensorParallel(r, 3), name, t) for r in range(3)]
         dim = 1 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0
@@ -73,8 +93,10 @@ def test_each_rank_slices_its_heads_columns_and_vocabulary() -> None:
 def test_fewer_kv_heads_than_ranks_are_replicated_to_the_ranks_whose_queries_use_them() -> None:
     cfg = dataclasses.replace(BASE, num_heads=4, num_kv_heads=2, intermediate_size=64)
     k = torch.arange(2 * cfg.head_dim, dtype=torch.float32)
-    heads = [shard_hf_tensor(cfg, TensorParallel(r, 4), "model.layers.0.self_attn.k_proj.bias", k)[0].item() // 4
-             for r in range(4)]
+    heads = [
+        shard_hf_tensor(cfg, TensorParallel(r, 4), "model.layers.0.self_attn.k_proj.bias", k)[0].item() // 4
+        for r in range(4)
+    ]
     assert heads == [0, 0, 1, 1]  # query head r (rank r) belongs to KV group r // 2
     local = shard_config(cfg, TensorParallel(3, 4))
     assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (1, 1, 16)

@@ -1,8 +1,8 @@
-"""EngineConfig: every engine knob, written once, in a typed tree (model / scheduler / semi-PD / SLO
-+ parallelism sections), validated once when built. `Engine(...)` keywords are checked against it (`EngineConfig.from_knobs`) and the
-server's flags are generated from it (`semipd_server.cli`). `resolved()` fills what depends on the model
-(context length, dtype and device defaults, EOS ids, SM shares from the environment); the core takes only a
-resolved config."""
+"""EngineConfig: every engine knob, written once, in a typed tree (model / scheduler / semi-PD / SLO /
+parallelism sections), validated once when built. `Engine(...)` keywords are checked against it
+(`EngineConfig.from_knobs`) and the server's flags are generated from it (`semipd_server.cli`). `resolved()`
+fills what depends on the model (context length, dtype and device defaults, EOS ids, SM shares from the
+environment); the core takes only a resolved config."""
 
 from __future__ import annotations
 
@@ -135,18 +135,18 @@ def _percent(value: int | None, name: str, default: int) -> int:
 
 @dataclass(slots=True, kw_only=True)
 class ParallelOptions:
-    tp_size: int = knob(1, "tensor-parallel ranks: one process per rank (GPU), the model's heads, MLP and vocabulary "
-                        "split across them", flags=("--tp-size", "--tp", "--tensor-parallel-size"), minimum=1,
-                        group="parallel")
-    tp_timeout_s: float = knob(60.0, "longest wait of a rank in a collective before the engine fails", minimum=0,
-                               exclusive=True)
+    tp_size: int = knob(1, "tensor-parallel ranks: one process per rank (GPU), the model's heads, MLP and "
+                        "vocabulary split across them", flags=("--tp-size", "--tp", "--tensor-parallel-size"),
+                        minimum=1, group="parallel")
+    tp_timeout_s: float = knob(60.0, "longest wait of a rank in a collective before the engine fails",
+                               minimum=0, exclusive=True)
 
     def __post_init__(self) -> None:
         validate_knobs(self)
 
 
-SECTIONS = {"model": ModelOptions, "scheduler": SchedulerOptions, "semi_pd": SemiPDOptions, "slo": SloSettings,
-            "parallel": ParallelOptions}
+SECTIONS = {"model": ModelOptions, "scheduler": SchedulerOptions, "semi_pd": SemiPDOptions,
+            "slo": SloSettings, "parallel": ParallelOptions}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -164,7 +164,8 @@ class EngineConfig:
         if self.slo.partition_policy == "slo" and self.semi_pd.mode != "semi-pd":
             raise ValueError("partition_policy='slo' needs mode='semi-pd' (unified mode has no SM split)")
         if self.parallel.tp_size > 1 and self.semi_pd.mode != "unified":
-            raise ValueError("tp_size > 1 runs in mode='unified' only for now (semi-PD with TP is not built yet)")
+            raise ValueError("tp_size > 1 runs in mode='unified' only for now (semi-PD with TP is not built "
+                             "yet)")
 
     @classmethod
     def from_knobs(cls, *, core: str = "thread", slo_options: Mapping[str, Any] | None = None,

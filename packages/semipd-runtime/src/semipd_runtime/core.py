@@ -105,7 +105,7 @@ class EngineCore:
         self._last_expiry = 0.0
         self.observers = list(observers)
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
-        self.on_close: list[Callable[[], None]] = []  # components composed in (tensor-parallel ranks) to release
+        self.on_close: list[Callable[[], None]] = []  # what was composed in (tensor-parallel ranks) to release
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
 

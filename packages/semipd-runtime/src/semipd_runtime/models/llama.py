@@ -1,9 +1,9 @@
 """Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral, Qwen2 with qkv bias, Qwen3 with q/k RMSNorm).
 
-The forward reads like a plain transformer; all paging lives in `AttentionMetadata` and the kernel ops. Built
-with a `TensorParallel` (tp), it is one rank's shard (`parallel/shard.py`: `cfg` is then the rank's view): an
-all-reduce follows o_proj and down_proj, the embedding and LM head hold a vocabulary slice. Without one it runs no
-collective and no extra op.
+The forward reads like a plain transformer; all paging lives in `AttentionMetadata` and the kernel ops.
+Built with a `TensorParallel` (tp), it is one rank's shard (`parallel/shard.py`: `cfg` is then the rank's
+view): an all-reduce follows o_proj and down_proj, the embedding and LM head hold a vocabulary slice. Without
+one it runs no collective and no extra op.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class LlamaForCausalLM(nn.Module):
         return logits.float()
 
     def _embed_shard(self, input_ids: Tensor, tp: TensorParallel) -> Tensor:
-        """Masked lookup in this rank's vocabulary slice; the all-reduce adds the one rank that holds each id."""
+        """Masked lookup in this rank's vocabulary slice; the all-reduce adds in the rank holding each id."""
         start, end, _ = tp.vocab_range(self.config.vocab_size)
         mine = (input_ids >= start) & (input_ids < end)
         x = self.embed_tokens(torch.where(mine, input_ids - start, 0))

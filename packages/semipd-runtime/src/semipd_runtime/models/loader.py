@@ -103,7 +103,8 @@ def load_model(
 ) -> LlamaForCausalLM:
     """load_format "auto": the directory's *.safetensors; "dummy": random weights at the config's shapes (only
     config.json is read), for benchmarking a model's shape without its weights, as vLLM's --load-format dummy.
-    `tp` (more than one rank): load this rank's slice of each tensor (dummy: random weights of its own seed)."""
+    `tp` (more than one rank): load this rank's slice of each tensor (dummy: random weights, a seed per
+    rank)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
     model_dir = Path(model_dir)

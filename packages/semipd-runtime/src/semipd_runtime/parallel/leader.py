@@ -1,7 +1,7 @@
-"""Rank 0 of a tensor-parallel engine: the engine core process itself. It starts the other ranks, loads its own
-shard, and composes the core it builds: the core's runner and sampler are wrapped so that each call is first
-broadcast to the other ranks (`ranks.py`), which run the same forward and sample the same tokens. The scheduler,
-allocator and prefix cache exist once, here; the page-table rows of each step travel with it.
+"""Rank 0 of a tensor-parallel engine: the engine core process itself. It starts the other ranks, loads its
+own shard, and composes the core it builds: the core's runner and sampler are wrapped so that each call is
+first broadcast to the other ranks (`ranks.py`), which run the same forward and sample the same tokens. The
+scheduler, allocator and prefix cache exist once, here; the page-table rows of each step travel with it.
 
 A rank that dies fails the engine: the next step finds its process gone (or a collective with it fails within
 `tp_timeout_s`), and while idle the health stats say so (`RankWatch`)."""
@@ -75,7 +75,8 @@ class RankGroup:
         return ""
 
     def send(self, msg: RankMsg) -> None:
-        """Broadcast a step to the other ranks; a rank already gone fails it at once (no collective with it)."""
+        """Broadcast a step to the other ranks; a rank already gone fails it at once (no collective with
+        it)."""
         why = self.dead()
         if why:
             raise RankDiedError(why)
@@ -104,13 +105,32 @@ class LeaderRunner:
 
     def __init__(self, inner: ModelRunner, ranks: RankGroup) -> None:
         self.inner, self.ranks = inner, ranks
-        self.model, self.kv_pool, self.device, self.graphs = inner.model, inner.kv_pool, inner.device, inner.graphs
+        self.model, self.kv_pool, self.device, self.graphs = (
+            inner.model,
+            inner.kv_pool,
+            inner.device,
+            inner.graphs,
+        )
 
-    def forward(self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int],
-                prev_tokens: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        chunks: list[list[int]],
+        starts: list[int],
+        page_table: Tensor,
+        sample_rows: list[int],
+        prev_tokens: Tensor | None = None,
+    ) -> Tensor:
         table = page_table.contiguous()
-        self.ranks.send(Forward(chunks, starts, sample_rows, prev_tokens is not None, tuple(table.shape),
-                                str(table.dtype).removeprefix("torch.")))
+        self.ranks.send(
+            Forward(
+                chunks,
+                starts,
+                sample_rows,
+                prev_tokens is not None,
+                tuple(table.shape),
+                str(table.dtype).removeprefix("torch."),
+            )
+        )
         dist.broadcast(table, src=0, group=self.ranks.tp.group)
         return self.inner.forward(chunks, starts, table, sample_rows, prev_tokens)
 
@@ -122,8 +142,8 @@ class LeaderRunner:
 
 
 class LeaderSampler:
-    """The core's sampler on rank 0: the other ranks sample the same rows (they read the tokens as placeholders
-    of the next step), without logprobs."""
+    """The core's sampler on rank 0: the other ranks sample the same rows (they read the tokens as
+    placeholders of the next step), without logprobs."""
 
     def __init__(self, inner: Sampler, ranks: RankGroup) -> None:
         self.inner, self.ranks = inner, ranks
@@ -134,7 +154,8 @@ class LeaderSampler:
 
 
 class RankWatch:
-    """A CoreObserver that marks the engine unhealthy once a rank is gone (the server's health check reads it)."""
+    """A CoreObserver that marks the engine unhealthy once a rank is gone (the server's health check reads
+    it)."""
 
     def __init__(self, ranks: RankGroup) -> None:
         self.ranks = ranks
@@ -162,8 +183,12 @@ def start_ranks(cfg: EngineConfig, init_file: str) -> list[BaseProcess]:
     procs: list[BaseProcess] = []
     with environment(MULTICAST_OFF):
         for rank in range(1, cfg.parallel.tp_size):
-            p = ctx.Process(target=run_rank, name=f"semipd-tp-rank{rank}", daemon=True,
-                            args=(rank, cfg, init_file, os.getpid(), logging.getLogger().getEffectiveLevel()))
+            p = ctx.Process(
+                target=run_rank,
+                name=f"semipd-tp-rank{rank}",
+                daemon=True,
+                args=(rank, cfg, init_file, os.getpid(), logging.getLogger().getEffectiveLevel()),
+            )
             p.start()
             procs.append(p)
     return procs
@@ -177,12 +202,17 @@ def create_tp_core(cfg: EngineConfig) -> EngineCore:
     procs = start_ranks(cfg, os.path.join(tmpdir, "rendezvous"))
     try:
         device = rank_device(cfg.device, 0)
-        tp, control = init_group(0, size, os.path.join(tmpdir, "rendezvous"), device, cfg.parallel.tp_timeout_s)
+        tp, control = init_group(
+            0, size, os.path.join(tmpdir, "rendezvous"), device, cfg.parallel.tp_timeout_s
+        )
         ranks = RankGroup(procs, tp, control, tmpdir)
         model = load_model(cfg.model_path, device, getattr(torch, cfg.dtype), cfg.model.load_format, tp)
         pages = agree_num_pages(cfg, model.config, tp, device)
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=str(device)),
-                                  scheduler=dataclasses.replace(cfg.scheduler, num_pages=pages))
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, device=str(device)),
+            scheduler=dataclasses.replace(cfg.scheduler, num_pages=pages),
+        )
         core = EngineCore(cfg, model=model, observers=[RankWatch(ranks)])
         core.on_close.append(ranks.close)
         core.runner = LeaderRunner(core.runner, ranks)  # type: ignore[assignment]
@@ -198,6 +228,10 @@ def create_tp_core(cfg: EngineConfig) -> EngineCore:
             dist.destroy_process_group()
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    log.info("tensor parallel: %d ranks (pids %s), %d KV heads per rank", size, ranks.pids,
-             model.config.num_kv_heads)
+    log.info(
+        "tensor parallel: %d ranks (pids %s), %d KV heads per rank",
+        size,
+        ranks.pids,
+        model.config.num_kv_heads,
+    )
     return core

@@ -1,8 +1,9 @@
-"""The ranks other than 0: each is a process that holds its shard of the model and of the KV pool and runs every
-step rank 0's scheduler broadcasts (`Forward`, `Sample`, ...), so that its collectives meet rank 0's.
+"""The ranks other than 0: each is a process that holds its shard of the model and of the KV pool and runs
+every step rank 0's scheduler broadcasts (`Forward`, `Sample`, ...), so that its collectives meet rank 0's.
 
-Two process groups: the model's (NCCL on GPU, gloo on CPU; its timeout bounds a collective with a dead rank) and
-a gloo control group for the step messages, with a long timeout since a rank waits there while the engine idles."""
+Two process groups: the model's (NCCL on GPU, gloo on CPU; its timeout bounds a collective with a dead rank)
+and a gloo control group for the step messages, with a long timeout since a rank waits there while the engine
+idles."""
 
 from __future__ import annotations
 
@@ -31,11 +32,15 @@ from semipd_runtime.sampler import Sampler
 log = logging.getLogger(__name__)
 
 # NVLink multicast stays off in every rank (a program using it can take a shared host's GPUs out of service)
-MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+MULTICAST_OFF = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 CONTROL_TIMEOUT = timedelta(days=7)
 
 
-# --- what rank 0 broadcasts, in the order its core calls the model --------------------------------------------
+# --- what rank 0 broadcasts, in the order its core calls the model ----------------------------------------
 @dataclass(slots=True)
 class Forward:
     """A `ModelRunner.forward` call; the page table follows as a tensor broadcast on the model's group."""
@@ -81,19 +86,28 @@ def rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", (d.index or 0) + rank)
 
 
-def init_group(rank: int, size: int, init_file: str, device: torch.device,
-               timeout_s: float) -> tuple[TensorParallel, Any]:
-    """Join the ranks' rendezvous (a file: no port to pick); returns the model's group and the control group."""
+def init_group(
+    rank: int, size: int, init_file: str, device: torch.device, timeout_s: float
+) -> tuple[TensorParallel, Any]:
+    """Join the ranks' rendezvous (a file: no port to pick); returns the model's group and the control
+    group."""
     os.environ.update(MULTICAST_OFF)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:  # the ranks are the parallelism: each takes its share of the cores, not all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+    )
     if dist.get_world_size() != size:
-        raise RuntimeError(f"rank {rank} joined a group of {dist.get_world_size()} ranks, expected tp_size={size}")
+        raise RuntimeError(
+            f"rank {rank} joined a group of {dist.get_world_size()} ranks, expected tp_size={size}"
+        )
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return TensorParallel(rank, size, dist.group.WORLD), control
 
@@ -124,7 +138,9 @@ class RankWorker:
         self.runner, self.tp, self.control = runner, tp, control
         self.sampler = Sampler()
         self.logits: torch.Tensor | None = None
-        self.last_tokens: torch.Tensor | None = None  # sampled by the latest Forward (None: it sampled nothing)
+        self.last_tokens: torch.Tensor | None = (
+            None  # sampled by the latest Forward (None: it sampled nothing)
+        )
 
     def serve(self) -> None:
         while True:
@@ -140,7 +156,9 @@ class RankWorker:
             table = torch.empty(msg.table_shape, dtype=getattr(torch, msg.table_dtype), device=r.device)
             dist.broadcast(table, src=0, group=self.tp.group)
             prev = self.last_tokens if msg.uses_prev else None
-            assert prev is not None or not msg.uses_prev, "rank 0 reads placeholders of a step that sampled nothing"
+            assert prev is not None or not msg.uses_prev, (
+                "rank 0 reads placeholders of a step that sampled nothing"
+            )
             self.logits = r.forward(msg.chunks, msg.starts, table, msg.sample_rows, prev)
             self.last_tokens = None
         elif isinstance(msg, Sample):
@@ -160,8 +178,11 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 def run_rank(rank: int, cfg: EngineConfig, init_file: str, parent: int, log_level: int) -> None:
-    """Entry point of rank `rank` (> 0): join the group, load the shard, size the pool as rank 0 does, serve."""
-    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
+    """Entry point of rank `rank` (> 0): join the group, load the shard, size the pool as rank 0 does,
+    serve."""
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s"
+    )
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     device = rank_device(cfg.device, rank)
     tp, control = init_group(rank, cfg.parallel.tp_size, init_file, device, cfg.parallel.tp_timeout_s)
@@ -169,9 +190,16 @@ def run_rank(rank: int, cfg: EngineConfig, init_file: str, parent: int, log_leve
     model = load_model(cfg.model_path, device, dtype, cfg.model.load_format, tp)
     mcfg = model.config
     pages = agree_num_pages(cfg, mcfg, tp, device)
-    pool = KVPool(mcfg.num_layers, pages, cfg.scheduler.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device)
-    runner = ModelRunner(model, pool, cfg.scheduler.page_size, cfg.max_model_len,
-                         cuda_graph_max_bs=cfg.scheduler.graph_max_bs())
+    pool = KVPool(
+        mcfg.num_layers, pages, cfg.scheduler.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device
+    )
+    runner = ModelRunner(
+        model,
+        pool,
+        cfg.scheduler.page_size,
+        cfg.max_model_len,
+        cuda_graph_max_bs=cfg.scheduler.graph_max_bs(),
+    )
     log.info("rank %d/%d on %s: %d KV heads, %d pages", rank, tp.size, device, mcfg.num_kv_heads, pages)
     RankWorker(runner, tp, control).serve()
     dist.destroy_process_group()

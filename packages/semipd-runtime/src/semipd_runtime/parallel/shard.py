@@ -1,8 +1,9 @@
-"""What each tensor-parallel rank holds of a model: its query heads, its KV heads (replicated when there are fewer
-KV heads than ranks), its slice of the MLP and of the vocabulary; and the collectives the sharded layers call.
+"""What each tensor-parallel rank holds of a model: its query heads, its KV heads (replicated when there are
+fewer KV heads than ranks), its slice of the MLP and of the vocabulary; and the collectives the sharded layers
+call.
 
-The layout is Megatron's: QKV and gate-up are split by output rows (column-parallel), O and down by input columns
-(row-parallel, an all-reduce after them), the embedding and LM head by vocabulary rows."""
+The layout is Megatron's: QKV and gate-up are split by output rows (column-parallel), O and down by input
+columns (row-parallel, an all-reduce after them), the embedding and LM head by vocabulary rows."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class TensorParallel:
         return x
 
     def vocab_range(self, vocab: int) -> tuple[int, int, int]:
-        """(first id, end id, rows per rank): ranks hold equal padded slices; the last may hold padding rows."""
+        """(first id, end id, rows per rank): ranks hold equal padded slices; the last may hold padding
+        rows."""
         per = -(-vocab // self.size)
         start = min(self.rank * per, vocab)
         return start, min(start + per, vocab), per
@@ -46,7 +48,8 @@ class TensorParallel:
 
 
 def check_tp_size(cfg: ModelConfig, tp_size: int, device: str | None = None) -> None:
-    """Raise ValueError naming what cannot be split `tp_size` ways (or what is missing to run that many ranks)."""
+    """Raise ValueError naming what cannot be split `tp_size` ways (or what is missing to run that many
+    ranks)."""
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     if tp_size == 1:
@@ -54,17 +57,25 @@ def check_tp_size(cfg: ModelConfig, tp_size: int, device: str | None = None) -> 
     fits = [n for n in range(1, cfg.num_heads + 1) if _splits(cfg, n)]
     hint = f" (tp_size that fit this model: {', '.join(map(str, fits))})"
     if cfg.num_heads % tp_size:
-        raise ValueError(f"tp_size={tp_size} cannot split the model's {cfg.num_heads} query heads evenly" + hint)
+        raise ValueError(
+            f"tp_size={tp_size} cannot split the model's {cfg.num_heads} query heads evenly" + hint
+        )
     kv = cfg.num_kv_heads
     if kv % tp_size and tp_size % kv:
-        raise ValueError(f"tp_size={tp_size} cannot split the model's {kv} KV heads (they must divide evenly, or "
-                         f"be fewer than the ranks and divide tp_size to be replicated)" + hint)
+        raise ValueError(
+            f"tp_size={tp_size} cannot split the model's {kv} KV heads (they must divide evenly, or "
+            f"be fewer than the ranks and divide tp_size to be replicated)" + hint
+        )
     if cfg.intermediate_size % tp_size:
-        raise ValueError(f"tp_size={tp_size} cannot split the MLP's {cfg.intermediate_size} columns evenly" + hint)
+        raise ValueError(
+            f"tp_size={tp_size} cannot split the MLP's {cfg.intermediate_size} columns evenly" + hint
+        )
     world = os.environ.get("WORLD_SIZE")
     if world is not None and world.isdigit() and int(world) not in (1, tp_size):
-        raise ValueError(f"WORLD_SIZE={world} in the environment does not match tp_size={tp_size} (semipd starts "
-                         f"its own rank processes: run it as one process, not under torchrun)")
+        raise ValueError(
+            f"WORLD_SIZE={world} in the environment does not match tp_size={tp_size} (semipd starts "
+            f"its own rank processes: run it as one process, not under torchrun)"
+        )
     if device is not None and device.startswith("cuda"):
         first = int(device.split(":")[1]) if ":" in device else 0
         have = torch.cuda.device_count()
@@ -78,14 +89,18 @@ def _splits(cfg: ModelConfig, n: int) -> bool:
 
 
 def shard_config(cfg: ModelConfig, tp: TensorParallel | None) -> ModelConfig:
-    """The rank's view of the model: its heads, KV heads and MLP width (the vocabulary stays whole: the sharded
-    embedding and LM head take their slice from `tp`). The KV pool built from it holds this rank's heads."""
+    """The rank's view of the model: its heads, KV heads and MLP width (the vocabulary stays whole: the
+    sharded embedding and LM head take their slice from `tp`). The KV pool built from it holds this rank's
+    heads."""
     if tp is None or tp.size == 1:
         return cfg
     check_tp_size(cfg, tp.size)
-    return dataclasses.replace(cfg, num_heads=cfg.num_heads // tp.size,
-                               num_kv_heads=max(1, cfg.num_kv_heads // tp.size),
-                               intermediate_size=cfg.intermediate_size // tp.size)
+    return dataclasses.replace(
+        cfg,
+        num_heads=cfg.num_heads // tp.size,
+        num_kv_heads=max(1, cfg.num_kv_heads // tp.size),
+        intermediate_size=cfg.intermediate_size // tp.size,
+    )
 
 
 def _kv_heads(cfg: ModelConfig, tp: TensorParallel) -> tuple[int, int]:
