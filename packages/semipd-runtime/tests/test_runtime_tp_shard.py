@@ -62,8 +62,9 @@ def test_knob_flags_and_mode() -> None:
     assert EngineConfig.from_knobs(tp_size=4).parallel.tp_size == 4
     with pytest.raises(ValueError, match="tp_size must be >= 1"):
         EngineConfig.from_knobs(tp_size=0)
-    with pytest.raises(ValueError, match="semi-PD with TP"):
-        EngineConfig.from_knobs(tp_size=2, mode="semi-pd")
+    assert EngineConfig.from_knobs(tp_size=2, mode="semi-pd").parallel.tp_size == 2
+    with pytest.raises(ValueError, match="slo' with tp_size > 1"):
+        EngineConfig.from_knobs(tp_size=2, mode="semi-pd", partition_policy="slo")
 
 
 def test_each_rank_slices_its_heads_columns_and_vocabulary() -> None:

@@ -163,9 +163,8 @@ class EngineConfig:
             raise ValueError(f"core must be 'thread' or 'process', got {self.core!r}")
         if self.slo.partition_policy == "slo" and self.semi_pd.mode != "semi-pd":
             raise ValueError("partition_policy='slo' needs mode='semi-pd' (unified mode has no SM split)")
-        if self.parallel.tp_size > 1 and self.semi_pd.mode != "unified":
-            raise ValueError("tp_size > 1 runs in mode='unified' only for now (semi-PD with TP is not built "
-                             "yet)")
+        if self.parallel.tp_size > 1 and self.slo.partition_policy == "slo":
+            raise ValueError("partition_policy='slo' with tp_size > 1 is not supported yet (the split is static)")
 
     @classmethod
     def from_knobs(cls, *, core: str = "thread", slo_options: Mapping[str, Any] | None = None,

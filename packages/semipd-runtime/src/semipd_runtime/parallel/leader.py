@@ -23,12 +23,14 @@ from torch import Tensor
 
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.core import EngineCore
-from semipd_runtime.messages import CoreSampling, EngineStats
+from semipd_runtime.messages import CoreSampling, EngineStats, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.parallel.ranks import (
     MULTICAST_OFF,
+    Role,
+    Roles,
     Capture,
     Forward,
     RankMsg,
@@ -42,7 +44,8 @@ from semipd_runtime.parallel.ranks import (
     rank_device,
     run_rank,
 )
-from semipd_runtime.parallel.shard import TensorParallel, check_tp_size
+from semipd_runtime.parallel.semipd import check_semi_pd, prefill_executor_factory
+from semipd_runtime.parallel.shard import check_tp_size
 from semipd_runtime.partition import environment
 from semipd_runtime.prefill_executor import PrefillTiming
 from semipd_runtime.request import Request
@@ -57,10 +60,10 @@ class RankDiedError(RuntimeError):
 
 
 class RankGroup:
-    """Rank 0's handle on the other ranks: their processes, the control group, the step broadcast."""
+    """Rank 0's handle on the other ranks' processes: whether they live, and stopping them."""
 
-    def __init__(self, procs: list[BaseProcess], tp: TensorParallel, control: Any, tmpdir: str) -> None:
-        self.procs, self.tp, self.control, self.tmpdir = procs, tp, control, tmpdir
+    def __init__(self, procs: list[BaseProcess], roles: Roles, tmpdir: str) -> None:
+        self.procs, self.roles, self.tmpdir = procs, roles, tmpdir
         self.closed = False
 
     @property
@@ -74,22 +77,20 @@ class RankGroup:
                 return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
         return ""
 
-    def send(self, msg: RankMsg) -> None:
-        """Broadcast a step to the other ranks; a rank already gone fails it at once (no collective with
-        it)."""
-        why = self.dead()
-        if why:
-            raise RankDiedError(why)
-        broadcast_msg(msg, self.control)
+    def channel(self, role: Role) -> RankChannel:
+        return RankChannel(self, role)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        try:
-            self.send(Stop())
-        except Exception as e:  # noqa: BLE001 - a dead rank or a broken group: the processes are killed below
-            log.warning("tensor-parallel ranks not stopped cleanly: %s", e)
+        roles = [r for r in (self.roles.prefill, self.roles.decode) if r is not None]  # prefill's thread first
+        for role in roles:
+            try:
+                self.channel(role).send(Stop())
+            except Exception as e:  # noqa: BLE001 - a dead rank or a broken group: the processes are killed below
+                log.warning("tensor-parallel ranks not stopped cleanly: %s", e)
+                break
         for p in self.procs:
             p.join(timeout=10)
             if p.is_alive():
@@ -100,37 +101,35 @@ class RankGroup:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+class RankChannel:
+    """One role's step broadcast to the other ranks (decode: the core's steps; semi-PD prefill: its batches)."""
+
+    def __init__(self, ranks: RankGroup, role: Role) -> None:
+        self.ranks, self.tp, self.control = ranks, role.tp, role.control
+
+    def send(self, msg: RankMsg) -> None:
+        """A rank already gone fails the step at once (no collective with it)."""
+        why = self.ranks.dead()
+        if why:
+            raise RankDiedError(why)
+        broadcast_msg(msg, self.control)
+
+
 class LeaderRunner:
-    """The core's runner on rank 0: broadcasts each forward (with its page-table rows), then runs it here."""
+    """A runner on rank 0: broadcasts each forward (with its page-table rows) to its role's ranks, then runs it
+    here. Duck-types the `ModelRunner` surface the core and the prefill worker use."""
 
-    def __init__(self, inner: ModelRunner, ranks: RankGroup) -> None:
+    def __init__(self, inner: ModelRunner, ranks: RankChannel) -> None:
         self.inner, self.ranks = inner, ranks
-        self.model, self.kv_pool, self.device, self.graphs = (
-            inner.model,
-            inner.kv_pool,
-            inner.device,
-            inner.graphs,
-        )
+        self.model, self.kv_pool, self.device = inner.model, inner.kv_pool, inner.device
+        self.graphs, self.page_size = inner.graphs, inner.page_size
+        self.page_table_from_rows = inner.page_table_from_rows
 
-    def forward(
-        self,
-        chunks: list[list[int]],
-        starts: list[int],
-        page_table: Tensor,
-        sample_rows: list[int],
-        prev_tokens: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, chunks: list[list[int]], starts: list[int], page_table: Tensor, sample_rows: list[int],
+                prev_tokens: Tensor | None = None) -> Tensor:
         table = page_table.contiguous()
-        self.ranks.send(
-            Forward(
-                chunks,
-                starts,
-                sample_rows,
-                prev_tokens is not None,
-                tuple(table.shape),
-                str(table.dtype).removeprefix("torch."),
-            )
-        )
+        dtype = str(table.dtype).removeprefix("torch.")
+        self.ranks.send(Forward(chunks, starts, sample_rows, prev_tokens is not None, tuple(table.shape), dtype))
         dist.broadcast(table, src=0, group=self.ranks.tp.group)
         return self.inner.forward(chunks, starts, table, sample_rows, prev_tokens)
 
@@ -145,12 +144,16 @@ class LeaderSampler:
     """The core's sampler on rank 0: the other ranks sample the same rows (they read the tokens as
     placeholders of the next step), without logprobs."""
 
-    def __init__(self, inner: Sampler, ranks: RankGroup) -> None:
+    def __init__(self, inner: Sampler, ranks: RankChannel) -> None:
         self.inner, self.ranks = inner, ranks
 
     def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int]) -> SampledTokens:
         self.ranks.send(Sample(no_logprobs(params), steps))
         return self.inner.sample(logits, params, steps)
+
+    def __call__(self, logits: Tensor, params: list[CoreSampling],
+                 steps: list[int]) -> tuple[list[int], list[TokenLogprobMsg | None]]:
+        return self.sample(logits, params, steps).read()
 
 
 class RankWatch:
@@ -195,31 +198,37 @@ def start_ranks(cfg: EngineConfig, init_file: str) -> list[BaseProcess]:
 
 
 def create_tp_core(cfg: EngineConfig) -> EngineCore:
-    """Rank 0's core (tp_size > 1, unified mode), with the other ranks started and serving its steps."""
+    """Rank 0's core (tp_size > 1), with the other ranks started and serving its steps; semi-PD: a prefill
+    worker thread here and on every rank, all-reducing among themselves (`parallel/semipd.py`)."""
     size = cfg.parallel.tp_size
     check_tp_size(ModelConfig.from_dir(cfg.model_path), size, cfg.device)
+    semi_pd = cfg.semi_pd.mode == "semi-pd"
+    if semi_pd:
+        check_semi_pd(cfg)
     tmpdir = tempfile.mkdtemp(prefix="semipd-tp-")
-    procs = start_ranks(cfg, os.path.join(tmpdir, "rendezvous"))
+    rendezvous = os.path.join(tmpdir, "rendezvous")
+    procs = start_ranks(cfg, rendezvous)
     try:
         device = rank_device(cfg.device, 0)
-        tp, control = init_group(
-            0, size, os.path.join(tmpdir, "rendezvous"), device, cfg.parallel.tp_timeout_s
-        )
-        ranks = RankGroup(procs, tp, control, tmpdir)
+        roles = init_group(0, size, rendezvous, device, cfg.parallel.tp_timeout_s, semi_pd)
+        ranks = RankGroup(procs, roles, tmpdir)
+        tp = roles.decode.tp
         model = load_model(cfg.model_path, device, getattr(torch, cfg.dtype), cfg.model.load_format, tp)
         pages = agree_num_pages(cfg, model.config, tp, device)
-        cfg = dataclasses.replace(
-            cfg,
-            model=dataclasses.replace(cfg.model, device=str(device)),
-            scheduler=dataclasses.replace(cfg.scheduler, num_pages=pages),
-        )
-        core = EngineCore(cfg, model=model, observers=[RankWatch(ranks)])
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=str(device)),
+                                  scheduler=dataclasses.replace(cfg.scheduler, num_pages=pages))
+        make_executor = None
+        if roles.prefill is not None:
+            make_executor = prefill_executor_factory(cfg, ranks.channel(roles.prefill), LeaderRunner,
+                                                     LeaderSampler)
+        core = EngineCore(cfg, model=model, make_executor=make_executor, observers=[RankWatch(ranks)])
         core.on_close.append(ranks.close)
-        core.runner = LeaderRunner(core.runner, ranks)  # type: ignore[assignment]
-        core.sampler = LeaderSampler(core.sampler, ranks)  # type: ignore[assignment]
+        decode = ranks.channel(roles.decode)
+        core.runner = LeaderRunner(core.runner, decode)  # type: ignore[assignment]
+        core.sampler = LeaderSampler(core.sampler, decode)  # type: ignore[assignment]
         core.warm_up()
         if core.runner.graphs is not None:
-            ranks.send(Capture())
+            decode.send(Capture())
             core.capture_cuda_graphs()
     except BaseException:
         for p in procs:
@@ -228,10 +237,6 @@ def create_tp_core(cfg: EngineConfig) -> EngineCore:
             dist.destroy_process_group()
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    log.info(
-        "tensor parallel: %d ranks (pids %s), %d KV heads per rank",
-        size,
-        ranks.pids,
-        model.config.num_kv_heads,
-    )
+    log.info("tensor parallel: %d ranks (pids %s), %d KV heads per rank%s", size, ranks.pids,
+             model.config.num_kv_heads, ", semi-PD" if semi_pd else "")
     return core

@@ -26,7 +26,7 @@ from semipd_runtime.messages import CoreSampling
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.loader import load_model
-from semipd_runtime.parallel.shard import TensorParallel
+from semipd_runtime.parallel.shard import TensorParallel, role_group
 from semipd_runtime.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,26 @@ def rank_device(device: str, rank: int) -> torch.device:
     return torch.device("cuda", (d.index or 0) + rank)
 
 
+@dataclass(frozen=True, slots=True)
+class Role:
+    """One role's groups (decode, or semi-PD's prefill): `tp.group` carries its model collectives and
+    page tables, `control` its step messages."""
+
+    tp: TensorParallel
+    control: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    decode: Role  # its tp is the model's (the default group)
+    prefill: Role | None  # semi-PD: the prefill threads' own groups
+
+
 def init_group(
-    rank: int, size: int, init_file: str, device: torch.device, timeout_s: float
-) -> tuple[TensorParallel, Any]:
-    """Join the ranks' rendezvous (a file: no port to pick); returns the model's group and the control
-    group."""
+    rank: int, size: int, init_file: str, device: torch.device, timeout_s: float, semi_pd: bool = False
+) -> Roles:
+    """Join the ranks' rendezvous (a file: no port to pick); every rank creates the same groups in the same
+    order."""
     os.environ.update(MULTICAST_OFF)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -108,8 +123,13 @@ def init_group(
         raise RuntimeError(
             f"rank {rank} joined a group of {dist.get_world_size()} ranks, expected tp_size={size}"
         )
-    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return TensorParallel(rank, size, dist.group.WORLD), control
+    decode = Role(TensorParallel(rank, size, dist.group.WORLD), dist.new_group(backend="gloo",
+                                                                             timeout=CONTROL_TIMEOUT))
+    prefill = None
+    if semi_pd:
+        group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        prefill = Role(TensorParallel(rank, size, group), dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
+    return Roles(decode, prefill)
 
 
 def agree_num_pages(cfg: EngineConfig, mcfg: ModelConfig, tp: TensorParallel, device: torch.device) -> int:
@@ -134,8 +154,8 @@ def no_logprobs(params: list[CoreSampling]) -> list[CoreSampling]:
 class RankWorker:
     """Runs rank 0's broadcast steps on this rank's shard until `Stop`."""
 
-    def __init__(self, runner: ModelRunner, tp: TensorParallel, control: Any) -> None:
-        self.runner, self.tp, self.control = runner, tp, control
+    def __init__(self, runner: ModelRunner, role: Role) -> None:
+        self.runner, self.tp, self.control = runner, role.tp, role.control
         self.sampler = Sampler()
         self.logits: torch.Tensor | None = None
         self.last_tokens: torch.Tensor | None = (
@@ -143,11 +163,12 @@ class RankWorker:
         )
 
     def serve(self) -> None:
-        while True:
-            msg = broadcast_msg(None, self.control)
-            if isinstance(msg, Stop):
-                return
-            self.handle(msg)
+        with role_group(self.tp.group):  # the model's all-reduces of this thread go to this role's group
+            while True:
+                msg = broadcast_msg(None, self.control)
+                if isinstance(msg, Stop):
+                    return
+                self.handle(msg)
 
     @torch.inference_mode()
     def handle(self, msg: RankMsg) -> None:
@@ -177,15 +198,26 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(3)
 
 
+def _serve_prefill(runner: ModelRunner, role: Role) -> None:
+    """Semi-PD: this rank's prefill worker, a thread beside its decode role (same weights and KV shard)."""
+    try:
+        RankWorker(runner, role).serve()
+    except BaseException:
+        log.exception("prefill role failed")
+        os._exit(4)  # rank 0 sees the rank gone rather than waiting on a collective
+
+
 def run_rank(rank: int, cfg: EngineConfig, init_file: str, parent: int, log_level: int) -> None:
-    """Entry point of rank `rank` (> 0): join the group, load the shard, size the pool as rank 0 does,
-    serve."""
+    """Entry point of rank `rank` (> 0): join the groups, load the shard, size the pool as rank 0 does,
+    serve (semi-PD: a prefill thread and the decode role)."""
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s"
     )
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     device = rank_device(cfg.device, rank)
-    tp, control = init_group(rank, cfg.parallel.tp_size, init_file, device, cfg.parallel.tp_timeout_s)
+    semi_pd = cfg.semi_pd.mode == "semi-pd"
+    roles = init_group(rank, cfg.parallel.tp_size, init_file, device, cfg.parallel.tp_timeout_s, semi_pd)
+    tp = roles.decode.tp
     dtype = getattr(torch, cfg.dtype)
     model = load_model(cfg.model_path, device, dtype, cfg.model.load_format, tp)
     mcfg = model.config
@@ -193,13 +225,15 @@ def run_rank(rank: int, cfg: EngineConfig, init_file: str, parent: int, log_leve
     pool = KVPool(
         mcfg.num_layers, pages, cfg.scheduler.page_size, mcfg.num_kv_heads, mcfg.head_dim, dtype, device
     )
-    runner = ModelRunner(
-        model,
-        pool,
-        cfg.scheduler.page_size,
-        cfg.max_model_len,
-        cuda_graph_max_bs=cfg.scheduler.graph_max_bs(),
-    )
+    ps, max_len = cfg.scheduler.page_size, cfg.max_model_len
+    runner = ModelRunner(model, pool, ps, max_len, cuda_graph_max_bs=cfg.scheduler.graph_max_bs())
     log.info("rank %d/%d on %s: %d KV heads, %d pages", rank, tp.size, device, mcfg.num_kv_heads, pages)
-    RankWorker(runner, tp, control).serve()
+    prefill = None
+    if roles.prefill is not None:
+        prefill = threading.Thread(target=_serve_prefill, args=(ModelRunner(model, pool, ps, max_len),
+                                   roles.prefill), daemon=True, name="semipd-tp-prefill")
+        prefill.start()
+    RankWorker(runner, roles.decode).serve()
+    if prefill is not None:
+        prefill.join(timeout=10)  # rank 0 stops it before the decode role
     dist.destroy_process_group()

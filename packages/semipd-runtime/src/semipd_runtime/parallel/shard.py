@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,20 @@ import torch.distributed as dist
 from torch import Tensor
 
 from semipd_runtime.models.config import ModelConfig
+
+_role = threading.local()
+
+
+@contextmanager
+def role_group(group: Any) -> Iterator[None]:
+    """The model's collectives issued by this thread go to `group`: under semi-PD the prefill role (a thread on
+    every rank) all-reduces among the prefill ranks while the decode role uses its own group."""
+    prev = getattr(_role, "group", None)
+    _role.group = group
+    try:
+        yield
+    finally:
+        _role.group = prev
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +45,13 @@ class TensorParallel:
     size: int
     group: Any = None  # torch.distributed ProcessGroup
 
+    @property
+    def current_group(self) -> Any:
+        """This thread's role's group (`role_group`), else `group`."""
+        return getattr(_role, "group", None) or self.group
+
     def all_reduce(self, x: Tensor) -> Tensor:
-        dist.all_reduce(x, group=self.group)
+        dist.all_reduce(x, group=self.current_group)
         return x
 
     def vocab_range(self, vocab: int) -> tuple[int, int, int]:
@@ -43,7 +65,7 @@ class TensorParallel:
         """[S, per] slices of every rank -> the full [S, vocab] logits, the same on every rank (so every rank
         samples the same token from the same seed)."""
         parts = [torch.empty_like(logits) for _ in range(self.size)]
-        dist.all_gather(parts, logits.contiguous(), group=self.group)
+        dist.all_gather(parts, logits.contiguous(), group=self.current_group)
         return torch.cat(parts, dim=-1)[:, :vocab]
 
 
