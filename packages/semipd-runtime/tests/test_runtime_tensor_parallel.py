@@ -1,5 +1,6 @@
 """Tensor parallelism end to end on CPU (gloo, real rank processes): TP=2 and TP=3 decode the same greedy
-tokens as TP=1, and a rank that dies fails the engine in bounded time and turns its health check red."""
+tokens as TP=1, in unified and semi-PD mode, and a rank that dies fails the engine in bounded time and turns
+its health check red."""
 
 from __future__ import annotations
 
@@ -74,20 +75,16 @@ def wait_until(cond: object, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+MODES = ["unified", "semi-pd"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_tp2_matches_tp1_and_a_rank_killed_mid_decode_fails_the_engine(
-    mqa_model_dir: Path, prompts: list[list[int]]
+    mqa_model_dir: Path, prompts: list[list[int]], mode: str
 ) -> None:
     want = run_core(mqa_model_dir, prompts, GREEDY.max_tokens)
-    with Engine(
-        mqa_model_dir,
-        tp_size=2,
-        tp_timeout_s=20.0,
-        device="cpu",
-        dtype="float32",
-        max_model_len=512,
-        num_pages=256,
-        page_size=4,
-    ) as engine:
+    knobs = {"device": "cpu", "dtype": "float32", "max_model_len": 512, "num_pages": 256, "page_size": 4}
+    with Engine(mqa_model_dir, mode, tp_size=2, tp_timeout_s=20.0, **knobs) as engine:
         got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
         assert got == want
         assert engine.refresh_stats()["healthy"] == 1
@@ -112,25 +109,34 @@ def test_tp2_matches_tp1_and_a_rank_killed_mid_decode_fails_the_engine(
             engine.generate(prompts[:1], GREEDY)
 
 
-def test_tp3_default_model_matches_tp1_and_an_idle_dead_rank_is_unhealthy(prompts: list[list[int]]) -> None:
-    """SmolLM2-135M: 9 query heads and 3 KV heads (one per rank), tied embeddings (the vocab-parallel LM head
-    reads the embedding's slice)."""
-    path = default_model_path()
-    knobs = {"device": "cpu", "dtype": "float32", "max_model_len": 256, "num_pages": 64, "page_size": 16}
-    core = EngineCore(EngineConfig.from_knobs(model_path=str(path), eos_token_ids=[], **knobs))
+DEFAULT_KNOBS = {"device": "cpu", "dtype": "float32", "max_model_len": 256, "num_pages": 64, "page_size": 16}
+SHORT = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def default_tp1(prompts: list[list[int]]) -> list[list[int]]:
+    """The default model's greedy tokens without TP (an in-process core)."""
+    cfg = EngineConfig.from_knobs(model_path=str(default_model_path()), eos_token_ids=[], **DEFAULT_KNOBS)
+    core = EngineCore(cfg)
     for i, p in enumerate(prompts):
         core.add_request(AddRequest(f"r{i}", p, CoreSampling(temperature=0.0, max_tokens=8, ignore_eos=True)))
     want: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     for ev in core.run_until_idle():
         want[ev.rid] += ev.token_ids
     assert_pool_clean(core)
-    del core
-    with Engine(tp_size=3, tp_timeout_s=20.0, **knobs) as engine:
-        got = [
-            o.token_ids
-            for o in engine.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-        ]
-        assert got == [want[f"r{i}"] for i in range(len(prompts))]
+    return [want[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tp3_default_model_matches_tp1_and_an_idle_dead_rank_is_unhealthy(
+    prompts: list[list[int]], default_tp1: list[list[int]], mode: str
+) -> None:
+    """SmolLM2-135M: 9 query heads and 3 KV heads (one per rank), tied embeddings (the vocab-parallel LM head
+    reads the embedding's slice)."""
+    with Engine(None, mode, tp_size=3, tp_timeout_s=20.0, **DEFAULT_KNOBS) as engine:
+        assert [o.token_ids for o in engine.generate(prompts, SHORT)] == default_tp1
+        if mode == "semi-pd":  # the prompts went through the prefill workers, not the decode steps
+            assert engine.refresh_stats()["prefill_sm_percent"] > 0
         victim = rank_pids(engine)[-1]
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: not engine.refresh_stats()["healthy"], 20, "the dead rank to show in the stats")

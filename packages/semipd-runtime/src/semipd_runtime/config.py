@@ -164,7 +164,8 @@ class EngineConfig:
         if self.slo.partition_policy == "slo" and self.semi_pd.mode != "semi-pd":
             raise ValueError("partition_policy='slo' needs mode='semi-pd' (unified mode has no SM split)")
         if self.parallel.tp_size > 1 and self.slo.partition_policy == "slo":
-            raise ValueError("partition_policy='slo' with tp_size > 1 is not supported yet (the split is static)")
+            raise ValueError("partition_policy='slo' with tp_size > 1 is not supported yet (the split is "
+                             "static)")
 
     @classmethod
     def from_knobs(cls, *, core: str = "thread", slo_options: Mapping[str, Any] | None = None,

@@ -84,11 +84,12 @@ class RankGroup:
         if self.closed:
             return
         self.closed = True
-        roles = [r for r in (self.roles.prefill, self.roles.decode) if r is not None]  # prefill's thread first
+        # the prefill threads first: a rank's decode role exits the process once stopped
+        roles = [r for r in (self.roles.prefill, self.roles.decode) if r is not None]
         for role in roles:
             try:
                 self.channel(role).send(Stop())
-            except Exception as e:  # noqa: BLE001 - a dead rank or a broken group: the processes are killed below
+            except Exception as e:  # noqa: BLE001 - a dead rank, a broken group: the processes are killed below
                 log.warning("tensor-parallel ranks not stopped cleanly: %s", e)
                 break
         for p in self.procs:
@@ -102,7 +103,8 @@ class RankGroup:
 
 
 class RankChannel:
-    """One role's step broadcast to the other ranks (decode: the core's steps; semi-PD prefill: its batches)."""
+    """One role's step broadcast to the other ranks (decode: the core's steps; semi-PD prefill: its
+    batches)."""
 
     def __init__(self, ranks: RankGroup, role: Role) -> None:
         self.ranks, self.tp, self.control = ranks, role.tp, role.control
@@ -116,8 +118,8 @@ class RankChannel:
 
 
 class LeaderRunner:
-    """A runner on rank 0: broadcasts each forward (with its page-table rows) to its role's ranks, then runs it
-    here. Duck-types the `ModelRunner` surface the core and the prefill worker use."""
+    """A runner on rank 0: broadcasts each forward (with its page-table rows) to its role's ranks, then runs
+    it here. Duck-types the `ModelRunner` surface the core and the prefill worker use."""
 
     def __init__(self, inner: ModelRunner, ranks: RankChannel) -> None:
         self.inner, self.ranks = inner, ranks
@@ -129,7 +131,8 @@ class LeaderRunner:
                 prev_tokens: Tensor | None = None) -> Tensor:
         table = page_table.contiguous()
         dtype = str(table.dtype).removeprefix("torch.")
-        self.ranks.send(Forward(chunks, starts, sample_rows, prev_tokens is not None, tuple(table.shape), dtype))
+        uses_prev = prev_tokens is not None
+        self.ranks.send(Forward(chunks, starts, sample_rows, uses_prev, tuple(table.shape), dtype))
         dist.broadcast(table, src=0, group=self.ranks.tp.group)
         return self.inner.forward(chunks, starts, table, sample_rows, prev_tokens)
 

@@ -128,7 +128,8 @@ def init_group(
     prefill = None
     if semi_pd:
         group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-        prefill = Role(TensorParallel(rank, size, group), dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        prefill = Role(TensorParallel(rank, size, group), control)
     return Roles(decode, prefill)
 
 

@@ -1,7 +1,7 @@
 """Semi-PD under tensor parallelism: every rank runs a prefill worker beside its decode role, on the same
-weights and KV shard. Rank 0's prefill worker is the executor's (`SharedPoolPrefill`), a thread whose runner and
-sampler broadcast each prefill forward to the other ranks' prefill threads (`ranks.py`); those all-reduce among
-themselves in their own process group while the decode ranks use theirs.
+weights and KV shard. Rank 0's prefill worker is the executor's (`SharedPoolPrefill`), a thread whose runner
+and sampler broadcast each prefill forward to the other ranks' prefill threads (`ranks.py`); those all-reduce
+among themselves in their own process group while the decode ranks use theirs.
 
 One split for all ranks: the split chosen at startup. Moving it (`Engine.repartition`, the slo policy) would
 start a second prefill generation on rank 0 while the first finishes its batches, and both would broadcast on
@@ -39,7 +39,8 @@ def check_semi_pd(cfg: EngineConfig) -> None:
 def prefill_executor_factory(cfg: EngineConfig, ranks: Any, make_runner: Callable[..., Any],
                              make_sampler: Callable[..., Any]) -> Callable[[EngineCore], SharedPoolPrefill]:
     """The core's executor: `SharedPoolPrefill` whose worker thread broadcasts through `ranks` (the prefill
-    role's channel) with `make_runner(runner, ranks)` / `make_sampler(sampler, ranks)` wrapped around its own."""
+    role's channel) with `make_runner(runner, ranks)` / `make_sampler(sampler, ranks)` wrapped around its
+    own."""
     part = create_partition(cfg.semi_pd.sm_partition, *cfg.shares)
 
     def make_executor(core: EngineCore) -> SharedPoolPrefill:

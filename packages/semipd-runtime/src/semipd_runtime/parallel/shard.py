@@ -26,8 +26,8 @@ _role = threading.local()
 
 @contextmanager
 def role_group(group: Any) -> Iterator[None]:
-    """The model's collectives issued by this thread go to `group`: under semi-PD the prefill role (a thread on
-    every rank) all-reduces among the prefill ranks while the decode role uses its own group."""
+    """The model's collectives issued by this thread go to `group`: under semi-PD the prefill role (a thread
+    on every rank) all-reduces among the prefill ranks while the decode role uses its own group."""
     prev = getattr(_role, "group", None)
     _role.group = group
     try:
