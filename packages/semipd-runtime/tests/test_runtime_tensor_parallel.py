@@ -87,8 +87,8 @@ def test_tp2_matches_tp1_and_a_rank_killed_mid_decode_fails_the_engine(
     with Engine(mqa_model_dir, mode, tp_size=2, tp_timeout_s=20.0, **knobs) as engine:
         got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
         assert got == want
-        assert engine.refresh_stats()["healthy"] == 1
-        assert engine.stats()["pages_used"] == 0
+        assert engine.refresh_stats().healthy
+        assert engine.stats().pages_used == 0
         (victim,) = rank_pids(engine)
 
         async def decode_then_kill() -> None:
@@ -136,10 +136,10 @@ def test_tp3_default_model_matches_tp1_and_an_idle_dead_rank_is_unhealthy(
     with Engine(None, mode, tp_size=3, tp_timeout_s=20.0, **DEFAULT_KNOBS) as engine:
         assert [o.token_ids for o in engine.generate(prompts, SHORT)] == default_tp1
         if mode == "semi-pd":  # the prompts went through the prefill workers, not the decode steps
-            assert engine.refresh_stats()["prefill_sm_percent"] > 0
+            assert engine.refresh_stats().prefill_sm_percent > 0
         victim = rank_pids(engine)[-1]
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: not engine.refresh_stats()["healthy"], 20, "the dead rank to show in the stats")
+        wait_until(lambda: not engine.refresh_stats().healthy, 20, "the dead rank to show in the stats")
         with pytest.raises(EngineDeadError, match=f"pid {victim}"):
             asyncio.run(engine.check_health())
         with pytest.raises(EngineDeadError):
