@@ -4,13 +4,15 @@ each rank's slice of every tensor kind, and TP=1 building exactly the unsharded 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from semipd_runtime.config import EngineConfig, cli_knobs
 from semipd_runtime.models.config import ModelConfig
-from semipd_runtime.models.loader import build_empty_model
+from semipd_runtime.models.loader import build_empty_model, load_model
 from semipd_runtime.parallel.shard import TensorParallel, check_tp_size, shard_config, shard_hf_tensor
 
 BASE = ModelConfig(
@@ -111,3 +113,15 @@ def test_tp1_builds_the_unsharded_model() -> None:
     shard = build_empty_model(BASE, torch.device("cpu"), torch.float32, TensorParallel(1, 3))
     assert shard.embed_tokens.weight.shape == (86, 32) and shard.config.num_kv_heads == 1
     assert shard.layers[0].self_attn.qkv_proj.weight.shape == (5 * 4, 32)  # 3 query heads + K + V of one head
+
+
+def test_dummy_weights_of_a_rank_have_its_shapes(tmp_path: Path) -> None:
+    """--load-format dummy under TP: random weights at the rank's shard shapes, norms replicated at one."""
+    from test_runtime_load_format import CONFIG
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    shard = load_model(tmp_path, "cpu", torch.float32, "dummy", TensorParallel(1, 2))
+    attn = shard.layers[0].self_attn
+    assert attn.qkv_proj.weight.shape == ((2 + 1 + 1) * 16, 64) and attn.o_proj.weight.shape == (64, 32)
+    assert shard.lm_head is not None and shard.lm_head.weight.shape == (150, 64)
+    assert torch.equal(shard.norm.weight, torch.ones(64)) and shard.embed_tokens.weight.std() > 0
