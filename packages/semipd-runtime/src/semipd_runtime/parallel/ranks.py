@@ -27,6 +27,7 @@ from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.parallel.shard import TensorParallel, role_group
+from semipd_runtime.partition import SmPartition, create_partition
 from semipd_runtime.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -199,10 +200,12 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(3)
 
 
-def _serve_prefill(runner: ModelRunner, role: Role) -> None:
-    """Semi-PD: this rank's prefill worker, a thread beside its decode role (same weights and KV shard)."""
+def _serve_prefill(runner: ModelRunner, role: Role, part: SmPartition) -> None:
+    """Semi-PD: this rank's prefill worker, a thread beside its decode role (same weights and KV shard), on
+    its share of this rank's SMs."""
     try:
-        RankWorker(runner, role).serve()
+        with part.role_context_factory("prefill")():
+            RankWorker(runner, role).serve()
     except BaseException:
         log.exception("prefill role failed")
         os._exit(4)  # rank 0 sees the rank gone rather than waiting on a collective
@@ -229,12 +232,14 @@ def run_rank(rank: int, cfg: EngineConfig, init_file: str, parent: int, log_leve
     ps, max_len = cfg.scheduler.page_size, cfg.max_model_len
     runner = ModelRunner(model, pool, ps, max_len, cuda_graph_max_bs=cfg.scheduler.graph_max_bs())
     log.info("rank %d/%d on %s: %d KV heads, %d pages", rank, tp.size, device, mcfg.num_kv_heads, pages)
-    prefill = None
-    if roles.prefill is not None:
+    prefill, part = None, SmPartition(*cfg.shares)  # the base class: no SM split (unified)
+    if roles.prefill is not None:  # the split rank 0 runs, on this rank's GPU
+        part = create_partition(cfg.semi_pd.sm_partition, *cfg.shares, device_index=device.index or 0)
         prefill = threading.Thread(target=_serve_prefill, args=(ModelRunner(model, pool, ps, max_len),
-                                   roles.prefill), daemon=True, name="semipd-tp-prefill")
+                                   roles.prefill, part), daemon=True, name="semipd-tp-prefill")
         prefill.start()
-    RankWorker(runner, roles.decode).serve()
+    with part.role_context_factory("decode")():
+        RankWorker(runner, roles.decode).serve()
     if prefill is not None:
         prefill.join(timeout=10)  # rank 0 stops it before the decode role
     dist.destroy_process_group()

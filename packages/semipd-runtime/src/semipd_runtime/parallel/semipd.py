@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.parallel.shard import role_group
-from semipd_runtime.partition import SmPartition, create_partition
+from semipd_runtime.partition import SmPartition, create_partition, partition_class
 from semipd_runtime.prefill_worker import PrefillWorker, ThreadPrefillChannel
 from semipd_runtime.repartition import PrefillChannel
 from semipd_runtime.shared_pool_prefill import SharedPoolPrefill
@@ -30,8 +32,7 @@ def check_semi_pd(cfg: EngineConfig) -> None:
     """What semi-PD under TP does not run yet, named before any rank starts."""
     if cfg.slo_policy is not None:
         raise ValueError("partition_policy='slo' with tp_size > 1 is not supported yet (the split is static)")
-    part = create_partition(cfg.semi_pd.sm_partition, *cfg.shares)
-    if part.prefill_placement("thread") != "thread":
+    if partition_class(cfg.semi_pd.sm_partition).prefill_placement("thread") != "thread":
         raise ValueError(f"sm_partition={cfg.semi_pd.sm_partition!r} runs prefill as a process; with "
                          f"tp_size > 1 the prefill worker must be a thread (sm_partition none or green)")
 
@@ -41,7 +42,8 @@ def prefill_executor_factory(cfg: EngineConfig, ranks: Any, make_runner: Callabl
     """The core's executor: `SharedPoolPrefill` whose worker thread broadcasts through `ranks` (the prefill
     role's channel) with `make_runner(runner, ranks)` / `make_sampler(sampler, ranks)` wrapped around its
     own."""
-    part = create_partition(cfg.semi_pd.sm_partition, *cfg.shares)
+    index = torch.device(cfg.device).index or 0
+    part = create_partition(cfg.semi_pd.sm_partition, *cfg.shares, device_index=index)
 
     def make_executor(core: EngineCore) -> SharedPoolPrefill:
         def make_channel(p: SmPartition, generation: int) -> PrefillChannel:
