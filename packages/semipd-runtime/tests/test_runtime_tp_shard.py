@@ -125,3 +125,14 @@ def test_dummy_weights_of_a_rank_have_its_shapes(tmp_path: Path) -> None:
     assert attn.qkv_proj.weight.shape == ((2 + 1 + 1) * 16, 64) and attn.o_proj.weight.shape == (64, 32)
     assert shard.lm_head is not None and shard.lm_head.weight.shape == (150, 64)
     assert torch.equal(shard.norm.weight, torch.ones(64)) and shard.embed_tokens.weight.std() > 0
+
+
+def test_engine_names_a_tp_size_the_default_model_cannot_split_before_starting_anything() -> None:
+    from semipd_runtime import Engine
+
+    with pytest.raises(ValueError, match="tp_size=2 cannot split the model's 9 query heads.*fit this model: 1, 3\)"):
+        Engine(tp_size=2, device="cpu")
+    with pytest.raises(ValueError, match="sm_partition='mps' runs prefill as a process"):
+        from semipd_runtime.parallel.semipd import check_semi_pd
+
+        check_semi_pd(EngineConfig.from_knobs(tp_size=3, mode="semi-pd", sm_partition="mps"))
