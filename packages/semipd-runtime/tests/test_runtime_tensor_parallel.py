@@ -68,6 +68,14 @@ def rank_pids(engine: Engine) -> list[int]:
     return pids
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def wait_until(cond: object, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():  # type: ignore[operator]
@@ -137,10 +145,11 @@ def test_tp3_default_model_matches_tp1_and_an_idle_dead_rank_is_unhealthy(
         assert [o.token_ids for o in engine.generate(prompts, SHORT)] == default_tp1
         if mode == "semi-pd":  # the prompts went through the prefill workers, not the decode steps
             assert engine.refresh_stats().prefill_sm_percent > 0
-        victim = rank_pids(engine)[-1]
+        *others, victim = rank_pids(engine)
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: not engine.refresh_stats().healthy, 20, "the dead rank to show in the stats")
         with pytest.raises(EngineDeadError, match=f"pid {victim}"):
             asyncio.run(engine.check_health())
         with pytest.raises(EngineDeadError):
             engine.generate(prompts[:1], GREEDY)
+    wait_until(lambda: not any(running(p) for p in others), 30, "the surviving ranks to exit with the engine")

@@ -86,14 +86,16 @@ class RankGroup:
         self.closed = True
         # the prefill threads first: a rank's decode role exits the process once stopped
         roles = [r for r in (self.roles.prefill, self.roles.decode) if r is not None]
+        stopped = True
         for role in roles:
             try:
                 self.channel(role).send(Stop())
             except Exception as e:  # noqa: BLE001 - a dead rank, a broken group: the processes are killed below
                 log.warning("tensor-parallel ranks not stopped cleanly: %s", e)
+                stopped = False
                 break
         for p in self.procs:
-            p.join(timeout=10)
+            p.join(timeout=10 if stopped else 0)  # the rest of a broken group waits for a step that never comes
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
