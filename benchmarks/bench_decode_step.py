@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, datasheet_hbm_tbps, with_layers  # noqa: E402
+from model_shapes import SHAPES, datasheet_hbm_tbps, with_layers
 
-from semipd_memory import KVPool  # noqa: E402
-from semipd_runtime.model_runner import ModelRunner  # noqa: E402
-from semipd_runtime.models.config import ModelConfig  # noqa: E402
-from semipd_runtime.models.loader import build_empty_model, init_random_weights  # noqa: E402
+from semipd_memory import KVPool
+from semipd_runtime.model_runner import ModelRunner
+from semipd_runtime.models.config import ModelConfig
+from semipd_runtime.models.loader import build_empty_model, init_random_weights
 
 
 def copy_bandwidth() -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, with_layers  # noqa: E402
+from model_shapes import SHAPES, with_layers
 
 
 def percentile(xs: list[float], q: float) -> float:

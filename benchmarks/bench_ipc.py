@@ -37,7 +37,6 @@ from semipd_memory import (
     release_import,
 )
 
-
 # name -> (vocab, hidden, intermediate, layers, heads, kv_heads, head_dim)
 SHAPES = {
     "llama-3.1-8b": (128256, 4096, 14336, 32, 32, 8, 128),
@@ -162,7 +161,7 @@ def child(conn: Connection, device: str) -> None:
             else:
                 raise ValueError(f"unknown command {cmd}")
             conn.send(("ok", out))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure goes back to the parent as an error row
             conn.send(("error", f"{type(e).__name__}: {e}"))
     # release what we mapped before exiting, so the owner's IPC ref counters drop to zero
     state.clear()

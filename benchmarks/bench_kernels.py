@@ -17,8 +17,9 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -76,7 +77,7 @@ def bench_decode() -> list[dict[str, Any]]:
         try:
             sdpa_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(
                 q4, keys, vals, scale=D**-0.5, enable_gqa=True))
-        except Exception as e:  # older torch without enable_gqa
+        except Exception as e:  # noqa: BLE001 - older torch without enable_gqa
             print(f"  sdpa skipped: {e}")
             sdpa_ms = float("nan")
         tbps = nbytes / ms / 1e9
@@ -90,9 +91,10 @@ def bench_decode() -> list[dict[str, Any]]:
 
 
 def bench_prefill() -> list[dict[str, Any]]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from semipd_kernels.testing import paged_kv
     from semipd_kernels.triton.prefill_attention import prefill_attention
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
     for prefix, new in ((0, 1024), (0, 4096), (0, 8192), (0, 16384), (8192, 2048)):
@@ -245,13 +247,13 @@ def bench_gemm(green: bool) -> list[dict[str, Any]]:
         return rows
     try:
         from semipd_runtime.partition import GreenPartition
-    except Exception as e:  # optional: needs semipd-runtime and cuda-python's driver bindings
+    except Exception as e:  # noqa: BLE001 - optional: needs semipd-runtime and cuda-python's driver bindings
         print(f"green-context GEMM skipped: {type(e).__name__}: {e}")
         return rows
     for percent in (50, 25):
         try:
             part = GreenPartition(100 - percent, percent)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - no green contexts here: skip the row
             print(f"green-context GEMM at {percent}% skipped: {type(e).__name__}: {e}")
             continue
         try:

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, with_layers  # noqa: E402
+from model_shapes import SHAPES, with_layers
 
 from semipd_runtime.config import EngineConfig
-from semipd_runtime.core import EngineCore  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
-from semipd_runtime.models.config import ModelConfig  # noqa: E402
-from semipd_runtime.models.loader import build_empty_model, load_weights  # noqa: E402
+from semipd_runtime.core import EngineCore
+from semipd_runtime.messages import AddRequest, CoreSampling
+from semipd_runtime.models.config import ModelConfig
+from semipd_runtime.models.loader import build_empty_model, load_weights
 
 
 def sync() -> None:
@@ -143,7 +143,8 @@ def main() -> None:
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(18)
             key = {"graphs": "ours", "serial": "ours_no_overlap", "eager": "ours_eager"}[name]
-            row |= {f"{key}_s": t, f"{key}_tok_s": b * args.output_len / t} | {f"{key}_{k}": v for k, v in split.items()}
+            row |= {f"{key}_s": t, f"{key}_tok_s": b * args.output_len / t}
+            row |= {f"{key}_{k}": v for k, v in split.items()}
         t_ours = row["ours_s"]
         if hf is not None:
             run_hf(hf, prompts[:1], 4)

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, with_layers  # noqa: E402
+from model_shapes import SHAPES, with_layers
 
 from semipd_runtime.config import EngineConfig
-from semipd_runtime.core import EngineCore  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
-from semipd_runtime.models.config import ModelConfig  # noqa: E402
-from semipd_runtime.models.loader import build_empty_model, init_random_weights  # noqa: E402
+from semipd_runtime.core import EngineCore
+from semipd_runtime.messages import AddRequest, CoreSampling
+from semipd_runtime.models.config import ModelConfig
+from semipd_runtime.models.loader import build_empty_model, init_random_weights
 
 CASES = ("miss", "prime", "hit")
 GREEDY = CoreSampling(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=2)

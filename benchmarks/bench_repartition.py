@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, with_layers  # noqa: E402
+from model_shapes import SHAPES, with_layers
 
-from semipd_runtime.config import EngineConfig  # noqa: E402
-from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core_factory import create_core
+from semipd_runtime.messages import AddRequest, CoreSampling
 
 
 def main() -> None:
@@ -45,11 +45,12 @@ def main() -> None:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model_dir = Path(tempfile.mkdtemp())
     (model_dir / "config.json").write_text(json.dumps(cfg_dict))
-    cfg = EngineConfig.from_knobs(model_path=str(model_dir), device=args.device, dtype=str(dtype).removeprefix("torch."),
-                     max_model_len=4096, eos_token_ids=[], max_running_requests=args.streams + 4, page_size=16,
-                     num_pages=(args.streams + 2) * 4096 // 16, mode="semi-pd", sm_partition=args.backend,
-                     prefill_placement="process" if args.backend != "green" else "thread",
-                     prefill_sm_percent=50, decode_sm_percent=50, load_format="dummy")
+    cfg = EngineConfig.from_knobs(model_path=str(model_dir), device=args.device,
+                                  dtype=str(dtype).removeprefix("torch."), max_model_len=4096, eos_token_ids=[],
+                                  max_running_requests=args.streams + 4, page_size=16,
+                                  num_pages=(args.streams + 2) * 4096 // 16, mode="semi-pd", sm_partition=args.backend,
+                                  prefill_placement="process" if args.backend != "green" else "thread",
+                                  prefill_sm_percent=50, decode_sm_percent=50, load_format="dummy")
     core = create_core(cfg)
     g = torch.Generator().manual_seed(0)
     for i in range(args.streams):

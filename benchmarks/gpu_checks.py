@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_shapes import SHAPES, with_layers  # noqa: E402
+from model_shapes import SHAPES, with_layers
 
-from semipd_runtime.config import EngineConfig  # noqa: E402
-from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
-from semipd_runtime.models.config import ModelConfig  # noqa: E402
-from semipd_runtime.models.loader import build_empty_model, load_weights  # noqa: E402
+from semipd_runtime.config import EngineConfig
+from semipd_runtime.core_factory import create_core
+from semipd_runtime.messages import AddRequest, CoreSampling
+from semipd_runtime.models.config import ModelConfig
+from semipd_runtime.models.loader import build_empty_model, load_weights
 
 
 def emit(row: dict, rows: list[dict]) -> None:
@@ -133,7 +133,7 @@ def main() -> None:
             try:
                 core = create_core(core_cfg(d, mode="semi-pd", sm_partition=part, prefill_sm_percent=60,
                                             decode_sm_percent=40, prefill_placement="process"), model=models[d])
-            except Exception as e:  # e.g. no MPS daemon
+            except Exception as e:  # noqa: BLE001 - e.g. no MPS daemon
                 emit({"check": f"semi-pd/{part}/{d}", "error": repr(e), "ok": False}, rows)
                 continue
             try:

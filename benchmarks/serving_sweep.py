@@ -53,7 +53,7 @@ def main() -> int:
             rc = bench_serving.main(["--base-url", server.url, "--label", label, "--out", str(args.out),
                                      "--no-progress", *shlex.split(args.bench_args)])
             failures += rc != 0
-        except Exception as e:  # one configuration failing must not lose the others
+        except Exception as e:  # noqa: BLE001 - one configuration failing must not lose the others
             print(f"{label} failed: {e}", flush=True)
             failures += 1
         finally:

@@ -2,8 +2,9 @@
 
 Not a measurement: step times come from a synthetic latency model per shape, set by hand to roughly match the
 H200 logs in benchmarks/results/2026-12-02c-h200 (8B: prefill ~0.14 s per 3k prompt on 76 SMs, decode 15-20 ms at
-B=20-40 on 28-44 SMs; 3B: decode 16.8 ms at B=62 on 52 SMs, static split at ~91% attainment at 16 req/s). A prefill worker (FCFS, up to 8192 tokens per step,
-admission capped at max_running_requests) and a decode worker run on disjoint SM shares; the real
+B=20-40 on 28-44 SMs; 3B: decode 16.8 ms at B=62 on 52 SMs, static split at ~91% attainment at 16 req/s).
+A prefill worker (FCFS, up to 8192 tokens per step, admission capped at max_running_requests) and a decode
+worker run on disjoint SM shares; the real
 `SloPartitioner` sees the same observations the engine feeds it and moves the split (instantly). The workload
 mirrors gpu_suite.sh's sweep: Poisson arrivals for `duration` s per rate, prompts 1536-4608, outputs 128-384,
 rates run one after another on one "server", 60 s timeout.

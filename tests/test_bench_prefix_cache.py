@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefix_cache.py"
 
 
+@pytest.mark.slow  # the benchmark script end to end in a subprocess
 def test_bench_prefix_cache_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "prefix_cache.json"
     cmd = [sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--prefix-len", "256",

@@ -400,6 +400,7 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.slow  # a real server process on the default model
 @pytest.mark.skipif(not _server_available(), reason="semipd_server.cli is not importable")
 def test_end_to_end_against_real_server(real_server: str, tmp_path: Path) -> None:
     out, plot_dir = tmp_path / "results.json", tmp_path / "plots"

@@ -88,7 +88,7 @@ def test_compare_rescores_saved_runs_under_new_slos(tmp_path: Path,
     saved = json.loads(path.read_text())["runs"]
     expected_att, expected_goodput = {}, {}
     for rate in (1.0, 2.0, 4.0):
-        rows = [[p for p in run["rates"] if p["request_rate"] == rate][0]["requests"] for run in saved]
+        rows = [next(p for p in run["rates"] if p["request_rate"] == rate)["requests"] for run in saved]
         within = [sum(_within(r, *NEW_SLO) for r in rows_of_label) for rows_of_label in rows]
         expected_att[rate] = [100.0 * w / len(r) for w, r in zip(within, rows)]
         expected_goodput[rate] = [w / DURATION_S for w in within]

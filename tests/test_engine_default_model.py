@@ -7,8 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from semipd_runtime import Engine, EngineStats, SamplingParams
 from semipd_runtime.errors import InvalidRequestError
+
+pytestmark = pytest.mark.slow  # the real default model: converted, loaded and run end to end
 
 PROMPTS = [
     "The capital of France is",

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from semipd_runtime import Engine, SamplingParams
 from semipd_runtime.errors import EngineDeadError
 from semipd_runtime.shared_pool_prefill import SharedPoolPrefill
@@ -25,6 +26,8 @@ PROMPTS = [
     "Question: why is the sky blue?\nAnswer:",
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+pytestmark = pytest.mark.slow  # the real default model in real prefill processes
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from semipd_runtime import Engine, SamplingParams
 
 PROMPTS = [

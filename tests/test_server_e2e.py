@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import signal
 import time
 from collections.abc import Iterator
 
@@ -16,9 +14,10 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from semipd_runtime import Engine, SamplingParams
 from semipd_server.engine_protocol import ServedEngine, ServedTokenizer
-from semipd_server.testing import ServerProcess, child_pids, proc_cmdline
+from semipd_server.testing import ServerProcess
 
 pytestmark = pytest.mark.slow
 KEY = "e2e-key"
@@ -260,7 +259,8 @@ def test_concurrent_streams_with_disconnects_free_every_page(server: ServerProce
     assert after["semipd:kv_pages_total{}"] == 1024
     assert after["semipd:num_requests_waiting{}"] == 0
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
-    assert delta['semipd:request_success_total{"finished_reason": "abort"}'] == 17
+    assert delta["semipd:num_aborted_requests_total{}"] == 17  # not request_success (vLLM/SGLang dashboards)
+    assert 'semipd:request_success_total{"finished_reason": "abort"}' not in after
     assert delta['semipd:request_success_total{"finished_reason": "length"}'] == 33
     assert delta["semipd:generation_tokens_total{}"] >= 33 * 6 + 17
     assert delta["semipd:time_to_first_token_seconds_count{}"] == 50
@@ -301,31 +301,3 @@ def test_metrics_parse_and_counters_move(server: ServerProcess) -> None:
     for role in ("prefill", "decode"):
         assert f'semipd:sm_split{{"role": "{role}"}}' in after
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
-
-
-def test_dead_engine_gives_503_and_ends_open_streams(server: ServerProcess) -> None:
-    """Last in this module: kills the server's engine core process (the fixture then checks a clean exit)."""
-    # the engine core is the server's multiprocessing "spawn" child
-    (core_pid,) = [p for p in child_pids(server.proc.pid) if "spawn_main" in proc_cmdline(p)]
-    with httpx.stream(
-        "POST",
-        f"{server.url}/v1/completions",
-        headers=server.headers(),
-        timeout=120,
-        json={"prompt": "Go on forever:", "max_tokens": 2000, "ignore_eos": True, "stream": True},
-    ) as resp:
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))  # generating
-        os.kill(core_pid, signal.SIGKILL)
-        rest = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
-    assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["type"] == "service_unavailable"
-    health = httpx.get(f"{server.url}/health", timeout=30)
-    assert health.status_code == 503 and health.json()["error"]["type"] == "service_unavailable"
-    r = httpx.post(
-        f"{server.url}/v1/completions",
-        headers=server.headers(),
-        timeout=30,
-        json={"prompt": "x", "max_tokens": 2},
-    )
-    assert r.status_code == 503 and set(r.json()["error"]) == {"message", "type", "param", "code"}

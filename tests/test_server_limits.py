@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from semipd_server.testing import ServerProcess, child_pids, pid_alive
 
 pytestmark = pytest.mark.slow

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from semipd_kernels import reference as ref
 from semipd_kernels.testing import assert_close, paged_kv, test_device
 from semipd_kernels.triton import decode_attention as dec

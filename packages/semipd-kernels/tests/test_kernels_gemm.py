@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from semipd_kernels.testing import TOLERANCE, test_device
 from semipd_kernels.triton import gemm
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from semipd_kernels import ops
 from semipd_kernels import reference as ref
 from semipd_kernels.testing import paged_kv

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
+
 from semipd_kernels import ops
 from semipd_kernels import reference as ref
 from semipd_kernels.testing import assert_close, test_device
 from semipd_kernels.triton import kv_store, rotary, rotary_kv
-from torch import Tensor
 
 DEVICE = test_device()
 MAX_POS = 64

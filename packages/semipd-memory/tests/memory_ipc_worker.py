@@ -7,6 +7,7 @@ Run through multiprocessing spawn: the parent puts this directory on sys.path (s
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -135,7 +136,7 @@ def serve(conn: Connection) -> None:
         name, kwargs = msg
         try:
             conn.send(("ok", COMMANDS[name](state, **kwargs)))
-        except Exception as e:  # reported to the parent, which fails the test with it
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the test with it
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
@@ -165,10 +166,8 @@ class Worker:
 
     def close(self) -> None:
         if self.proc.is_alive():
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 self.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
             self.proc.join(timeout=10)
         if self.proc.is_alive():
             self.proc.kill()

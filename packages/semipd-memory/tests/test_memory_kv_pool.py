@@ -51,7 +51,7 @@ def test_from_buffer_wraps_without_copy_and_checks_shape() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         KVPool.from_buffer(pool.buffer.transpose(0, 1).contiguous().transpose(0, 1), num_layers=2, num_pages=3,
                            page_size=4, num_kv_heads=1, head_dim=8)
-    with pytest.raises(TypeError, match="buffer must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"buffer must be a torch\.Tensor"):
         KVPool.from_buffer([1, 2], num_layers=2, num_pages=3, page_size=4, num_kv_heads=1, head_dim=8)  # type: ignore
 
 
@@ -60,7 +60,7 @@ def test_bad_arguments_name_themselves() -> None:
         KVPool(2, 0, 4, 1, 8, torch.float32)
     with pytest.raises(TypeError, match="head_dim must be an int"):
         KVPool(2, 3, 4, 1, 8.0, torch.float32)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+    with pytest.raises(TypeError, match=r"dtype must be a torch\.dtype"):
         KVPool(2, 3, 4, 1, 8, "float16")  # type: ignore[arg-type]
     pool = KVPool(2, 3, 4, 1, 8, torch.float32)
     with pytest.raises(IndexError, match=r"layer must be an int in \[0, 2\)"):

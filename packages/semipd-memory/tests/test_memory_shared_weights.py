@@ -10,7 +10,7 @@ from torch import nn
 from semipd_memory import SharedModelWeights, bind_tensors, module_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
-import memory_ipc_worker as ipc  # noqa: E402
+import memory_ipc_worker as ipc
 
 
 def test_bind_rebuilds_identical_module_over_the_same_memory() -> None:
@@ -42,7 +42,7 @@ def test_bind_reports_missing_extra_and_misshapen_names() -> None:
     bad = dict(tensors, **{"blocks.0.0.weight": torch.zeros(3, 3)})
     with pytest.raises(ValueError, match=r"blocks\.0\.0\.weight: module expects shape \(64, 32\)"):
         bind_tensors(ipc.tiny_lm, bad)
-    with pytest.raises(TypeError, match="module_factory must return an nn.Module"):
+    with pytest.raises(TypeError, match=r"module_factory must return an nn\.Module"):
         bind_tensors(lambda: 3, tensors)  # type: ignore[arg-type, return-value]
     with pytest.raises(TypeError, match="module_factory must be callable"):
         bind_tensors(None, tensors)  # type: ignore[arg-type]
@@ -61,5 +61,5 @@ def test_state_dict_source_lacks_non_persistent_buffers() -> None:
         lw.close()
     finally:
         weights.close()
-    with pytest.raises(TypeError, match="source must be an nn.Module or a state dict"):
+    with pytest.raises(TypeError, match=r"source must be an nn\.Module or a state dict"):
         SharedModelWeights([torch.ones(1)])  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ from semipd_memory import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawn children inherit sys.path: they import the worker by name
-import memory_ipc_worker as ipc  # noqa: E402
+import memory_ipc_worker as ipc
 
 
 # --- one process ----------------------------------------------------------------------------------------------
@@ -211,6 +211,7 @@ def test_importer_maps_a_handle_once_and_sees_later_writes(worker: ipc.Worker) -
     release_export(handle)
 
 
+@pytest.mark.slow  # real owner and importer processes, waiting out the owner's death
 def test_import_after_owner_died_fails_clearly() -> None:
     owner = ipc.Worker()
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from runtime_fixtures import core_config
+
 from semipd_runtime.core_client import ProcessCoreClient
 
 

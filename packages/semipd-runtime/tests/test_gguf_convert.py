@@ -79,6 +79,7 @@ def hf_gguf_model() -> torch.nn.Module:
                                                              dtype=torch.float32).eval()
 
 
+@pytest.mark.slow  # the default model loaded twice (ours and transformers' GGUF loader)
 def test_logits_equal_transformers_gguf_load(default_model_dir: Path, hf_gguf_model: torch.nn.Module) -> None:
     from transformers import LlamaForCausalLM
 
@@ -285,12 +286,12 @@ def test_resolve_model_path(tmp_path: Path, default_model_dir: Path) -> None:
     assert resolve_model_path(None) == default_model_dir
     assert resolve_model_path(default_gguf_path()) == default_model_dir
     assert resolve_model_path(str(default_model_dir)) == default_model_dir
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         resolve_model_path(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_path(tmp_path / "nope")
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="not a .gguf"):
+    with pytest.raises(ValueError, match=r"not a \.gguf"):
         resolve_model_path(tmp_path / "weights.bin")
     with pytest.raises(TypeError, match="model_path"):
         resolve_model_path(42)  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ def test_dummy_weights_run_and_are_reproducible(config_only: Path) -> None:
 
 
 def test_auto_needs_safetensors_and_bad_format_is_named(config_only: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="safetensors.*load-format dummy"):
+    with pytest.raises(FileNotFoundError, match=r"safetensors.*load-format dummy"):
         load_model(config_only)
     with pytest.raises(ValueError, match="load_format"):
         load_model(config_only, load_format="random")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_runtime_parity_random import write_random_model  # noqa: E402
+from test_runtime_parity_random import write_random_model
 
-from semipd_memory import KVPool  # noqa: E402
-from semipd_runtime.model_runner import ModelRunner  # noqa: E402
-from semipd_runtime.models.loader import load_model  # noqa: E402
+from semipd_memory import KVPool
+from semipd_runtime.model_runner import ModelRunner
+from semipd_runtime.models.loader import load_model
 
 
 @pytest.mark.parametrize("layout", ["decode+prefill", "decode+chunk-after-prefix", "one-token-chunk-first"])

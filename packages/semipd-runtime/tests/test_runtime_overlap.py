@@ -19,18 +19,23 @@ import torch
 
 pytest.importorskip("transformers")
 
-from semipd_memory import PageAllocator, RadixCache  # noqa: E402
-from semipd_runtime.core import EngineCore  # noqa: E402
-from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.forward_batch import fill_placeholders  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling, TokenLogprobMsg  # noqa: E402
-from semipd_runtime.models.llama import LlamaForCausalLM  # noqa: E402
-from semipd_runtime.request import Request, RequestStatus  # noqa: E402
-from semipd_runtime.scheduler import ScheduledBatch, Scheduler, step_writer  # noqa: E402
+from runtime_fixtures import (
+    core_config,
+    eager_decode_graphs,
+    prompts_fixture,
+    random_model_fixture,
+    shared_pool,
+)
+from test_runtime_parity_random import assert_pool_clean
 
-from runtime_fixtures import core_config, eager_decode_graphs, shared_pool  # noqa: E402
-from runtime_fixtures import prompts_fixture, random_model_fixture  # noqa: E402
-from test_runtime_parity_random import assert_pool_clean  # noqa: E402
+from semipd_memory import PageAllocator, RadixCache
+from semipd_runtime.core import EngineCore
+from semipd_runtime.core_factory import create_core
+from semipd_runtime.forward_batch import fill_placeholders
+from semipd_runtime.messages import AddRequest, CoreSampling, TokenLogprobMsg
+from semipd_runtime.models.llama import LlamaForCausalLM
+from semipd_runtime.request import Request, RequestStatus
+from semipd_runtime.scheduler import ScheduledBatch, Scheduler, step_writer
 
 PAGE = 4
 GREEDY = CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)

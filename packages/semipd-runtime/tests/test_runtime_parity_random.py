@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from semipd_runtime.config import EngineConfig
+from semipd_runtime.config import EngineConfig  # noqa: E402
 from semipd_runtime.core import EngineCore  # noqa: E402
 from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
 
@@ -62,8 +62,9 @@ def assert_pool_clean(core: EngineCore, evict: bool = True) -> None:
 
 
 def run_core(path: Path, prompts: list[list[int]], n: int, **kw: int) -> list[list[int]]:
-    cfg = EngineConfig.from_knobs(model_path=str(path), device="cpu", dtype="float32", max_model_len=512, eos_token_ids=[],
-                     num_pages=kw.pop("num_pages", 256), page_size=kw.pop("page_size", 4), **kw)
+    cfg = EngineConfig.from_knobs(model_path=str(path), device="cpu", dtype="float32", max_model_len=512,
+                                  eos_token_ids=[], num_pages=kw.pop("num_pages", 256),
+                                  page_size=kw.pop("page_size", 4), **kw)
     core = EngineCore(cfg)
     for i, p in enumerate(prompts):
         core.add_request(AddRequest(f"r{i}", p, CoreSampling(temperature=0.0, max_tokens=n, ignore_eos=True)))

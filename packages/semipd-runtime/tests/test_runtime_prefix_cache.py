@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 
-from semipd_runtime.core import EngineCore  # noqa: E402
-from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
-from semipd_runtime.models.llama import LlamaForCausalLM  # noqa: E402
+from runtime_fixtures import core_config, random_model_fixture, shared_pool
+from test_runtime_parity_random import assert_pool_clean
 
-from runtime_fixtures import core_config, random_model_fixture, shared_pool  # noqa: E402
-from test_runtime_parity_random import assert_pool_clean  # noqa: E402
+from semipd_runtime.core import EngineCore
+from semipd_runtime.core_factory import create_core
+from semipd_runtime.messages import AddRequest, CoreSampling
+from semipd_runtime.models.llama import LlamaForCausalLM
 
 PAGE = 4
 
@@ -94,7 +94,7 @@ def _request_sets() -> st.SearchStrategy[list[list[Req]]]:
         finished: list[str] = []  # earlier requests that run to their end: a next turn may follow one
         for w in range(draw(st.integers(2, 3))):
             wave = []
-            for i in range(draw(st.integers(1, 4))):
+            for _i in range(draw(st.integers(1, 4))):
                 abort = draw(st.one_of(st.none(), st.none(), st.integers(0, 6)))
                 if finished and draw(st.booleans()):
                     turn = draw(st.lists(token, min_size=1, max_size=5))
@@ -171,7 +171,7 @@ def test_hits_skip_compute(model_dir: Path, model: LlamaForCausalLM, mode: str) 
         try:
             outs[cache] = []
             computed = []
-            for i, prompt in enumerate((first, second)):
+            for prompt in (first, second):
                 before = len(seen)
                 out = run_waves(core, [[Req(prompt, 3, None)]])
                 outs[cache].append(out["w0-0"])

@@ -12,17 +12,23 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from semipd_runtime.core import EngineCore  # noqa: E402
-from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.latency_model import LatencyProfile  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
-from semipd_runtime.partition import SmPartition  # noqa: E402
-from semipd_runtime.shared_pool_prefill import SharedPoolPrefill  # noqa: E402
-from semipd_runtime.slo_control import SloSettings  # noqa: E402
+from runtime_fixtures import (
+    core_config,
+    eager_decode_graphs,
+    prompts_fixture,
+    random_model_fixture,
+    shared_pool,
+    slo_controller,
+)
+from test_runtime_parity_random import assert_pool_clean
 
-from runtime_fixtures import core_config, eager_decode_graphs, shared_pool, slo_controller  # noqa: E402
-from runtime_fixtures import prompts_fixture, random_model_fixture  # noqa: E402
-from test_runtime_parity_random import assert_pool_clean  # noqa: E402
+from semipd_runtime.core import EngineCore
+from semipd_runtime.core_factory import create_core
+from semipd_runtime.latency_model import LatencyProfile
+from semipd_runtime.messages import AddRequest, CoreSampling
+from semipd_runtime.partition import SmPartition
+from semipd_runtime.shared_pool_prefill import SharedPoolPrefill
+from semipd_runtime.slo_control import SloSettings
 
 GREEDY = CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -46,7 +52,8 @@ def standby_ready_queued(core: EngineCore) -> bool:
 
 
 def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tuple[float, float]]] | None = None,
-           abort_rate: float = 0.0, hold: int = 0, timeout_s: float = 120.0) -> tuple[dict[str, list[int]], dict[str, str]]:
+           abort_rate: float = 0.0, hold: int = 0,
+           timeout_s: float = 120.0) -> tuple[dict[str, list[int]], dict[str, str]]:
     """Requests arrive two per step; `moves[step]` forces a re-partition at that step. Returns tokens and finish
     reasons per request, asserting each request finishes exactly once and the pool stays consistent. The last
     `hold` requests wait while a standby worker starts; the moment it reports ready they arrive and are
@@ -58,7 +65,8 @@ def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tup
     step, added = 0, 0
     deadline = time.monotonic() + timeout_s
     while added < len(prompts) or core.has_work() or core.pending or (
-            isinstance(core.executor, SharedPoolPrefill) and (shared_pool(core).router.in_transition or shared_pool(core).router.retiring)):
+            isinstance(core.executor, SharedPoolPrefill)
+            and (shared_pool(core).router.in_transition or shared_pool(core).router.retiring)):
         assert time.monotonic() < deadline, "stream did not finish"
         busy = isinstance(core.executor, SharedPoolPrefill) and shared_pool(core).router.in_transition
         if hold and added >= len(prompts) - hold and busy and standby_ready_queued(core):  # type: ignore[arg-type]
@@ -99,7 +107,8 @@ def unified_out(model_dir: Path, prompts: list[list[int]]) -> dict[str, list[int
 MOVES = {"process": {2: [(40.0, 60.0)]}, "thread": {2: [(25.0, 75.0), (75.0, 25.0)], 9: [(40.0, 60.0)]}}
 
 
-@pytest.mark.parametrize("placement", ["process", "thread"])
+# process: spawns and replaces real prefill processes (tens of seconds on CPU); thread covers the same logic
+@pytest.mark.parametrize("placement", [pytest.param("process", marks=pytest.mark.slow), "thread"])
 def test_forced_repartition_loses_and_duplicates_nothing(model_dir: Path, prompts: list[list[int]],
                                                          unified_out: dict[str, list[int]], placement: str) -> None:
     core = make_core(model_dir, "semi-pd", placement)
@@ -163,9 +172,9 @@ def test_repartition_to_current_split_is_a_no_op(model_dir: Path) -> None:
 
 
 def slo_settings(tmp_path: Path, **kw: object) -> SloSettings:
-    base = dict(partition_policy="slo", slo_ttft_ms=200.0, slo_tpot_ms=20.0, repartition_interval_s=0.05, min_dwell_s=0.0, hysteresis=0.0,
-                profile_splits=2, profile_requests=4, profile_prompt_tokens=32, profile_decode_tokens=4,
-                profile_cache_dir=str(tmp_path))
+    base = dict(partition_policy="slo", slo_ttft_ms=200.0, slo_tpot_ms=20.0, repartition_interval_s=0.05,
+                min_dwell_s=0.0, hysteresis=0.0, profile_splits=2, profile_requests=4, profile_prompt_tokens=32,
+                profile_decode_tokens=4, profile_cache_dir=str(tmp_path))
     return SloSettings(**{**base, **kw})  # type: ignore[arg-type]
 
 

@@ -9,13 +9,18 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from semipd_runtime.core import EngineCore  # noqa: E402
-from semipd_runtime.core_factory import create_core  # noqa: E402
-from semipd_runtime.messages import AddRequest, CoreSampling  # noqa: E402
+from runtime_fixtures import (
+    core_config,
+    kill_prefill_worker,
+    prompts_fixture,
+    random_model_fixture,
+    shared_pool,
+)
+from test_runtime_parity_random import assert_pool_clean
 
-from runtime_fixtures import core_config, kill_prefill_worker, prompts_fixture, random_model_fixture  # noqa: E402
-from runtime_fixtures import shared_pool  # noqa: E402
-from test_runtime_parity_random import assert_pool_clean  # noqa: E402
+from semipd_runtime.core import EngineCore
+from semipd_runtime.core_factory import create_core
+from semipd_runtime.messages import AddRequest, CoreSampling
 
 
 def make_core(path: Path, mode: str, **kw: object) -> EngineCore:
@@ -73,7 +78,7 @@ def test_semipd_random_aborts_keep_pool_clean(model_dir: Path, prompts: list[lis
                 core.add_request(AddRequest(rid, p, CoreSampling(temperature=0.0, max_tokens=12, ignore_eos=True)))
             finished: set[str] = set()
             aborted_prefilling = 0
-            for step in range(10_000):
+            for _step in range(10_000):
                 if rng.random() < 0.3:
                     victim = rng.choice(rids)
                     req = core.requests.get(victim)

@@ -366,6 +366,7 @@ def servable_loads(draw: st.DrawFn, truth: Truth) -> dict[str, object]:
 
 
 # no shrinking: each example is a 240 s closed-loop simulation, and shrinking one ran for many minutes
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate),
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(truths(), st.data(), st.floats(0.0, 0.15), st.integers(0, 2**32 - 1))
@@ -560,7 +561,7 @@ def test_a_full_decode_batch_bounds_admission_and_keeps_decode_sms() -> None:
     requests' TTFT counts that (3B shape on the H200: the policy gave prefill 96 SMs while 60 of 64 slots were
     full, TPOT rose to 20 ms and admission, not prefill, became the bottleneck)."""
     _, _, blind = _decide_full_batch(None)
-    cfg, p, capped = _decide_full_batch(64)
+    _cfg, p, capped = _decide_full_batch(64)
     assert capped.load.mean_output_tokens == 1024 and capped.load.decode_batch == 64
     lost = []
     for b, c in zip(blind.candidates, capped.candidates, strict=True):

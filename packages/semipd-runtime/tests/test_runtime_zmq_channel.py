@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from zmq_channel_peer import echo_core, exit_at_once
+
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -27,7 +29,6 @@ from semipd_runtime.messages import (
     TokenEvent,
 )
 from semipd_runtime.zmq_channel import ABSTRACT_IPC, ZmqChannel
-from zmq_channel_peer import echo_core, exit_at_once
 
 
 def pair() -> tuple[ZmqChannel[ToCore, FromCore], ZmqChannel[FromCore, ToCore]]:

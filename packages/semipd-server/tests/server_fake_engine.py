@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from semipd_runtime import CompletionOutput, EngineStats, RequestOutput, SamplingParams, TokenLogprob
+from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 
 
@@ -54,11 +55,14 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.dead = False
+        self.max_running_requests, self.max_queued_requests = max_active, None  # admission limits (Engine's)
         self.pages_total = 100
+        self.config = EngineConfig()
         self.gate: asyncio.Event | None = None  # when set by a test, streams wait on it before each token
 
     async def stream(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None,
+        bootstrap: tuple[str, int | None, int | str] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
         params.validate()
@@ -123,6 +127,13 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    @property
+    def is_alive(self) -> bool:
+        return not self.dead
+
+    def shutdown(self) -> None:
+        self.dead = True
 
     async def check_health(self) -> None:
         if self.dead:

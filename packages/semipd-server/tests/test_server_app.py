@@ -11,10 +11,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_fake_engine import FakeEngine, expected_tokens, logprob_of
+
 from semipd_runtime import EngineStats
 from semipd_server.app import build_app
 from semipd_server.sse import parse_sse
-from server_fake_engine import FakeEngine, expected_tokens, logprob_of
 
 Check = Callable[[httpx.AsyncClient, FakeEngine], Awaitable[None]]
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from semipd_server.cli import build_parser, engine_kwargs
 
 FLAGS = [

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_fake_engine import FakeEngine
+
 from semipd_runtime import EngineStats
 from semipd_server.engine_protocol import ServedEngine, ServedTokenizer
 from semipd_server.metrics import ENGINE_METRICS, ServerMetrics
-from server_fake_engine import FakeEngine
 
 # the engine-fed families as served before the table (name -> type, help, labels besides model_name)
 KNOWN = {

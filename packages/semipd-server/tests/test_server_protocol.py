@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from semipd_server.errors import ApiError, from_engine_error
 from semipd_server.protocol import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from semipd_runtime import EngineStats
 from semipd_server.cli import build_parser, engine_kwargs, main
 from semipd_server.metrics import ServerMetrics

@@ -10,4 +10,4 @@ from semipd_kernels import ops, reference
 from semipd_kernels.ops import get_backend, set_backend
 from semipd_kernels.sm_budget import current_sm_budget, sm_budget
 
-__all__ = ["ops", "reference", "get_backend", "set_backend", "sm_budget", "current_sm_budget"]
+__all__ = ["current_sm_budget", "get_backend", "ops", "reference", "set_backend", "sm_budget"]

@@ -6,7 +6,8 @@ figures and `ok`; the reference always runs in float32 on the same inputs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,8 +125,9 @@ def check_sampling(device: str) -> list[dict[str, Any]]:
     min_p[::2] = 0.0
     args = [temperature, torch.randint(0, 200, (bsz,), generator=g, dtype=torch.int32), top_p, min_p,
             torch.randint(0, 2**62, (bsz,), generator=g), torch.randint(0, 10**6, (bsz,), generator=g)]
-    args = [a.to(device) for a in args]
-    got, want = sample(logits, *args), ref.sample(logits, *args)
+    temp, top_k, top_p, min_p, seeds, steps = (a.to(device) for a in args)
+    got = sample(logits, temp, top_k, top_p, min_p, seeds, steps)
+    want = ref.sample(logits, temp, top_k, top_p, min_p, seeds, steps)
     same = (got == want).float().mean().item()
     return [{"check": f"sample B={bsz} V={vocab}", "same_token_rate": same, "ok": same == 1.0}]
 
@@ -155,7 +157,7 @@ def run_all(device: str = "cuda") -> list[dict[str, Any]]:
     for name, fn in CHECKS.items():
         try:
             results += fn(device)
-        except Exception as e:  # report and continue: one broken kernel must not hide the others' results
+        except Exception as e:  # noqa: BLE001 - one broken kernel must not hide the others' results
             results.append({"check": name, "ok": False, "error": f"{type(e).__name__}: {e}"})
         torch.cuda.empty_cache() if device == "cuda" else None
     return results

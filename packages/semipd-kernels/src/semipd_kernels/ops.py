@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from semipd_kernels import reference
@@ -97,7 +99,8 @@ def silu_and_mul(x: Tensor) -> Tensor:
 
 
 def rope_cos_sin_cache(
-    head_dim: int, max_positions: int, base: float, rope_scaling: dict | None = None, device=None
+    head_dim: int, max_positions: int, base: float, rope_scaling: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     # Built once at start-up; the same torch code serves both backends.
     return reference.rope_cos_sin_cache(head_dim, max_positions, base, rope_scaling, device=device)

@@ -8,6 +8,7 @@ batch.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,16 +17,16 @@ from semipd_kernels import checks
 from semipd_kernels.rng import uniform_from_hash
 
 __all__ = [
-    "rms_norm",
-    "fused_add_rms_norm",
-    "silu_and_mul",
-    "rope_cos_sin_cache",
     "apply_rotary",
-    "store_kv",
-    "rotary_store_kv",
     "decode_attention",
+    "fused_add_rms_norm",
     "prefill_attention",
+    "rms_norm",
+    "rope_cos_sin_cache",
+    "rotary_store_kv",
     "sample",
+    "silu_and_mul",
+    "store_kv",
 ]
 
 
@@ -53,11 +54,12 @@ def silu_and_mul(x: Tensor) -> Tensor:
 
 
 # -------------------- rotary
-def _rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None, device) -> Tensor:
+def _rope_inv_freq(head_dim: int, base: float, rope_scaling: dict[str, Any] | None,
+                   device: torch.device | str | None) -> Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(device, torch.float) / head_dim
     inv_freq = 1.0 / (base**exponents)
     rope_type = "default" if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
-    if rope_type in (None, "default"):
+    if rope_scaling is None or rope_type in (None, "default"):
         return inv_freq
     if rope_type == "linear":
         return inv_freq / float(rope_scaling["factor"])
@@ -80,7 +82,8 @@ def _rope_inv_freq(head_dim: int, base: float, rope_scaling: dict | None, device
 
 
 def rope_cos_sin_cache(
-    head_dim: int, max_positions: int, base: float, rope_scaling: dict | None = None, device=None
+    head_dim: int, max_positions: int, base: float, rope_scaling: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """float32 [max_positions, head_dim]: cos(pos * inv_freq) in the first half, sin in the second."""
     if head_dim <= 0 or head_dim % 2:

@@ -21,7 +21,7 @@ from semipd_memory.page_allocator import PageAllocator
 
 
 class _Node:
-    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access", "alive")
+    __slots__ = ("alive", "children", "key", "last_access", "lock_ref", "pages", "parent")
 
     def __init__(self, key: list[int], pages: list[int], parent: _Node | None, last_access: int) -> None:
         self.key = key  # token ids, len(pages) * page_size of them
@@ -95,6 +95,7 @@ class RadixCache:
         a.check_capacity(total, "alloc")
         if a.num_free_slots == 0:
             return None
+        shared: list[int]
         node, shared = self._root, []
         if self.enabled:
             node, shared = self._lock_prefix(tokens, self._max_shared_pages(tokens))

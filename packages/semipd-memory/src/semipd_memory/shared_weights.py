@@ -9,11 +9,14 @@ allocates no weight memory at all. Generic on purpose: any nn.Module, no knowled
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from semipd_memory.sharing import SharedTensorsHandle, export_tensors, import_tensors, release_export
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)  # the factory's module type comes back out
 
 
 def module_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -25,8 +28,8 @@ def module_tensors(module: nn.Module) -> dict[str, Tensor]:
 
 
 def bind_tensors(
-    module_factory: Callable[[], nn.Module], tensors: Mapping[str, Tensor], *, strict: bool = True
-) -> nn.Module:
+    module_factory: Callable[[], ModuleT], tensors: Mapping[str, Tensor], *, strict: bool = True
+) -> ModuleT:
     """Build `module_factory()` on the meta device and make its parameters/buffers BE `tensors` (no copy).
 
     Names missing from `tensors` raise ValueError (they would stay on meta); with strict=True, names in `tensors`
@@ -53,12 +56,12 @@ def bind_tensors(
         owner, leaf = _split(module, name)
         owner._parameters[leaf] = params[key]
         used.add(name)
-    for name, old in list(module.named_buffers(remove_duplicate=False)):
+    for name, old_buf in list(module.named_buffers(remove_duplicate=False)):
         if name not in tensors:
             missing.append(name)
             continue
         owner, leaf = _split(module, name)
-        owner._buffers[leaf] = _checked(name, old, tensors[name])
+        owner._buffers[leaf] = _checked(name, old_buf, tensors[name])
         used.add(name)
     if missing:
         raise ValueError(f"shared tensors lack {len(missing)} of the module's names: {', '.join(missing[:8])}")
@@ -100,8 +103,8 @@ class SharedModelWeights:
 
     @staticmethod
     def load(
-        handle: SharedTensorsHandle, module_factory: Callable[[], nn.Module], *, strict: bool = True
-    ) -> nn.Module:
+        handle: SharedTensorsHandle, module_factory: Callable[[], ModuleT], *, strict: bool = True
+    ) -> ModuleT:
         """Importer side: the module from `module_factory`, its weights mapped from the owner (zero copies)."""
         return bind_tensors(module_factory, import_tensors(handle), strict=strict)
 

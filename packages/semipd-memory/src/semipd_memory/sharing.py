@@ -137,7 +137,7 @@ def export_tensors(tensors: Mapping[str, Tensor]) -> SharedTensorsHandle:
                 storages.append(_share_cuda(storage) if device.type == "cuda" else _share_cpu(storage))
             index = storage_index[key]
         entries.append(SharedTensor(name, index, _dtype_name(t.dtype), tuple(t.shape), tuple(t.stride()),
-                                    t.storage_offset()))
+                                    int(t.storage_offset())))
     handle = SharedTensorsHandle(
         export_id=uuid.uuid4().hex,
         device_type=device.type,

@@ -4,8 +4,8 @@ size). Checked by the front end before a request is sent and by the core when it
 from __future__ import annotations
 
 import torch
-from semipd_memory import KVPool
 
+from semipd_memory import KVPool
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.models.config import ModelConfig

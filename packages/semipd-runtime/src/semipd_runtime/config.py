@@ -106,6 +106,21 @@ class SemiPDOptions:
                                          flags=("--decode-sm-percent",), minimum=1, maximum=100, group="pd")
     prefill_placement: str = knob("process", "where the prefill worker runs without a forced placement",
                                   choices=("process", "thread"))
+    # prefill/decode *instances* (SGLang's PD disaggregation; each instance is itself unified or semi-pd)
+    disaggregation_mode: str = knob(
+        "null", "null: a whole server; prefill: run prompts and send their KV to a decode instance; decode: take "
+        "the KV from a prefill instance and decode (behind smg --pd-disaggregation)",
+        flags=("--disaggregation-mode",), choices=("null", "prefill", "decode"), group="pd")
+    disaggregation_bootstrap_port: int = knob(
+        8998, "prefill: port of its bootstrap server; decode: the default when a request names none",
+        flags=("--disaggregation-bootstrap-port",), minimum=0, maximum=65535, group="pd")
+    disaggregation_transfer_backend: str = knob("mooncake", "how KV pages move between instances",
+                                                flags=("--disaggregation-transfer-backend",),
+                                                choices=("mooncake",), group="pd")
+    disaggregation_host: str = knob("127.0.0.1", "address the bootstrap server and the transfer engine bind "
+                                    "(the server's --host)")
+    base_gpu_id: int = knob(0, "first GPU this instance uses (cuda:N when --device is not given)",
+                            flags=("--base-gpu-id",), minimum=0, group="model")
 
     def __post_init__(self) -> None:
         validate_knobs(self)
@@ -163,6 +178,8 @@ class EngineConfig:
             raise ValueError(f"core must be 'thread' or 'process', got {self.core!r}")
         if self.slo.partition_policy == "slo" and self.semi_pd.mode != "semi-pd":
             raise ValueError("partition_policy='slo' needs mode='semi-pd' (unified mode has no SM split)")
+        if self.parallel.tp_size > 1 and self.semi_pd.disaggregation_mode != "null":
+            raise ValueError("tp_size > 1 with disaggregation_mode prefill / decode is not supported yet")
         if self.parallel.tp_size > 1 and self.slo.partition_policy == "slo":
             raise ValueError("partition_policy='slo' with tp_size > 1 is not supported yet (the split is "
                              "static)")
@@ -190,7 +207,8 @@ class EngineConfig:
                  cuda_available: bool) -> EngineConfig:
         """A copy with every model-dependent default filled in (what the core runs with)."""
         m = self.model
-        device = m.device or ("cuda" if cuda_available else "cpu")
+        gpu = f"cuda:{self.semi_pd.base_gpu_id}" if self.semi_pd.base_gpu_id else "cuda"
+        device = m.device or (gpu if cuda_available else "cpu")
         model = dataclasses.replace(
             m, model_path=model_path, device=device,
             dtype=m.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),

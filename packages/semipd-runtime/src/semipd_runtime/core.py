@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from semipd_memory import KVPool, PageAllocator, RadixCache
 
+from semipd_memory import KVPool, PageAllocator, RadixCache
 from semipd_runtime.capacity import check_fits, kv_pages_for
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError
@@ -32,6 +33,7 @@ from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.observer import CoreObserver
+from semipd_runtime.pd_prefill import KvSender
 from semipd_runtime.prefill_executor import LocalPrefill, PrefillExecutor, PrefillReport
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import SampledTokens, Sampler
@@ -105,6 +107,7 @@ class EngineCore:
         self._last_expiry = 0.0
         self.observers = list(observers)
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
+        self.kv_sender: KvSender | None = None  # a PD prefill instance: sends first-token requests' KV on
         self.on_close: list[Callable[[], None]] = []  # what was composed in (tensor-parallel ranks) to release
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
@@ -165,7 +168,9 @@ class EngineCore:
         except InvalidRequestError as e:
             self.pending.append(TokenEvent(msg.rid, [], None, "abort", e.message, 400))
             return
-        req = Request(msg.rid, list(msg.prompt_ids), msg.sampling)
+        req = Request(msg.rid, list(msg.prompt_ids), msg.sampling, bootstrap=msg.bootstrap)
+        if self.kv_sender is not None and req.bootstrap is not None:
+            self.kv_sender.track(req, req.bootstrap.room)
         self.scheduler.add(req)
         now = time.monotonic()
         for obs in self.observers:
@@ -178,6 +183,8 @@ class EngineCore:
         req = self.requests.get(rid)
         if req is None:
             return
+        if self.kv_sender is not None:
+            self.kv_sender.ended(rid, error or reason)
         self.scheduler.finish(req, reason)
         self.pending.append(TokenEvent(rid, [], None, reason, error, status))
 
@@ -198,7 +205,8 @@ class EngineCore:
                 self.abort(req.rid, "abort", f"request timed out while {req.status.value}", 504)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or self.inflight is not None or self.executor.busy
+        return (self.scheduler.has_work() or self.inflight is not None or self.executor.busy
+                or (self.kv_sender is not None and self.kv_sender.busy))
 
     def stats(self) -> EngineStats:
         s = EngineStats(
@@ -213,6 +221,8 @@ class EngineCore:
             prefix_query_tokens=self.cache.query_tokens,
         )
         self.executor.fill_stats(s)
+        if self.kv_sender is not None:
+            self.kv_sender.fill_stats(s)
         for obs in self.observers:
             obs.fill_stats(s)
         return s
@@ -224,6 +234,8 @@ class EngineCore:
         the step, its reports are collected after that (their requests carry real first tokens and join the
         next step) and new prefill batches go out."""
         self.expire()
+        if self.kv_sender is not None:
+            self._poll_kv_sender()
         events, self.pending = self.pending, []
         overlap = self.cfg.scheduler.overlap_schedule
         in_step = self.executor.in_step
@@ -257,6 +269,16 @@ class EngineCore:
         events += self.pending
         self.pending = []
         return events
+
+    def _poll_kv_sender(self) -> None:
+        """Release the pages of finished KV transfers; abort what the decode side gave up on."""
+        assert self.kv_sender is not None
+        idle = not self.scheduler.has_work() and self.inflight is None and not self.executor.busy
+        writers, aborted = self.kv_sender.poll(0.01 if idle else 0.0)  # nothing else to do: wait, do not spin
+        for writer in writers:
+            self.cache.writer_done(writer)
+        for rid in aborted:
+            self.abort(rid, "abort", "the decode instance aborted the request", 499)
 
     def _dispatch_prefill(self) -> None:
         """Admit waiting requests into a prefill batch when the executor takes one."""
@@ -307,7 +329,8 @@ class EngineCore:
                   for r, n in zip(batch.requests, batch.num_new_tokens)]
         starts = [r.num_computed for r in batch.requests]
         table = self.allocator.req_to_page
-        page_table = table.index_select(0, to_device([r.slot for r in batch.requests], torch.long, table.device))
+        slots = cast(list[int], [r.slot for r in batch.requests])  # a scheduled request always holds a slot
+        page_table = table.index_select(0, to_device(slots, torch.long, table.device))
         prev_tokens = prev.sampled.tokens if prev is not None and prev.sampled is not None else None
         if prev_tokens is not None and prev_tokens.is_cuda:  # read here, maybe on another stream than its own
             prev_tokens.record_stream(torch.cuda.current_stream(self.runner.device))
@@ -317,6 +340,7 @@ class EngineCore:
             if req.num_computed - n < len(req.prompt_ids) <= req.num_computed:
                 # prompt done: later requests share its full pages from now on (readers run after this step
                 # on the same stream), not only once it ends
+                assert req.slot is not None
                 self.cache.publish(req.slot, req.prompt_ids)
         self.num_steps += 1
         step = self.scheduler.launched(batch)
@@ -360,6 +384,8 @@ class EngineCore:
         """output_ids[i] = tok is known now: finish req if it ends there."""
         reason = self._finish_reason(req, tok, i + 1)
         if i == 0:
+            if self.kv_sender is not None and req.bootstrap is not None and req.slot is not None:
+                self.kv_sender.first_token(req, tok, lp, self.allocator.pages(req.slot))
             now = time.monotonic()
             for obs in self.observers:
                 obs.on_first_token(req, now)
@@ -386,8 +412,11 @@ class EngineCore:
         return self._reaches_length(req, len(req.output_ids))
 
     def close(self) -> None:
-        """Release the executor's workers (none for LocalPrefill), then what was composed in (`on_close`)."""
+        """Release the executor's workers (none for LocalPrefill), the KV sender of a PD prefill instance, then
+        what was composed in (`on_close`)."""
         self.executor.close()
+        if self.kv_sender is not None:
+            self.kv_sender.close()
         for release in self.on_close:
             release()
 

@@ -6,6 +6,7 @@ background thread of the front end."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import multiprocessing as mp
 import queue
@@ -17,7 +18,6 @@ import zmq
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.core import EngineCore
 from semipd_runtime.core_factory import create_core
-from semipd_runtime.partition import environment
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -30,6 +30,7 @@ from semipd_runtime.messages import (
     StepOutput,
     ToCore,
 )
+from semipd_runtime.partition import environment
 from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, parent_alive
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,8 @@ class ProcessCoreClient:
         self._closing = True
         atexit.unregister(self.close)
         if self.proc.is_alive():
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 self.send(Shutdown())
-            except zmq.ZMQError:
-                pass
             self.proc.join(timeout=10)
             if self.proc.is_alive():
                 self.proc.kill()

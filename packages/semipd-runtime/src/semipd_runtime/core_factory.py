@@ -31,6 +31,28 @@ def create_core(
         if model is not None or partition is not None:
             raise ValueError("tp_size > 1 loads its own shards: pass no model or partition")
         return create_tp_core(cfg)
+    pd_mode = cfg.semi_pd.disaggregation_mode
+    if pd_mode == "decode":  # prompts are prefilled by a prefill instance: its KV arrives here (Mooncake)
+        from semipd_runtime.pd_factory import make_remote_prefill
+
+        core = EngineCore(cfg, model=model, make_executor=lambda c: make_remote_prefill(cfg, c))
+        core.warm_up()
+        core.capture_cuda_graphs()
+        return core
+    if pd_mode == "prefill":
+        from semipd_runtime.pd_factory import attach_kv_sender
+
+        core = _create_core(cfg, partition, model)
+        try:
+            attach_kv_sender(cfg, core)
+        except BaseException:
+            core.close()
+            raise
+        return core
+    return _create_core(cfg, partition, model)
+
+
+def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaForCausalLM | None) -> EngineCore:
     if cfg.semi_pd.mode == "unified":
         core = EngineCore(cfg, model=model)
         core.warm_up()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ from torch import Tensor
 from semipd_memory import KVPool
 from semipd_runtime.forward_batch import AttentionMetadata, fill_placeholders, to_device
 from semipd_runtime.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,7 @@ class DecodeGraphRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         # one memory pool per stream: a pool whose graphs were all dropped is freed by torch and its handle
         # must not be captured into again
-        self.pools: dict[int, tuple[int, int]] = {}
+        self.pools: dict[int, _POOL_HANDLE] = {}
         self._side_stream: torch.cuda.Stream | None = None
 
     def padded_size(self, n: int) -> int | None:

@@ -4,6 +4,7 @@ stop strings, and hands token-level work to an EngineCore (thread or process).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -25,6 +26,7 @@ from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFul
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
+    Bootstrap,
     CoreFailure,
     CoreReady,
     CoreSampling,
@@ -39,6 +41,7 @@ from semipd_runtime.models.default_model import resolve_model_path
 from semipd_runtime.outputs import RequestOutput
 from semipd_runtime.parallel.shard import check_tp_size
 from semipd_runtime.partition import partition_class
+from semipd_runtime.pd_types import room_key
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_runtime.tokenizer import Tokenizer
 from semipd_runtime.tracked_request import TrackedRequest
@@ -80,6 +83,7 @@ class Engine:
         self.max_running_requests = cfg.scheduler.max_running_requests
         self.max_queued_requests = cfg.scheduler.max_queued_requests
         self.mode = cfg.semi_pd.mode
+        self.disaggregation_mode = cfg.semi_pd.disaggregation_mode  # "null" | "prefill" | "decode"
         self._lock = threading.Lock()
         self._subs: dict[str, tuple[TrackedRequest, int]] = {}  # core rid -> (request, completion index)
         self._stats = EngineStats()
@@ -118,16 +122,22 @@ class Engine:
                    self._stats.pages_total or None)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-               sink: Any = None) -> TrackedRequest:
+               sink: Any = None, bootstrap: tuple[str, int | None, int | str] | None = None) -> TrackedRequest:
         """Validate and send one request (n completions); raises InvalidRequestError / QueueFullError /
-        EngineDeadError before anything is queued."""
+        EngineDeadError before anything is queued. bootstrap: (host, port or None, room) of a PD pair, which a
+        prefill or decode instance needs (`disaggregation_mode`) and other instances ignore."""
         params = params or SamplingParams()
+        pd_mode = self.config.semi_pd.disaggregation_mode
+        if pd_mode != "null" and bootstrap is None:
+            raise InvalidRequestError(f"a {pd_mode} instance needs bootstrap_room (send requests through "
+                                      "smg --pd-disaggregation)", param="bootstrap_room")
         params.validate(self.model_config.vocab_size)
         ids = self._prompt_ids(prompt)
         self._check_fits(len(ids), params)
         if self._dead:
             raise EngineDeadError(self._dead)
-        if not self._stats.healthy:
+        # a core replacing a worker in place queues the request until the worker is back
+        if not self._stats.healthy and not self._stats.recovering:
             raise EngineDeadError(self._stats.health_error or "engine is unhealthy")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         req = TrackedRequest(rid, ids, params, self.tokenizer, sink)
@@ -150,7 +160,12 @@ class Engine:
                 min_p=float(params.min_p), seed=(base_seed + i) % (1 << 63), max_tokens=params.max_tokens,
                 stop_token_ids=list(params.stop_token_ids or []), ignore_eos=params.ignore_eos,
                 logprobs=params.logprobs)
-            self._client.send(AddRequest(crid, ids, sampling, time.time()))
+            boot = None
+            if pd_mode != "null" and bootstrap is not None:
+                boot = Bootstrap(bootstrap[0], bootstrap[1] or 0, room_key(bootstrap[2], i))
+                if pd_mode == "prefill":  # the prefill leg samples only the first token; the decode goes on
+                    sampling = msgspec.structs.replace(sampling, max_tokens=1)
+            self._client.send(AddRequest(crid, ids, sampling, time.time(), boot))
         return req
 
     # --- outputs from the core (background thread) ---------------------------------------------------------
@@ -210,17 +225,16 @@ class Engine:
                 raise r.error
         return [r.snapshot(final=True) for r in reqs]
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     bootstrap: tuple[str, int | None, int | str] | None = None) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         def deliver(item: RequestOutput | BaseException) -> None:
-            try:
+            # RuntimeError: the consumer's event loop is closed, nobody is listening any more
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:
-                pass  # the consumer's event loop is closed: nobody is listening any more
 
-        req = self.submit(prompt, params, request_id, sink=deliver)
+        req = self.submit(prompt, params, request_id, sink=deliver, bootstrap=bootstrap)
         req.streaming = True
         try:
             while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ def to_device(data: list[int] | list[float] | list[list[int]] | list[list[float]
     return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def to_device_parts(parts: list[list[int]] | list[list[float]], dtype: torch.dtype,
+def to_device_parts(parts: Sequence[Sequence[float]], dtype: torch.dtype,
                     device: torch.device) -> list[Tensor]:
     """Several host lists as device tensors through one copy (`to_device`). Each starts 16-byte aligned:
     Triton specializes a kernel on whether its pointers are, so a misaligned view would compile another."""

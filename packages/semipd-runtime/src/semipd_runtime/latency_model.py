@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -158,7 +159,10 @@ def decode_features(batch: float, context_tokens: float, steps: float = 1.0) -> 
     return np.array([steps, float(batch), float(context_tokens)])
 
 
-class LatencyModel:
+SampleT = TypeVar("SampleT")  # what a model keeps per sample (PrefillSample / DecodeSample)
+
+
+class LatencyModel(Generic[SampleT]):
     """t = phi . alpha + h(share) * phi . beta, fitted from samples kept per share (see the module docstring)."""
 
     def __init__(self, num_features: int, *, window: int = 256, forgetting: float = 0.99,
@@ -173,7 +177,7 @@ class LatencyModel:
         self.num_features = num_features
         self.window = window
         self.forgetting = float(forgetting)
-        self._buckets: dict[float, deque[tuple[np.ndarray, float, object]]] = {}
+        self._buckets: dict[float, deque[tuple[np.ndarray, float, SampleT]]] = {}
         self._stats: dict[float, tuple[np.ndarray, np.ndarray, float]] = {}
         self._exact_share: dict[float, float] = {}
         self._dirty = True
@@ -191,10 +195,10 @@ class LatencyModel:
         """The distinct SM shares with samples; the share dependence is only identified with two or more."""
         return tuple(sorted(s for s, b in self._buckets.items() if b))
 
-    def samples(self) -> list[object]:
+    def samples(self) -> list[SampleT]:
         return [raw for share in self.shares for _, _, raw in self._buckets[share]]
 
-    def _add(self, phi: np.ndarray, share: float, seconds: float, raw: object) -> None:
+    def _add(self, phi: np.ndarray, share: float, seconds: float, raw: SampleT) -> None:
         key = round(share, 4)  # shares from one SM count must land in one window despite float noise
         self._exact_share.setdefault(key, share)  # ...but the fit uses the share itself
         bucket = self._buckets.setdefault(key, deque(maxlen=self.window))
@@ -254,9 +258,10 @@ class LatencyModel:
         return max(_MIN_SECONDS, float(phi @ self.alpha + h * (phi @ self.beta)))
 
 
-class PrefillLatencyModel(LatencyModel):
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(3, **kwargs)  # type: ignore[arg-type]
+class PrefillLatencyModel(LatencyModel[PrefillSample]):
+    def __init__(self, *, window: int = 256, forgetting: float = 0.99,
+                 knees: Sequence[float] = DEFAULT_KNEES) -> None:
+        super().__init__(3, window=window, forgetting=forgetting, knees=knees)
 
     def observe(self, new_tokens: int | Sequence[int], cached_tokens: int | Sequence[int], sm_share: float,
                 seconds: float) -> None:
@@ -270,9 +275,10 @@ class PrefillLatencyModel(LatencyModel):
         return self.predict_features(prefill_features(s.new_tokens, s.cached_tokens), s.sm_share)
 
 
-class DecodeLatencyModel(LatencyModel):
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(3, **kwargs)  # type: ignore[arg-type]
+class DecodeLatencyModel(LatencyModel[DecodeSample]):
+    def __init__(self, *, window: int = 256, forgetting: float = 0.99,
+                 knees: Sequence[float] = DEFAULT_KNEES) -> None:
+        super().__init__(3, window=window, forgetting=forgetting, knees=knees)
 
     def observe(self, batch: int, context_tokens: int, sm_share: float, seconds: float) -> None:
         self.add_sample(decode_sample(batch, context_tokens, sm_share, seconds))
@@ -304,16 +310,16 @@ class LatencyProfile:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, object]) -> LatencyProfile:
+    def from_json(cls, data: dict[str, Any]) -> LatencyProfile:  # parsed JSON: checked here, field by field
         if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile: expected a JSON object with version {PROFILE_VERSION}")
         try:
             return cls(
-                key={str(k): str(v) for k, v in dict(data.get("key", {})).items()},  # type: ignore[call-overload]
+                key={str(k): str(v) for k, v in dict(data.get("key", {})).items()},
                 prefill=[prefill_sample(d["new_tokens"], d["cached_tokens"], d["sm_share"], d["seconds"])
-                         for d in data.get("prefill", [])],  # type: ignore[union-attr]
+                         for d in data.get("prefill", [])],
                 decode=[decode_sample(d["batch"], d["context_tokens"], d["sm_share"], d["seconds"])
-                        for d in data.get("decode", [])],  # type: ignore[union-attr]
+                        for d in data.get("decode", [])],
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"profile: malformed sample ({e!r})") from e

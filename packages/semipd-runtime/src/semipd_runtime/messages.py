@@ -19,11 +19,20 @@ class CoreSampling(msgspec.Struct, frozen=True):
     logprobs: int | None = None
 
 
+class Bootstrap(msgspec.Struct, frozen=True):
+    """PD disaggregation: where this completion's prefill instance is and its room there (`pd_types.room_key`)."""
+
+    host: str
+    port: int  # 0: the decode instance's default bootstrap port
+    room: str
+
+
 class AddRequest(msgspec.Struct, tag=True):
     rid: str
     prompt_ids: list[int]
     sampling: CoreSampling
     arrival_time: float = 0.0
+    bootstrap: Bootstrap | None = None
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -74,6 +83,7 @@ class EngineStats(msgspec.Struct):
     num_steps: int = 0
     healthy: bool = True
     health_error: str = ""
+    recovering: bool = False  # unhealthy while a worker is replaced in place (semi-PD prefill restart)
     integrity_error: str = ""  # from the allocator's check when the core went idle ("" = clean)
     prefill_pid: int = 0  # semi-PD with a prefill process
     # semi-PD SM split and its controller (partition_policy "slo"); percents are of the device's SMs
@@ -95,6 +105,13 @@ class EngineStats(msgspec.Struct):
     evictable_pages: int = 0  # cached pages no request holds: free on demand
     prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, since start
     prefix_query_tokens: int = 0  # prompt tokens of all admissions, since start
+    # PD disaggregation (prefill/decode instances): KV transfers since start
+    pd_transfers: int = 0
+    pd_transfer_failures: int = 0
+    pd_bytes: int = 0
+    pd_latency_counts: list[int] = []  # per bucket of pd_prefill.LATENCY_BUCKETS (+inf last)
+    pd_latency_sum: float = 0.0
+    pd_bootstrap_queue: int = 0  # rooms waiting for their peer or transfer
 
     @property
     def kv_cache_usage(self) -> float:

@@ -2,11 +2,13 @@
 
 | backend | roles run as | confinement |
 |---|---|---|
-| `green` | threads of one process | disjoint SM groups from the driver API (cuDevSmResourceSplitByCount -> cuDevResourceGenerateDesc -> cuGreenCtxCreate -> cuGreenCtxStreamCreate), entered as torch ExternalStreams |
+| `green` | threads of one process | disjoint SM groups (driver API, below), entered as torch ExternalStreams |
 | `mps`   | processes | MPS daemon + CUDA_MPS_ACTIVE_THREAD_PERCENTAGE per process (a cap, not a disjoint set) |
 | `none`  | processes (or threads on CPU) | none: time-sliced by the driver |
 
-torch's own `GreenContext.create` carves each context from the whole device (the two overlap), so it is not used.
+Green contexts: cuDevSmResourceSplitByCount -> cuDevResourceGenerateDesc -> cuGreenCtxCreate ->
+cuGreenCtxStreamCreate. torch's own `GreenContext.create` carves each context from the whole device (the two
+overlap), so it is not used.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ class GreenPartition(SmPartition):
 
     def role_context_factory(self, role: str) -> Callable[[], AbstractContextManager[Any]]:
         import torch
+
         from semipd_kernels import sm_budget
 
         stream, sms = self._streams[role], self.sm_count[role] or None

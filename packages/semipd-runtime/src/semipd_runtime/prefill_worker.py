@@ -120,8 +120,8 @@ class ThreadPrefillChannel:
         try:
             with self.role_context():
                 prefill_loop(self.worker, self.inbox.get, self.outbox.put)
-        except Exception:
-            pass  # already reported as PrefillFailed
+        except Exception:  # noqa: BLE001 - prefill_loop already reported it as PrefillFailed
+            pass
         finally:
             self.alive = False
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class PrefillChannel(Protocol):
-    alive: bool
+    @property
+    def alive(self) -> bool: ...  # read-only here: a thread's flag or a process's liveness
 
     def send(self, batch: PrefillBatch) -> None: ...
     def poll(self, timeout_s: float) -> list[FromPrefill]: ...

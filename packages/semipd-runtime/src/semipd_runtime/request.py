@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from semipd_runtime.messages import CoreSampling, TokenLogprobMsg
+from semipd_runtime.messages import Bootstrap, CoreSampling, TokenLogprobMsg
 
 
 class RequestStatus(enum.Enum):
@@ -32,6 +32,7 @@ class Request:
     last_step: int = 0  # newest launched step it is in: that step may write its pages until it resolves
     writer: str | None = None  # PREFILLING: the prefill batch that writes its pages (named in the allocator)
     pending_logprobs: list[TokenLogprobMsg] = field(default_factory=list)
+    bootstrap: Bootstrap | None = None  # PD disaggregation: its room at a prefill instance
 
     @property
     def seq_len(self) -> int:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from semipd_memory import PageAllocator, RadixCache
-
 from semipd_runtime.request import Request, RequestStatus
 
 

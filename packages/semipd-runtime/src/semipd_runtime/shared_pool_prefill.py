@@ -167,7 +167,9 @@ class SharedPoolPrefill:
         r = self.router
         s.prefill_sm, s.decode_sm = self.prefill_sm, self.decode_sm
         s.healthy = not (self.error or self.restarting)
-        s.health_error = self.error or (f"prefill worker restarting after: {self.restarting}" if self.restarting else "")
+        s.recovering = bool(self.restarting and not self.error)
+        restarting = f"prefill worker restarting after: {self.restarting}" if self.restarting else ""
+        s.health_error = self.error or restarting
         s.prefill_pid = self.ready.pid
         s.prefill_sm_percent, s.decode_sm_percent = r.split
         s.repartitions, s.repartition_failures, s.last_repartition_s = r.repartitions, r.failures, r.last_latency_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 POLICIES = ("static", "slo")
 
@@ -120,8 +121,8 @@ class SloPartitionerConfig:
 
 def check_split(split: object, name: str) -> tuple[float, float]:
     try:
-        p, d = split  # type: ignore[misc]
-        p, d = float(p), float(d)
+        raw_p, raw_d = cast(Any, split)  # anything that unpacks into two numbers
+        p, d = float(raw_p), float(raw_d)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: each split must be a pair (prefill %, decode %), got {split!r}") from None
     if not (0 < p <= 100 and 0 < d <= 100):

@@ -66,17 +66,18 @@ class SloPartitioner:
 
     def __init__(self, config: SloPartitionerConfig | None = None, profile: LatencyProfile | None = None) -> None:
         self.config = config or SloPartitionerConfig()
-        model_args = dict(window=self.config.window, forgetting=self.config.forgetting)
-        self.prefill_model = PrefillLatencyModel(**model_args)
-        self.decode_model = DecodeLatencyModel(**model_args)
+        self.prefill_model = PrefillLatencyModel(window=self.config.window, forgetting=self.config.forgetting)
+        self.decode_model = DecodeLatencyModel(window=self.config.window, forgetting=self.config.forgetting)
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=1_000_000)
         self._outputs: deque[int] = deque(maxlen=self.config.rate_target_arrivals)
         self._first_arrival: float | None = None
         # queue snapshot sums since the last decision: [count, waiting reqs, tokens, attn, decode batch, context]
         self._queue_sum = np.zeros(6)
         self._queue_last = np.zeros(6)
-        self._split = self.config.initial_split
-        assert self._split is not None
+        candidates, split = self.config.candidates, self.config.initial_split
+        assert candidates is not None and split is not None  # both filled in by SloPartitionerConfig
+        self._candidates: tuple[tuple[float, float], ...] = candidates
+        self._split: tuple[float, float] = split
         self._last_switch = -math.inf
         self._last_eval = -math.inf
         self._last: Decision | None = None
@@ -99,8 +100,8 @@ class SloPartitioner:
 
     def export_profile(self, key: dict[str, str] | None = None) -> LatencyProfile:
         """The samples now held (profile + live), e.g. to save as the next start's profile."""
-        return LatencyProfile(key=dict(key or {}), prefill=self.prefill_model.samples(),  # type: ignore[arg-type]
-                              decode=self.decode_model.samples())  # type: ignore[arg-type]
+        return LatencyProfile(key=dict(key or {}), prefill=self.prefill_model.samples(),
+                              decode=self.decode_model.samples())
 
     def observe_prefill(self, new_tokens: int | Sequence[int], cached_tokens: int | Sequence[int], sm_share: float,
                         seconds: float) -> None:
@@ -199,8 +200,9 @@ class SloPartitioner:
             mean_n = mean_attn = 0.0
         # plain floats: these end up in msgspec-encoded stats, which reject numpy scalars
         mean_out = float(np.mean(self._outputs)) if self._outputs else 0.0
-        return LoadState(float(rate), float(mean_n), float(mean_attn), *(float(v) for v in q[1:]), mean_out,
-                         *(float(e) for e in errors))
+        waiting_reqs, waiting_tokens, waiting_attn, batch, context = (float(v) for v in q[1:])
+        return LoadState(float(rate), float(mean_n), float(mean_attn), waiting_reqs, waiting_tokens, waiting_attn,
+                         batch, context, mean_out, *(float(e) for e in errors))
 
     def predict(self, prefill_percent: float, decode_percent: float, load: LoadState) -> SplitPrediction:
         """Predicted TTFT / TPOT / score at one split from the fitted models under `load`."""
@@ -251,7 +253,7 @@ class SloPartitioner:
 
     def _best_tpot(self, load: LoadState) -> float:
         """The lowest TPOT any candidate predicts: at the largest decode share."""
-        return self._predict_tpot(load, max(d for _, d in self.config.candidates) / 100.0)  # type: ignore[union-attr]
+        return self._predict_tpot(load, max(d for _, d in self._candidates) / 100.0)
 
     def _decode_slot_s(self, load: LoadState, d_share: float) -> float:
         """Seconds of decode-slot time per request with a full batch: output tokens x TPOT at max_decode_batch /
@@ -296,7 +298,7 @@ class SloPartitioner:
     def force_split(self, prefill_percent: float, decode_percent: float, now: float) -> None:
         """Tell the partitioner the engine runs this split (e.g. it could not apply the chosen one)."""
         split = check_split((prefill_percent, decode_percent), "split")
-        if split not in self.config.candidates:  # type: ignore[operator]
+        if split not in self._candidates:
             raise ValueError(f"split {split} is not one of the candidates")
         if split != self._split:
             self._split, self._last_switch = split, now
@@ -332,7 +334,7 @@ class SloPartitioner:
         if not_ready is not None:
             reason = "static policy" if cfg.policy == "static" else not_ready
             return self._decision(now, self._split, False, reason, None, None, (), load)
-        preds = tuple(self.predict(p, d, load) for p, d in cfg.candidates)  # type: ignore[union-attr]
+        preds = tuple(self.predict(p, d, load) for p, d in self._candidates)
         current = next(p for p in preds if (p.prefill_percent, p.decode_percent) == self._split)
         # ties: stay, else the split nearest the current one (fewest SMs moved)
         best = max(preds, key=lambda p: (p.rank, p is current, -abs(p.prefill_percent - self._split[0])))

@@ -90,13 +90,14 @@ def run_profile(core: EngineCore, executor: SharedPoolPrefill, ctl: SloControlle
     try:
         for split in splits:
             core.repartition(*split)
-            _pump(core, lambda: executor.split == split and not executor.in_transition, deadline)
+            # each predicate is polled to completion before the loop moves on, so late binding is harmless
+            _pump(core, lambda: executor.split == split and not executor.in_transition, deadline)  # noqa: B023
             for i in range(s.profile_requests):
                 # one request per prefill batch, of growing length, while the earlier ones decode: varied steps
                 rid, n = f"{PROFILE_RID}-{n}", n + 1
                 length = max(1, longest * (i + 1) // s.profile_requests)
                 core.add_request(AddRequest(rid, [rng.randrange(vocab) for _ in range(length)], sampling))
-                _pump(core, lambda: rid not in core.requests or core.requests[rid].status not in (
+                _pump(core, lambda: rid not in core.requests or core.requests[rid].status not in (  # noqa: B023
                     RequestStatus.WAITING, RequestStatus.PREFILLING), deadline)
             _pump(core, lambda: not core.has_work() and not core.pending, deadline)
     finally:

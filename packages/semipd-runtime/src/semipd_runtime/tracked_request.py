@@ -60,7 +60,8 @@ class TrackedRequest:
                 self.metrics["first_token"] = time.monotonic()
             c.token_ids += ev.token_ids
             if ev.logprobs:
-                c.logprobs += [TokenLogprob(m.token_id, m.logprob, [tuple(t) for t in m.top]) for m in ev.logprobs]
+                c.logprobs += [TokenLogprob(m.token_id, m.logprob, [(tid, lp) for tid, lp in m.top])
+                               for m in ev.logprobs]
             start = max(0, len(c.text) - self._hold)
             c.text += c.detok.add(ev.token_ids)
             stop_hit = self._apply_stop_strings(c, start)

@@ -3,87 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from semipd_server.engine_protocol import ServedEngine
 from semipd_server.errors import ApiError
+from semipd_server.gate import GateMiddleware
 from semipd_server.metrics import CONTENT_TYPE
 from semipd_server.native_routes import abort_request, generate
 from semipd_server.openai_routes import create_chat_completion, create_completion
+from semipd_server.pd_metrics import PdCollector
+from semipd_server.pd_routes import ROUTES as PD_ROUTES
 from semipd_server.state import ServerState
 
 log = logging.getLogger(__name__)
-
-# requests that run generation: refused while draining, counted as in flight
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate"})
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # never need the API key (probes and scrapers)
-
-
-class GateMiddleware:
-    """API key (401), drain (503), in-flight count, and error counting by status, around every HTTP request."""
-
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        state = self.state
-        if state.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
-            await self._refuse(
-                ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')"),
-                scope,
-                receive,
-                send,
-            )
-            return
-        generation = path in GENERATION_PATHS
-        if generation and state.draining:
-            await self._refuse(
-                ApiError(503, "server is shutting down; not accepting new requests", code="draining"),
-                scope,
-                receive,
-                send,
-            )
-            return
-
-        async def send_counting_errors(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                state.metrics.error(message["status"])
-            await send(message)
-
-        if generation:
-            state.enter()
-        try:
-            await self.app(scope, receive, send_counting_errors)
-        finally:
-            if generation:
-                state.leave()
-
-    def _authorized(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(
-                    token.strip(), self.state.api_key or ""
-                )
-        return False
-
-    async def _refuse(self, error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
-        self.state.metrics.error(error.status)
-        await error.response()(scope, receive, send)
 
 
 def _state(request: Request) -> ServerState:
@@ -91,16 +30,21 @@ def _state(request: Request) -> ServerState:
 
 
 async def health(request: Request) -> Response:
-    """200 only when the engine core answers a round trip and reports itself healthy."""
+    """200 only when the engine core answers a round trip and reports itself healthy; the body says what the
+    server does if its core dies (`on_core_death`: exit for a supervisor to restart it, or restart in place)."""
     state = _state(request)
     if state.draining:
-        return ApiError(503, "server is shutting down", code="draining").response()
+        return ApiError(503, f"server is shutting down ({state.drain_reason})", code="draining").response()
+    if state.restarting is not None:
+        return ApiError(
+            503, f"engine core is being restarted (--restart-core) after: {state.restarting}", code="engine_restarting"
+        ).response()
     try:
         await asyncio.wait_for(state.engine.check_health(), timeout=10.0)
     except Exception as e:  # noqa: BLE001 - any failure means "not healthy"
         message = getattr(e, "message", None) or repr(e)
         return ApiError(503, f"engine is not healthy: {message}", code="engine_unhealthy").response()
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "on_core_death": state.on_core_death})
 
 
 async def metrics(request: Request) -> Response:
@@ -116,7 +60,7 @@ async def models(request: Request) -> Response:
         "object": "model",
         "created": int(state.created),
         "owned_by": "semipd",
-        "root": str(state.engine.model_path),
+        "root": state.engine.model_name,  # the model's name, never a path on the host
         "max_model_len": state.max_model_len,
     }
     return JSONResponse({"object": "list", "data": [card]})
@@ -132,17 +76,25 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return ApiError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return ApiError(500, f"internal server error: {type(exc).__name__}").response()
-
-
 def build_app(
-    engine: ServedEngine, model_name: str | None = None, api_key: str | None = None, page_size: int | None = None
+    engine: ServedEngine,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    page_size: int | None = None,
+    *,
+    max_request_bytes: int = 8 << 20,
+    metrics_auth: bool = False,
+    on_core_death: Literal["exit", "restart"] = "exit",
 ) -> Starlette:
     """The ASGI app serving `engine` (a semipd_runtime.Engine); `page_size` is the engine's KV page size."""
     state = ServerState(
-        engine=engine, model_name=model_name or engine.model_name, api_key=api_key, page_size=page_size
+        engine=engine,
+        model_name=model_name or engine.model_name,
+        api_key=api_key,
+        page_size=page_size,
+        max_request_bytes=max_request_bytes,
+        metrics_auth=metrics_auth,
+        on_core_death=on_core_death,
     )
     routes = [
         Route("/v1/completions", create_completion, methods=["POST"]),
@@ -152,9 +104,12 @@ def build_app(
         Route("/abort_request", abort_request, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *PD_ROUTES,  # what the smg gateway reads
     ]
-    handlers: dict[Any, Any] = {ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    # anything else is answered (500, counted) by GateMiddleware, inside Starlette's outer error handler
+    handlers: dict[Any, Any] = {ApiError: _api_error, HTTPException: _http_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.server = state
+    state.metrics.registry.register(PdCollector(engine, state.model_name))  # type: ignore[arg-type]
     app.add_middleware(GateMiddleware, state=state)
     return app

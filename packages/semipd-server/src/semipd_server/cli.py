@@ -15,11 +15,12 @@ from typing import Any
 
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+
 from semipd_runtime.config import CliKnob, cli_knobs
 from semipd_runtime.knobs import Knob, check_value
-
 from semipd_server.app import build_app
 from semipd_server.engine_protocol import ServedEngine
+from semipd_server.lifecycle import EXIT_CORE_DIED, Lifecycle
 from semipd_server.state import ServerState
 
 log = logging.getLogger("semipd_server")
@@ -42,6 +43,26 @@ def _number(kind: type, name: str, k: Knob) -> Callable[[str], Any]:
     return parse
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" unless the help already explains the default or there is none."""
 
@@ -54,7 +75,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _add_knob(group: argparse._ArgumentGroup, ck: CliKnob) -> None:
     k = ck.knob
-    meta = {"metavar": k.flags[0].lstrip("-").upper().replace("-", "_")}
+    metavar = k.flags[0].lstrip("-").upper().replace("-", "_")
     if ck.value_type == "bool":
         group.add_argument(*k.flags, dest=ck.name, action="store_false" if k.invert else "store_true", help=k.help)
     elif k.choices:
@@ -62,9 +83,9 @@ def _add_knob(group: argparse._ArgumentGroup, ck: CliKnob) -> None:
     elif ck.value_type in ("int", "float"):
         kind = int if ck.value_type == "int" else float
         group.add_argument(*k.flags, dest=ck.name, type=_number(kind, ck.name, k), default=ck.default, help=k.help,
-                           **meta)
+                           metavar=metavar)
     else:
-        group.add_argument(*k.flags, dest=ck.name, default=ck.default, help=k.help, **meta)
+        group.add_argument(*k.flags, dest=ck.name, default=ck.default, help=k.help, metavar=metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,18 +108,46 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)")
     h.add_argument(
         "--api-key",
-        default=os.environ.get("SEMIPD_API_KEY"),
-        help="require 'Authorization: Bearer <key>' on the API routes (default: $SEMIPD_API_KEY, else off)",
+        default=os.environ.get("SEMIPD_API_KEY") or None,
+        help="require 'Authorization: Bearer <key>' on the API routes (default: $SEMIPD_API_KEY; unset or "
+        "empty: off)",
+    )
+    h.add_argument(
+        "--metrics-auth", action="store_true", help="require the API key on /metrics too (/health stays open)"
+    )
+    h.add_argument(
+        "--max-request-bytes",
+        type=_positive,
+        default=8 << 20,
+        help="largest request body accepted; a larger one gets 413 before the rest of it is read",
+    )
+    h.add_argument(
+        "--restart-core",
+        action="store_true",
+        help="when the engine core dies, start a new one in place (default: fail in-flight requests and exit "
+        "with code 3, for a supervisor to restart the server)",
+    )
+    h.add_argument(
+        "--core-unhealthy-timeout",
+        type=_non_negative_float,
+        default=30.0,
+        help="seconds an engine core may stay alive but unhealthy (a semi-pd prefill worker gone) before it "
+        "counts as dead (exit 3, or --restart-core); 0: never",
     )
     h.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
-        help="seconds to let in-flight requests finish after SIGINT/SIGTERM before aborting them",
+        help="seconds to let in-flight requests finish after SIGINT/SIGTERM; then each one still running is "
+        "answered with 503 (a stream: an error event and [DONE]) and aborted",
     )
     h.add_argument("--log-requests", action="store_true", help="write an access log line per request")
     groups["pd"].add_argument("--enable-semi-pd", action="store_true",
                               help="same as --mode semi-pd (Semi-PD's flag)")
+    groups["pd"].add_argument("--prefill-only", action="store_const", const="prefill", dest="disaggregation_mode",
+                              help="same as --disaggregation-mode prefill")
+    groups["pd"].add_argument("--decode-only", action="store_const", const="decode", dest="disaggregation_mode",
+                              help="same as --disaggregation-mode decode")
     p.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity"
     )
@@ -111,6 +160,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = {ck.name: getattr(args, ck.name) for ck in cli_knobs()}
     if args.enable_semi_pd:
         kw["mode"] = "semi-pd"
+    kw["disaggregation_host"] = args.host  # the bootstrap server and the transfer engine listen beside the API
     kw["core"] = "process"
     return kw
 
@@ -129,8 +179,20 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def serve(engine: ServedEngine, args: argparse.Namespace, sock: socket.socket) -> None:
-    app = build_app(engine, args.served_model_name, args.api_key, page_size=args.page_size)
+async def serve(
+    engine: ServedEngine, args: argparse.Namespace, sock: socket.socket,
+    make_engine: Callable[[], ServedEngine] | None = None,
+) -> int:
+    """Serve until drained (signal) or the engine core dies; returns the process exit code."""
+    app = build_app(
+        engine,
+        args.served_model_name,
+        args.api_key,
+        page_size=args.page_size,
+        max_request_bytes=args.max_request_bytes,
+        metrics_auth=args.metrics_auth,
+        on_core_death="restart" if args.restart_core else "exit",
+    )
     state: ServerState = app.state.server
     config = HypercornConfig()
     url = _url(sock)
@@ -138,26 +200,21 @@ async def serve(engine: ServedEngine, args: argparse.Namespace, sock: socket.soc
     config.graceful_timeout = 5.0
     config.accesslog = logging.getLogger("semipd_server.access") if args.log_requests else None
     config.errorlog = logging.getLogger("hypercorn")
-    shutdown = asyncio.Event()
+    life = Lifecycle(
+        state, make_engine if args.restart_core else None, unhealthy_timeout_s=args.core_unhealthy_timeout
+    )
     loop = asyncio.get_running_loop()
 
-    async def drain() -> None:
-        if not await state.wait_idle(args.drain_timeout):
-            log.warning(
-                "drain timeout (%.0fs): %d requests still in flight are aborted",
-                args.drain_timeout,
-                state.in_flight,
-            )
-        shutdown.set()
+    tasks: set[asyncio.Task[None]] = set()  # the drains started by signals (held: the loop keeps weak refs)
 
     def on_signal(name: str) -> None:
-        if state.draining:  # a second signal: stop waiting
+        if state.draining:  # a second signal: answer what is in flight now and stop
             log.warning("%s again: stopping now", name)
-            shutdown.set()
+            tasks.add(loop.create_task(life.drain(0.0)))
             return
         log.info("%s: draining (%d requests in flight; new ones get 503)", name, state.in_flight)
-        state.start_draining()
-        loop.create_task(drain())
+        state.start_draining(name)
+        tasks.add(loop.create_task(life.drain(args.drain_timeout)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
@@ -172,9 +229,23 @@ async def serve(engine: ServedEngine, args: argparse.Namespace, sock: socket.soc
         args.max_running_requests,
         "unlimited" if args.max_queued_requests is None else args.max_queued_requests,
     )
-    log.info("listening on %s (OpenAI API under /v1; auth %s)", url, "on" if args.api_key else "off")
-    await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+    log.info(
+        "listening on %s (OpenAI API under /v1; auth %s; bodies up to %d bytes; if the engine core dies: %s)",
+        url,
+        "off" if not args.api_key else "on, /metrics too" if args.metrics_auth else "on",
+        args.max_request_bytes,
+        "restart it" if args.restart_core else f"exit {EXIT_CORE_DIED}",
+    )
+    watch = loop.create_task(life.watch_core())
+    try:
+        await hypercorn_serve(app, config, shutdown_trigger=life.shutdown.wait)  # type: ignore[arg-type]
+    finally:
+        watch.cancel()
+        state.prep.close()
+        if state.engine is not engine:  # a core restarted in place; the caller stops the original
+            state.engine.shutdown()
     log.info("HTTP server stopped")
+    return life.exit_code
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
@@ -199,19 +270,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     # until the event loop takes over: SIGTERM unwinds like Ctrl-C, so a half-started engine core is stopped too
     signal.signal(signal.SIGTERM, _exit_on_signal)
     log.info("starting engine core (model %s)", args.model_path or "default SmolLM2-135M-Instruct")
+    def make_engine() -> Engine:
+        return Engine(**engine_kwargs(args))
+
     try:
-        engine = Engine(**engine_kwargs(args))
+        engine = make_engine()
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         log.error("engine failed to start: %s", e)
         sock.close()
         return 2
+    code = 1
     try:
-        asyncio.run(serve(engine, args, sock))
+        code = asyncio.run(serve(engine, args, sock, make_engine))
     finally:
         log.info("stopping engine core")
         engine.shutdown()
-        log.info("bye")
-    return 0
+        log.info("bye (exit code %d)", code)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ from os import PathLike
 from typing import Any, Protocol, runtime_checkable
 
 from semipd_runtime import EngineStats, RequestOutput, SamplingParams
+from semipd_runtime.config import EngineConfig
 
 Prompt = str | list[int]
+Bootstrap = tuple[str, int | None, int | str]  # a PD pair's (bootstrap host, port or None, room) for one prompt
 
 
 @runtime_checkable
@@ -41,6 +43,22 @@ class ServedEngine(Protocol):
     @property
     def mode(self) -> str: ...
 
+    @property
+    def config(self) -> EngineConfig: ...
+
+    @property
+    def max_running_requests(self) -> int: ...
+
+    @property
+    def max_queued_requests(self) -> int | None: ...
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine core died (its requests were failed)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
     def stats(self) -> EngineStats:
         """The engine core's last report (a copy)."""
         ...
@@ -54,7 +72,8 @@ class ServedEngine(Protocol):
         ...
 
     def stream(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+        bootstrap: Bootstrap | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...

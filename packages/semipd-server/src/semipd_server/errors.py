@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from semipd_runtime.errors import SemipdError
 from starlette.responses import JSONResponse, Response
+
+from semipd_runtime.errors import SemipdError
 
 # status -> (OpenAI error type, default code)
 _KINDS: dict[int, tuple[str, str | None]] = {

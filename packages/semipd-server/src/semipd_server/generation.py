@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from semipd_runtime import RequestOutput, SamplingParams
 from semipd_runtime.errors import SemipdError
-
-from semipd_server.engine_protocol import Prompt, ServedEngine
+from semipd_server.engine_protocol import Bootstrap, Prompt, ServedEngine
 from semipd_server.errors import ApiError, from_engine_error
 
 
@@ -39,9 +38,10 @@ class Generation:
 
     @classmethod
     async def start(
-        cls, engine: ServedEngine, prompt: Prompt, params: SamplingParams, request_id: str
+        cls, engine: ServedEngine, prompt: Prompt, params: SamplingParams, request_id: str,
+        bootstrap: Bootstrap | None = None,
     ) -> Generation:
-        stream = engine.stream(prompt, params, request_id)
+        stream = engine.stream(prompt, params, request_id, bootstrap)
 
         async def first_output() -> RequestOutput:
             return await stream.__anext__()
@@ -90,14 +90,16 @@ def _api_error(e: BaseException) -> BaseException:
 
 
 async def start_all(
-    engine: ServedEngine, prompts: list[Prompt], params: SamplingParams, base_id: str
+    engine: ServedEngine, prompts: list[Prompt], params: SamplingParams, base_id: str,
+    bootstraps: list[Bootstrap | None] | None = None,
 ) -> list[Generation]:
     """Submit every prompt of a batch; if one is refused, abort those already submitted."""
     gens: list[Generation] = []
     try:
         for i, prompt in enumerate(prompts):
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            gens.append(await Generation.start(engine, prompt, params, rid))
+            boot = bootstraps[i] if bootstraps else None
+            gens.append(await Generation.start(engine, prompt, params, rid, boot))
     except BaseException:
         for g in gens:
             await g.close()
@@ -142,13 +144,14 @@ async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, RequestOutp
             await g.close()
 
 
-async def wait_disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+async def wait_disconnected(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
     """Returns when the client has gone (ASGI http.disconnect); the request body must be read already."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def run_until_disconnect(work: Awaitable[Any], receive: Callable[[], Awaitable[dict[str, Any]]]) -> Any:
+async def run_until_disconnect(work: Awaitable[Any],
+                               receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> Any:
     """Await `work` unless the client disconnects first; then cancel it (its cleanup aborts the requests)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_disconnected(receive))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
 from semipd_runtime import EngineStats, RequestOutput
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -136,6 +137,9 @@ class ServerMetrics:
         self.generation_tokens = counter("semipd:generation_tokens", "Generated tokens")
         self.request_success = counter("semipd:request_success", "Finished requests by finish reason",
                                        "finished_reason")
+        # vLLM/SGLang dashboards read request_success as finished work (stop|length); a completion cut short
+        # (client gone, /abort_request, drain timeout, engine failure) is counted here instead, as SGLang names it
+        self.aborted = counter("semipd:num_aborted_requests", "Completions aborted before they finished")
         self.request_errors = counter("semipd:request_errors",
                                       "Requests answered with an error, by HTTP status", "status")
         self.in_flight = gauge("semipd:num_requests_in_flight", "HTTP generation requests being served")
@@ -157,8 +161,9 @@ class ServerMetrics:
         for hist_or_counter in (self.ttft, self.tpot, self.itl, self.e2e, self.prompt_tokens,
                                 self.generation_tokens):
             hist_or_counter.labels(model_name)
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length"):  # aborted requests are counted apart (num_aborted_requests_total)
             self.request_success.labels(model_name, reason)
+        self.aborted.labels(model_name)
 
     def update_engine_stats(self, stats: EngineStats) -> None:
         for row, series in self._engine_series:
@@ -218,4 +223,7 @@ class RequestTracker:
         m.prompt_tokens.labels(name).inc(prompt_tokens)
         m.generation_tokens.labels(name).inc(self.generation_tokens)
         for reason in finish_reasons:
-            m.request_success.labels(name, reason or "abort").inc()
+            if reason in ("stop", "length"):
+                m.request_success.labels(name, reason).inc()
+            else:
+                m.aborted.labels(name).inc()

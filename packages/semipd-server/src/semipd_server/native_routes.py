@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from semipd_runtime import CompletionOutput, RequestOutput
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from semipd_runtime import CompletionOutput, RequestOutput, SamplingParams
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
+from semipd_server.pd_fields import bootstraps
 from semipd_server.protocol import GenerateRequest, decode_body, generate_params, generate_prompt
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
@@ -43,14 +44,22 @@ def _completion(rid: str, out: RequestOutput, c: CompletionOutput, delta: bool) 
     return obj
 
 
-async def generate(request: Request) -> Response:
-    state: ServerState = request.app.state.server
-    req = decode_body(await request.body(), GenerateRequest)
+def _prepare(state: ServerState, body: bytes) -> tuple[GenerateRequest, SamplingParams, list[int]]:
+    """Parse, validate and tokenize (blocking: runs on the preparation pool)."""
+    req = decode_body(body, GenerateRequest)
     prompt = generate_prompt(req)
     params = generate_params(req)
+    state.check_capacity(1, params.n)
+    return req, params, state.prep.prompt_ids(prompt, "input_ids" if req.text is None else "text")
+
+
+async def generate(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    body = await request.body()
+    req, params, prompt_ids = await state.prep.run(len(body), _prepare, state, body)
     rid = req.rid or new_request_id("gen")
     tracker = state.metrics.tracker()
-    gens = await start_all(state.engine, [prompt], params, rid)
+    gens = await start_all(state.engine, [prompt_ids], params, rid, bootstraps(state.engine, req, 1))
     if req.stream:
         return sse_response(_stream(gens, rid, tracker, params.n))
     last: RequestOutput | None = None

@@ -10,7 +10,6 @@ from functools import lru_cache
 from typing import Any
 
 from semipd_runtime import CompletionOutput, TokenLogprob
-
 from semipd_server.engine_protocol import ServedTokenizer
 
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from semipd_runtime import RequestOutput, SamplingParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from semipd_runtime import RequestOutput, SamplingParams
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
 from semipd_server.openai_format import ResponseBuilder, usage
+from semipd_server.pd_fields import bootstraps
 from semipd_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -54,19 +55,30 @@ def _usage_of(last: dict[int, RequestOutput]) -> dict[str, int]:
 
 
 # --- /v1/completions ------------------------------------------------------------------------------------------
-async def create_completion(request: Request) -> Response:
-    state = _state(request)
-    req = decode_body(await request.body(), CompletionRequest)
+def _prepare_completion(
+    state: ServerState, body: bytes
+) -> tuple[CompletionRequest, SamplingParams, list[list[int]], list[str], bool]:
+    """Parse, validate and tokenize (blocking: runs on the preparation pool)."""
+    req = decode_body(body, CompletionRequest)
     state.check_model(req.model)
     params = completion_params(req)
     prompts = completion_prompts(req)
     include_usage = _include_usage(req)
+    state.check_capacity(len(prompts), params.n)
+    ids = [state.prep.prompt_ids(p) for p in prompts]
+    prefixes = [(p if isinstance(p, str) else state.prep.decode(p)) if req.echo else "" for p in prompts]
+    return req, params, ids, prefixes, include_usage
+
+
+async def create_completion(request: Request) -> Response:
+    state = _state(request)
+    body = await request.body()
+    prepared = await state.prep.run(len(body), _prepare_completion, state, body)
+    req, params, prompt_ids, prefixes, include_usage = prepared
     builder = ResponseBuilder(new_request_id("cmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
-    gens = await start_all(state.engine, prompts, params, builder.id)
-    prefixes = [
-        (p if isinstance(p, str) else state.engine.tokenizer.decode(p)) if req.echo else "" for p in prompts
-    ]
+    gens = await start_all(state.engine, list(prompt_ids), params, builder.id,
+                           bootstraps(state.engine, req, len(prompt_ids)))
     want_lp = req.logprobs is not None
     if req.stream:
         return sse_response(
@@ -146,17 +158,6 @@ async def _stream_completion(
 
 
 # --- /v1/chat/completions -------------------------------------------------------------------------------------
-def _chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    messages = chat_messages(req)
-    tokenizer = state.engine.tokenizer
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - a template's own error (e.g. role order) is the client's to fix
-        raise bad_request(f"the chat template rejected these messages: {e}", "messages") from None
-    # the template already wrote any BOS; adding special tokens again would double it
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def _chat_sampling(state: ServerState, req: ChatCompletionRequest, n_prompt: int) -> SamplingParams:
     max_tokens = chat_max_tokens(req)
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
@@ -164,16 +165,24 @@ def _chat_sampling(state: ServerState, req: ChatCompletionRequest, n_prompt: int
     return chat_params(req, max_tokens)
 
 
-async def create_chat_completion(request: Request) -> Response:
-    state = _state(request)
-    req = decode_body(await request.body(), ChatCompletionRequest)
+def _prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest, SamplingParams, list[int], bool]:
+    """Parse, validate, render the template and tokenize (blocking: runs on the preparation pool)."""
+    req = decode_body(body, ChatCompletionRequest)
     state.check_model(req.model)
     include_usage = _include_usage(req)
-    prompt_ids = _chat_prompt_ids(state, req)
+    prompt_ids = state.prep.chat_ids(chat_messages(req))
     params = _chat_sampling(state, req, len(prompt_ids))
+    state.check_capacity(1, params.n)
+    return req, params, prompt_ids, include_usage
+
+
+async def create_chat_completion(request: Request) -> Response:
+    state = _state(request)
+    body = await request.body()
+    req, params, prompt_ids, include_usage = await state.prep.run(len(body), _prepare_chat, state, body)
     builder = ResponseBuilder(new_request_id("chatcmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
-    gens = await start_all(state.engine, [prompt_ids], params, builder.id)
+    gens = await start_all(state.engine, [prompt_ids], params, builder.id, bootstraps(state.engine, req, 1))
     if req.stream:
         return sse_response(_stream_chat(gens, builder, tracker, req.logprobs, include_usage, params.n))
     last: dict[int, RequestOutput] = {}

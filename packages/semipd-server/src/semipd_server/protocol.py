@@ -10,9 +10,9 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
+
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.sampling_params import SamplingParams
-
 from semipd_server.errors import ApiError, bad_request
 
 T = TypeVar("T")
@@ -44,6 +44,10 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: int | list[int] | None = None
 
 
 class CompletionRequest(SamplingFields, forbid_unknown_fields=True):
@@ -101,6 +105,17 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     sampling_params: NativeSamplingParams | None = None
     stream: bool = False
     rid: str | None = None
+    bootstrap_host: str | list[str] | None = None
+    bootstrap_port: int | list[int | None] | None = None
+    bootstrap_room: int | list[int] | None = None
+    # SGLang extensions smg fills when it re-serialises a /generate body: no effect on what is generated
+    model: str | None = None
+    return_text_in_logprobs: bool = False
+    log_metrics: bool = True
+    background: bool = False
+    no_logs: bool = False
+    return_bytes: bool = False
+    return_entropy: bool = False
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -130,6 +145,10 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         ) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"malformed JSON: {e}", code="invalid_json") from None
+    except UnicodeDecodeError as e:  # JSON must be UTF-8 (RFC 8259); msgspec raises this, not a DecodeError
+        raise bad_request(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("JSON is nested too deeply", code="invalid_json") from None
 
 
 def _reject_unsupported(req: SamplingFields) -> None:

@@ -6,13 +6,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from semipd_runtime import EngineStats
-
 from semipd_server.engine_protocol import ServedEngine
 from semipd_server.errors import ApiError
 from semipd_server.metrics import ServerMetrics
 from semipd_server.openai_format import TokenStrings
+from semipd_server.prompts import PromptPrep
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +24,28 @@ class ServerState:
     model_name: str
     api_key: str | None = None
     page_size: int | None = None  # KV page size, to cap default lengths at what the pool can hold
+    max_request_bytes: int = 8 << 20
+    metrics_auth: bool = False  # /metrics behind the API key too
+    on_core_death: Literal["exit", "restart"] = "exit"
     metrics: ServerMetrics = field(init=False)
     strings: TokenStrings = field(init=False)
+    prep: PromptPrep = field(init=False)
     draining: bool = False
+    drain_reason: str = ""
     created: float = field(default_factory=time.time)
     in_flight: int = 0
+    restarting: str | None = None  # why, while a dead engine core is being replaced (--restart-core)
+    cut_off_error: ApiError | None = None  # the answer of requests cut off (drain timeout, core restart)
     _idle: asyncio.Event | None = field(default=None, init=False)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
+    _cut_off: set[asyncio.Task[Any]] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
+        if not self.api_key:  # "" (e.g. SEMIPD_API_KEY="") means auth off, not "an empty bearer token"
+            self.api_key = None
         self.metrics = ServerMetrics(self.model_name)
         self.strings = TokenStrings(self.engine.tokenizer)
+        self.prep = PromptPrep(self.engine.tokenizer, self.max_model_len)
 
     @property
     def max_model_len(self) -> int:
@@ -57,28 +70,62 @@ class ServerState:
                 code="model_not_found",
             )
 
+    def check_capacity(self, prompts: int, n: int) -> None:
+        """400, not 429, for a request that no amount of waiting would let in: the engine admits at most
+        running + queued completions at once, and this one alone needs prompts x n of them."""
+        running, queued = self.engine.max_running_requests, self.engine.max_queued_requests
+        if queued is None or prompts * n <= running + queued:  # no queue limit: anything fits in time
+            return
+        what = f"n={n}" if prompts == 1 else f"{prompts} prompts x n={n}"
+        raise ApiError(
+            400,
+            f"this request needs {prompts * n} sequences ({what}) but the server admits at most {running + queued} "
+            f"at once (--max-running-requests {running} + --max-queued-requests {queued})",
+            param="n" if prompts == 1 else "prompt",
+            code="exceeds_capacity",
+        )
+
     # --- in-flight accounting for the graceful drain ----------------------------------------------------------
-    def enter(self) -> None:
+    def enter(self, task: asyncio.Task[Any] | None = None) -> None:
+        if task is not None:
+            self._tasks.add(task)
         self.in_flight += 1
         self.metrics.in_flight.labels(self.model_name).set(self.in_flight)
         if self._idle is not None:
             self._idle.clear()
 
-    def leave(self) -> None:
+    def leave(self, task: asyncio.Task[Any] | None = None) -> None:
+        self._tasks.discard(task)  # type: ignore[arg-type]
+        self._cut_off.discard(task)  # type: ignore[arg-type]
         self.in_flight -= 1
         self.metrics.in_flight.labels(self.model_name).set(self.in_flight)
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    def start_draining(self) -> None:
+    def start_draining(self, reason: str = "signal") -> None:
         self.draining = True
+        self.drain_reason = reason
         self.metrics.draining.labels(self.model_name).set(1)
+
+    def cut_off_in_flight(self, error: ApiError) -> int:
+        """Cancel every generation request still running (drain timeout, core restart); the gate answers each
+        one with `error` (or, on a stream, an error event and [DONE]) and the cancellation aborts its engine
+        work. Returns how many."""
+        self.cut_off_error = error
+        for task in self._tasks - self._cut_off:
+            self._cut_off.add(task)
+            task.cancel(error.code)
+        return len(self._cut_off)
+
+    def was_cut_off(self, task: asyncio.Task[Any] | None) -> bool:
+        return task in self._cut_off
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no generation request is in flight; False if `timeout_s` passed first."""
         if self.in_flight == 0:
             return True
-        self._idle = asyncio.Event()
+        if self._idle is None:  # one event for every waiter (the drain and a second signal's may overlap)
+            self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
@@ -92,3 +139,13 @@ class ServerState:
         except Exception as e:  # noqa: BLE001 - a dead core still has last-known stats to show
             log.debug("engine stats refresh failed: %r", e)
         return self.engine.stats()
+
+
+def drain_timeout_error(timeout_s: float) -> ApiError:
+    return ApiError(
+        503,
+        f"the server is shutting down and its drain timeout ({timeout_s:g}s) expired before this request "
+        "finished; it was aborted",
+        code="drain_timeout",
+    )
+

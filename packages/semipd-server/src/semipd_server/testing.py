@@ -54,9 +54,9 @@ def pid_alive(pid: int) -> bool:
 class ServerProcess:
     def __init__(
         self, *args: str, log_path: Path, api_key: str | None = None, startup_timeout_s: float = 600.0,
-        single_thread: bool = True,
+        single_thread: bool = True, fixed_port: int | None = None, env: dict[str, str] | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = fixed_port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
@@ -69,8 +69,8 @@ class ServerProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         # One intra-op thread: on a small shared CPU box, two OpenMP threads in the engine core process slow
         # each step 10-20x whenever another process competes for the cores (measured); tests only.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"} | ({"OMP_NUM_THREADS": "1"} if single_thread else {})
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"} | ({"OMP_NUM_THREADS": "1"} if single_thread else {})
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env | (env or {}))
         self._wait_healthy(startup_timeout_s)
 
     def _wait_healthy(self, timeout_s: float) -> None:

@@ -108,7 +108,7 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * out_stride_b + h * out_stride_h + dims, res.to(out_ptr.dtype.element_ty))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

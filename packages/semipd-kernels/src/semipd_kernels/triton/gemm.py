@@ -65,7 +65,7 @@ def _persistent_matmul_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

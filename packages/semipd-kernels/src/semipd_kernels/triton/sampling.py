@@ -80,7 +80,7 @@ def _radix_threshold(
             offs = v0 + tl.arange(0, BLOCK_V)
             z = _scaled(row_ptr, offs, vocab, temp)
             ok = (offs < vocab) & (z >= floor)
-            if USE_MASS:
+            if USE_MASS:  # noqa: SIM108 - a constexpr branch: only the taken side is compiled
                 w = tl.where(ok, tl.exp(z - zmax), 0.0)
             else:
                 w = tl.where(ok, 1.0, 0.0)
@@ -176,7 +176,7 @@ def _race_kernel(
     tl.atomic_max(packed_ptr + row, packed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -90,7 +90,7 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, torch.Ten
 def _safetensors_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:  # mmap: tensors are read lazily
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
                 yield name, f.get_tensor(name)
 
 

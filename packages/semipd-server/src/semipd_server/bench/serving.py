@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rescore = bool(args.compare) and args.slo_ttft_ms is not None
     slo_note = data.rescored_note(args.slo_ttft_ms, args.slo_tpot_ms) if rescore else None
     if args.compare:
-        runs = []
+        runs: list[dict[str, Any]] = []
         for path in args.compare:
             for run in load_runs(Path(path)):
                 if rescore:

@@ -4,6 +4,7 @@ E2E), an open-loop sender at one request rate, and a poller of the server's SM s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -143,10 +144,8 @@ async def poll_sm_split(client: httpx.AsyncClient, base_url: str, interval_s: fl
         if split is None:
             return
         samples.append([time.perf_counter() - start, *split])
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
-        except TimeoutError:
-            pass
 
 
 async def run_at_rate(client: httpx.AsyncClient, target: Target, requests: Sequence[SampleRequest],

@@ -44,20 +44,25 @@ def arrival_offsets(num_requests: int, request_rate: float, burstiness: float,
 
 # Common English words: each is (nearly always) one token for BPE vocabularies once preceded by a space, so a
 # prompt of N words is close to N tokens. The server's usage.prompt_tokens is what gets reported.
-WORDS = tuple(("time year people way day man thing woman life child world school state family student "
-               "group country problem hand part place case week company system program question work "
-               "government number night point home water room mother area money story fact month lot "
-               "right study book eye job word business issue side kind head house service friend father "
-               "power hour game line end member law car city community name president team minute idea "
-               "kid body information back parent face others level office door health person art war "
-               "history party result change morning reason research girl guy moment air teacher force "
-               "education good new first last long great little own other old big high different small "
-               "large next early young important few public bad same able red blue green open close read "
-               "write run walk talk make take give find think tell become leave feel bring begin keep "
-               "hold turn start show hear play move live believe happen stand lose pay meet include "
-               "continue set learn lead understand watch follow stop create speak spend grow offer "
-               "remember love consider appear buy wait serve die send expect build stay fall cut reach "
-               "kill remain").split())
+WORDS = (
+    "time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world", "school",
+    "state", "family", "student", "group", "country", "problem", "hand", "part", "place", "case", "week",
+    "company", "system", "program", "question", "work", "government", "number", "night", "point", "home",
+    "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study", "book",
+    "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service", "friend",
+    "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city", "community", "name",
+    "president", "team", "minute", "idea", "kid", "body", "information", "back", "parent", "face", "others",
+    "level", "office", "door", "health", "person", "art", "war", "history", "party", "result", "change",
+    "morning", "reason", "research", "girl", "guy", "moment", "air", "teacher", "force", "education", "good",
+    "new", "first", "last", "long", "great", "little", "own", "other", "old", "big", "high", "different",
+    "small", "large", "next", "early", "young", "important", "few", "public", "bad", "same", "able", "red",
+    "blue", "green", "open", "close", "read", "write", "run", "walk", "talk", "make", "take", "give", "find",
+    "think", "tell", "become", "leave", "feel", "bring", "begin", "keep", "hold", "turn", "start", "show",
+    "hear", "play", "move", "live", "believe", "happen", "stand", "lose", "pay", "meet", "include",
+    "continue", "set", "learn", "lead", "understand", "watch", "follow", "stop", "create", "speak", "spend",
+    "grow", "offer", "remember", "love", "consider", "appear", "buy", "wait", "serve", "die", "send",
+    "expect", "build", "stay", "fall", "cut", "reach", "kill", "remain",
+)
 
 
 @dataclass(slots=True)
@@ -214,7 +219,7 @@ def distribution(values: Sequence[float] | np.ndarray, percentiles: Iterable[flo
     keys = ["mean"] + [f"p{p:g}" for p in percentiles]
     if arr.size == 0:
         return dict.fromkeys(keys, None)
-    out = {"mean": float(arr.mean() * scale)}
+    out: dict[str, float | None] = {"mean": float(arr.mean() * scale)}
     for key, p in zip(keys[1:], percentiles):
         out[key] = float(np.percentile(arr, p) * scale)
     return out
@@ -287,9 +292,9 @@ def rescore_run(run: Mapping[str, Any], slo_ttft_ms: float, slo_tpot_ms: float,
             if missing:
                 raise ValueError(f"{where}: saved request {i} has no {', '.join(missing)} field; re-scoring "
                                  f"needs {', '.join(SAVED_SLO_FIELDS)} in every request")
-            nan_if_none = {k: math.nan if row[k] is None else float(row[k]) for k in ("ttft", "e2e")}
+            ttft, e2e = (math.nan if row[k] is None else float(row[k]) for k in ("ttft", "e2e"))
             records.append(RequestRecord(ok=bool(row["ok"]), send_time=0.0, prompt_tokens=0,
-                                         output_tokens=int(row["output_tokens"]), **nan_if_none))
+                                         output_tokens=int(row["output_tokens"]), ttft=ttft, e2e=e2e))
         stats = slo_stats(records, float(summary["duration_s"]), slo_ttft_ms, slo_tpot_ms)
         points.append({**point, "summary": {**summary, **stats}})
     return {**run, "rates": points}
@@ -372,11 +377,12 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], target: float = 0.9,
             lines.append(f"{format_rate(rate):>12}" + "".join(cells))
     lines.append(f"== request rate at {100 * target:g}% SLO attainment (interpolated"
                  f"{f'; {slo_note}' if slo_note else ''})")
-    base: float | None = None
+    base = math.nan
     for i, label in enumerate(labels):
         per_rate = by_label[label]
         rates = list(per_rate)
-        rate, kind = rate_at_attainment(rates, [per_rate[r]["slo_attainment"] for r in rates], target)
+        found, kind = rate_at_attainment(rates, [per_rate[r]["slo_attainment"] for r in rates], target)
+        rate = math.nan if found is None else found
         if i == 0:
             base = rate
         if kind == "interpolated":

@@ -1,0 +1,78 @@
+"""KV bytes between instances through the Mooncake transfer engine (P2P handshake, no metadata server): each side
+registers its whole KV buffer ([layers, 2, pages, page_size, heads, head_dim], one allocation), so a page of a
+layer's K or V is one contiguous run of bytes at a computable offset. TCP on CPU (and staging on GPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from semipd_memory import KVPool
+
+log = logging.getLogger(__name__)
+
+
+class MooncakeTransport:
+    def __init__(self, host: str, protocol: str = "tcp", device_name: str = "") -> None:
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as e:  # an extra: a plain install stays light
+            raise RuntimeError("--disaggregation-transfer-backend mooncake needs the Mooncake transfer engine: "
+                               "pip install 'semipd-server[pd]' (or mooncake-transfer-engine on CUDA)") from e
+        self.engine = TransferEngine()
+        rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
+        if rc != 0:
+            raise RuntimeError(f"Mooncake TransferEngine.initialize({host!r}, P2PHANDSHAKE, {protocol}) returned {rc}")
+        self.session = f"{host}:{self.engine.get_rpc_port()}"
+        self.base = 0
+        self.page_bytes = 0
+        self.num_pages = 0
+
+    def register(self, pool: KVPool) -> None:
+        buf = pool.buffer
+        assert buf.is_contiguous()
+        nbytes = buf.numel() * buf.element_size()
+        rc = self.engine.register_memory(buf.data_ptr(), nbytes)
+        if rc != 0:
+            raise RuntimeError(f"Mooncake register_memory of the KV pool ({nbytes} bytes) returned {rc}")
+        self.base, self.num_pages, self.num_layers = buf.data_ptr(), pool.num_pages, pool.num_layers
+        self.page_bytes = pool.page_size * pool.num_kv_heads * pool.head_dim * buf.element_size()
+        log.info("Mooncake: session %s, KV buffer of %d bytes registered", self.session, nbytes)
+
+    def write_pages(self, session: str, dst_base: int, dst_num_pages: int, src_pages: list[int],
+                    dst_pages: list[int]) -> int:
+        """Copy our pages src_pages[i] into the peer's dst_pages[i], every layer's K and V; returns bytes."""
+        assert len(src_pages) == len(dst_pages)
+        srcs, dsts, lens = [], [], []
+        for layer in range(self.num_layers):
+            for kv in range(2):
+                row = layer * 2 + kv
+                for s, d in _runs(src_pages, dst_pages):  # contiguous runs on both sides: one entry each
+                    n = s[1] - s[0]
+                    srcs.append(self.base + (row * self.num_pages + s[0]) * self.page_bytes)
+                    dsts.append(dst_base + (row * dst_num_pages + d) * self.page_bytes)
+                    lens.append(n * self.page_bytes)
+        if not srcs:
+            return 0
+        rc = self.engine.batch_transfer_sync_write(session, srcs, dsts, lens)
+        if rc != 0:
+            raise RuntimeError(f"Mooncake batch_transfer_sync_write to {session} returned {rc}")
+        return sum(lens)
+
+
+def _runs(src: list[int], dst: list[int]) -> list[tuple[tuple[int, int], int]]:
+    """[((src_start, src_end), dst_start)] for maximal runs where both sides are consecutive."""
+    out: list[tuple[tuple[int, int], int]] = []
+    i = 0
+    while i < len(src):
+        j = i + 1
+        while j < len(src) and src[j] == src[j - 1] + 1 and dst[j] == dst[j - 1] + 1:
+            j += 1
+        out.append(((src[i], src[j - 1] + 1), dst[i]))
+        i = j
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
