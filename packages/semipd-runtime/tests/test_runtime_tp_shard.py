@@ -50,7 +50,7 @@ def test_head_counts_that_cannot_split_are_named(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ValueError, match="MLP's 50 columns"):
         check_tp_size(dataclasses.replace(BASE, intermediate_size=50), 3)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="WORLD_SIZE=2 .* does not match tp_size=3"):
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2 .* does not match tp_size=3"):
         check_tp_size(BASE, 3)
     monkeypatch.delenv("WORLD_SIZE")
     if torch.cuda.device_count() < 3:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from semipd_server.cli import build_parser, engine_kwargs
 
 

@@ -29,11 +29,11 @@ from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.parallel.ranks import (
     MULTICAST_OFF,
-    Role,
-    Roles,
     Capture,
     Forward,
     RankMsg,
+    Role,
+    Roles,
     Sample,
     Stop,
     WarmUp,
@@ -134,7 +134,8 @@ class LeaderRunner:
         table = page_table.contiguous()
         dtype = str(table.dtype).removeprefix("torch.")
         uses_prev = prev_tokens is not None
-        self.ranks.send(Forward(chunks, starts, sample_rows, uses_prev, tuple(table.shape), dtype))
+        shape = (table.shape[0], table.shape[1])
+        self.ranks.send(Forward(chunks, starts, sample_rows, uses_prev, shape, dtype))
         dist.broadcast(table, src=0, group=self.ranks.tp.group)
         return self.inner.forward(chunks, starts, table, sample_rows, prev_tokens)
 

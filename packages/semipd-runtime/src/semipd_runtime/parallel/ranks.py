@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 import torch
 import torch.distributed as dist
-from semipd_memory import KVPool
 
+from semipd_memory import KVPool
 from semipd_runtime.capacity import kv_pages_for
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.messages import CoreSampling
