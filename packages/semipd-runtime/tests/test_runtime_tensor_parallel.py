@@ -24,6 +24,7 @@ from semipd_runtime.messages import AddRequest, CoreSampling
 from semipd_runtime.models.default_model import default_model_path
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # real rank processes (spawn, torch import, gloo)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 prompts = prompts_fixture(seed=7, lengths=[5, 13, 30])
