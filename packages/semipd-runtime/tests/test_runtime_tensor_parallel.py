@@ -98,6 +98,12 @@ def test_tp2_matches_tp1_and_a_rank_killed_mid_decode_fails_the_engine(
         assert got == want
         assert engine.refresh_stats().healthy
         assert engine.stats().pages_used == 0
+        if mode == "semi-pd":  # one split for all ranks: a new one is refused, the engine keeps serving
+            split = engine.stats().prefill_sm_percent
+            engine.repartition(70, 30)
+            wait_until(lambda: engine.refresh_stats().repartition_failures == 1, 20, "the refused split")
+            assert engine.stats().prefill_sm_percent == split
+            assert [o.token_ids for o in engine.generate(prompts[:1], GREEDY)] == want[:1]
         (victim,) = rank_pids(engine)
 
         async def decode_then_kill() -> None:

@@ -151,7 +151,8 @@ def _percent(value: int | None, name: str, default: int) -> int:
 @dataclass(slots=True, kw_only=True)
 class ParallelOptions:
     tp_size: int = knob(1, "tensor-parallel ranks: one process per rank (GPU), the model's heads, MLP and "
-                        "vocabulary split across them", flags=("--tp-size", "--tp", "--tensor-parallel-size"),
+                        "vocabulary split across them (the engine core process is rank 0)",
+                        flags=("--tp-size", "--tp", "--tensor-parallel-size"),
                         minimum=1, group="parallel")
     tp_timeout_s: float = knob(60.0, "longest wait of a rank in a collective before the engine fails",
                                minimum=0, exclusive=True)
