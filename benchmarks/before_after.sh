@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# One device call: the same GPU stages on a baseline tree and on this checkout, interleaved, so a refactor's
+# One device call: the same GPU benchmarks on a baseline tree and on this checkout, interleaved, so a refactor's
 # speed is compared on one machine in one run.
-#   BASELINE_TAR=scratch/baseline.tar bash benchmarks/before_after.sh offline decode_step
-# BASELINE_TAR: `git archive <commit> -o scratch/baseline.tar` (carried; scratch/ is ignored). Each stage is run
-# by that tree's own benchmarks/gpu_suite.sh; logs and JSON go to $OUT/before and $OUT/after.
+#   BASELINE_TAR=scratch/baseline.tar bash benchmarks/before_after.sh decode_step offline
+# BASELINE_TAR: `git archive <commit> -o scratch/baseline.tar` (carried; scratch/ is ignored). Each benchmark is
+# run from its tree's own benchmarks/ with that tree's packages on PYTHONPATH; logs + JSON go to $OUT/{before,after}.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 BASE=/root/semipd-baseline
 rm -rf "$BASE" && mkdir -p "$BASE" && tar -xf "${BASELINE_TAR:-scratch/baseline.tar}" -C "$BASE"
-mkdir -p scratch "$BASE/scratch"
-for stage in "$@"; do
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+bench() {  # bench NAME: the same command line in both trees (the scripts' CLIs did not change)
+  case $1 in
+    decode_step) echo "benchmarks/bench_decode_step.py --shape llama-3.1-8b --batches 1 16 64 128 --contexts 1024 4096 \
+      --green-percent 50" ;;
+    offline) echo "benchmarks/bench_offline.py --shape llama-3.1-8b --batches 1 16 64 --prompt-len 512 --output-len 128 \
+      --skip-hf" ;;
+    checks_green) echo "benchmarks/gpu_checks.py --layers 4 --partitions green" ;;
+  esac
+}
+for name in "$@"; do
   for side in before after; do
     dir=$PWD; [ "$side" = before ] && dir=$BASE
-    echo "##### $stage: $side ($(date +%T))"
-    (cd "$dir" && OUT="$OUT/$side" bash benchmarks/gpu_suite.sh "$stage")
+    mkdir -p "$OUT/$side"
+    echo "##### $name: $side ($(date +%T))"
+    (cd "$dir" && PYTHONPATH=packages/semipd-kernels/src:packages/semipd-memory/src:packages/semipd-runtime/src:packages/semipd-server/src:benchmarks \
+      timeout -k 10 "${LIMIT_S:-240}" python3 $(bench "$name") --out "$OUT/$side/$name.json" >"$OUT/$side/$name.log" 2>&1)
+    echo "rc=$? $(tail -n 12 "$OUT/$side/$name.log")"
   done
 done

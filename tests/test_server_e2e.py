@@ -13,11 +13,10 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from semipd_runtime import Engine, SamplingParams
 from semipd_server.engine_protocol import ServedEngine, ServedTokenizer
-from semipd_server.testing import ServerProcess
+from semipd_server.testing import ServerProcess, scrape_metrics
 
 pytestmark = pytest.mark.slow
 KEY = "e2e-key"
@@ -54,12 +53,7 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 
 def metrics(server: ServerProcess) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return {
-        s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"}): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+    return scrape_metrics(server.url)
 
 
 def test_engine_satisfies_the_server_protocol(offline: Engine) -> None:

@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from semipd_server.testing import ServerProcess, child_pids, pid_alive
+from semipd_server.testing import ServerProcess, child_pids, pid_alive, scrape_metrics
 
 pytestmark = pytest.mark.slow
 LIMIT = 12 << 20  # --max-request-bytes: room for a 10 MB prompt
@@ -44,12 +43,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0, what: str = "con
 
 
 def counters(server: ServerProcess) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return {
-        s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"}): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+    return scrape_metrics(server.url)
 
 
 def test_health_stays_fast_while_huge_prompts_are_handled(server: ServerProcess) -> None:
@@ -105,8 +99,9 @@ def test_health_stays_fast_while_huge_prompts_are_handled(server: ServerProcess)
           f"p95 {ordered[int(len(ordered) * 0.95)] * 1000:.1f} ms, median {ordered[len(ordered) // 2] * 1000:.1f} ms")
     assert handled_s > 1.0 and len(latencies) >= 10  # the probes really overlapped the work
     # 100 ms is the bar (the loop used to stall for seconds); a single probe may still wait on the OS scheduler
-    # of a small shared machine (max 9-60 ms in most runs, 101-175 ms with load 6 on 2 cores): p95, and a cap
-    assert ordered[int(len(ordered) * 0.95)] < 0.1 and ordered[-1] < 0.5
+    # of a small shared machine (max 9-60 ms in most runs, 101-550 ms with load 6-10 on 2 cores): p95, and a
+    # cap far below the seconds the loop used to stall for
+    assert ordered[int(len(ordered) * 0.95)] < 0.1 and ordered[-1] < 1.0
     print(f"small completions meanwhile: {', '.join(f'{t * 1000:.0f} ms' for t in small)}")
     assert small and max(small) < 1.0
 

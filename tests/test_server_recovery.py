@@ -153,9 +153,14 @@ def test_semipd_prefill_worker_death_replaces_the_worker_in_place(tmp_path: Path
         for t in flight.threads:
             t.join(300)
         assert set(flight.results) == {"whole", "stream"}, "an in-flight request got no answer"
-        for key in ("whole", "stream"):
-            status, text = flight.results[key]
-            assert status == 200 and "error" not in text, text  # decoding was never interrupted
+        # decoding was never interrupted: both ran to their length
+        status, text = flight.results["whole"]
+        assert status == 200 and json.loads(text)["choices"][0]["finish_reason"] == "length", text
+        status, text = flight.results["stream"]
+        events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+        assert status == 200 and events[-1] == "[DONE]", text
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert not any("error" in c for c in chunks) and chunks[-1]["choices"][0]["finish_reason"] == "length"
         r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello", "max_tokens": 4},
                        headers=server.headers(), timeout=120)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text

@@ -4,6 +4,7 @@ Needs httpx (a test dependency); nothing in the server imports this module."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -108,3 +110,13 @@ class ServerProcess:
                 self.proc.wait(10)
         self._log.close()
         return int(self.proc.returncode)
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """A server's /metrics samples by name + its labels (JSON, model_name left out)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        s.name + json.dumps({k: v for k, v in sorted(s.labels.items()) if k != "model_name"}): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
