@@ -1,8 +1,8 @@
-"""EngineConfig: every engine knob, written once, in a typed tree (model / scheduler / semi-PD / SLO
-sections), validated once when built. `Engine(...)` keywords are checked against it (`EngineConfig.from_knobs`) and the
-server's flags are generated from it (`semipd_server.cli`). `resolved()` fills what depends on the model
-(context length, dtype and device defaults, EOS ids, SM shares from the environment); the core takes only a
-resolved config."""
+"""EngineConfig: every engine knob, written once, in a typed tree (model / scheduler / semi-PD / SLO /
+parallelism sections), validated once when built. `Engine(...)` keywords are checked against it
+(`EngineConfig.from_knobs`) and the server's flags are generated from it (`semipd_server.cli`). `resolved()`
+fills what depends on the model (context length, dtype and device defaults, EOS ids, SM shares from the
+environment); the core takes only a resolved config."""
 
 from __future__ import annotations
 
@@ -148,7 +148,21 @@ def _percent(value: int | None, name: str, default: int) -> int:
     return v
 
 
-SECTIONS = {"model": ModelOptions, "scheduler": SchedulerOptions, "semi_pd": SemiPDOptions, "slo": SloSettings}
+@dataclass(slots=True, kw_only=True)
+class ParallelOptions:
+    tp_size: int = knob(1, "tensor-parallel ranks: one process per rank (GPU), the model's heads, MLP and "
+                        "vocabulary split across them (the engine core process is rank 0)",
+                        flags=("--tp-size", "--tp", "--tensor-parallel-size"),
+                        minimum=1, group="parallel")
+    tp_timeout_s: float = knob(60.0, "longest wait of a rank in a collective before the engine fails",
+                               minimum=0, exclusive=True)
+
+    def __post_init__(self) -> None:
+        validate_knobs(self)
+
+
+SECTIONS = {"model": ModelOptions, "scheduler": SchedulerOptions, "semi_pd": SemiPDOptions,
+            "slo": SloSettings, "parallel": ParallelOptions}
 
 
 @dataclass(slots=True, kw_only=True)
@@ -157,6 +171,7 @@ class EngineConfig:
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
     semi_pd: SemiPDOptions = field(default_factory=SemiPDOptions)
     slo: SloSettings = field(default_factory=SloSettings)
+    parallel: ParallelOptions = field(default_factory=ParallelOptions)
     core: str = "thread"  # where the engine core runs next to the front end: "thread" | "process"
 
     def __post_init__(self) -> None:
@@ -164,6 +179,11 @@ class EngineConfig:
             raise ValueError(f"core must be 'thread' or 'process', got {self.core!r}")
         if self.slo.partition_policy == "slo" and self.semi_pd.mode != "semi-pd":
             raise ValueError("partition_policy='slo' needs mode='semi-pd' (unified mode has no SM split)")
+        if self.parallel.tp_size > 1 and self.semi_pd.disaggregation_mode != "null":
+            raise ValueError("tp_size > 1 with disaggregation_mode prefill / decode is not supported yet")
+        if self.parallel.tp_size > 1 and self.slo.partition_policy == "slo":
+            raise ValueError("partition_policy='slo' with tp_size > 1 is not supported yet (the split is "
+                             "static)")
 
     @classmethod
     def from_knobs(cls, *, core: str = "thread", slo_options: Mapping[str, Any] | None = None,

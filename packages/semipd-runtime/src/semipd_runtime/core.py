@@ -108,6 +108,7 @@ class EngineCore:
         self.observers = list(observers)
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
         self.kv_sender: KvSender | None = None  # a PD prefill instance: sends first-token requests' KV on
+        self.on_close: list[Callable[[], None]] = []  # what was composed in (tensor-parallel ranks) to release
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
 
@@ -411,10 +412,13 @@ class EngineCore:
         return self._reaches_length(req, len(req.output_ids))
 
     def close(self) -> None:
-        """Release the executor's workers (none for LocalPrefill) and the KV sender of a PD prefill instance."""
+        """Release the executor's workers (none for LocalPrefill), the KV sender of a PD prefill instance, then
+        what was composed in (`on_close`)."""
         self.executor.close()
         if self.kv_sender is not None:
             self.kv_sender.close()
+        for release in self.on_close:
+            release()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> list[TokenEvent]:
         """Offline helper: step until every request finished."""

@@ -25,6 +25,12 @@ def create_core(
     cfg: EngineConfig, partition: SmPartition | None = None, model: LlamaForCausalLM | None = None
 ) -> EngineCore:
     """`model`: an already built model (benchmarks with random weights); otherwise loaded from cfg.model_path."""
+    if cfg.parallel.tp_size > 1:
+        from semipd_runtime.parallel.leader import create_tp_core  # torch.distributed only when asked for
+
+        if model is not None or partition is not None:
+            raise ValueError("tp_size > 1 loads its own shards: pass no model or partition")
+        return create_tp_core(cfg)
     pd_mode = cfg.semi_pd.disaggregation_mode
     if pd_mode == "decode":  # prompts are prefilled by a prefill instance: its KV arrives here (Mooncake)
         from semipd_runtime.pd_factory import make_remote_prefill

@@ -39,6 +39,7 @@ from semipd_runtime.messages import (
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.default_model import resolve_model_path
 from semipd_runtime.outputs import RequestOutput
+from semipd_runtime.parallel.shard import check_tp_size
 from semipd_runtime.partition import partition_class
 from semipd_runtime.pd_types import room_key
 from semipd_runtime.sampling_params import SamplingParams
@@ -77,6 +78,7 @@ class Engine:
                                       eos_token_ids=sorted(eos), model_path=str(path),
                                       cuda_available=torch.cuda.is_available())
         cfg = self.config
+        check_tp_size(self.model_config, cfg.parallel.tp_size, cfg.device)
         self.max_model_len = cfg.max_model_len
         self.max_running_requests = cfg.scheduler.max_running_requests
         self.max_queued_requests = cfg.scheduler.max_queued_requests
@@ -94,7 +96,7 @@ class Engine:
             part.check_available()  # the decode role's process starts with its share in its environment
             env = part.core_process_env(cfg.shares[1])
             self._client = ProcessCoreClient(cfg, self._on_output, env=env)
-        elif cfg.core == "process":
+        elif cfg.core == "process" or cfg.parallel.tp_size > 1:  # the core process is tensor-parallel rank 0
             self._client = ProcessCoreClient(cfg, self._on_output)
         else:
             self._client = ThreadCoreClient(cfg, self._on_output)

@@ -50,7 +50,7 @@ class SmPartition:
         """Environment the engine core process (the decode role) must start with."""
         return {}
 
-    def __init__(self, prefill_percent: float, decode_percent: float) -> None:
+    def __init__(self, prefill_percent: float, decode_percent: float, device_index: int = 0) -> None:
         for name, v in (("prefill_sm_percent", prefill_percent), ("decode_sm_percent", decode_percent)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 <= v <= 100:
                 raise ValueError(f"{name} must be a number in [1, 100], got {v!r}")
@@ -126,7 +126,8 @@ class MpsPartition(SmPartition):
     def core_process_env(cls, decode_percent: float) -> dict[str, str]:
         return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(max(1, round(decode_percent)))}
 
-    def __init__(self, prefill_percent: float, decode_percent: float, check_daemon: bool = True) -> None:
+    def __init__(self, prefill_percent: float, decode_percent: float, device_index: int = 0,
+                 check_daemon: bool = True) -> None:
         super().__init__(prefill_percent, decode_percent)
         if check_daemon:
             check_mps_daemon()
@@ -279,5 +280,7 @@ def partition_class(kind: str) -> type[SmPartition]:
         raise ValueError(f"sm_partition must be one of {', '.join(PARTITIONS)}; got {kind!r}") from None
 
 
-def create_partition(kind: str, prefill_percent: float, decode_percent: float) -> SmPartition:
-    return partition_class(kind)(prefill_percent, decode_percent)
+def create_partition(kind: str, prefill_percent: float, decode_percent: float,
+                     device_index: int = 0) -> SmPartition:
+    """device_index: the GPU whose SMs are split (a tensor-parallel rank's own)."""
+    return partition_class(kind)(prefill_percent, decode_percent, device_index=device_index)

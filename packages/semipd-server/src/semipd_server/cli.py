@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups = {"model": p.add_argument_group("model"), "http": p.add_argument_group("HTTP"),
               "sched": p.add_argument_group("scheduling and memory"),
-              "pd": p.add_argument_group("prefill/decode disaggregation")}
+              "pd": p.add_argument_group("prefill/decode disaggregation"),
+              "parallel": p.add_argument_group("parallelism")}
     for ck in cli_knobs():
         _add_knob(groups[ck.knob.group], ck)
     groups["model"].add_argument(

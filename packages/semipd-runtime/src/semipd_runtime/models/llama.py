@@ -1,6 +1,9 @@
 """Llama-family decoder (Llama 2/3.x, SmolLM2, Mistral, Qwen2 with qkv bias, Qwen3 with q/k RMSNorm).
 
 The forward reads like a plain transformer; all paging lives in `AttentionMetadata` and the kernel ops.
+Built with a `TensorParallel` (tp), it is one rank's shard (`parallel/shard.py`: `cfg` is then the rank's
+view): an all-reduce follows o_proj and down_proj, the embedding and LM head hold a vocabulary slice. Without
+one it runs no collective and no extra op.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from torch import Tensor, nn
 from semipd_kernels import ops
 from semipd_runtime.forward_batch import AttentionMetadata
 from semipd_runtime.models.config import ModelConfig
+from semipd_runtime.parallel.shard import TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +30,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.layer_id = layer_id
+        self.layer_id, self.tp = layer_id, tp
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = cfg.head_dim**-0.5
@@ -64,24 +68,27 @@ class Attention(nn.Module):
             o = ops.prefill_attention(
                 q, k_cache, v_cache, meta.page_table, meta.cu_seqlens_q, meta.seq_lens, self.scale
             )
-        return self.o_proj(o.reshape(t, self.q_size))
+        out = self.o_proj(o.reshape(t, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer_id)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer_id, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -95,23 +102,34 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """One class for every supported architecture; ModelConfig switches bias / q-k norm / tying."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.config, self.tp = cfg, tp
+        vocab_rows = cfg.vocab_size if tp is None else tp.vocab_range(cfg.vocab_size)[2]
+        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         )
 
     def forward(self, input_ids: Tensor, meta: AttentionMetadata) -> Tensor:
         """Returns float32 logits for the rows `meta.logits_indices` only (tokens that get sampled)."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if self.tp is None else self._embed_shard(input_ids, self.tp)
         residual: Tensor | None = None
         for layer in self.layers:
             x, residual = layer(x, residual, meta)
         x, _ = self.norm(x, residual)
         x = x.index_select(0, meta.logits_indices)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(x, weight).float()
+        logits = torch.nn.functional.linear(x, weight)
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits, self.config.vocab_size)
+        return logits.float()
+
+    def _embed_shard(self, input_ids: Tensor, tp: TensorParallel) -> Tensor:
+        """Masked lookup in this rank's vocabulary slice; the all-reduce adds in the rank holding each id."""
+        start, end, _ = tp.vocab_range(self.config.vocab_size)
+        mine = (input_ids >= start) & (input_ids < end)
+        x = self.embed_tokens(torch.where(mine, input_ids - start, 0))
+        return tp.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))

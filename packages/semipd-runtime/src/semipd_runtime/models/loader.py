@@ -12,6 +12,7 @@ from torch import nn
 
 from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
+from semipd_runtime.parallel.shard import TensorParallel, shard_config, shard_hf_tensor
 
 # HF name suffix -> (our param suffix, shard index within the fused param or None)
 _FUSED = {
@@ -53,10 +54,13 @@ def map_hf_name(cfg: ModelConfig, name: str) -> tuple[str, tuple[int, int] | Non
     return f"layers.{layer}.{module}.{kind}", None
 
 
-def build_empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """Parameters allocated on `device` but not initialised (loading or random init fills them)."""
+def build_empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                      tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """Parameters allocated on `device` but not initialised (loading or random init fills them). With `tp`
+    (more than one rank): this rank's shard of the full model `cfg`."""
+    tp = tp if tp is not None and tp.size > 1 else None
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(shard_config(cfg, tp), tp)
     return model.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
 
 
@@ -95,23 +99,29 @@ LOAD_FORMATS = ("auto", "dummy")
 
 def load_model(
     model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-    load_format: str = "auto",
+    load_format: str = "auto", tp: TensorParallel | None = None,
 ) -> LlamaForCausalLM:
     """load_format "auto": the directory's *.safetensors; "dummy": random weights at the config's shapes (only
-    config.json is read), for benchmarking a model's shape without its weights, as vLLM's --load-format dummy."""
+    config.json is read), for benchmarking a model's shape without its weights, as vLLM's --load-format dummy.
+    `tp` (more than one rank): load this rank's slice of each tensor (dummy: random weights, a seed per
+    rank)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}; got {load_format!r}")
     model_dir = Path(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    model = build_empty_model(cfg, torch.device(device), dtype or cfg.torch_dtype)
+    tp = tp if tp is not None and tp.size > 1 else None
+    model = build_empty_model(cfg, torch.device(device), dtype or cfg.torch_dtype, tp)
     if load_format == "dummy":
-        init_random_weights(model, seed=0)
+        init_random_weights(model, seed=0 if tp is None else tp.rank)  # norms (replicated) stay at one
         return model
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model directory {model_dir} has no *.safetensors file "
                                 f"(--load-format dummy runs it with random weights)")
-    load_weights(model, _safetensors_items(files), source=f"model directory {model_dir}")
+    items = _safetensors_items(files)
+    if tp is not None:
+        items = ((name, shard_hf_tensor(cfg, tp, name, t)) for name, t in items)
+    load_weights(model, items, source=f"model directory {model_dir}")
     return model
 
 
