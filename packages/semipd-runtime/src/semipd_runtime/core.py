@@ -312,10 +312,6 @@ class EngineCore:
         self.cache.writer_done(report.writer)
         return events
 
-    def run_batch(self, batch: ScheduledBatch) -> list[TokenEvent]:
-        """One forward over the batch, sample where a request reached its last known token, emit events."""
-        return self.resolve(self.launch(batch))
-
     def launch(self, batch: ScheduledBatch, prev: StepInFlight | None = None) -> StepInFlight:
         """Queue the forward over the batch and the sampling of each request that reaches its last known token;
         nothing here waits for the device. A sampled request gets a placeholder output id (-1 - its row) until
@@ -353,7 +349,7 @@ class EngineCore:
             index.append(len(req.output_ids))
             req.output_ids.append(-1 - j)
         done = sampled.ready if sampled is not None else _record_event(logits.device)
-        share = self.executor.split[1] / 100 if not self.executor.in_step else 1.0
+        share = self.executor.split[1] / 100  # executors without an SM split report (100, 100)
         return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts), share)
 
     def resolve(self, st: StepInFlight) -> list[TokenEvent]:
