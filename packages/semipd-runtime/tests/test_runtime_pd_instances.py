@@ -74,3 +74,26 @@ def test_decode_without_room_is_rejected(pair) -> None:
     with pytest.raises(InvalidRequestError) as e:
         pair[1].submit("hi", SamplingParams(max_tokens=2))
     assert e.value.param == "bootstrap_room"
+
+
+def test_pd_pair_through_a_host_mirror_matches_unified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path with the non-CUDA Mooncake build: pages go pool -> host mirror -> peer mirror -> pool."""
+    monkeypatch.setenv("SEMIPD_KV_STAGING", "1")
+    prefill = Engine(disaggregation_mode="prefill", disaggregation_bootstrap_port=0, page_size=4)
+    try:
+        sender = prefill._client.core.kv_sender  # type: ignore[union-attr]
+        decode = Engine(disaggregation_mode="decode", disaggregation_bootstrap_port=sender.server.port, page_size=4)
+        try:
+            params = SamplingParams(temperature=0, max_tokens=8)
+            with Engine(page_size=4) as unified:
+                want = [[c.text for c in o.outputs] for o in unified.generate(PROMPTS, params)]
+            assert [_pd_generate(prefill, decode, p, params) for p in PROMPTS] == want
+            receiver = decode._client.core.executor.transport  # type: ignore[union-attr]
+            assert sender.transport.mirror is not None and receiver.mirror is not None
+            assert sender.transport.staged_bytes == receiver.staged_bytes > 0
+            for e in (prefill, decode):
+                assert _wait_idle(e).pages_used == 0
+        finally:
+            decode.shutdown()
+    finally:
+        prefill.shutdown()

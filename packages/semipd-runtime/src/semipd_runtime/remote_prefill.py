@@ -35,6 +35,7 @@ class _Pending:
     writer: str
     addr: tuple[str, int]
     sent_at: float
+    pages: list[int]  # where the KV lands (staged copies go there once it has)
     abort_sent: bool = False
 
 
@@ -82,7 +83,7 @@ class RemotePrefill:
             addr = (b.host, b.port or self.default_port)
             start = req.num_computed // self.page_size  # leading pages the prefix cache holds here already
             n = -(-len(req.prompt_ids) // self.page_size)
-            self.pending[b.room] = _Pending(req, writer, addr, time.monotonic())
+            self.pending[b.room] = _Pending(req, writer, addr, time.monotonic(), p[start:n])
             self.jobs.put((addr, KvRequest(b.room, self.transport.session, self.notify, self.transport.base,
                                            self.transport.num_pages, start, p[start:n])))
 
@@ -114,6 +115,7 @@ class RemotePrefill:
         if not status.ok:
             self.failures += 1
             return [PrefillReport(p.writer, [p.req], error=status.error or "prefill failed", status=502)]
+        self.transport.landed(p.pages)
         return [PrefillReport(p.writer, [p.req], {p.req.rid: (status.token_id, status.logprob)})]
 
     def _fail(self, key: str, why: str, code: int) -> PrefillReport:
