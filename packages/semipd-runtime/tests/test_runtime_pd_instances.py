@@ -77,8 +77,12 @@ def test_decode_without_room_is_rejected(pair) -> None:
 
 
 def test_pd_pair_through_a_host_mirror_matches_unified(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU path with the non-CUDA Mooncake build: pages go pool -> host mirror -> peer mirror -> pool."""
+    """The GPU path with the non-CUDA Mooncake build: pages go pool -> host mirror -> peer mirror -> pool, in
+    several bounded Mooncake batches (a long prompt's scattered pages overflow one)."""
+    from semipd_runtime import kv_transfer
+
     monkeypatch.setenv("SEMIPD_KV_STAGING", "1")
+    monkeypatch.setattr(kv_transfer, "MAX_BATCH_ENTRIES", 7)
     prefill = Engine(disaggregation_mode="prefill", disaggregation_bootstrap_port=0, page_size=4)
     try:
         sender = prefill._client.core.kv_sender  # type: ignore[union-attr]

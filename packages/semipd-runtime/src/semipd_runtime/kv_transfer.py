@@ -19,6 +19,7 @@ import torch
 from semipd_memory import KVPool
 
 log = logging.getLogger(__name__)
+MAX_BATCH_ENTRIES = 1024  # (address, length) pairs per Mooncake batch write
 
 
 class MooncakeTransport:
@@ -71,9 +72,14 @@ class MooncakeTransport:
         if not srcs:
             return 0
         self._stage(src_pages, to_host=True)
-        rc = self.engine.batch_transfer_sync_write(session, srcs, dsts, lens)
-        if rc != 0:
-            raise RuntimeError(f"Mooncake batch_transfer_sync_write to {session} returned {rc}")
+        # bounded batches: the TCP transport rejects (-1, "lane queue-full") a batch of tens of thousands of
+        # entries, which scattered pages of an 8k prompt make (pages x layers x K/V)
+        for i in range(0, len(srcs), MAX_BATCH_ENTRIES):
+            j = i + MAX_BATCH_ENTRIES
+            rc = self.engine.batch_transfer_sync_write(session, srcs[i:j], dsts[i:j], lens[i:j])
+            if rc != 0:
+                raise RuntimeError(f"Mooncake batch_transfer_sync_write to {session} returned {rc} "
+                                   f"({len(srcs[i:j])} entries)")
         return sum(lens)
 
     def landed(self, pages: list[int]) -> None:
