@@ -30,7 +30,8 @@ import httpx
 
 from semipd_server.testing import ServerProcess, child_pids, proc_cmdline, scrape_metrics
 
-WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "by", "at", "from", "this", "that", "be", "it", "an", "or"]
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "are", "with", "as", "by", "at", "from",
+         "this", "that", "be", "it", "an", "or"]
 
 
 def _descendants(pid: int) -> list[int]:
