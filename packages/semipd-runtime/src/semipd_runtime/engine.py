@@ -33,6 +33,7 @@ from semipd_runtime.messages import (
     EngineStats,
     FromCore,
     Repartition,
+    RoomRejected,
     StatsRequest,
     StepOutput,
 )
@@ -131,6 +132,21 @@ class Engine:
         if pd_mode != "null" and bootstrap is None:
             raise InvalidRequestError(f"a {pd_mode} instance needs bootstrap_room (send requests through "
                                       "smg --pd-disaggregation)", param="bootstrap_room")
+        try:
+            return self._submit(prompt, params, request_id, sink, bootstrap)
+        except Exception as e:
+            if pd_mode == "prefill" and bootstrap is not None:
+                self.reject_room(bootstrap, params.n, str(e) or type(e).__name__)
+            raise
+
+    def reject_room(self, bootstrap: tuple[str, int | None, int | str], n: int, error: str) -> None:
+        """A prefill instance turns a PD request away (its `n` rooms): the decode side fails it at once."""
+        if self.config.semi_pd.disaggregation_mode == "prefill" and not self._dead:
+            self._client.send(RoomRejected([room_key(bootstrap[2], i) for i in range(max(n, 1))], error))
+
+    def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None, sink: Any,
+                bootstrap: tuple[str, int | None, int | str] | None) -> TrackedRequest:
+        pd_mode = self.config.semi_pd.disaggregation_mode
         params.validate(self.model_config.vocab_size)
         ids = self._prompt_ids(prompt)
         self._check_fits(len(ids), params)

@@ -40,6 +40,14 @@ class AbortRequest(msgspec.Struct, tag=True):
     reason: str = "abort"  # the front end aborts with "stop" when it matched a stop string
 
 
+class RoomRejected(msgspec.Struct, tag=True):
+    """A prefill instance turned a PD request away before it reached the core (queue full, bad input, unhealthy):
+    its decode side is told at once instead of waiting out the transfer timeout."""
+
+    rooms: list[str]
+    error: str
+
+
 class StatsRequest(msgspec.Struct, tag=True):
     pass
 
@@ -179,5 +187,5 @@ class PrefillReady(msgspec.Struct, tag=True):
 ToPrefill = PrefillBatch | Shutdown
 FromPrefill = PrefillDone | PrefillFailed | PrefillReady
 
-ToCore = AddRequest | AbortRequest | StatsRequest | Shutdown | Repartition
+ToCore = AddRequest | AbortRequest | RoomRejected | StatsRequest | Shutdown | Repartition
 FromCore = StepOutput | CoreReady | CoreFailure

@@ -8,11 +8,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from semipd_runtime.errors import EngineDeadError, InvalidRequestError
+from semipd_runtime.errors import EngineDeadError, InvalidRequestError, KvTransferError, SemipdError
 from semipd_runtime.messages import TokenEvent
 from semipd_runtime.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+_ERRORS: dict[int, type[SemipdError]] = {400: InvalidRequestError, 502: KvTransferError, 503: EngineDeadError}
 
 
 @dataclass(slots=True)
@@ -69,9 +72,10 @@ class TrackedRequest:
                 c.finish_reason = ev.finish_reason
                 if ev.finish_reason == "stop" and ev.token_ids:
                     c.stop_reason = ev.token_ids[-1]
-            if ev.error is not None and self.error is None and ev.status in (400, 503):
-                # rejected by the core (400) or its worker died (503); a timeout (504) just ends with "abort"
-                self.error = (InvalidRequestError if ev.status == 400 else EngineDeadError)(ev.error)
+            if ev.error is not None and self.error is None and ev.status in _ERRORS:
+                # rejected by the core (400), its worker died (503), the KV never came from the prefill instance
+                # (502); a timeout (504) just ends with "abort"
+                self.error = _ERRORS[ev.status](ev.error)
             if c.finish_reason is not None and self.finished:
                 self.metrics["finished"] = time.monotonic()
             return stop_hit

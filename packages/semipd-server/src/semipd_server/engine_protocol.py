@@ -71,6 +71,8 @@ class ServedEngine(Protocol):
         """Raises unless the engine core answers and reports itself healthy."""
         ...
 
+    def reject_room(self, bootstrap: tuple[str, int | None, int | str], n: int, error: str) -> None: ...
+
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
         bootstrap: Bootstrap | None = None,
