@@ -14,7 +14,6 @@ from semipd_runtime.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
-
 _ERRORS: dict[int, type[SemipdError]] = {400: InvalidRequestError, 502: KvTransferError, 503: EngineDeadError}
 
 
