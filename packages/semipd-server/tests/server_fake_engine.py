@@ -143,7 +143,7 @@ class FakeEngine:
         return EngineStats(num_running=len(self.active), pages_used=2 * len(self.active),
                            pages_total=self.pages_total, healthy=not self.dead)
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
+    def refresh_stats(self, timeout_s: float = 5.0, flush_cache: bool = False) -> EngineStats:
         if self.dead:
             raise EngineDeadError("engine core process died")
         return self.stats()

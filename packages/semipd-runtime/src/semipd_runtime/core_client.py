@@ -57,6 +57,8 @@ def core_loop(core: EngineCore, get: Callable[[float | None], list[ToCore]], emi
                     for room in msg.rooms:
                         core.kv_sender.reject(room, msg.error)
             elif isinstance(msg, StatsRequest):
+                if msg.flush_cache:
+                    core.cache.evict(core.cache.num_evictable_pages)
                 emit(StepOutput([], core.stats()))
             elif isinstance(msg, Repartition):
                 core.repartition(msg.prefill_percent, msg.decode_percent)  # no-op without an SM split

@@ -284,12 +284,13 @@ class Engine:
                 raise ValueError(f"{name} must be a number in [1, 100], got {v!r}")
         self._client.send(Repartition(float(prefill_percent), float(decode_percent)))
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
-        """Ask the core for fresh numbers (waits for its next report)."""
+    def refresh_stats(self, timeout_s: float = 5.0, flush_cache: bool = False) -> EngineStats:
+        """Ask the core for fresh numbers (waits for its next report); flush_cache: evict every cached prefix
+        page no request holds first."""
         if self._dead:
             raise EngineDeadError(self._dead)
         self._stats_event.clear()
-        self._client.send(StatsRequest())
+        self._client.send(StatsRequest(flush_cache))
         if not self._stats_event.wait(timeout_s) or self._dead:
             raise EngineDeadError(self._dead or "engine core did not answer")
         return self.stats()

@@ -17,6 +17,7 @@ import os
 import torch
 
 from semipd_memory import KVPool
+from semipd_runtime.pd_bootstrap import advertised_host
 
 log = logging.getLogger(__name__)
 MAX_BATCH_ENTRIES = 1024  # (address, length) pairs per Mooncake batch write
@@ -29,6 +30,7 @@ class MooncakeTransport:
         except ImportError as e:  # an extra: a plain install stays light
             raise RuntimeError("--disaggregation-transfer-backend mooncake needs the Mooncake transfer engine: "
                                "pip install 'semipd-server[pd]' (or mooncake-transfer-engine on CUDA)") from e
+        host = advertised_host(host)  # Mooncake's session name is what the peer dials
         self.engine = TransferEngine()
         rc = self.engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if rc != 0:

@@ -49,7 +49,7 @@ class RoomRejected(msgspec.Struct, tag=True):
 
 
 class StatsRequest(msgspec.Struct, tag=True):
-    pass
+    flush_cache: bool = False  # first evict every cached prefix page no request holds (/flush_cache)
 
 
 class Shutdown(msgspec.Struct, tag=True):

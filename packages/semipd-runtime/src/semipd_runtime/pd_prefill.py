@@ -22,7 +22,7 @@ import zmq
 
 from semipd_runtime.kv_transfer import MooncakeTransport
 from semipd_runtime.messages import EngineStats, TokenLogprobMsg
-from semipd_runtime.pd_bootstrap import BootstrapServer, register
+from semipd_runtime.pd_bootstrap import BootstrapServer, advertised_host, register
 from semipd_runtime.pd_types import KvLayout, KvRequest, KvStatus, PdEnv, RankInfo, ToPrefillSide
 from semipd_runtime.request import Request
 
@@ -62,11 +62,11 @@ class KvSender:
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         zport = self.pull.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"tcp://{host}:{zport}"
+        self.endpoint = f"tcp://{advertised_host(host)}:{zport}"
         self.net = threading.Thread(target=self._net_loop, name="kv-send-net", daemon=True)
         self.net.start()
         self.server = BootstrapServer(host, bootstrap_port)
-        register(host, self.server.port, RankInfo(0, transport.session, self.endpoint, layout))
+        register(advertised_host(host), self.server.port, RankInfo(0, transport.session, self.endpoint, layout))
 
     # --- core thread ----------------------------------------------------------------------------------------
     @property

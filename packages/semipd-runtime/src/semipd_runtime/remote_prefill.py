@@ -21,7 +21,7 @@ import zmq
 
 from semipd_runtime.kv_transfer import MooncakeTransport
 from semipd_runtime.messages import EngineStats
-from semipd_runtime.pd_bootstrap import alive, lookup
+from semipd_runtime.pd_bootstrap import advertised_host, alive, lookup
 from semipd_runtime.pd_types import KvLayout, KvRequest, KvStatus, PdEnv, RankInfo, RoomAbort
 from semipd_runtime.prefill_executor import PrefillReport
 from semipd_runtime.request import Request, RequestStatus
@@ -59,7 +59,7 @@ class RemotePrefill:
         self.failures = 0
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
-        self.notify = f"tcp://{host}:{self.pull.bind_to_random_port(f'tcp://{host}')}"
+        self.notify = f"tcp://{advertised_host(host)}:{self.pull.bind_to_random_port(f'tcp://{host}')}"
         self.dead: set[tuple[str, int]] = set()  # prefills whose heartbeat failed (set by the network thread)
         self._stop = threading.Event()
         self.net = threading.Thread(target=self._net_loop, name="remote-prefill-net", daemon=True)

@@ -63,8 +63,9 @@ class ServedEngine(Protocol):
         """The engine core's last report (a copy)."""
         ...
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
-        """Fresh numbers (one round trip to the core); raises if the core is dead or does not answer."""
+    def refresh_stats(self, timeout_s: float = 5.0, flush_cache: bool = False) -> EngineStats:
+        """Fresh numbers (one round trip to the core); raises if the core is dead or does not answer.
+        flush_cache: evict the prefix cache's unreferenced pages first."""
         ...
 
     async def check_health(self) -> None:

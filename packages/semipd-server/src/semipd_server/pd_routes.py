@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from semipd_server.errors import ApiError
+from semipd_runtime.errors import SemipdError
+from semipd_server.errors import ApiError, from_engine_error
 from semipd_server.state import ServerState
 
 
@@ -78,8 +79,15 @@ async def health_generate(request: Request) -> Response:
 
 
 async def flush_cache(request: Request) -> Response:
-    # cached prefix pages no request holds are evicted on demand; there is nothing a flush must free first
-    return JSONResponse({"success": True, "message": "cached pages are evicted on demand"})
+    """SGLang's /flush_cache: drop the prefix cache (pages running requests hold stay until they finish)."""
+    engine = _state(request).engine
+    try:
+        before = engine.stats().cached_pages
+        after = await asyncio.get_running_loop().run_in_executor(None, lambda: engine.refresh_stats(10.0, True))
+    except SemipdError as e:
+        return from_engine_error(e).response()
+    return JSONResponse({"success": True, "message": "Cache flushed.", "cached_pages_before": before,
+                         "cached_pages_after": after.cached_pages})
 
 
 ROUTES = [
