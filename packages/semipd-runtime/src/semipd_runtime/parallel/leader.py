@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -203,6 +204,28 @@ def start_ranks(cfg: EngineConfig, init_file: str) -> list[BaseProcess]:
     return procs
 
 
+def sweep_stale_rendezvous(root: str | None = None) -> list[str]:
+    """Remove rendezvous directories (semipd-tp-<pid>-*) whose leader is gone: a SIGKILLed leader cannot remove
+    its own. Returns what was removed."""
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob("semipd-tp-*-*"):
+        pid = d.name.split("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def create_tp_core(cfg: EngineConfig) -> EngineCore:
     """Rank 0's core (tp_size > 1), with the other ranks started and serving its steps; semi-PD: a prefill
     worker thread here and on every rank, all-reducing among themselves (`parallel/semipd.py`)."""
@@ -211,7 +234,8 @@ def create_tp_core(cfg: EngineConfig) -> EngineCore:
     semi_pd = cfg.semi_pd.mode == "semi-pd"
     if semi_pd:
         check_semi_pd(cfg)
-    tmpdir = tempfile.mkdtemp(prefix="semipd-tp-")
+    sweep_stale_rendezvous()
+    tmpdir = tempfile.mkdtemp(prefix=f"semipd-tp-{os.getpid()}-")
     rendezvous = os.path.join(tmpdir, "rendezvous")
     procs = start_ranks(cfg, rendezvous)
     try:
