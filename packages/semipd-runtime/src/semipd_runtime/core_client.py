@@ -32,7 +32,7 @@ from semipd_runtime.messages import (
     ToCore,
 )
 from semipd_runtime.partition import environment
-from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, parent_alive
+from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, ignore_terminal_interrupt, parent_alive
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class ThreadCoreClient:
 
 def run_core_process(cfg: EngineConfig, addrs: ChannelAddrs, log_level: int) -> None:
     """Entry point of the core process: load, report ready, serve until Shutdown or the parent is gone."""
+    ignore_terminal_interrupt()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s core %(name)s: %(message)s")
     chan: ZmqChannel[FromCore, ToCore] = ZmqChannel.connect(addrs, ToCore, peer_alive=parent_alive())
 

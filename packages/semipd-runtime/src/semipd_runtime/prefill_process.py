@@ -15,7 +15,7 @@ from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.partition import SmPartition, environment
 from semipd_runtime.prefill_worker import PrefillWorker, prefill_loop
-from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, parent_alive
+from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, ignore_terminal_interrupt, parent_alive
 
 if TYPE_CHECKING:
     from semipd_runtime.core import EngineCore
@@ -29,6 +29,7 @@ def run_prefill_process(
 ) -> None:
     from semipd_memory import KVPool, bind_tensors, import_tensors
 
+    ignore_terminal_interrupt()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s prefill %(name)s: %(message)s")
     chan: ZmqChannel[FromPrefill, ToPrefill] = ZmqChannel.connect(addrs, ToPrefill, peer_alive=parent_alive())
     try:

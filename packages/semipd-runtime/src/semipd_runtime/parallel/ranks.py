@@ -29,6 +29,7 @@ from semipd_runtime.models.loader import load_model
 from semipd_runtime.parallel.shard import TensorParallel, role_group
 from semipd_runtime.partition import SmPartition, create_partition
 from semipd_runtime.sampler import Sampler
+from semipd_runtime.zmq_channel import ignore_terminal_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,7 @@ def run_rank(rank: int, cfg: EngineConfig, init_file: str, parent: int, log_leve
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s"
     )
+    ignore_terminal_interrupt()
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     device = rank_device(cfg.device, rank)
     semi_pd = cfg.semi_pd.mode == "semi-pd"
