@@ -111,6 +111,8 @@ class PenaltyState:
             grown = torch.zeros((-(-num_rows // 16) * 16, vocab), dtype=torch.int32, device=device)
             if c is not None and c.shape[1] == vocab and c.device == device:
                 grown[: c.shape[0]].copy_(c)  # rows in use keep their counts
+                if c.is_cuda:  # allocated on an earlier stream maybe (a retired SM split): freed after this one
+                    c.record_stream(torch.cuda.current_stream(device))
             self.counts = c = grown
         return c
 
@@ -125,8 +127,9 @@ class PenaltyState:
         floats = to_device_parts([plan.presence, plan.frequency, plan.repetition, plan.bias_values],
                                  torch.float32, dev)
         out = logits.float()
-        if plan.bias_index:
-            out = out.index_put((ints[3], ints[4]), floats[3], accumulate=True)
+        if plan.bias_index:  # into a copy: the caller's logits stay the model's (logprobs)
+            out = out.clone()
+            out.view(-1).index_add_(0, ints[3] * vocab + ints[4], floats[3])
         if not dense:
             return out, None
         counts = self._counts(max(plan.rows) + 1, vocab, dev)
@@ -137,22 +140,24 @@ class PenaltyState:
 
     def count(self, pairs: Tensor, tokens: Tensor) -> None:
         """Add the sampled tokens of the (b, row) pairs that `apply` returned."""
-        assert self.counts is not None
-        toks = tokens.index_select(0, pairs[0])
-        self.counts.index_put_((pairs[1], toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
+        c = self.counts
+        assert c is not None
+        flat = pairs[1] * c.shape[1] + tokens.index_select(0, pairs[0])
+        c.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
     @staticmethod
     def _rebuild(counts: Tensor, plan: PenaltyPlan, prev_tokens: Tensor | None) -> None:
         rows, p_rows, p_ids, o_rows, o_ids = to_device_parts(
             [plan.init_rows, plan.prompt_rows, plan.prompt_ids, plan.output_rows, plan.output_ids], torch.long,
             counts.device)
+        vocab, flat = counts.shape[1], counts.view(-1)
         counts.index_fill_(0, rows, 0)
         if plan.prompt_ids:
-            counts.index_put_((p_rows, p_ids), counts.new_full((), PROMPT_BIT))
+            flat.index_fill_(0, p_rows * vocab + p_ids, PROMPT_BIT)  # repeated ids: the same bit, set again
         if plan.output_ids:
             if min(plan.output_ids) < 0:
                 o_ids = fill_placeholders(o_ids, prev_tokens)
-            counts.index_put_((o_rows, o_ids), torch.ones_like(o_ids, dtype=torch.int32), accumulate=True)
+            flat.index_add_(0, o_rows * vocab + o_ids, torch.ones_like(o_ids, dtype=torch.int32))
 
 
 class PenaltyRows:
@@ -167,6 +172,8 @@ class PenaltyRows:
 
     def plan(self, reqs: Sequence[Request]) -> PenaltyPlan | None:
         """The plan for sampling one token of each of reqs (their output_ids end before it)."""
+        if not any(needs_plan(r.sampling) for r in reqs):
+            return None  # the common case, checked before any list is built
 
         def row_of(b: int) -> tuple[int, tuple[Sequence[int], Sequence[int]] | None]:
             req = reqs[b]
