@@ -33,6 +33,7 @@ _TRITON_MODULES = {
     "decode_attention": "decode_attention",
     "prefill_attention": "prefill_attention",
     "sample": "sampling",
+    "apply_penalties": "penalties",
 }
 
 
@@ -156,3 +157,14 @@ def sample(
     steps: Tensor,
 ) -> Tensor:
     return _pick("sample", logits)(logits, temperature, top_k, top_p, min_p, seeds, steps)
+
+
+def apply_penalties(
+    logits: Tensor,
+    token_counts: Tensor,
+    rows: Tensor,
+    presence: Tensor,
+    frequency: Tensor,
+    repetition: Tensor,
+) -> Tensor:
+    return _pick("apply_penalties", logits)(logits, token_counts, rows, presence, frequency, repetition)

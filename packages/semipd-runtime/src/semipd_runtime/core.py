@@ -34,6 +34,7 @@ from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.observer import CoreObserver
 from semipd_runtime.pd_prefill import KvSender
+from semipd_runtime.penalties import PenaltyRows
 from semipd_runtime.prefill_executor import LocalPrefill, PrefillExecutor, PrefillReport
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import SampledTokens, Sampler
@@ -99,6 +100,7 @@ class EngineCore:
         )
         self.sampler = Sampler()
         self.eos = set(cfg.model.eos_token_ids)
+        self.penalty_rows = PenaltyRows(self.eos)  # which request's token counts each sampler state row holds
         self.num_steps = 0
         self.pending: list[TokenEvent] = []  # events produced outside step() (aborts, rejections)
         self.scheduler.ends = self._ends
@@ -343,7 +345,8 @@ class EngineCore:
         reqs = [batch.requests[i] for i in sample_rows]
         sampled = None
         if reqs:
-            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], [len(r.output_ids) for r in reqs])
+            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], [len(r.output_ids) for r in reqs],
+                                          self.penalty_rows.plan(reqs))
         index = []
         for j, req in enumerate(reqs):
             index.append(len(req.output_ids))

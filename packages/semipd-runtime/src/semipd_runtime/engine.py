@@ -175,7 +175,10 @@ class Engine:
                 temperature=float(params.temperature), top_p=float(params.top_p), top_k=int(params.top_k),
                 min_p=float(params.min_p), seed=(base_seed + i) % (1 << 63), max_tokens=params.max_tokens,
                 stop_token_ids=list(params.stop_token_ids or []), ignore_eos=params.ignore_eos,
-                logprobs=params.logprobs)
+                logprobs=params.logprobs, presence_penalty=float(params.presence_penalty),
+                frequency_penalty=float(params.frequency_penalty),
+                repetition_penalty=float(params.repetition_penalty), min_tokens=params.min_tokens,
+                logit_bias={t: float(v) for t, v in (params.logit_bias or {}).items()})
             boot = None
             if pd_mode != "null" and bootstrap is not None:
                 boot = Bootstrap(bootstrap[0], bootstrap[1] or 0, room_key(bootstrap[2], i))

@@ -17,6 +17,12 @@ class CoreSampling(msgspec.Struct, frozen=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    # applied on the device before temperature / top-k / top-p (`penalties.py`)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens are out
+    logit_bias: dict[int, float] = {}
 
 
 class Bootstrap(msgspec.Struct, frozen=True):

@@ -134,5 +134,12 @@ class ModelRunner:
             logits = self.model(ids, meta)
             if sample is not None:
                 sample(logits, [greedy] * len(lens), [0] * len(lens))
+        # the penalty kernel, whose one specialisation serves every batch (sampler.py runs it only for batches
+        # that use penalties: compiled here, not in the first such request's step)
+        vocab = self.model.config.vocab_size
+        one = torch.ones(1, device=self.device)
+        ops.apply_penalties(torch.zeros((1, vocab), device=self.device),
+                            torch.zeros((1, vocab), dtype=torch.int32, device=self.device),
+                            torch.zeros(1, dtype=torch.long, device=self.device), one, one, one)
         torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t0

@@ -38,7 +38,7 @@ def run_prefill_process(
         model = bind_tensors(lambda: LlamaForCausalLM(model_cfg), weights)
         kv_pool = KVPool.from_buffer(kv_buffer, **kv_shape)
         runner = ModelRunner(model, kv_pool, cfg.scheduler.page_size, cfg.max_model_len)
-        worker = PrefillWorker(runner, cfg.scheduler.max_prefill_tokens)
+        worker = PrefillWorker(runner, cfg.scheduler.max_prefill_tokens, cfg.model.eos_token_ids)
         worker.warm_up()  # before ready: a standby takes batches only once its kernels are compiled
         tensors = list(weights.values()) + [kv_buffer]
         all_shared = all(t.is_cuda or t.is_shared() for t in tensors)

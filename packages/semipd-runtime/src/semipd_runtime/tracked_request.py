@@ -44,7 +44,10 @@ class TrackedRequest:
             _Completion(IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens))
             for _ in range(params.n)
         ]
-        self._hold = max((len(s) for s in params.stop_list), default=1) - 1
+        # a stop string may begin up to `_lookback` chars before new text; unless it is kept in the output,
+        # that much text is held back from a stream until it is known not to start one
+        self._lookback = max((len(s) for s in params.stop_list), default=1) - 1
+        self._hold = 0 if params.include_stop_str_in_output else self._lookback
         self._lock = threading.Lock()
         self.metrics: dict[str, float] = {"arrival": time.monotonic()}
 
@@ -64,9 +67,10 @@ class TrackedRequest:
             if ev.logprobs:
                 c.logprobs += [TokenLogprob(m.token_id, m.logprob, [(tid, lp) for tid, lp in m.top])
                                for m in ev.logprobs]
-            start = max(0, len(c.text) - self._hold)
+            start = max(0, len(c.text) - self._lookback)
             c.text += c.detok.add(ev.token_ids)
-            stop_hit = self._apply_stop_strings(c, start)
+            # min_tokens: no stop string ends it before then (the core bans EOS and stop ids until then)
+            stop_hit = len(c.token_ids) >= self.params.min_tokens and self._apply_stop_strings(c, start)
             if not stop_hit and ev.finish_reason is not None:
                 c.finish_reason = ev.finish_reason
                 if ev.finish_reason == "stop" and ev.token_ids:
@@ -87,7 +91,7 @@ class TrackedRequest:
                 best = (pos, s)
         if best is None:
             return False
-        c.text = c.text[: best[0]]
+        c.text = c.text[: best[0] + (len(best[1]) if self.params.include_stop_str_in_output else 0)]
         c.finish_reason, c.stop_reason = "stop", best[1]
         return True
 

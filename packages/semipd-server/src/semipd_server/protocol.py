@@ -2,7 +2,7 @@
 
 Every problem becomes an ApiError(400) naming the offending field (`param`), so a client sees exactly what to
 fix. Unknown fields are rejected rather than silently ignored, and OpenAI fields we accept but cannot honour
-(penalties, logit_bias, suffix, best_of > n, ...) are rejected unless they hold their no-op value."""
+(suffix, best_of > n, ...) are rejected unless they hold their no-op value."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # keys: token ids as strings (JSON object keys)
     user: str | None = None
     # extensions (vLLM / SGLang names)
     top_k: int | None = None
@@ -44,6 +44,9 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
     bootstrap_host: str | list[str] | None = None
     bootstrap_port: int | list[int | None] | None = None
@@ -97,6 +100,14 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     n: int = 1
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int | None = None
+    min_new_tokens: int | None = None  # SGLang's name of min_tokens
+    logit_bias: dict[str, float] | None = None
+    include_stop_str_in_output: bool | None = None
+    no_stop_trim: bool | None = None  # SGLang's name of include_stop_str_in_output
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -151,13 +162,16 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise bad_request("JSON is nested too deeply", code="invalid_json") from None
 
 
-def _reject_unsupported(req: SamplingFields) -> None:
-    if req.presence_penalty != 0.0:
-        raise bad_request("presence_penalty is not supported (only 0)", "presence_penalty", "unsupported")
-    if req.frequency_penalty != 0.0:
-        raise bad_request("frequency_penalty is not supported (only 0)", "frequency_penalty", "unsupported")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
+def logit_bias(bias: dict[str, float] | None, param: str) -> dict[int, float] | None:
+    """JSON object keys are strings: each must be a token id."""
+    if bias is None:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param)
+        out[int(key)] = value
+    return out
 
 
 def _max_tokens(value: int | None, param: str) -> int | None:
@@ -181,6 +195,12 @@ def build_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> 
         n=req.n,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
+        frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_tokens=req.min_tokens,
+        logit_bias=logit_bias(req.logit_bias, "logit_bias"),
+        include_stop_str_in_output=req.include_stop_str_in_output,
     )
     return checked(params)
 
@@ -220,7 +240,6 @@ def _is_token(x: object) -> bool:
 
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
-    _reject_unsupported(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix", "unsupported")
     if req.best_of is not None and req.best_of != req.n:
@@ -280,7 +299,6 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
 
 
 def chat_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
-    _reject_unsupported(req)
     if req.response_format is not None and req.response_format.type != "text":
         raise bad_request(
             f"response_format {req.response_format.type!r} is not supported (only 'text')",
@@ -305,11 +323,19 @@ def generate_prompt(req: GenerateRequest) -> str | list[int]:
     return req.text  # type: ignore[return-value]
 
 
+def _one_of(ours: T | None, sglang: T | None, names: tuple[str, str]) -> T | None:
+    """A native field given under our name or SGLang's (not both, unless equal)."""
+    if ours is not None and sglang is not None and ours != sglang:
+        raise bad_request(f"give {names[0]} or {names[1]}, not both", f"sampling_params.{names[1]}")
+    return sglang if sglang is not None else ours
+
+
 def generate_params(req: GenerateRequest) -> SamplingParams:
     sp = req.sampling_params or NativeSamplingParams()
-    if sp.max_tokens is not None and sp.max_new_tokens is not None and sp.max_tokens != sp.max_new_tokens:
-        raise bad_request("give max_tokens or max_new_tokens, not both", "sampling_params.max_new_tokens")
-    max_tokens = sp.max_new_tokens if sp.max_new_tokens is not None else sp.max_tokens
+    max_tokens = _one_of(sp.max_tokens, sp.max_new_tokens, ("max_tokens", "max_new_tokens"))
+    min_tokens = _one_of(sp.min_tokens, sp.min_new_tokens, ("min_tokens", "min_new_tokens"))
+    keep_stop = _one_of(sp.include_stop_str_in_output, sp.no_stop_trim, ("include_stop_str_in_output",
+                                                                          "no_stop_trim"))
     params = SamplingParams(
         temperature=sp.temperature,
         top_p=sp.top_p,
@@ -323,10 +349,18 @@ def generate_params(req: GenerateRequest) -> SamplingParams:
         n=sp.n,
         logprobs=sp.logprobs,
         skip_special_tokens=sp.skip_special_tokens,
+        presence_penalty=sp.presence_penalty,
+        frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty,
+        min_tokens=min_tokens or 0,
+        logit_bias=logit_bias(sp.logit_bias, "sampling_params.logit_bias"),
+        include_stop_str_in_output=bool(keep_stop),
     )
     try:
         params.validate()
     except InvalidRequestError as e:
-        param = "max_new_tokens" if e.param == "max_tokens" and sp.max_new_tokens is not None else e.param
+        sglang = {"max_tokens": sp.max_new_tokens, "min_tokens": sp.min_new_tokens}  # name the field as sent
+        param = e.param or ""
+        param = param if sglang.get(param) is None else param.replace("_tokens", "_new_tokens")
         raise ApiError(400, e.message, param=f"sampling_params.{param}") from None
     return params

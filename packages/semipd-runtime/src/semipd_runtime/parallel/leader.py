@@ -48,6 +48,7 @@ from semipd_runtime.parallel.ranks import (
 from semipd_runtime.parallel.semipd import check_semi_pd, prefill_executor_factory
 from semipd_runtime.parallel.shard import check_tp_size
 from semipd_runtime.partition import environment
+from semipd_runtime.penalties import PenaltyPlan
 from semipd_runtime.prefill_executor import PrefillTiming
 from semipd_runtime.request import Request
 from semipd_runtime.sampler import SampledTokens, Sampler
@@ -154,13 +155,15 @@ class LeaderSampler:
     def __init__(self, inner: Sampler, ranks: RankChannel) -> None:
         self.inner, self.ranks = inner, ranks
 
-    def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int]) -> SampledTokens:
-        self.ranks.send(Sample(no_logprobs(params), steps))
-        return self.inner.sample(logits, params, steps)
+    def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
+               plan: PenaltyPlan | None = None) -> SampledTokens:
+        # the plan too: every rank keeps the same penalty state, so that it samples the same tokens
+        self.ranks.send(Sample(no_logprobs(params), steps, plan))
+        return self.inner.sample(logits, params, steps, plan)
 
-    def __call__(self, logits: Tensor, params: list[CoreSampling],
-                 steps: list[int]) -> tuple[list[int], list[TokenLogprobMsg | None]]:
-        return self.sample(logits, params, steps).read()
+    def __call__(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
+                 plan: PenaltyPlan | None = None) -> tuple[list[int], list[TokenLogprobMsg | None]]:
+        return self.sample(logits, params, steps, plan).read()
 
 
 class RankWatch:
