@@ -133,12 +133,12 @@ def test_malformed_bodies(raw: bytes, param: str | None, code: str) -> None:
 def test_chat_message_paths_in_errors() -> None:
     e = error_of(decode_body, b'{"messages": [{"role": "user", "content": 5}]}', ChatCompletionRequest)
     assert e.param == "messages[0].content"
-    e = error_of(chat_messages, chat(messages=[{"role": "tool", "content": "x"}]))
+    e = error_of(chat_messages, chat(messages=[{"role": "tool", "content": "x"}]).messages)
     assert e.param == "messages[0].role"
-    e = error_of(chat_messages, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
+    e = error_of(chat_messages, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).messages)
     assert e.param == "messages[0].content[0].type"
-    assert error_of(chat_messages, chat(messages=[])).param == "messages"
-    assert error_of(chat_messages, decode_body(b"{}", ChatCompletionRequest)).param == "messages"
+    assert error_of(chat_messages, chat(messages=[]).messages).param == "messages"
+    assert error_of(chat_messages, decode_body(b"{}", ChatCompletionRequest).messages).param == "messages"
 
 
 def test_chat_messages_and_limits() -> None:
@@ -148,7 +148,7 @@ def test_chat_messages_and_limits() -> None:
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         ]
     )
-    assert chat_messages(req) == [
+    assert chat_messages(req.messages) == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "ab"},
     ]

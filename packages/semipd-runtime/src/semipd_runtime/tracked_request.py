@@ -43,6 +43,7 @@ class TrackedRequest:
             for _ in range(params.n)
         ]
         self._hold = max((len(s) for s in params.stop_list), default=1) - 1
+        self._stop_ids = frozenset(params.stop_token_ids or ())
         self._lock = threading.Lock()
         self.metrics: dict[str, float] = {"arrival": time.monotonic()}
 
@@ -67,7 +68,8 @@ class TrackedRequest:
             stop_hit = self._apply_stop_strings(c, start)
             if not stop_hit and ev.finish_reason is not None:
                 c.finish_reason = ev.finish_reason
-                if ev.finish_reason == "stop" and ev.token_ids:
+                # vLLM's convention: an int names a matched stop_token_ids entry; EOS leaves it None
+                if ev.finish_reason == "stop" and ev.token_ids and ev.token_ids[-1] in self._stop_ids:
                     c.stop_reason = ev.token_ids[-1]
             if ev.error is not None and self.error is None and ev.status in (400, 503):
                 # rejected by the core (400) or its worker died (503); a timeout (504) just ends with "abort"

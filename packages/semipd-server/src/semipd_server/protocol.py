@@ -2,10 +2,13 @@
 
 Every problem becomes an ApiError(400) naming the offending field (`param`), so a client sees exactly what to
 fix. Unknown fields are rejected rather than silently ignored, and OpenAI fields we accept but cannot honour
-(penalties, logit_bias, suffix, best_of > n, ...) are rejected unless they hold their no-op value."""
+(penalties, logit_bias, suffix, best_of > n, ...) are rejected unless they hold their no-op value. Fields that
+cannot change the output (`user`, `service_tier`, `metadata`, `store`, `spaces_between_special_tokens` with a
+fast tokenizer, `separate_reasoning` without a reasoning parser, ...) are accepted and logged at debug level."""
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, TypeVar
 
@@ -16,10 +19,12 @@ from semipd_runtime.sampling_params import SamplingParams
 from semipd_server.errors import ApiError, bad_request
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage (so far) in every chunk
 
 
 class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
@@ -38,12 +43,16 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
     # extensions (vLLM / SGLang names)
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
     bootstrap_host: str | list[str] | None = None
     bootstrap_port: int | list[int | None] | None = None
@@ -56,6 +65,7 @@ class CompletionRequest(SamplingFields, forbid_unknown_fields=True):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM: BOS (and the like) on a text prompt
 
 
 class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,10 +85,15 @@ class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
 
 class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True):
     messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True  # vLLM; also settable through chat_template_kwargs
+    chat_template_kwargs: dict[str, Any] | None = None  # variables for the chat template (vLLM / SGLang)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    # SGLang: split reasoning from content with its --reasoning-parser; without one the text is left whole
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
 
 class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -97,6 +112,7 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     n: int = 1
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -105,6 +121,10 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
     sampling_params: NativeSamplingParams | None = None
     stream: bool = False
     rid: str | None = None
+    # SGLang's logprob fields (sampling_params.logprobs is the same thing under SamplingParams' name)
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # prompt logprobs are not computed: only -1
     bootstrap_host: str | list[str] | None = None
     bootstrap_port: int | list[int | None] | None = None
     bootstrap_room: int | list[int] | None = None
@@ -151,7 +171,30 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise bad_request("JSON is nested too deeply", code="invalid_json") from None
 
 
+# field -> its no-op value, and why ignoring any other value leaves the output as it is
+_IGNORED: dict[str, tuple[Any, str]] = {
+    "user": (None, "no per-user state"),
+    "service_tier": (None, "one tier here"),
+    "metadata": (None, "nothing is stored"),
+    "store": (None, "nothing is stored"),
+    "spaces_between_special_tokens": (True, "fast tokenizers decode special tokens as they are"),
+    "separate_reasoning": (True, "no reasoning parser: the text is left whole"),
+    "stream_reasoning": (True, "no reasoning parser: the text is left whole"),
+}
+
+
+def note_ignored(req: msgspec.Struct) -> None:
+    """Debug-log the accepted fields that have no effect here (set to anything but their no-op value)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for name, (noop, why) in _IGNORED.items():
+        value = getattr(req, name, noop)
+        if value != noop:
+            log.debug("%s=%r accepted and ignored: %s", name, value, why)
+
+
 def _reject_unsupported(req: SamplingFields) -> None:
+    note_ignored(req)
     if req.presence_penalty != 0.0:
         raise bad_request("presence_penalty is not supported (only 0)", "presence_penalty", "unsupported")
     if req.frequency_penalty != 0.0:
@@ -236,14 +279,14 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
 _ROLES = {"system", "developer", "user", "assistant"}
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_messages(messages: list[ChatMessage] | None) -> list[dict[str, str]]:
     """Messages as plain dicts for the chat template; text content parts are joined."""
-    if req.messages is None:
+    if messages is None:
         raise bad_request("messages is required", "messages", "missing_required_parameter")
-    if not req.messages:
+    if not messages:
         raise bad_request("messages must contain at least one message", "messages")
     out: list[dict[str, str]] = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(messages):
         if m.role not in _ROLES:
             raise bad_request(
                 f"role {m.role!r} is not supported; use one of {sorted(_ROLES)}", f"messages[{i}].role"
@@ -270,6 +313,20 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
         # templates know system/user/assistant; OpenAI's newer "developer" role is the system prompt
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
+
+
+_TEMPLATE_OWN = ("messages", "tools", "documents")  # variables the server itself passes to the template
+
+
+def template_kwargs(add_generation_prompt: bool, chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Variables for the chat template: `chat_template_kwargs` (which may also set add_generation_prompt, as in
+    vLLM) over `add_generation_prompt`."""
+    extra = dict(chat_template_kwargs or {})
+    for key in _TEMPLATE_OWN:
+        if key in extra:
+            raise bad_request(f"chat_template_kwargs must not set {key!r} (the request's own fields do)",
+                              f"chat_template_kwargs.{key}")
+    return {"add_generation_prompt": add_generation_prompt, **extra}
 
 
 def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
@@ -310,6 +367,7 @@ def generate_params(req: GenerateRequest) -> SamplingParams:
     if sp.max_tokens is not None and sp.max_new_tokens is not None and sp.max_tokens != sp.max_new_tokens:
         raise bad_request("give max_tokens or max_new_tokens, not both", "sampling_params.max_new_tokens")
     max_tokens = sp.max_new_tokens if sp.max_new_tokens is not None else sp.max_tokens
+    note_ignored(sp)
     params = SamplingParams(
         temperature=sp.temperature,
         top_p=sp.top_p,
@@ -321,7 +379,7 @@ def generate_params(req: GenerateRequest) -> SamplingParams:
         stop_token_ids=sp.stop_token_ids,
         ignore_eos=sp.ignore_eos,
         n=sp.n,
-        logprobs=sp.logprobs,
+        logprobs=_generate_logprobs(req, sp),
         skip_special_tokens=sp.skip_special_tokens,
     )
     try:
@@ -330,3 +388,18 @@ def generate_params(req: GenerateRequest) -> SamplingParams:
         param = "max_new_tokens" if e.param == "max_tokens" and sp.max_new_tokens is not None else e.param
         raise ApiError(400, e.message, param=f"sampling_params.{param}") from None
     return params
+
+
+def _generate_logprobs(req: GenerateRequest, sp: NativeSamplingParams) -> int | None:
+    """Top logprobs per token from SGLang's return_logprob + top_logprobs_num or from sampling_params.logprobs."""
+    if req.logprob_start_len != -1:
+        raise bad_request("logprob_start_len: prompt logprobs are not supported (only -1)", "logprob_start_len",
+                          "unsupported")
+    if not req.return_logprob:
+        if req.top_logprobs_num:
+            raise bad_request("top_logprobs_num needs return_logprob", "top_logprobs_num")
+        return sp.logprobs
+    if sp.logprobs is not None and sp.logprobs != req.top_logprobs_num:
+        raise bad_request("give return_logprob + top_logprobs_num or sampling_params.logprobs, not both",
+                          "top_logprobs_num")
+    return req.top_logprobs_num
