@@ -136,7 +136,7 @@ def _detokenize(state: ServerState, body: bytes) -> dict[str, Any]:
     for t in req.tokens:
         if t < 0 or (vocab is not None and t >= vocab):
             raise bad_request(f"token id {t} is outside the vocabulary", "tokens")
-    return {"prompt": state.prep.decode(req.tokens)}
+    return {"prompt": state.prep.decode(req.tokens, skip_special_tokens=False)}  # as vLLM: the tokens, all of them
 
 
 async def detokenize(request: Request) -> Response:

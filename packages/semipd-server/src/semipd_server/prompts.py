@@ -102,8 +102,8 @@ class PromptPrep:
         self.check_chars(len(text), "messages")
         return text
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids))
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
