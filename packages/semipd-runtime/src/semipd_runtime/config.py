@@ -107,7 +107,8 @@ class SchedulerOptions:
 class SemiPDOptions:
     mode: str = knob("unified", "unified: chunked prefill mixed with decode; semi-pd: separate prefill and decode "
                      "workers", flags=("--mode",), choices=MODES, group="pd")
-    sm_partition: str = knob("none", "how semi-pd confines each worker to its share of SMs",
+    sm_partition: str = knob("none", "how semi-pd confines each worker to its share of SMs (semipd-server's default: "
+                             "green on a CUDA device, none on CPU)",
                              flags=("--sm-partition",), choices=tuple(PARTITIONS), group="pd")
     prefill_sm_percent: int | None = knob(None, "prefill worker's SM share (semi-pd; default: "
                                           "$SEMI_PD_PREFILL_SM_PERCENTILE, else 50)",

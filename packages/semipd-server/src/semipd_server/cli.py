@@ -20,6 +20,7 @@ from semipd_runtime.config import CliKnob, cli_knobs
 from semipd_runtime.knobs import Knob, check_value
 from semipd_server.app import build_app
 from semipd_server.engine_protocol import ServedEngine
+from semipd_server.help_format import HelpFormatter
 from semipd_server.lifecycle import EXIT_CORE_DIED, Lifecycle
 from semipd_server.state import ServerState
 
@@ -73,16 +74,6 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" unless the help already explains the default or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.const is False:
-            return text
-        return f"{text} (default: {action.default})"
-
-
 def _add_knob(group: argparse._ArgumentGroup, ck: CliKnob) -> None:
     k = ck.knob
     metavar = k.flags[0].lstrip("-").upper().replace("-", "_")
@@ -102,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Engine flags come from the engine's config knobs (semipd_runtime.config): each is written once there."""
     p = argparse.ArgumentParser(
         prog="semipd-server",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="OpenAI-compatible server for semipd (semi-disaggregated prefill/decode on one GPU).",
     )
     groups = {"model": p.add_argument_group("model"), "http": p.add_argument_group("HTTP"),
