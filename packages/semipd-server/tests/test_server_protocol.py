@@ -8,18 +8,16 @@ import pytest
 
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from semipd_server.errors import ApiError, from_engine_error
+from semipd_server.native_protocol import GenerateRequest, generate_params, generate_prompt
 from semipd_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    GenerateRequest,
     chat_max_tokens,
     chat_messages,
     chat_params,
     completion_params,
     completion_prompts,
     decode_body,
-    generate_params,
-    generate_prompt,
 )
 from semipd_server.sse import DONE, parse_sse, sse_event
 

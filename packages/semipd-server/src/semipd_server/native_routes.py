@@ -15,9 +15,10 @@ from semipd_runtime import CompletionOutput, RequestOutput, SamplingParams
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
+from semipd_server.native_protocol import GenerateRequest, generate_params, generate_prompt
 from semipd_server.openai_format import TokenStrings
 from semipd_server.pd_fields import bootstraps
-from semipd_server.protocol import GenerateRequest, decode_body, generate_params, generate_prompt
+from semipd_server.protocol import decode_body
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
 
