@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from semipd_runtime.models.default_model import default_model_path
+from semipd_runtime.tokenizer import Tokenizer
 from semipd_server.testing import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -102,10 +103,12 @@ def test_stop_reason(v1: openai.OpenAI, root: openai.OpenAI) -> None:
     assert (r.choices[0].finish_reason, r.choices[0].stop_reason) == ("stop", second)  # type: ignore[attr-defined]
     r = v1.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stop=[" is"])
     assert r.choices[0].finish_reason in ("stop", "length")
-    # a chat reply that ends at EOS: stop_reason null, as vLLM reports it
+    # a chat reply that ends at EOS: stop_reason null, as vLLM reports it, even with EOS among stop_token_ids
     msgs: Any = [{"role": "user", "content": "Say OK."}]
-    chat = v1.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0)
-    assert chat.choices[0].finish_reason == "stop" and chat.choices[0].stop_reason is None  # type: ignore[attr-defined]
+    eos = Tokenizer.from_dir(default_model_path()).eos_token_ids
+    for extra in ({}, {"stop_token_ids": eos}):
+        chat = v1.chat.completions.create(model=MODEL, messages=msgs, max_tokens=64, temperature=0, extra_body=extra)
+        assert chat.choices[0].finish_reason == "stop" and chat.choices[0].stop_reason is None  # type: ignore[attr-defined]
     gen: Any = root.post("/generate", body={"text": "The capital of France is", "sampling_params":
                                             {"max_new_tokens": 8, "temperature": 0, "stop_token_ids": [second]}},
                          cast_to=object)

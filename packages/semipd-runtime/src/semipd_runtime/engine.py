@@ -145,7 +145,7 @@ class Engine:
         if not self._stats.healthy and not self._stats.recovering:
             raise EngineDeadError(self._stats.health_error or "engine is unhealthy")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
-        req = TrackedRequest(rid, ids, params, self.tokenizer, sink)
+        req = TrackedRequest(rid, ids, params, self.tokenizer, sink, self.config.model.eos_token_ids)
         base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
         with self._lock:
             if any(r.request_id == rid for r, _ in self._subs.values()):
