@@ -281,7 +281,8 @@ def test_metrics_parse_and_counters_move(server: ServerProcess) -> None:
         },
     )
     body = r.json()
-    assert r.status_code == 200 and len(body["output_ids"]) == 4 and body["finish_reason"] == "length"
+    assert r.status_code == 200 and len(body["output_ids"]) == 4
+    assert body["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
     after = metrics(server)
     assert after["semipd:generation_tokens_total{}"] - before["semipd:generation_tokens_total{}"] == 4
     assert (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from semipd_runtime import CompletionOutput, EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from semipd_runtime.config import EngineConfig
@@ -25,10 +26,13 @@ class CharTokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return chr(token_id)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
         if messages[0]["role"] == "assistant":
             raise ValueError("conversation must not start with the assistant")
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        # a template variable shows up in front, so a test sees it reached the template
+        text = "".join(f"<{k}={v}>" for k, v in sorted(template_kwargs.items()))
+        text += "".join(f"<{m['role']}>{m['content']}" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
 

@@ -8,18 +8,16 @@ import pytest
 
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from semipd_server.errors import ApiError, from_engine_error
+from semipd_server.native_protocol import GenerateRequest, generate_params, generate_prompt
 from semipd_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    GenerateRequest,
     chat_max_tokens,
     chat_messages,
     chat_params,
     completion_params,
     completion_prompts,
     decode_body,
-    generate_params,
-    generate_prompt,
 )
 from semipd_server.sse import DONE, parse_sse, sse_event
 
@@ -139,12 +137,12 @@ def test_malformed_bodies(raw: bytes, param: str | None, code: str) -> None:
 def test_chat_message_paths_in_errors() -> None:
     e = error_of(decode_body, b'{"messages": [{"role": "user", "content": 5}]}', ChatCompletionRequest)
     assert e.param == "messages[0].content"
-    e = error_of(chat_messages, chat(messages=[{"role": "tool", "content": "x"}]))
+    e = error_of(chat_messages, chat(messages=[{"role": "tool", "content": "x"}]).messages)
     assert e.param == "messages[0].role"
-    e = error_of(chat_messages, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
+    e = error_of(chat_messages, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).messages)
     assert e.param == "messages[0].content[0].type"
-    assert error_of(chat_messages, chat(messages=[])).param == "messages"
-    assert error_of(chat_messages, decode_body(b"{}", ChatCompletionRequest)).param == "messages"
+    assert error_of(chat_messages, chat(messages=[]).messages).param == "messages"
+    assert error_of(chat_messages, decode_body(b"{}", ChatCompletionRequest).messages).param == "messages"
 
 
 def test_chat_messages_and_limits() -> None:
@@ -154,7 +152,7 @@ def test_chat_messages_and_limits() -> None:
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         ]
     )
-    assert chat_messages(req) == [
+    assert chat_messages(req.messages) == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "ab"},
     ]

@@ -44,7 +44,7 @@ from semipd_runtime.parallel.shard import check_tp_size
 from semipd_runtime.partition import partition_class
 from semipd_runtime.pd_types import room_key
 from semipd_runtime.sampling_params import SamplingParams
-from semipd_runtime.tokenizer import Tokenizer
+from semipd_runtime.tokenizer import Tokenizer, load_chat_template
 from semipd_runtime.tracked_request import TrackedRequest
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,10 @@ class Engine:
         self.model_path = path
         self.model_name = path.name if config.model.model_path is not None else "SmolLM2-135M-Instruct"
         self.model_config = ModelConfig.from_dir(path)
-        self.tokenizer = Tokenizer.from_dir(path)
+        m = config.model
+        self.tokenizer = Tokenizer.from_dir(Path(m.tokenizer_path).expanduser() if m.tokenizer_path else path)
+        if m.chat_template is not None:
+            self.tokenizer.chat_template = load_chat_template(m.chat_template)
         eos = set(self.tokenizer.eos_token_ids)
         gen_cfg = path / "generation_config.json"
         if gen_cfg.is_file():
@@ -91,6 +94,8 @@ class Engine:
         self._stats_event = threading.Event()
         self._dead: str | None = None
         self._ids = itertools.count()
+        # draws the seeds of requests that send none: --seed makes a whole run reproducible
+        self._seeds = random.Random(cfg.model.seed)
         part = partition_class(cfg.semi_pd.sm_partition)
         self._client: ThreadCoreClient | ProcessCoreClient
         if self.mode == "semi-pd" and part.needs_core_process:
@@ -156,8 +161,8 @@ class Engine:
         if not self._stats.healthy and not self._stats.recovering:
             raise EngineDeadError(self._stats.health_error or "engine is unhealthy")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
-        req = TrackedRequest(rid, ids, params, self.tokenizer, sink)
-        base_seed = params.seed if params.seed is not None else random.getrandbits(62)
+        req = TrackedRequest(rid, ids, params, self.tokenizer, sink, self.config.model.eos_token_ids)
+        base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
         with self._lock:
             if any(r.request_id == rid for r, _ in self._subs.values()):
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ class _Completion:
 
 class TrackedRequest:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 sink: Callable[[Any], None] | None) -> None:
+                 sink: Callable[[Any], None] | None, eos_token_ids: Iterable[int] = ()) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -48,6 +48,10 @@ class TrackedRequest:
         # that much text is held back from a stream until it is known not to start one
         self._lookback = max((len(s) for s in params.stop_list), default=1) - 1
         self._hold = 0 if params.include_stop_str_in_output else self._lookback
+        # vLLM's convention: stop_reason is the token id only for a stop_token_ids match; EOS (which wins when a
+        # token is both, unless ignore_eos) and the length limit leave it None
+        eos = set() if params.ignore_eos else set(eos_token_ids)
+        self._stop_ids = frozenset(params.stop_token_ids or ()) - eos
         self._lock = threading.Lock()
         self.metrics: dict[str, float] = {"arrival": time.monotonic()}
 
@@ -73,7 +77,7 @@ class TrackedRequest:
             stop_hit = len(c.token_ids) >= self.params.min_tokens and self._apply_stop_strings(c, start)
             if not stop_hit and ev.finish_reason is not None:
                 c.finish_reason = ev.finish_reason
-                if ev.finish_reason == "stop" and ev.token_ids:
+                if ev.finish_reason == "stop" and ev.token_ids and ev.token_ids[-1] in self._stop_ids:
                     c.stop_reason = ev.token_ids[-1]
             if ev.error is not None and self.error is None and ev.status in _ERRORS:
                 # rejected by the core (400), its worker died (503), the KV never came from the prefill instance

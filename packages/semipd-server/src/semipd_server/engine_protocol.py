@@ -22,7 +22,8 @@ class ServedTokenizer(Protocol):
 
     def id_to_token(self, token_id: int) -> str | None: ...
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str: ...
 
 
 @runtime_checkable
