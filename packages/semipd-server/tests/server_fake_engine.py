@@ -147,6 +147,9 @@ class FakeEngine:
         return EngineStats(num_running=len(self.active), pages_used=2 * len(self.active),
                            pages_total=self.pages_total, healthy=not self.dead)
 
+    def reject_room(self, bootstrap: tuple[str, int | None, int | str], n: int, error: str) -> None:
+        pass  # not a PD instance
+
     def refresh_stats(self, timeout_s: float = 5.0, flush_cache: bool = False) -> EngineStats:
         if self.dead:
             raise EngineDeadError("engine core process died")
