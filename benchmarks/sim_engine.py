@@ -73,8 +73,8 @@ def stationary(rate: float, duration_s: float = 20.0, prompt: tuple[int, int] = 
 def phased(scale: float = 1.0, repeats: int = 2, duration_s: float = 60.0) -> list[Phase]:
     """The phased workload of gpu_suite.sh's slo_phased stage: long prompts at a moderate rate (prefill-bound),
     then short prompts with long outputs at a higher rate (decode-bound), repeated."""
-    one = [Phase("long", duration_s, 5.0 * scale, (1536, 4608), (128, 384)),
-           Phase("short", duration_s, 8.0 * scale, (128, 384), (768, 1280))]
+    one = [Phase("long", duration_s, 6.5 * scale, (1536, 4608), (128, 384)),
+           Phase("short", duration_s, 4.0 * scale, (512, 1536), (768, 1280))]
     return one * repeats
 
 
@@ -164,7 +164,7 @@ class Server:
             if t == na:
                 r = arrivals.popleft()
                 self.queue.append(r)
-                self.p.observe_arrival(t, r.prompt)
+                self.p.observe_arrival(t, r.prompt, r.out)  # ignore_eos: max_tokens is the output
             elif t == self.prefill_end:
                 self.p.observe_prefill(*self._prefill_obs)
                 for r in self.prefilling:

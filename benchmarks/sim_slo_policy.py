@@ -78,9 +78,10 @@ def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tupl
     phase name in order of first appearance (repeats of a phase pool their requests)."""
     server = make_server(shape, policy, slo, seed, decode_percent, ablate, **cfg_kwargs)
     by_name: dict[str, list] = {}
-    for phases in workloads:
+    for i, phases in enumerate(workloads):
         t0 = server.t + 1
-        reqs = make_requests(phases, server.rng, t0)
+        # the same requests whatever the policy (the server's own rng draws step noise, as many as it runs steps)
+        reqs = make_requests(phases, np.random.default_rng([seed, i]), t0)
         end = t0 + sum(ph.duration_s for ph in phases)
         server.serve(reqs, end + TIMEOUT_S)
         start = t0

@@ -44,7 +44,7 @@ class SloSettings:
     repartition_interval_s: float = knob(2.0, "how often the slo policy re-decides the split (seconds)",
                                          flags=("--repartition-interval-s",), minimum=0, exclusive=True, group="pd")
     min_dwell_s: float = knob(6.0, "least time between two moves of the split", minimum=0)
-    hysteresis: float = knob(0.1, "a move must gain this fraction of headroom", minimum=0)
+    hysteresis: float = knob(0.25, "a move for TTFT alone must cut the mean TTFT by this fraction", minimum=0)
     sm_step: int = knob(8, "granularity of candidate splits (SMs)", minimum=1)
     profile_splits: int = knob(3, "splits the startup profiling pass runs (0: none)", minimum=0)
     profile_requests: int = knob(6, "dummy requests per profiled split", minimum=1)
@@ -117,17 +117,16 @@ class SloController:
         w[0] += seconds
         w[1] += 1
 
-    def observe_arrival(self, rid: str, prompt_tokens: int, now: float) -> None:
+    def observe_arrival(self, rid: str, prompt_tokens: int, now: float, max_output_tokens: int = 0) -> None:
         if self.profiling or prompt_tokens < 1:
             return
-        self.partitioner.observe_arrival(now, prompt_tokens)
+        self.partitioner.observe_arrival(now, prompt_tokens, max(0, max_output_tokens))
         self._arrived[rid] = now
 
     def observe_first_token(self, rid: str, now: float) -> None:
         t = self._arrived.pop(rid, None)
         if t is not None:
             self._measure("ttft", now - t)
-            self.partitioner.observe_ttft(max(0.0, now - t))
 
     def observe_finish(self, output_tokens: int) -> None:
         if not self.profiling:
@@ -185,11 +184,11 @@ class SloController:
         s.slo_observations = self.observations
         s.measured_ttft_s = float(self.measured["ttft"])
         s.measured_tpot_s = float(self.measured["decode"])  # one decode step = one token of every running request
-        s.ttft_correction = float(self.partitioner.ttft_correction)
         d = self.last
         if d is not None:
             s.slo_reason = d.reason
             if d.predicted is not None:
+                s.predicted_attainment = float(d.predicted.attainment)
                 s.predicted_ttft_s = float(d.predicted.ttft_ms) / 1000
                 s.predicted_tpot_s = float(d.predicted.tpot_ms) / 1000
 
@@ -201,7 +200,7 @@ class SloObserver:
         self.controller = controller
 
     def on_arrival(self, req: Request, now: float) -> None:
-        self.controller.observe_arrival(req.rid, len(req.prompt_ids), now)
+        self.controller.observe_arrival(req.rid, len(req.prompt_ids), now, req.sampling.max_tokens)
 
     def on_first_token(self, req: Request, now: float) -> None:
         self.controller.observe_first_token(req.rid, now)
