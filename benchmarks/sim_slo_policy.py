@@ -33,11 +33,35 @@ from sim_engine import (  # noqa: E402
     stationary,
 )
 
-from semipd_runtime.slo_partitioner import SloPartitioner, SloPartitionerConfig  # noqa: E402
+from semipd_runtime.slo_partitioner import LoadState, SloPartitioner, SloPartitionerConfig  # noqa: E402
 
 TIMEOUT_S = 60.0
 ORACLE_DECODE_PERCENTS = (20, 30, 40, 50, 60)
-ABLATIONS: dict[str, dict[str, object]] = {}  # term -> config overrides that switch it off
+
+
+def _running_batch(self: SloPartitioner, load: LoadState, d_share: float, rate: float) -> tuple[float, float]:
+    if load.decode_batch < 1:
+        return 1.0, load.mean_prompt_tokens
+    return load.decode_batch, load.decode_context_tokens
+
+
+def _no_max_tokens(self: SloPartitioner, t: float, prompt_tokens: int, max_output_tokens: int = 0) -> None:
+    SloPartitioner.observe_arrival(self, t, prompt_tokens)
+
+
+# each term of the policy (slo_partitioner's docstring) -> (config overrides, partitioner methods) that drop it
+ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
+    "steady_batch": ({}, {"steady_batch": _running_batch}),  # TPOT at the running batch, as before
+    "max_tokens": ({}, {"observe_arrival": _no_max_tokens}),  # L from finished requests only
+    "swing": ({}, {"batch_swing": staticmethod(lambda batch: 1.0)}),
+    "served": ({}, {"served_share": staticmethod(lambda offered, admit, p_tpot: 1.0)}),
+    "light_load": ({}, {"by_ttft": property(lambda self: False)}),
+    "backlog": ({}, {"queued_s": lambda self, load, p_share, slot_s: 0.0}),
+    "slots": ({"max_decode_batch": None}, {}),
+    "change": ({}, {"_changed_lookback": staticmethod(lambda window, lookback, short: lookback)}),
+    "load_band": ({"load_confidence_z": 0.0}, {}),
+    "dwell": ({"min_dwell_s": 0.0}, {}),
+}
 
 
 @dataclass
@@ -64,12 +88,15 @@ def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, de
                 ablate: Sequence[str] = (), **cfg_kwargs: object) -> Server:
     steps, rng = SHAPES[shape], np.random.default_rng(seed)
     initial = min(SloPartitionerConfig().candidates or (), key=lambda c: abs(c[1] - decode_percent))
-    overrides: dict[str, object] = dict(cfg_kwargs)
+    overrides: dict[str, object] = {"max_decode_batch": 64, **cfg_kwargs}
+    methods: dict[str, object] = {}
     for term in ablate:
-        overrides.update(ABLATIONS[term])
+        overrides.update(ABLATIONS[term][0])
+        methods.update(ABLATIONS[term][1])
     cfg = SloPartitionerConfig(slo_ttft_ms=slo[0], slo_tpot_ms=slo[1], policy=policy, initial_split=initial,
-                               total_sms=TOTAL_SMS, max_decode_batch=64, **overrides)  # type: ignore[arg-type]
-    return Server(steps, SloPartitioner(cfg, startup_profile(steps, [30.3, 75.8, initial[0]])), rng)
+                               total_sms=TOTAL_SMS, **overrides)  # type: ignore[arg-type]
+    kind = type("AblatedPartitioner", (SloPartitioner,), methods) if methods else SloPartitioner
+    return Server(steps, kind(cfg, startup_profile(steps, [30.3, 75.8, initial[0]])), rng)
 
 
 def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tuple[float, float], seed: int,

@@ -12,20 +12,22 @@ Pure Python + numpy; it imports nothing else from semipd, so any engine can feed
     d = p.decide(now)            # re-evaluates every repartition_interval_s; d.changed -> apply the new split
 
 The policy, all of it. The load: arrival rate lam, mean prompt, W requests waiting, the running decode batch, mean
-output tokens L. Step times come from the fitted models (`latency_model.py`). For each candidate split s:
+output tokens L (read from the latest 20 arrivals when they differ from the window's by 3 std errors [change]).
+Step times come from the fitted models (`latency_model.py`). For each candidate split s:
 
     S        prefill seconds per request (prompts batched up to the token budget); mu = 1/S; own = one prompt's
     slot     seconds between decode-slot frees with a full batch, L x TPOT(cap) / cap (0: cap unknown)   [slots]
     b        seconds of prefill (or of slot frees, past the free slots) queued ahead of a newcomer now
     B        steady decode batch: B = max(running, min((lam + W/H) L tau, mu L tau, cap)), tau = TPOT(B)
              (what arrives, and what waits over the horizon H, reaches decode only as fast as this split
-             prefills it: Little's law); TPOT is judged at B + sqrt(B), as the batch swings    [steady_batch]
-    TPOT     one decode step of B sequences at s;  P_tpot = Phi(ln(SLO_tpot / TPOT) / sigma)
-    P_ttft   share of the next horizon_s of arrivals with own + max(b(t), w) <= SLO_ttft, where the queue
+             prefills it: Little's law); L from the arrivals' max_tokens             [steady_batch, max_tokens]
+    TPOT     one decode step of B + sqrt(B) sequences at s (the batch swings)                           [swing]
+             P_tpot = Phi(ln(SLO_tpot / TPOT) / sigma): sigma, the model's error, sets the margin kept
+    P_ttft   share of the next H seconds of arrivals with own + max(b(t), w) <= SLO_ttft, where the queue
              b(t) = max(0, b + (rho - 1) t) drains (or grows) with rho = lam max(S, slot)              [backlog]
              and w is the M/D/1 wait of Poisson arrivals: P(w > x) = rho exp(-x rho / W_md1)
-    A        = P_ttft x P_tpot                                  predicted SLO attainment
-    G        = min(1, mu / (lam + W / horizon)) x P_tpot        share of the load prefilled, then decoded in TPOT
+    A        = P_ttft x P_tpot                            predicted SLO attainment
+    G        = min(1, mu / (lam + W/H)) x P_tpot          share of the load prefilled, then decoded in TPOT [served]
     T        mean TTFT of the next arrivals                                                            [light_load]
 
 The best split has the highest A; among those within `tie` of it, the highest G; among those within `tie` again,
@@ -34,10 +36,12 @@ A alone is flat where every split is hopeless (overload: A ~ 0) and where every 
 In overload G keeps prefill throughput: a split that holds TPOT but prefills at a trickle ranked first on the H200
 (TTFT ratio 0.002 at 24 of 132 SMs) and starved everyone queued. At light load T gives prefill what decode does not
 need, as DuetServe partitions only when decode would suffer; with MPS (a move costs ~12 s) that level is off.
-It moves when the best split beats the current one (`slo_types.beats`: by over `tie` in A or G, or by over
-`hysteresis` in T), still does at the arrival rate and prompt length moved +-`load_confidence_z` standard errors
-[load_band], and the current split has been held `dwell_s` [dwell]. Each bracketed term changes decisions in
-benchmarks/sim_slo_policy.py (`--ablate TERM`).
+
+It moves when the best split beats the current one (`slo_types.beats`: A higher by over `tie`, else G or then T
+better by over `hysteresis`, relative), the current one does not beat it at the arrival rate and prompt length
+moved +-`load_confidence_z` standard errors (a move for T alone must also keep TPOT at the heavy end) [load_band],
+and the current split has been held `dwell_s` [dwell] (with cheap moves a move that wins A back need not wait).
+Each bracketed term changes decisions in benchmarks/sim_slo_policy.py (`--ablate TERM`; RESULTS.md has the table).
 """
 
 from __future__ import annotations
@@ -219,18 +223,10 @@ class SloPartitioner:
             own = pm.predict_features(np.array([1.0, load.mean_prompt_tokens, load.mean_prompt_attn]), p_share)
         else:
             per_request = own = pm.predict_features(np.array([1.0, 0.0, 0.0]), p_share)
-        backlog = 0.0
-        if load.waiting_tokens > 0:
-            steps = max(1.0, load.waiting_tokens / cfg.prefill_token_budget)
-            backlog = pm.predict_features(np.array([steps, load.waiting_tokens, load.waiting_attn]), p_share)
         slot_s = self.decode_slot_s(load, d_share)
-        if slot_s > 0:  # requests past the free decode slots wait for one: a slot frees every slot_s seconds
-            free = max(0.0, float(cfg.max_decode_batch or 0) - load.decode_batch)
-            backlog = max(backlog, max(0.0, load.waiting_requests - free) * slot_s)
+        backlog = self.queued_s(load, p_share, slot_s)
         batch, context = self.steady_batch(load, d_share, 1.0 / per_request)
-        # the batch a request decodes in swings by about sqrt(B) around B (Poisson arrivals): TPOT is judged
-        # one standard deviation up, where its 0.84 quantile is
-        swing = 1.0 + 1.0 / math.sqrt(batch)
+        swing = self.batch_swing(batch)
         tpot = self.decode_model.predict_features(decode_features(batch * swing, context * swing), d_share)
         p_tpot = tpot_attainment(tpot, cfg.slo_tpot_ms / 1000, cfg.tpot_sigma)
         p_ttft, ttft = ttft_attainment(own, cfg.slo_ttft_ms / 1000, per_request, load.arrival_rate, backlog,
@@ -241,6 +237,30 @@ class SloPartitioner:
                                float(p_ttft * p_tpot), float(p_ttft), float(p_tpot), float(served),
                                float(load.arrival_rate * per_request), float(batch), float(1000 * own),
                                float(1000 * backlog), float(load.arrival_rate * slot_s))
+
+    def queued_s(self, load: LoadState, p_share: float, slot_s: float) -> float:
+        """b: seconds of prefill queued ahead of a newcomer now, or of decode-slot frees past the free slots
+        (requests past them wait for one, and a slot frees every slot_s seconds), whichever is longer."""
+        cfg, backlog = self.config, 0.0
+        if load.waiting_tokens > 0:
+            steps = max(1.0, load.waiting_tokens / cfg.prefill_token_budget)
+            backlog = self.prefill_model.predict_features(
+                np.array([steps, load.waiting_tokens, load.waiting_attn]), p_share)
+        if slot_s > 0:
+            free = max(0.0, float(cfg.max_decode_batch or 0) - load.decode_batch)
+            backlog = max(backlog, max(0.0, load.waiting_requests - free) * slot_s)
+        return backlog
+
+    @staticmethod
+    def batch_swing(batch: float) -> float:
+        """The batch a request decodes in swings by about sqrt(B) around B (Poisson arrivals): TPOT is judged one
+        standard deviation up, where its 0.84 quantile is."""
+        return 1.0 + 1.0 / math.sqrt(batch)
+
+    @property
+    def by_ttft(self) -> bool:
+        """Whether splits that tie on A and G rank by mean TTFT: only where moves are cheap."""
+        return self.config.cheap_moves
 
     @staticmethod
     def served_share(offered_rate: float, admit_rate: float, p_tpot: float) -> float:
@@ -337,7 +357,7 @@ class SloPartitioner:
             reason = f"current split is best ({fmt(current)})"
         elif now - self._last_switch < cfg.dwell_s and not (cfg.cheap_moves and urgent):
             reason = f"hold: dwell {now - self._last_switch:.2f}s < {cfg.dwell_s}s"
-        elif not beats(best, current, cfg.tie, cfg.hysteresis, cfg.cheap_moves):
+        elif not beats(best, current, cfg.tie, cfg.hysteresis, self.by_ttft):
             reason = f"hold: best {fmt(best)} gains under tie/hysteresis over {fmt(current)}"
         elif not self._robust(best, current, load):
             reason = f"hold: best {fmt(best)}, but not at the load +-{cfg.load_confidence_z} std errors"
@@ -359,7 +379,7 @@ class SloPartitioner:
         def moved(p: SplitPrediction) -> float:  # ties: fewest SMs moved
             return abs(p.prefill_percent - current.prefill_percent)
 
-        if self.config.cheap_moves:  # a move for TTFT alone enters only splits at a quarter of the tie from the
+        if self.by_ttft:  # a move for TTFT alone enters only splits at a quarter of the tie from the
             # top (and leaves below the full tie): a band, or a batch swinging by sqrt(B) flips the choice
             top_near = max(p.attainment for p in near)
             calm = [p for p in near if p.attainment >= top_near - tie / 4 or p is current]
@@ -379,7 +399,7 @@ class SloPartitioner:
             shifted = load.shifted(z)
             b = self.predict(best.prefill_percent, best.decode_percent, shifted)
             c = self.predict(current.prefill_percent, current.decode_percent, shifted)
-            if beats(c, b, cfg.tie, cfg.hysteresis, cfg.cheap_moves):
+            if beats(c, b, cfg.tie, cfg.hysteresis, self.by_ttft):
                 return False
             if ttft_only and z > 0 and b.tpot_attainment < 1 - cfg.tie / 4:
                 return False
