@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from semipd_server.bench import serving as bench_serving
+from semipd_server.bench import serving_oracle as oracle
 from semipd_server.bench import serving_workload as wl
 
 sys.path.insert(0, str(Path(__file__).parent))  # importlib import mode: the scripted server's module beside this
@@ -159,7 +160,42 @@ def test_cli_rejects_bad_workloads(capsys: pytest.CaptureFixture[str]) -> None:
                          (["--phases", "a:1:1:1:1", "--trace", "x.jsonl"], "different workloads"),
                          (["--diurnal", "60:0.5"], "--diurnal needs"),
                          (["--diurnal", "60", "--duration-s", "10"], "PERIOD_S:AMPLITUDE"),
-                         (["--phase-repeats", "0"], "--phase-repeats must be >= 1")):
+                         (["--phase-repeats", "0"], "--phase-repeats must be >= 1"),
+                         (["--oracle", "static-d"], "--oracle judges saved runs"),
+                         (["--compare", "x.json", "--oracle-slos", "zz"], "--oracle-slos: SLO 'zz'")):
         with pytest.raises(SystemExit):
             bench_serving.main(argv)
         assert needle in capsys.readouterr().err
+
+
+def fake_run(label: str, points: dict[float, list[tuple[float, float]]]) -> dict:
+    """A saved run: per rate, requests as (TTFT s, TPOT s), 11 output tokens each, phase "p" for the first half."""
+    rates = []
+    for rate, reqs in points.items():
+        rows = [{"ok": True, "send_time": float(i), "ttft": ttft, "tpot": tpot, "e2e": ttft + 10 * tpot,
+                 "output_tokens": 11, "phase": "p" if i < len(reqs) / 2 else "q"}
+                for i, (ttft, tpot) in enumerate(reqs)]
+        rates.append({"request_rate": rate, "requests": rows,
+                      "summary": {"num_requests": len(rows), "duration_s": 10.0, "phases": {"p": {}, "q": {}}}})
+    return {"label": label, "rates": rates}
+
+
+def test_static_oracle_judges_every_run_against_the_best_static_split() -> None:
+    good, slow_tpot, slow_ttft = (0.5, 0.010), (0.5, 0.020), (3.0, 0.010)
+    runs = [fake_run("static-d30", {4.0: [good] * 10, 8.0: [good] * 5 + [slow_ttft] * 5}),
+            fake_run("static-d40", {4.0: [good] * 10, 8.0: [good] * 8 + [slow_tpot] * 2}),
+            fake_run("slo", {4.0: [good] * 10, 8.0: [good] * 10})]
+    text = oracle.oracle_report(runs, "static-d", [(2000.0, 15.0), (2000.0, 25.0)])
+    tight, loose = text.split("== static oracle")[1:]
+    # TPOT 15 ms: d40 reaches 90% at 4 + 4 x (1 - 0.9) / (1 - 0.8) = 6 req/s, d30 at 4 + 4 x 0.1 / 0.5 = 4.8
+    assert "static-d40: 6 req/s at 90%  <- best static" in tight and "static-d30: 4.8 req/s" in tight
+    assert "slo: >= 8 req/s at 90% (1.33x best static)" in tight
+    assert "static-d40: >= 8 req/s at 90%  <- best static" in loose  # at 25 ms the slow TPOT holds
+    one = [fake_run("static-d20", {1.0: [good] * 6 + [slow_ttft] * 4}), fake_run("slo", {1.0: [good] * 10})]
+    single = oracle.oracle_report(one, "static-d", [(2000.0, 25.0)])
+    assert "static-d20: 60.0% attained (p 100.0%, q 20.0%)  <- best static" in single
+    assert "slo: 100.0% attained (p 100.0%, q 100.0%) (1.67x best static)" in single
+    assert oracle.parse_slos(["2000:15"]) == [(2000.0, 15.0)]
+    for bad in ("2000", "a:b", "0:15"):
+        with pytest.raises(ValueError, match="SLO"):
+            oracle.parse_slos([bad])

@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 
 from semipd_server.bench import serving_data as data
+from semipd_server.bench import serving_oracle as oracle
 from semipd_server.bench import serving_workload as wl
 from semipd_server.bench.serving_client import Target, run_schedule, send_request
 from semipd_server.bench.serving_data import SampleRequest
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semipd-bench-serving", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="only compare saved results files")
+    p.add_argument("--oracle", default=None, metavar="LABEL_PREFIX",
+                   help="with --compare: judge every run against the best of the runs labelled LABEL_PREFIX*")
+    p.add_argument("--oracle-slos", nargs="+", default=None, metavar="TTFT_MS:TPOT_MS",
+                   help="SLOs the oracle judges at (default: the saved ones of the first run)")
     s = p.add_argument_group("server")
     s.add_argument("--base-url", default="http://127.0.0.1:30000")
     s.add_argument("--model", default=None, help="model name to send (default: first of /v1/models)")
@@ -285,6 +290,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 raise ValueError("not an object")
         except ValueError as e:
             p.error(f"--extra-body must be a JSON object ({e})")
+    if args.oracle is not None and not args.compare:
+        p.error("--oracle judges saved runs: use it with --compare")
+    if args.oracle_slos is not None:
+        try:
+            oracle.parse_slos(args.oracle_slos)
+        except ValueError as e:
+            p.error(f"--oracle-slos: {e}")
     if args.plot_dir is not None and not have_matplotlib():
         p.error(MISSING_MATPLOTLIB)
     args.base_url = args.base_url.rstrip("/")
@@ -320,6 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nresults: {args.out} (label {args.label!r}; {len(runs)} runs in file)")
     if len(runs) > 1 or args.compare:
         print("\n" + data.comparison_table(runs, slo_note=slo_note))
+    if args.oracle is not None:
+        first = runs[0]["rates"][0]["summary"] if runs and runs[0]["rates"] else {}
+        slos = oracle.parse_slos(args.oracle_slos) if args.oracle_slos else [
+            (float(first.get("slo_ttft_ms") or SLO_DEFAULTS[0]), float(first.get("slo_tpot_ms") or SLO_DEFAULTS[1]))]
+        print("\n" + oracle.oracle_report(runs, args.oracle, slos))
     if args.plot_dir:
         for path in write_plots(runs, Path(args.plot_dir), rescored=rescore):
             print(f"plot: {path}")
