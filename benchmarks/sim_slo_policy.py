@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sim_engine beside this file, however it is run
-from sim_engine import (  # noqa: E402
+from sim_engine import (
     SHAPES,
     TOTAL_SMS,
     Phase,
@@ -33,7 +34,7 @@ from sim_engine import (  # noqa: E402
     stationary,
 )
 
-from semipd_runtime.slo_partitioner import LoadState, SloPartitioner, SloPartitionerConfig  # noqa: E402
+from semipd_runtime.slo_partitioner import LoadState, SloPartitioner, SloPartitionerConfig
 
 TIMEOUT_S = 60.0
 ORACLE_DECODE_PERCENTS = (20, 30, 40, 50, 60)
@@ -58,7 +59,7 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "light_load": ({}, {"by_ttft": property(lambda self: False)}),
     "backlog": ({}, {"queued_s": lambda self, load, p_share, slot_s: 0.0}),
     "slots": ({"max_decode_batch": None}, {}),
-    "change": ({}, {"_changed_lookback": staticmethod(lambda window, lookback, short: lookback)}),
+    "change": ({}, {"_no_change": True}),  # the tracker never reads a change from the latest arrivals
     "load_band": ({"load_confidence_z": 0.0}, {}),
     "dwell": ({"min_dwell_s": 0.0}, {}),
 }
@@ -95,8 +96,12 @@ def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, de
         methods.update(ABLATIONS[term][1])
     cfg = SloPartitionerConfig(slo_ttft_ms=slo[0], slo_tpot_ms=slo[1], policy=policy, initial_split=initial,
                                total_sms=TOTAL_SMS, **overrides)  # type: ignore[arg-type]
+    no_change = bool(methods.pop("_no_change", False))
     kind = type("AblatedPartitioner", (SloPartitioner,), methods) if methods else SloPartitioner
-    return Server(steps, kind(cfg, startup_profile(steps, [30.3, 75.8, initial[0]])), rng)
+    p = kind(cfg, startup_profile(steps, [30.3, 75.8, initial[0]]))
+    if no_change:
+        p.tracker.change_arrivals = 10**9
+    return Server(steps, p, rng)
 
 
 def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tuple[float, float], seed: int,
@@ -129,8 +134,8 @@ def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tupl
         everyone += reqs
     path = [d.prefill_sms for d in server.decisions if d.changed]
     start_sms = [default_sms, *path]
-    steps = [b - a for a, b in zip(start_sms, start_sms[1:], strict=False)]
-    back = sum(1 for a, b in zip(steps, steps[1:], strict=False) if a * b < 0)
+    steps = [b - a for a, b in itertools.pairwise(start_sms)]
+    back = sum(1 for a, b in itertools.pairwise(steps) if a * b < 0)
     overall = 100.0 * sum(r.meets(slo) for r in everyone) / max(1, len(everyone))
     return SimRun(columns, overall, len(path), back, server)
 

@@ -18,7 +18,7 @@ from semipd_server.bench import serving_oracle as oracle
 from semipd_server.bench import serving_workload as wl
 
 sys.path.insert(0, str(Path(__file__).parent))  # importlib import mode: the scripted server's module beside this
-from test_bench_serving import ScriptedServer, scripted  # noqa: E402, F401 - the fixture
+from test_bench_serving import ScriptedServer, scripted  # noqa: F401 - the fixture
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import sim_slo_policy as sim  # noqa: E402
+import sim_slo_policy as sim
 
 OVERLOAD = [6.0, 7.5, 9.0, 10.0]  # 8B shape, TPOT 15 ms: the static split's knee is near 8 req/s
 SEEDS = range(3)
@@ -68,6 +68,17 @@ def test_slo_policy_is_no_worse_than_static_past_the_knee(overload_runs: list[si
     for run in overload_runs:  # no flapping: at most one reversal per change of rate
         assert run.moves_back <= len(OVERLOAD) - 1, [(d.time, d.prefill_sms) for d in run.server.decisions
                                                      if d.changed]
+
+
+def test_phased_load_beats_the_best_static_split_without_flapping() -> None:
+    """Long prompts (prefill-bound), then short prompts with long outputs (decode-bound), twice: no static split
+    serves both (decode 40% is the best static one, in the oracle of sim_slo_policy.py --oracle), a policy that
+    follows the phases does. At most one reversal per phase change (the change itself reverses the direction)."""
+    for seed in (0, 1):
+        slo = sim.run("8b", "slo", [sim.phased(1.0)], (2000.0, 15.0), seed)
+        static = sim.run("8b", "static", [sim.phased(1.0)], (2000.0, 15.0), seed, decode_percent=40.0)
+        assert slo.overall >= static.overall + 5.0, (seed, slo.overall, static.overall)
+        assert slo.moves_back <= 4, [(round(d.time), d.prefill_sms) for d in slo.server.decisions if d.changed]
 
 
 def test_main_prints_a_row_per_policy_and_rejects_bad_args(capsys: pytest.CaptureFixture[str]) -> None:

@@ -69,8 +69,11 @@ def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaF
         fixed = None if kind.decode_share_moves else decode_pct
         # disjoint splits: prefill runs on what decode leaves, so the decode share is the split
         start = split if fixed is not None else (100.0 - decode_pct, float(decode_pct))
+        # a new split is a new prefill thread (green contexts: 3-8 ms) or a new prefill process (MPS, or the none
+        # backend's process placement: 10-40 s): the policy follows the load closely only in the first case
+        cheap = kind.prefill_placement(cfg.semi_pd.prefill_placement) == "thread"
         pcfg = settings.partitioner_config(_device_sm_count() or 100, start, fixed, cfg.scheduler.max_prefill_tokens,
-                                           max_decode_batch=cfg.scheduler.max_running_requests)
+                                           max_decode_batch=cfg.scheduler.max_running_requests, cheap_moves=cheap)
         assert pcfg.initial_split is not None
         split = partition.split if partition is not None else pcfg.initial_split
         slo = SloController(settings, pcfg)

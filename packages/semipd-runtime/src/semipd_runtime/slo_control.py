@@ -73,8 +73,8 @@ class SloSettings:
 
     def partitioner_config(self, total_sms: int, initial: tuple[float, float] | None,
                            fixed_decode_percent: float | None = None,
-                           prefill_token_budget: int = 8192,
-                           max_decode_batch: int | None = None) -> SloPartitionerConfig:
+                           prefill_token_budget: int = 8192, max_decode_batch: int | None = None,
+                           cheap_moves: bool = True) -> SloPartitionerConfig:
         candidates = sm_split_candidates(total_sms, self.sm_step)
         if fixed_decode_percent is not None:  # MPS: the decode process keeps the cap it started with
             candidates = tuple((p, float(fixed_decode_percent)) for p, _ in candidates)
@@ -84,7 +84,8 @@ class SloSettings:
             slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms, policy=self.partition_policy,
             repartition_interval_s=self.repartition_interval_s, min_dwell_s=self.min_dwell_s,
             hysteresis=self.hysteresis, candidates=candidates, total_sms=total_sms, sm_step=self.sm_step,
-            initial_split=initial, prefill_token_budget=prefill_token_budget, max_decode_batch=max_decode_batch)
+            initial_split=initial, prefill_token_budget=prefill_token_budget, max_decode_batch=max_decode_batch,
+            cheap_moves=cheap_moves)
 
 
 def nearest_split(candidates: Sequence[tuple[float, float]], split: tuple[float, float]) -> tuple[float, float]:

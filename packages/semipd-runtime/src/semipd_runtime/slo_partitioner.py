@@ -33,9 +33,10 @@ Step times come from the fitted models (`latency_model.py`). For each candidate 
 The best split has the highest A; among those within `tie` of it, the highest G; among those within `tie` again,
 with cheap moves (green contexts), the lowest T, else the current split if it is among them. Why three levels:
 A alone is flat where every split is hopeless (overload: A ~ 0) and where every split is fine (light load: A ~ 1).
-In overload G keeps prefill throughput: a split that holds TPOT but prefills at a trickle ranked first on the H200
-(TTFT ratio 0.002 at 24 of 132 SMs) and starved everyone queued. At light load T gives prefill what decode does not
-need, as DuetServe partitions only when decode would suffer; with MPS (a move costs ~12 s) that level is off.
+In overload G keeps prefill throughput (a split that holds TPOT but prefills at a trickle starves everyone queued).
+At light load T gives prefill what decode does not need, as DuetServe partitions only when decode would suffer;
+with MPS (a move costs ~12 s) that level is off. What earlier rules did and why they went: benchmarks/RESULTS.md,
+"SLO policy history".
 
 It moves when the best split beats the current one (`slo_types.beats`: A higher by over `tie`, else G or then T
 better by over `hysteresis`, relative), the current one does not beat it at the arrival rate and prompt length
@@ -49,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,10 +61,10 @@ from semipd_runtime.latency_model import (
     decode_features,
 )
 from semipd_runtime.slo_config import POLICIES, SloPartitionerConfig, check_split, sm_split_candidates
+from semipd_runtime.slo_load import LoadTracker
 from semipd_runtime.slo_scoring import tpot_attainment, ttft_attainment
 from semipd_runtime.slo_types import Decision, LoadState, SplitPrediction, beats, fmt
 
-CHANGE_ARRIVALS = 20  # the latest arrivals a change of load is looked for in (a rate from 20 is +-22%)
 __all__ = ["POLICIES", "Decision", "LoadState", "SloPartitioner", "SloPartitionerConfig", "SplitPrediction",
            "sm_split_candidates"]
 log = logging.getLogger(__name__)
@@ -77,12 +77,8 @@ class SloPartitioner:
         self.config = config or SloPartitionerConfig()
         self.prefill_model = PrefillLatencyModel(window=self.config.window, forgetting=self.config.forgetting)
         self.decode_model = DecodeLatencyModel(window=self.config.window, forgetting=self.config.forgetting)
-        self._arrivals: deque[tuple[float, int, int]] = deque(maxlen=1_000_000)  # (t, prompt, max output)
-        self._outputs: deque[int] = deque(maxlen=self.config.rate_target_arrivals)
-        self._first_arrival: float | None = None
-        # queue snapshot sums since the last decision: [count, waiting reqs, tokens, attn, decode batch, context]
-        self._queue_sum = np.zeros(6)
-        self._queue_last = np.zeros(6)
+        self.tracker = LoadTracker(self.config.rate_window_s, self.config.rate_target_arrivals,
+                                   self.config.repartition_interval_s)
         candidates, split = self.config.candidates, self.config.initial_split
         assert candidates is not None and split is not None  # both filled in by SloPartitionerConfig
         self._candidates: tuple[tuple[float, float], ...] = candidates
@@ -119,96 +115,21 @@ class SloPartitioner:
     def observe_arrival(self, t: float, prompt_tokens: int, max_output_tokens: int = 0) -> None:
         """A request arrived at time `t` (same clock as decide's `now`) with `prompt_tokens` to prefill and at most
         `max_output_tokens` to generate (0: not known)."""
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ValueError(f"t must be a finite time, got {t!r}")
-        for name, v, least in (("prompt_tokens", prompt_tokens, 1), ("max_output_tokens", max_output_tokens, 0)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
-        self._arrivals.append((float(t), int(prompt_tokens), int(max_output_tokens)))
-        self._first_arrival = t if self._first_arrival is None else min(self._first_arrival, t)
+        self.tracker.observe_arrival(t, prompt_tokens, max_output_tokens)
 
     def observe_finish(self, output_tokens: int) -> None:
-        """A request finished after generating `output_tokens` tokens (sizes how long a decode slot stays taken)."""
-        if isinstance(output_tokens, bool) or not isinstance(output_tokens, (int, np.integer)) or output_tokens < 0:
-            raise ValueError(f"output_tokens must be an int >= 0, got {output_tokens!r}")
-        self._outputs.append(int(output_tokens))
+        """A request finished after generating `output_tokens` tokens."""
+        self.tracker.observe_finish(output_tokens)
 
     def update_queue(self, waiting_prompt_tokens: Sequence[int], running_batch: int,
                      running_context_tokens: int) -> None:
         """Queue state now (call it every step or so): prompt tokens still to prefill per waiting request, and the
         running decode batch with its total context tokens. decide() uses the mean since the last decision."""
-        waiting = np.asarray(list(waiting_prompt_tokens), dtype=np.float64)
-        if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in waiting_prompt_tokens):
-            raise ValueError(f"waiting_prompt_tokens must be ints >= 0, got {waiting_prompt_tokens!r}")
-        for name, v in (("running_batch", running_batch), ("running_context_tokens", running_context_tokens)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        waiting = waiting[waiting > 0]
-        snap = np.array([1.0, len(waiting), waiting.sum(), (waiting * (waiting + 1) / 2).sum(), running_batch,
-                         running_context_tokens])
-        self._queue_sum += snap
-        self._queue_last = snap
+        self.tracker.update_queue(waiting_prompt_tokens, running_batch, running_context_tokens)
 
     def load_state(self, now: float, consume: bool = False) -> LoadState:
         """The load seen at `now`; `consume` starts a new queue-averaging window (decide() does)."""
-        cfg = self.config
-        while self._arrivals and self._arrivals[0][0] < now - cfg.rate_window_s:
-            self._arrivals.popleft()
-        times = np.asarray([a[0] for a in self._arrivals if a[0] <= now], dtype=np.float64)
-        # look back far enough for rate_target_arrivals arrivals (a rate from N Poisson arrivals is off by
-        # ~1/sqrt(N)), but no further than rate_window_s and no less than one repartition interval
-        lookback = cfg.rate_window_s
-        if len(times) >= cfg.rate_target_arrivals:
-            lookback = min(lookback, max(now - float(times[-cfg.rate_target_arrivals]), cfg.repartition_interval_s))
-        window = [a for a in self._arrivals if now - lookback <= a[0] <= now]
-        if len(window) > CHANGE_ARRIVALS and len(times) >= CHANGE_ARRIVALS:
-            lookback = self._changed_lookback(window, lookback, max(now - float(times[-CHANGE_ARRIVALS]),
-                                                                    cfg.repartition_interval_s))
-            window = [a for a in window if now - lookback <= a[0]]
-        recent = np.asarray([a[1] for a in window], dtype=np.float64)
-        limits = [a[2] for a in window[-CHANGE_ARRIVALS:] if a[2] > 0]
-        if self._first_arrival is None:
-            rate = span = 0.0
-        else:  # a young partitioner has seen less than the lookback: divide by what it has seen (>= 1 s)
-            span = min(lookback, max(now - self._first_arrival, min(1.0, lookback)))
-            rate = len(recent) / span
-        q = self._queue_sum / self._queue_sum[0] if self._queue_sum[0] else self._queue_last
-        if consume and self._queue_sum[0]:
-            self._queue_last = q
-            self._queue_sum = np.zeros(6)
-        errors = (0.0, 0.0, 0.0)
-        if len(recent):
-            attn = recent * (recent + 1) / 2
-            mean_n, mean_attn = float(recent.mean()), float(attn.mean())
-            root = math.sqrt(len(recent))
-            errors = (root / span, float(recent.std()) / root, float(attn.std()) / root)
-        elif q[1] > 0:  # no recent arrivals: the waiting requests say what prompts look like
-            mean_n, mean_attn = q[2] / q[1], q[3] / q[1]
-        else:
-            mean_n = mean_attn = 0.0
-        # plain floats: these end up in msgspec-encoded stats, which reject numpy scalars
-        # output tokens of a new request: finished requests tell what outputs are, but only once they finish (a
-        # phase of long outputs ended 12 s before its finishes stopped coming); the latest arrivals' max_tokens
-        # bound it now
-        finished = float(np.mean(self._outputs)) if self._outputs else math.inf
-        mean_out = min(float(np.mean(limits)) if limits else math.inf, finished)
-        mean_out = 0.0 if math.isinf(mean_out) else mean_out
-        waiting_reqs, waiting_tokens, waiting_attn, batch, context = (float(v) for v in q[1:])
-        return LoadState(float(rate), float(mean_n), float(mean_attn), waiting_reqs, waiting_tokens, waiting_attn,
-                         batch, context, mean_out, *(float(e) for e in errors))
-
-    @staticmethod
-    def _changed_lookback(window: list[tuple[float, int, int]], lookback: float, short: float) -> float:
-        """`short` (the time back to the last CHANGE_ARRIVALS arrivals) when their rate or mean prompt is off the
-        whole window's by over 3 standard errors (the load changed: a phase of 3k-token prompts was read as 1k for
-        18 s, from a window still full of the phase before), else `lookback`."""
-        k = CHANGE_ARRIVALS
-        rate_all, rate_new = len(window) / lookback, k / short
-        prompts = np.asarray([a[1] for a in window], dtype=np.float64)
-        new = prompts[-k:]
-        moved_rate = abs(rate_new - rate_all) > 3 * rate_all / math.sqrt(k)
-        moved_prompt = abs(float(new.mean()) - float(prompts.mean())) > 3 * float(prompts.std()) / math.sqrt(k)
-        return short if moved_rate or moved_prompt else lookback
+        return self.tracker.load_state(now, consume)
 
     # --- predictions --------------------------------------------------------------------------------------------
     def predict(self, prefill_percent: float, decode_percent: float, load: LoadState) -> SplitPrediction:
@@ -280,9 +201,9 @@ class SloPartitioner:
 
     def steady_batch(self, load: LoadState, d_share: float, prefill_rate: float) -> tuple[float, float]:
         """(B, its context tokens): the decode batch this split settles at, B = max(running, min((lam + W / H) L
-        tau, mu L tau, cap)) with tau = TPOT(B) (fixed point; the queue drains over the horizon H). Sized from the running batch alone, a move to 104
-        prefill SMs with 80 requests waiting was predicted at 12.9 ms for a batch of 5 and ran at 22 ms within
-        4 s (H200). New sequences hold a prompt and half an output of context each."""
+        tau, mu L tau, cap)) with tau = TPOT(B) (fixed point; the queue drains over the horizon H). Sized from the
+        running batch alone, a move to more prefill SMs with a queue waiting under-predicted TPOT by 1.7x. New
+        sequences hold a prompt and half an output of context each."""
         running, context = load.decode_batch, load.decode_context_tokens
         out = load.mean_output_tokens
         if out <= 0:  # no finished request yet: the running batch is all there is to go on

@@ -35,8 +35,8 @@ def ttft_attainment(own_s: float, slo_s: float, per_request_s: float, arrival_ra
     `admit_s` when the batch is full), or the M/D/1 prefill wait w of Poisson arrivals, whichever is longer (no
     double count: a backlog is part of what the stationary queue holds). w is 0 with probability 1 - rho, else
     about exponential with mean W / rho: P(w > x) = rho exp(-x rho / W). Decode slots are many servers: below
-    their capacity they add no stochastic wait (treated as one server they predicted a 1.3 s TTFT at slot
-    utilization 0.85 on the H200 and moved SMs to decode). The request then prefills for `own_s`."""
+    their capacity they add no stochastic wait (as one server they over-predicted TTFT near full batches). The
+    request then prefills for `own_s`."""
     rho = arrival_rate * per_request_s
     fluid_rho = arrival_rate * max(per_request_s, admit_s)
     p_wait = min(1.0, rho)
