@@ -133,9 +133,13 @@ def test_cli_phases_and_trace_report_each_phase(scripted: ScriptedServer, tmp_pa
                                                      "output_tokens": 3, "phase": "x" if i < 3 else "y"})
                                          for i in range(6)])
     assert bench_serving.main(base + ["--label", "trace", "--trace", str(trace), "--request-rates", "2"]) == 0
+    assert bench_serving.main(base + ["--label", "diurnal", "--diurnal", "1:0.5", "--duration-s", "1",
+                                      "--request-rates", "10", "--input-len", "6", "--output-len", "3"]) == 0
     text = capsys.readouterr().out
     assert "phase a:" in text and "phase b:" in text and "phase y:" in text
-    phased, replay = json.loads(out.read_text())["runs"]
+    phased, replay, diurnal = json.loads(out.read_text())["runs"]
+    rows = diurnal["rates"][0]["requests"]
+    assert rows and {r["phase"] for r in rows} <= {"high", "low"} and max(r["send_time"] for r in rows) < 1.5
     summary = phased["rates"][0]["summary"]
     assert list(summary["phases"]) == ["a", "b"] and summary["phases"]["a"]["slo_attainment"] == 1.0
     assert sum(p["num_requests"] for p in summary["phases"].values()) == summary["num_requests"]

@@ -118,7 +118,8 @@ def schedule_maker(args: argparse.Namespace, max_model_len: int) -> Callable[[fl
 
     def stationary(rate: float, i: int) -> list[wl.Arrival]:
         if args.diurnal:
-            offsets, labels = wl.diurnal_offsets(rate, *args.diurnal, args.duration_s,
+            period, amplitude = args.diurnal
+            offsets, labels = wl.diurnal_offsets(rate, period, amplitude, args.duration_s,
                                                  np.random.default_rng([args.seed, i, 1]))
         else:
             offsets = data.arrival_offsets(args.num_prompts, rate, args.burstiness,
