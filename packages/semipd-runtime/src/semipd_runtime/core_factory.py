@@ -101,8 +101,10 @@ def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaF
     core = EngineCore(cfg, model=model, make_executor=make_executor, observers=observers)
     core.warm_up()  # eager decode above the graph sizes (the prefill worker warms its own shapes)
     core.capture_cuda_graphs()  # inside the decode partition (a later split captures its own on first use)
-    log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d; policy %s", part.kind,
-             placement, part.sm_count["prefill"], part.sm_count["decode"], "slo" if slo else "static")
+    moves = "" if slo is None else (" (cheap moves: follows the load)" if slo.partitioner.config.cheap_moves
+                                    else " (a process per split: moves rarely)")
+    log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d; policy %s%s", part.kind,
+             placement, part.sm_count["prefill"], part.sm_count["decode"], "slo" if slo else "static", moves)
     if slo is not None:
         assert isinstance(core.executor, SharedPoolPrefill)
         try:
