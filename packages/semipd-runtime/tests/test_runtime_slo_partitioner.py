@@ -86,7 +86,7 @@ def test_more_prefill_sms_never_predict_worse_ttft_or_better_tpot(truth: Truth, 
     """With the step models monotone (NNLS) and no decode-slot cap: along the splits by prefill share, the TTFT
     attainment never falls, the mean TTFT never rises, and the TPOT never falls (less decode share, and a bigger
     steady batch from the faster prefill)."""
-    p, d = decided(truth, load, 0.05, seed)
+    _, d = decided(truth, load, 0.05, seed)
     preds = sorted(d.candidates, key=lambda x: x.prefill_percent)
     for a, b in itertools.pairwise(preds):
         assert b.ttft_attainment >= a.ttft_attainment - 1e-9
@@ -168,7 +168,7 @@ def test_a_full_decode_batch_bounds_admission_and_keeps_decode_sms() -> None:
     load = dict(rate=4.0, prompt=(200, 400), batch=64, ctx_per_seq=1500, waiting_mean=8.0, output=1024,
                 slo_ttft_ms=2000.0, slo_tpot_ms=40.0)
     _, blind = decided(Truth(), load, 0.02, 11)
-    p, capped = decided(Truth(), load, 0.02, 11, max_decode_batch=64)
+    _, capped = decided(Truth(), load, 0.02, 11, max_decode_batch=64)
     lost = [c for b, c in zip(blind.candidates, capped.candidates, strict=True)
             if b.ttft_attainment > 0.9 and c.ttft_attainment < 0.5]
     for b, c in zip(blind.candidates, capped.candidates, strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -55,4 +56,4 @@ def test_tpot_attainment_is_the_chance_a_lognormal_error_keeps_tpot() -> None:
     assert tpot_attainment(0.0149, 0.015, 0.0) == 1.0 and tpot_attainment(0.0151, 0.015, 0.0) == 0.0
     ratios = np.linspace(0.5, 2.0, 31)
     values = [tpot_attainment(0.015 / r, 0.015, 0.1) for r in ratios]
-    assert all(b >= a for a, b in zip(values, values[1:], strict=False))  # more headroom, more attainment
+    assert all(b >= a for a, b in itertools.pairwise(values))  # more headroom, more attainment
