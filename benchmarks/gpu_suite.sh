@@ -69,6 +69,18 @@ sweep() {  # sweep SHAPE LIMIT_S LABEL=FLAGS...: model dir scratch/<shape> made 
     --bench-args "$SWEEP_BENCH" --startup-timeout-s 180 --out "$OUT/sweep_$shape.json"
 }
 
+# issue 21: the SLO policy where the load changes. slo_phased runs long prompts (prefill-bound), then short prompts
+# with long outputs (decode-bound), twice, against the static oracle (the best of static splits at ORACLE_SHARES);
+# 3 configs x (100 s of arrivals + ~60 s start + drain) fits one 10-minute call. PHASE_SCALES > 1 value: a sweep
+# (one run per scale, longer). slo_light: the two lowest rates of the long-prompt workload, slo vs unified-2048,
+# for TTFT p50 at light load. Both on scratch/llama8b (model_shapes.py, as the sweeps).
+PHASES=${SLO_PHASES:-"long:25:6.5:3072:256,short:25:4:1024:1024"}
+PHASED_BENCH="--phases $PHASES --phase-repeats 2 --range-ratio 0.5 --request-rates ${PHASE_SCALES:-1} \
+  --slo-ttft-ms 2000 --slo-tpot-ms ${SLO_TPOT_MS:-15} --request-timeout-s 60"
+SLO_CFG="semi-pd-green-slo=--enable-semi-pd --sm-partition green --decode-sm-percent 40 --partition-policy slo \
+  --slo-ttft-ms 2000 --slo-tpot-ms ${SLO_TPOT_MS:-15}"
+SERVER_8B="--load-format dummy --context-length 8192 --max-running-requests 64"
+
 for s in "$@"; do
   case $s in
     checks_green)  # no MPS: parity, graphs, overlap, semi-PD on green contexts
@@ -136,6 +148,17 @@ for s in "$@"; do
         --context-length 4096 --max-running-requests 64" --duration-s "${SOAK_S:-1800}" \
         --kill-every-s "${SOAK_KILL_S:-300}" --concurrency 32 --out "$OUT/soak.json"
       stop_mps ;;
+    slo_phased)
+      # shellcheck disable=SC2086  # ORACLE_SHARES is a list of numbers
+      stage slo_phased 540 python3 benchmarks/serving_sweep.py --model-path scratch/llama8b --server-args "$SERVER_8B" \
+        --config "$SLO_CFG" --static-oracle ${ORACLE_SHARES:-40 50} --oracle-slos "2000:${SLO_TPOT_MS:-15}" 2000:25 \
+        --bench-args "$PHASED_BENCH" --startup-timeout-s 180 --out "$OUT/slo_phased.json" \
+        --plot-dir "$OUT/slo_phased_plots" ;;
+    slo_light)
+      stage slo_light 420 python3 benchmarks/serving_sweep.py --model-path scratch/llama8b --server-args "$SERVER_8B" \
+        --config "$SLO_CFG" --config "${UNIFIED_CFGS[1]}" --startup-timeout-s 180 --out "$OUT/slo_light.json" \
+        --bench-args "--dataset uniform --input-len 3072 --output-len 256 --range-ratio 0.5 --num-prompts 1000 \
+          --duration-s 40 --request-rates ${LIGHT_RATES:-1 2} --slo-ttft-ms 2000 --slo-tpot-ms ${SLO_TPOT_MS:-15}" ;;
     compare)
       for f in "$OUT"/sweep_*.json; do python3 benchmarks/bench_serving.py --compare "$f" --plot-dir "${f%.json}_plots"; done ;;
     *) echo "unknown stage $s" ;;

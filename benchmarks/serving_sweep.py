@@ -10,6 +10,10 @@ it, and compare all configurations in one results file, table and set of plots.
 Everything after a config's `=` is passed to `semipd-server` on top of --server-args; --bench-args go to every
 bench_serving run (`semipd-bench-serving`: `semipd_server.bench.serving`). Server logs land beside the results
 file (<out stem>.<label>.log).
+
+The static oracle: `--static-oracle 20 30 40 50 60` adds one static config per decode share (labels static-dNN,
+flags `--oracle-flags` + `--decode-sm-percent NN`), and the end report judges every config against the best of
+them at each `--oracle-slos TTFT_MS:TPOT_MS` (a policy is judged against the best static split, not the default).
 """
 
 from __future__ import annotations
@@ -27,8 +31,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None, help="model directory (default: the bundled default model)")
     ap.add_argument("--server-args", default="", help="flags for every server")
-    ap.add_argument("--config", action="append", required=True, metavar="LABEL=FLAGS",
+    ap.add_argument("--config", action="append", default=[], metavar="LABEL=FLAGS",
                     help="one server configuration (repeatable)")
+    ap.add_argument("--static-oracle", type=float, nargs="+", default=[], metavar="DECODE_PERCENT",
+                    help="also the static split at each of these decode shares (labels static-dNN)")
+    ap.add_argument("--oracle-flags", default="--enable-semi-pd --sm-partition green",
+                    help="server flags of the static-oracle configs (plus --decode-sm-percent NN)")
+    ap.add_argument("--oracle-slos", nargs="+", default=[], metavar="TTFT_MS:TPOT_MS",
+                    help="SLOs the oracle report judges at (default: the bench's)")
     ap.add_argument("--bench-args", default="", help="flags for every bench_serving run")
     ap.add_argument("--startup-timeout-s", type=float, default=600.0)
     ap.add_argument("--out", type=Path, required=True)
@@ -40,6 +50,12 @@ def main() -> int:
         if not sep or not label:
             ap.error(f"--config must be LABEL=FLAGS, got {c!r}")
         configs.append((label, shlex.split(flags)))
+    for pct in args.static_oracle:
+        if not 0 < pct < 100:
+            ap.error(f"--static-oracle shares must be in (0, 100), got {pct:g}")
+        configs.append((f"static-d{pct:g}", [*shlex.split(args.oracle_flags), "--decode-sm-percent", f"{pct:g}"]))
+    if not configs:
+        ap.error("give at least one --config or --static-oracle share")
     failures = 0
     for label, flags in configs:
         log = args.out.with_name(f"{args.out.stem}.{label}.log")
@@ -60,7 +76,9 @@ def main() -> int:
             if server is not None:
                 server.stop()
     if args.out.exists():
-        bench_serving.main(["--compare", str(args.out), *(["--plot-dir", args.plot_dir] if args.plot_dir else [])])
+        oracle = ["--oracle", "static-d", *(["--oracle-slos", *args.oracle_slos] if args.oracle_slos else [])]
+        bench_serving.main(["--compare", str(args.out), *(["--plot-dir", args.plot_dir] if args.plot_dir else []),
+                            *(oracle if args.static_oracle else [])])
     return 1 if failures else 0
 
 

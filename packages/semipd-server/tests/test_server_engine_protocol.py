@@ -31,7 +31,8 @@ KNOWN = {
     "semipd:repartitions": ("counter", "SM re-partitions that took effect", ()),
     "semipd:repartition_latency_seconds": ("gauge", "Last re-partition: request to new split in effect", ()),
     "semipd:predicted_ttft_seconds": ("gauge", "TTFT the slo policy predicts at the current split", ()),
-    "semipd:slo_ttft_correction": ("gauge", "Measured / modelled TTFT factor the slo policy applies", ()),
+    "semipd:slo_predicted_attainment": (
+        "gauge", "Share of requests the slo policy predicts within both SLOs at the current split", ()),
     "semipd:predicted_tpot_seconds": ("gauge", "TPOT the slo policy predicts at the current split", ()),
     "semipd:slo_decisions": ("counter", "Decisions the slo policy made", ()),
 }
@@ -74,8 +75,8 @@ def test_engine_families_keep_their_names_types_help_and_labels() -> None:
         assert values, f"{name} has no series before the first engine report"
         for labels in values:
             assert tuple(k for k, _ in labels) == extra, name
-    # defaults before any report: zero, except the TTFT correction factor, whose neutral value is 1
-    assert got["semipd:slo_ttft_correction"][2] == {(): 1.0}
+    # defaults before any report: zero
+    assert got["semipd:slo_predicted_attainment"][2] == {(): 0.0}
     assert got["semipd:sm_split"][2] == {(("role", "decode"),): 0.0, (("role", "prefill"),): 0.0}
 
 

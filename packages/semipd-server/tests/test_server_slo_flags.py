@@ -67,7 +67,7 @@ def test_split_and_repartition_metrics() -> None:
         assert before[(name, ())] == 0, name  # every series exists from the first scrape
     stats = EngineStats(prefill_sm=40, decode_sm=92, prefill_sm_percent=30.3, decode_sm_percent=69.7,
                         repartitions=2, slo_decisions=5, predicted_ttft_s=0.25, predicted_tpot_s=0.012,
-                        last_repartition_s=0.003, ttft_correction=1.7)
+                        last_repartition_s=0.003, predicted_attainment=0.97)
     m.update_engine_stats(stats)
     m.update_engine_stats(msgspec.structs.replace(stats, repartitions=3))
     after = samples(m)
@@ -77,5 +77,5 @@ def test_split_and_repartition_metrics() -> None:
     assert after[("semipd:slo_decisions_total", ())] == 5
     assert after[("semipd:predicted_ttft_seconds", ())] == 0.25
     assert after[("semipd:predicted_tpot_seconds", ())] == 0.012
-    assert after[("semipd:slo_ttft_correction", ())] == 1.7
+    assert after[("semipd:slo_predicted_attainment", ())] == 0.97
     assert after[("semipd:repartition_latency_seconds", ())] == 0.003

@@ -69,8 +69,11 @@ def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaF
         fixed = None if kind.decode_share_moves else decode_pct
         # disjoint splits: prefill runs on what decode leaves, so the decode share is the split
         start = split if fixed is not None else (100.0 - decode_pct, float(decode_pct))
+        # a new split is a new prefill thread (green contexts: 3-8 ms) or a new prefill process (MPS, or the none
+        # backend's process placement: 10-40 s): the policy follows the load closely only in the first case
+        cheap = kind.prefill_placement(cfg.semi_pd.prefill_placement) == "thread"
         pcfg = settings.partitioner_config(_device_sm_count() or 100, start, fixed, cfg.scheduler.max_prefill_tokens,
-                                           max_decode_batch=cfg.scheduler.max_running_requests)
+                                           max_decode_batch=cfg.scheduler.max_running_requests, cheap_moves=cheap)
         assert pcfg.initial_split is not None
         split = partition.split if partition is not None else pcfg.initial_split
         slo = SloController(settings, pcfg)
@@ -99,8 +102,10 @@ def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaF
     core = EngineCore(cfg, model=model, make_executor=make_executor, observers=observers)
     core.warm_up()  # eager decode above the graph sizes (the prefill worker warms its own shapes)
     core.capture_cuda_graphs()  # inside the decode partition (a later split captures its own on first use)
-    log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d; policy %s", part.kind,
-             placement, part.sm_count["prefill"], part.sm_count["decode"], "slo" if slo else "static")
+    moves = "" if slo is None else (" (cheap moves: follows the load)" if slo.partitioner.config.cheap_moves
+                                    else " (a process per split: moves rarely)")
+    log.info("semi-PD: partition %s, prefill as %s; SMs granted prefill=%d decode=%d; policy %s%s", part.kind,
+             placement, part.sm_count["prefill"], part.sm_count["decode"], "slo" if slo else "static", moves)
     if slo is not None:
         assert isinstance(core.executor, SharedPoolPrefill)
         try:

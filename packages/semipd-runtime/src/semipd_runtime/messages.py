@@ -112,7 +112,7 @@ class EngineStats(msgspec.Struct):
     slo_reason: str = ""
     predicted_ttft_s: float = 0.0
     predicted_tpot_s: float = 0.0
-    ttft_correction: float = 1.0  # measured / modelled TTFT factor the slo policy applies
+    predicted_attainment: float = 0.0  # share of requests the slo policy predicts within both SLOs
     measured_ttft_s: float = 0.0  # mean over the last decision window
     measured_tpot_s: float = 0.0  # mean decode step time over the last decision window
     cached_pages: int = 0  # pages in the radix prefix cache (shared or not)

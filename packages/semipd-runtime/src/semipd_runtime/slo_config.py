@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 POLICIES = ("static", "slo")
+SLOW_MOVE_DWELL_S = 60.0  # least time a split is held where a move costs seconds (MPS: ~12 s measured)
 
 
 def sm_split_candidates(total_sms: int = 132, sm_step: int = 8) -> tuple[tuple[float, float], ...]:
@@ -37,18 +38,18 @@ class SloPartitionerConfig:
     policy: str = "slo"
     repartition_interval_s: float = 2.0
     min_dwell_s: float = 6.0
-    hysteresis: float = 0.1  # move only for a relative score gain above this ...
-    load_confidence_z: float = 2.0  # ... and only when it ranks no worse with the load moved +-z standard errors
-    score_cap: float = 2.0  # headroom beyond this (x the SLOs) is not worth a move
-    # 0 disables (the default): see observe_ttft. At 0.3 on the H200 it swung between its clips (0.5 and 4) within
-    # a minute: the TTFTs measured in a window belong to requests that arrived a queue earlier
-    ttft_feedback_gain: float = 0.0
-    ttft_feedback_min_samples: int = 4  # measured TTFTs in a window before the correction moves
-    overload_tpot_margin: float = 0.1  # when TTFT cannot be met, TPOT must hold with this much to spare
-    ttft_quantile: float = 0.9  # TTFT is judged at this quantile of its predicted distribution
-    max_batch_growth: float = 4.0  # most a slower decode split is predicted to grow the running batch
-    # when no split holds TPOT: splits within this fraction of the best TPOT count as equal (best TTFT wins)
-    overload_tpot_tolerance: float = 0.9
+    # a move must gain over `tie` in attainment or served share, or (cheap moves) lower the mean TTFT by over
+    # `hysteresis`, and rank no worse with the load moved +-load_confidence_z standard errors
+    tie: float = 0.02
+    hysteresis: float = 0.25  # adjacent splits (8 SMs) differ by ~10% in TTFT: no back and forth between them
+    load_confidence_z: float = 2.0
+    tpot_sigma: float = 0.1  # lognormal error of a TPOT prediction (sets how much TPOT a split keeps to spare)
+    horizon_s: float = 20.0  # a split is judged by the requests arriving over this long
+    # green contexts move the split in 3-8 ms: the policy may follow the load closely, and ranks the splits that
+    # tie on attainment by mean TTFT (at light load prefill takes what decode does not need). MPS moves take ~12 s
+    # (a standby process starts): False keeps the split unless attainment or served share gain, and holds a split
+    # at least SLOW_MOVE_DWELL_S
+    cheap_moves: bool = True
     # the engine's cap on running requests (None: unknown). Past it requests wait for a decode slot, which frees
     # every output_tokens x TPOT / cap seconds: with a full batch a slower decode split also slows admission
     max_decode_batch: int | None = None
@@ -57,47 +58,36 @@ class SloPartitionerConfig:
     sm_step: int = 8
     initial_split: tuple[float, float] | None = None
     prefill_token_budget: int = 8192  # most new tokens one prefill step batches
-    planning_horizon_s: float = 60.0  # a backlog surplus (burst) is predicted to drain over this long
     # arrival rate and prompt lengths look back at most this far, or less when rate_target_arrivals came in a
-    # shorter time (100 Poisson arrivals: ~10% error). 60 s / 200 lagged a rising load on the H200: it read
-    # 3.5-4.3 req/s while 5.3 arrived, and the split stayed put while TTFT failed
+    # shorter time (100 Poisson arrivals: ~10% error)
     rate_window_s: float = 30.0
     rate_target_arrivals: int = 100
     window: int = 256  # samples kept per SM share in each latency model
     forgetting: float = 0.99  # per-sample weight decay inside each share's window
     min_samples: int = 8  # per latency model before the first non-static decision
 
+    @property
+    def dwell_s(self) -> float:
+        return self.min_dwell_s if self.cheap_moves else max(self.min_dwell_s, SLOW_MOVE_DWELL_S)
+
     def __post_init__(self) -> None:
-        positive = ("slo_ttft_ms", "slo_tpot_ms", "repartition_interval_s", "rate_window_s", "planning_horizon_s")
+        positive = ("slo_ttft_ms", "slo_tpot_ms", "repartition_interval_s", "rate_window_s", "horizon_s")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if isinstance(self.ttft_feedback_gain, bool) or not 0 <= self.ttft_feedback_gain <= 1:
-            raise ValueError(f"ttft_feedback_gain must be in [0, 1], got {self.ttft_feedback_gain!r}")
-        for name in ("min_dwell_s", "hysteresis", "load_confidence_z", "overload_tpot_margin"):
+        for name in ("min_dwell_s", "hysteresis", "load_confidence_z", "tpot_sigma", "tie"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if isinstance(self.ttft_quantile, bool) or not isinstance(self.ttft_quantile, (int, float)) or not (
-                0 < self.ttft_quantile < 1):
-            raise ValueError(f"ttft_quantile must be in (0, 1), got {self.ttft_quantile!r}")
-        if isinstance(self.max_batch_growth, bool) or not isinstance(self.max_batch_growth, (int, float)) or not (
-                1 <= self.max_batch_growth < math.inf):
-            raise ValueError(f"max_batch_growth must be a finite number >= 1, got {self.max_batch_growth!r}")
-        if isinstance(self.overload_tpot_tolerance, bool) or not isinstance(
-                self.overload_tpot_tolerance, (int, float)) or not 0 < self.overload_tpot_tolerance <= 1:
-            raise ValueError(f"overload_tpot_tolerance must be in (0, 1], got {self.overload_tpot_tolerance!r}")
+        if not isinstance(self.cheap_moves, bool):
+            raise ValueError(f"cheap_moves must be a bool, got {self.cheap_moves!r}")
         if self.max_decode_batch is not None and (isinstance(self.max_decode_batch, bool) or not isinstance(
                 self.max_decode_batch, int) or self.max_decode_batch < 1):
             raise ValueError(f"max_decode_batch must be None or an int >= 1, got {self.max_decode_batch!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if isinstance(self.score_cap, bool) or not isinstance(self.score_cap, (int, float)) or not (
-                self.score_cap >= 1 and math.isfinite(self.score_cap)):
-            raise ValueError(f"score_cap must be a finite number >= 1, got {self.score_cap!r}")
-        for name in ("prefill_token_budget", "window", "min_samples", "rate_target_arrivals",
-                     "ttft_feedback_min_samples"):
+        for name in ("prefill_token_budget", "window", "min_samples", "rate_target_arrivals"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "window" else 1):
                 raise ValueError(f"{name} must be an int >= {2 if name == 'window' else 1}, got {v!r}")

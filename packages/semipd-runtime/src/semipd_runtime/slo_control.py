@@ -44,7 +44,7 @@ class SloSettings:
     repartition_interval_s: float = knob(2.0, "how often the slo policy re-decides the split (seconds)",
                                          flags=("--repartition-interval-s",), minimum=0, exclusive=True, group="pd")
     min_dwell_s: float = knob(6.0, "least time between two moves of the split", minimum=0)
-    hysteresis: float = knob(0.1, "a move must gain this fraction of headroom", minimum=0)
+    hysteresis: float = knob(0.25, "a move for TTFT alone must cut the mean TTFT by this fraction", minimum=0)
     sm_step: int = knob(8, "granularity of candidate splits (SMs)", minimum=1)
     profile_splits: int = knob(3, "splits the startup profiling pass runs (0: none)", minimum=0)
     profile_requests: int = knob(6, "dummy requests per profiled split", minimum=1)
@@ -73,8 +73,8 @@ class SloSettings:
 
     def partitioner_config(self, total_sms: int, initial: tuple[float, float] | None,
                            fixed_decode_percent: float | None = None,
-                           prefill_token_budget: int = 8192,
-                           max_decode_batch: int | None = None) -> SloPartitionerConfig:
+                           prefill_token_budget: int = 8192, max_decode_batch: int | None = None,
+                           cheap_moves: bool = True) -> SloPartitionerConfig:
         candidates = sm_split_candidates(total_sms, self.sm_step)
         if fixed_decode_percent is not None:  # MPS: the decode process keeps the cap it started with
             candidates = tuple((p, float(fixed_decode_percent)) for p, _ in candidates)
@@ -84,7 +84,8 @@ class SloSettings:
             slo_ttft_ms=self.slo_ttft_ms, slo_tpot_ms=self.slo_tpot_ms, policy=self.partition_policy,
             repartition_interval_s=self.repartition_interval_s, min_dwell_s=self.min_dwell_s,
             hysteresis=self.hysteresis, candidates=candidates, total_sms=total_sms, sm_step=self.sm_step,
-            initial_split=initial, prefill_token_budget=prefill_token_budget, max_decode_batch=max_decode_batch)
+            initial_split=initial, prefill_token_budget=prefill_token_budget, max_decode_batch=max_decode_batch,
+            cheap_moves=cheap_moves)
 
 
 def nearest_split(candidates: Sequence[tuple[float, float]], split: tuple[float, float]) -> tuple[float, float]:
@@ -117,17 +118,16 @@ class SloController:
         w[0] += seconds
         w[1] += 1
 
-    def observe_arrival(self, rid: str, prompt_tokens: int, now: float) -> None:
+    def observe_arrival(self, rid: str, prompt_tokens: int, now: float, max_output_tokens: int = 0) -> None:
         if self.profiling or prompt_tokens < 1:
             return
-        self.partitioner.observe_arrival(now, prompt_tokens)
+        self.partitioner.observe_arrival(now, prompt_tokens, max(0, max_output_tokens))
         self._arrived[rid] = now
 
     def observe_first_token(self, rid: str, now: float) -> None:
         t = self._arrived.pop(rid, None)
         if t is not None:
             self._measure("ttft", now - t)
-            self.partitioner.observe_ttft(max(0.0, now - t))
 
     def observe_finish(self, output_tokens: int) -> None:
         if not self.profiling:
@@ -185,11 +185,11 @@ class SloController:
         s.slo_observations = self.observations
         s.measured_ttft_s = float(self.measured["ttft"])
         s.measured_tpot_s = float(self.measured["decode"])  # one decode step = one token of every running request
-        s.ttft_correction = float(self.partitioner.ttft_correction)
         d = self.last
         if d is not None:
             s.slo_reason = d.reason
             if d.predicted is not None:
+                s.predicted_attainment = float(d.predicted.attainment)
                 s.predicted_ttft_s = float(d.predicted.ttft_ms) / 1000
                 s.predicted_tpot_s = float(d.predicted.tpot_ms) / 1000
 
@@ -201,7 +201,7 @@ class SloObserver:
         self.controller = controller
 
     def on_arrival(self, req: Request, now: float) -> None:
-        self.controller.observe_arrival(req.rid, len(req.prompt_ids), now)
+        self.controller.observe_arrival(req.rid, len(req.prompt_ids), now, req.sampling.max_tokens)
 
     def on_first_token(self, req: Request, now: float) -> None:
         self.controller.observe_first_token(req.rid, now)

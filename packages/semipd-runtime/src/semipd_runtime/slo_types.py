@@ -35,31 +35,23 @@ class LoadState:
 
 @dataclass(frozen=True, slots=True)
 class SplitPrediction:
-    """Predicted latencies of one candidate split; score >= 1 means both SLOs are predicted to hold."""
+    """What one candidate split is predicted to do under the load (the terms: `slo_partitioner`'s docstring)."""
 
     prefill_percent: float
     decode_percent: float
-    ttft_ms: float
-    tpot_ms: float
-    queue_wait_ms: float
+    ttft_ms: float  # mean TTFT of the next arrivals (T)
+    tpot_ms: float  # one decode step of the steady batch
+    attainment: float  # A = P(TTFT within SLO) x P(TPOT within SLO)
+    ttft_attainment: float
+    tpot_attainment: float
+    served: float  # G = share of the offered load prefilled and then decoded within TPOT
     prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
-    score: float
-    tier: int = 0  # 2: both SLOs hold, 1: only TPOT (with margin), 0: TPOT not held (see the module docstring)
-    tier_value: float = 0.0  # what ranks inside the tier: score; TTFT ratio; 1 + TTFT ratio near the best TPOT
-    ttft_mean_ms: float = 0.0  # mean TTFT (ttft_ms is its ttft_quantile); the TTFT feedback compares means
+    decode_batch: float  # the steady decode batch B the TPOT is predicted at
     # where the TTFT comes from (for the log): the request's own prefill, the prefill time of what waits now, and
     # the decode slots' utilization (arrival rate x slot time per request; > 1: admission cannot keep up)
     own_prefill_ms: float = 0.0
     backlog_ms: float = 0.0
     slot_utilization: float = 0.0
-
-    @property
-    def meets_slo(self) -> bool:
-        return self.score >= 1.0
-
-    @property
-    def rank(self) -> tuple[int, float]:
-        return (self.tier, self.tier_value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +69,6 @@ class Decision:
     best: SplitPrediction | None  # the best-scoring candidate (may differ: hysteresis / dwell)
     candidates: tuple[SplitPrediction, ...]
     load: LoadState
-    ttft_correction: float = 1.0  # measured / modelled TTFT factor the predictions carry (observe_ttft)
 
     @property
     def split(self) -> tuple[float, float]:
@@ -88,28 +79,30 @@ class Decision:
         keys = ("time", "prefill_percent", "decode_percent", "prefill_sms", "decode_sms", "changed", "reason")
         out: dict[str, object] = {k: getattr(self, k) for k in keys}
         out.update(arrival_rate=self.load.arrival_rate, waiting_requests=self.load.waiting_requests,
-                   decode_batch=self.load.decode_batch, ttft_correction=self.ttft_correction)
+                   decode_batch=self.load.decode_batch)
         if self.predicted is not None:
-            out.update(predicted_ttft_ms=self.predicted.ttft_ms, predicted_tpot_ms=self.predicted.tpot_ms,
-                       predicted_score=self.predicted.score, prefill_utilization=self.predicted.prefill_utilization,
-                       predicted_queue_wait_ms=self.predicted.queue_wait_ms,
-                       predicted_own_prefill_ms=self.predicted.own_prefill_ms,
-                       predicted_backlog_ms=self.predicted.backlog_ms,
-                       slot_utilization=self.predicted.slot_utilization)
+            p = self.predicted
+            out.update(predicted_attainment=p.attainment, predicted_ttft_ms=p.ttft_ms, predicted_tpot_ms=p.tpot_ms,
+                       predicted_served=p.served, predicted_decode_batch=p.decode_batch,
+                       prefill_utilization=p.prefill_utilization, predicted_own_prefill_ms=p.own_prefill_ms,
+                       predicted_backlog_ms=p.backlog_ms, slot_utilization=p.slot_utilization)
         if self.best is not None:
-            out.update(best_prefill_percent=self.best.prefill_percent, best_score=self.best.score)
+            out.update(best_prefill_percent=self.best.prefill_percent, best_attainment=self.best.attainment)
         return out
 
 
-def worth(p: SplitPrediction, score_cap: float) -> tuple[int, float]:
-    """A split's rank as far as moving is concerned: headroom past score_cap counts as score_cap."""
-    return (p.tier, min(p.tier_value, score_cap) if p.tier == 2 else p.tier_value)
+def beats(x: SplitPrediction, y: SplitPrediction, tie: float, hysteresis: float, by_ttft: bool) -> bool:
+    """x is clearly better than y: more attainment A (by over `tie`), else as much and a served share G higher by
+    over `hysteresis` (relative: near the best G the trade of prefill throughput against TPOT is flat, and an
+    absolute margin let noise move 72 <-> 80 SMs under overload in simulation), else (`by_ttft`: cheap moves) as
+    much of both and a mean TTFT lower by over `hysteresis` (relative)."""
+    if abs(x.attainment - y.attainment) > tie:
+        return x.attainment > y.attainment
+    if x.served > y.served * (1 + hysteresis) or y.served > x.served * (1 + hysteresis):
+        return x.served > y.served
+    return by_ttft and x.ttft_ms < y.ttft_ms * (1 - hysteresis)
 
 
-def clear_gain(best: SplitPrediction, current: SplitPrediction, hysteresis: float, score_cap: float) -> bool:
-    (bt, bv), (ct, cv) = worth(best, score_cap), worth(current, score_cap)
-    return bt > ct or (bt == ct and bv > cv * (1 + hysteresis))
-
-
-def fmt_rank(p: SplitPrediction) -> str:
-    return f"tier {p.tier} {p.tier_value:.3f} (score {p.score:.3f})"
+def fmt(p: SplitPrediction) -> str:
+    return (f"{p.prefill_percent:.1f}% A {p.attainment:.3f} G {p.served:.3f} TTFT {p.ttft_ms:.0f} ms "
+            f"TPOT {p.tpot_ms:.1f} ms")

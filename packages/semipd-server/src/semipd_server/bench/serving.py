@@ -30,7 +30,9 @@ import httpx
 import numpy as np
 
 from semipd_server.bench import serving_data as data
-from semipd_server.bench.serving_client import Target, run_at_rate, send_request
+from semipd_server.bench import serving_oracle as oracle
+from semipd_server.bench import serving_workload as wl
+from semipd_server.bench.serving_client import Target, run_schedule, send_request
 from semipd_server.bench.serving_data import SampleRequest
 from semipd_server.bench.serving_plots import MISSING_MATPLOTLIB, have_matplotlib, write_plots
 from semipd_server.help_format import HelpFormatter
@@ -56,9 +58,8 @@ async def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         info = {} if args.model and args.max_model_len else await discover(client, args.base_url)
         model = args.model or info["id"]
         max_model_len = args.max_model_len or int(info.get("max_model_len") or 4096)
-        make_requests = request_maker(args, max_model_len)
-        workloads = [make_requests(np.random.default_rng([args.seed, i]))
-                     for i in range(len(args.request_rates))]
+        make_schedule = schedule_maker(args, max_model_len)
+        schedules = [make_schedule(rate, i) for i, rate in enumerate(args.request_rates)]
         target = Target(args.base_url, model, args.endpoint, not args.no_ignore_eos, args.temperature,
                         json.loads(args.extra_body) if args.extra_body else {})
         warm_up = SampleRequest(data.random_words(8, np.random.default_rng(args.seed)), 8, 2)
@@ -66,15 +67,18 @@ async def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
         if not warm.ok:
             raise SystemExit(f"error: warm-up request to {target.url} failed: {warm.error}")
         points = []
-        for i, (rate, requests) in enumerate(zip(args.request_rates, workloads)):
-            records, duration, samples = await run_at_rate(
-                client, target, requests, rate, args.burstiness, args.max_concurrency, args.duration_s,
-                args.metrics_interval_s, np.random.default_rng([args.seed, i, 1]), not args.no_progress)
+        for rate, schedule in zip(args.request_rates, schedules, strict=True):
+            records, duration, samples = await run_schedule(
+                client, target, schedule, args.max_concurrency, args.metrics_interval_s,
+                f"rate {data.format_rate(rate)}/s", not args.no_progress)
             summary = data.summarize(records, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+            rows = [r.to_json() for r in records]
+            phases = wl.phase_stats(rows, args.slo_ttft_ms, args.slo_tpot_ms)
+            if phases:
+                summary["phases"] = phases
             print_summary(args.label, rate, summary)
             points.append({"request_rate": "inf" if math.isinf(rate) else rate, "burstiness": args.burstiness,
-                           "summary": summary, "requests": [r.to_json() for r in records],
-                           "sm_split": samples})
+                           "summary": summary, "requests": rows, "sm_split": samples})
     config = {k: v for k, v in vars(args).items() if k not in ("compare", "api_key", "out", "plot_dir")}
     config["request_rates"] = [data.format_rate(r) for r in args.request_rates]
     return {"label": args.label, "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -82,21 +86,55 @@ async def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
                        "max_model_len": max_model_len}, "config": config, "rates": points}
 
 
-MakeRequests = Callable[[np.random.Generator], list[SampleRequest]]
+MakeRequests = Callable[[int, np.random.Generator], list[SampleRequest]]
 
 
 def request_maker(args: argparse.Namespace, max_model_len: int) -> MakeRequests:
-    """Each rate gets its own prompts (same length distribution; the same per rate whatever the engine), so a
-    server's prefix cache cannot reuse one rate's prompts in the next."""
+    """`n` requests of the --dataset's length distribution."""
     if args.dataset == "sharegpt":
         if args.dataset_path is None:
             raise SystemExit("error: --dataset sharegpt needs --dataset-path FILE")
         pool = data.load_sharegpt(Path(args.dataset_path), max_model_len, args.tokenizer,
                                   args.sharegpt_output_len)
-        return lambda rng: data.sample_requests(pool, args.num_prompts, rng)
-    return lambda rng: data.synthetic_requests(
-        args.dataset, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.long_fraction,
+        return lambda n, rng: data.sample_requests(pool, n, rng)
+    return lambda n, rng: data.synthetic_requests(
+        args.dataset, n, args.input_len, args.output_len, args.range_ratio, args.long_fraction,
         args.long_input_len, args.long_output_len or args.output_len, max_model_len, rng)
+
+
+def schedule_maker(args: argparse.Namespace, max_model_len: int) -> Callable[[float, int], list[wl.Arrival]]:
+    """(rate or load scale, index in the sweep) -> arrivals. Each rate gets its own prompts (the same per rate
+    whatever the engine), so a server's prefix cache cannot reuse one rate's prompts in the next."""
+    if args.trace:
+        try:
+            rows = wl.load_trace(Path(args.trace))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from e
+        return lambda scale, i: wl.trace_schedule(rows, scale, max_model_len, np.random.default_rng([args.seed, i]))
+    if args.phases:
+        phases, lengths = wl.parse_phases(args.phases), wl.uniform_lengths(args.range_ratio, max_model_len)
+        return lambda scale, i: cut(wl.phased_schedule(phases, args.phase_repeats, scale, args.burstiness, lengths,
+                                                       np.random.default_rng([args.seed, i])), args.duration_s)
+    make_requests = request_maker(args, max_model_len)
+
+    def stationary(rate: float, i: int) -> list[wl.Arrival]:
+        if args.diurnal:
+            period, amplitude = args.diurnal
+            offsets, labels = wl.diurnal_offsets(rate, period, amplitude, args.duration_s,
+                                                 np.random.default_rng([args.seed, i, 1]))
+        else:
+            offsets = data.arrival_offsets(args.num_prompts, rate, args.burstiness,
+                                           np.random.default_rng([args.seed, i, 1]))
+            labels = [""] * len(offsets)
+        reqs = make_requests(len(offsets), np.random.default_rng([args.seed, i]))
+        return cut([wl.Arrival(float(t), r, ph) for t, r, ph in zip(offsets, reqs, labels, strict=True)],
+                   args.duration_s)
+    return stationary
+
+
+def cut(schedule: list[wl.Arrival], duration_s: float | None) -> list[wl.Arrival]:
+    """No new sends after `duration_s` (None: all)."""
+    return schedule if duration_s is None else [a for a in schedule if a.offset <= duration_s]
 
 
 def print_summary(label: str, rate: float, s: dict[str, Any]) -> None:
@@ -113,6 +151,10 @@ def print_summary(label: str, rate: float, s: dict[str, Any]) -> None:
           f"{'-' if att is None else f'{100 * att:.1f}%'}, goodput {s['goodput']:.2f} req/s")
     for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms")):
         print(dist(name, key))
+    for name, ph in (s.get("phases") or {}).items():
+        p50, p90 = ph["ttft_p50_ms"], ph["tpot_p90_ms"]
+        print(f"  phase {name}: {ph['num_requests']} requests, attainment {100 * ph['slo_attainment']:.1f}%, "
+              f"TTFT p50 {'-' if p50 is None else f'{p50:.0f}'} ms, TPOT p90 {'-' if p90 is None else f'{p90:.1f}'} ms")
     if s["errors"]:
         print(f"errors: {s['errors']}")
 
@@ -152,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON",
                    help="only compare saved results files (no requests are sent)")
+    p.add_argument("--oracle", default=None, metavar="LABEL_PREFIX",
+                   help="with --compare: judge every run against the best of the runs labelled LABEL_PREFIX*")
+    p.add_argument("--oracle-slos", nargs="+", default=None, metavar="TTFT_MS:TPOT_MS",
+                   help="SLOs the oracle judges at (default: the saved ones of the first run)")
     s = p.add_argument_group("server")
     s.add_argument("--base-url", default="http://127.0.0.1:30000",
                    help="the server to load (its OpenAI API is under /v1)")
@@ -181,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request")
     w.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     w.add_argument("--seed", type=int, default=0, help="seeds the workload (prompts, lengths, arrival times)")
+    n = p.add_argument_group("non-stationary load (serving_workload: attainment per phase too)")
+    n.add_argument("--phases", default=None, metavar="NAME:S:REQ_PER_S:IN:OUT,...",
+                   help="phases in turn, lengths uniform with --range-ratio; --request-rates scale their rates")
+    n.add_argument("--phase-repeats", type=int, default=1, help="times the --phases sequence runs")
+    n.add_argument("--diurnal", default=None, metavar="PERIOD_S:AMPLITUDE",
+                   help="rate = each --request-rates x (1 - AMPLITUDE cos(2 pi t / PERIOD_S)); needs --duration-s")
+    n.add_argument("--trace", default=None, metavar="JSONL",
+                   help="replay arrival_s/prompt_tokens/output_tokens per line; --request-rates scale its load")
     a = p.add_argument_group("load")
     a.add_argument("--request-rates", type=_rate, nargs="+", default=[1.0],
                    help="req/s, one run each (inf: all at once)")
@@ -220,12 +274,36 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.duration_s is not None and not args.duration_s > 0:
         p.error("--duration-s must be > 0")
+    if sum(x is not None for x in (args.phases, args.diurnal, args.trace)) > 1:
+        p.error("--phases, --diurnal and --trace are different workloads: give one")
+    if args.phase_repeats < 1:
+        p.error("--phase-repeats must be >= 1")
+    if args.phases is not None:
+        try:
+            wl.parse_phases(args.phases)
+        except ValueError as e:
+            p.error(f"--phases: {e}")
+    if args.diurnal is not None:
+        try:
+            period, amplitude = (float(x) for x in args.diurnal.split(":"))
+        except ValueError:
+            p.error(f"--diurnal must be PERIOD_S:AMPLITUDE, got {args.diurnal!r}")
+        if not period > 0 or not 0 <= amplitude < 1 or args.duration_s is None:
+            p.error("--diurnal needs PERIOD_S > 0, AMPLITUDE in [0, 1) and --duration-s")
+        args.diurnal = (period, amplitude)
     if args.extra_body is not None:
         try:
             if not isinstance(json.loads(args.extra_body), dict):
                 raise ValueError("not an object")
         except ValueError as e:
             p.error(f"--extra-body must be a JSON object ({e})")
+    if args.oracle is not None and not args.compare:
+        p.error("--oracle judges saved runs: use it with --compare")
+    if args.oracle_slos is not None:
+        try:
+            oracle.parse_slos(args.oracle_slos)
+        except ValueError as e:
+            p.error(f"--oracle-slos: {e}")
     if args.plot_dir is not None and not have_matplotlib():
         p.error(MISSING_MATPLOTLIB)
     args.base_url = args.base_url.rstrip("/")
@@ -247,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         run = data.rescore_run(run, args.slo_ttft_ms, args.slo_tpot_ms, path)
                     except ValueError as e:
                         raise SystemExit(f"error: {e}") from e
+                    for point in run["rates"]:  # the per-phase attainment too, under the new SLOs
+                        if point["summary"].get("phases"):
+                            point["summary"]["phases"] = wl.phase_stats(point["requests"], args.slo_ttft_ms,
+                                                                        args.slo_tpot_ms)
                 if any(r["label"] == run["label"] for r in runs):
                     run = {**run, "label": f"{run['label']} ({Path(path).stem})"}
                 runs.append(run)
@@ -257,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nresults: {args.out} (label {args.label!r}; {len(runs)} runs in file)")
     if len(runs) > 1 or args.compare:
         print("\n" + data.comparison_table(runs, slo_note=slo_note))
+    if args.oracle is not None:
+        first = runs[0]["rates"][0]["summary"] if runs and runs[0]["rates"] else {}
+        slos = oracle.parse_slos(args.oracle_slos) if args.oracle_slos else [
+            (float(first.get("slo_ttft_ms") or SLO_DEFAULTS[0]), float(first.get("slo_tpot_ms") or SLO_DEFAULTS[1]))]
+        print("\n" + oracle.oracle_report(runs, args.oracle, slos))
     if args.plot_dir:
         for path in write_plots(runs, Path(args.plot_dir), rescored=rescore):
             print(f"plot: {path}")

@@ -1,5 +1,5 @@
 """The client side of semipd-bench-serving: one streaming OpenAI request timed on the client (TTFT, ITLs,
-E2E), an open-loop sender at one request rate, and a poller of the server's SM split (/metrics)."""
+E2E), an open-loop sender of a schedule of arrivals, and a poller of the server's SM split (/metrics)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
 from tqdm import tqdm
 
-from semipd_server.bench import serving_data as data
 from semipd_server.bench.serving_data import RequestRecord, SampleRequest
+from semipd_server.bench.serving_workload import Arrival
 
 
 @dataclass(slots=True)
@@ -148,38 +147,35 @@ async def poll_sm_split(client: httpx.AsyncClient, base_url: str, interval_s: fl
             await asyncio.wait_for(stop.wait(), interval_s)
 
 
-async def run_at_rate(client: httpx.AsyncClient, target: Target, requests: Sequence[SampleRequest],
-                      rate: float, burstiness: float, max_concurrency: int | None, duration_s: float | None,
-                      metrics_interval_s: float, rng: np.random.Generator,
-                      progress: bool) -> tuple[list[RequestRecord], float, list[list[float]]]:
-    """Send `requests` at their arrival times (no new sends after `duration_s`), wait for all of them."""
-    offsets = data.arrival_offsets(len(requests), rate, burstiness, rng)
-    if duration_s is not None:
-        offsets = offsets[offsets <= duration_s]
+async def run_schedule(client: httpx.AsyncClient, target: Target, schedule: Sequence[Arrival],
+                       max_concurrency: int | None, metrics_interval_s: float, label: str,
+                       progress: bool) -> tuple[list[RequestRecord], float, list[list[float]]]:
+    """Send each arrival at its offset (open loop: whether or not earlier ones finished), wait for all of them;
+    poll the server's SM split meanwhile. Returns the records (with their phase), the duration, the split samples."""
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    bar = tqdm(total=len(offsets), desc=f"rate {data.format_rate(rate)}/s", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(schedule), desc=label, disable=not progress, leave=False)
     samples: list[list[float]] = []
     stop = asyncio.Event()
     start = time.perf_counter()
     poller = asyncio.create_task(
         poll_sm_split(client, target.base_url, metrics_interval_s, start, samples, stop))
 
-    async def one(req: SampleRequest) -> RequestRecord:
+    async def one(arrival: Arrival) -> RequestRecord:
         if limit is None:
-            rec = await send_request(client, target, req, time.perf_counter() - start)
+            rec = await send_request(client, target, arrival.request, time.perf_counter() - start)
         else:
             async with limit:  # timed from the actual send, after waiting for a concurrency slot
-                rec = await send_request(client, target, req, time.perf_counter() - start)
+                rec = await send_request(client, target, arrival.request, time.perf_counter() - start)
+        rec.phase = arrival.phase
         bar.update(1)
         return rec
 
     tasks = []
-    for req, offset in zip(requests, offsets):
-        delay = start + float(offset) - time.perf_counter()
+    for arrival in sorted(schedule, key=lambda a: a.offset):
+        delay = start + arrival.offset - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(req)))
+        tasks.append(asyncio.create_task(one(arrival)))
     records = list(await asyncio.gather(*tasks))
     duration = time.perf_counter() - start
     stop.set()

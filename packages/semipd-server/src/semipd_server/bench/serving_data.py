@@ -183,6 +183,7 @@ class RequestRecord:
     planned_prompt_tokens: int = 0
     planned_output_tokens: int = 0
     error: str = ""
+    phase: str = ""  # the workload phase it was sent in (non-stationary workloads)
 
     @property
     def tpot(self) -> float:

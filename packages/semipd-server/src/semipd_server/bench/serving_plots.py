@@ -46,7 +46,69 @@ def write_plots(runs: Sequence[Mapping[str, Any]], plot_dir: Path, target: float
     sm_path = _plot_sm_split(plt, runs, plot_dir / "sm_split_over_time.png")
     if sm_path is not None:
         written.append(sm_path)
+    for run in runs:
+        for point in run["rates"]:
+            if (point["summary"].get("phases") or point.get("sm_split")) and point.get("requests"):
+                name = f"timeline_{_slug(run['label'])}_{format_rate(float(point['request_rate']))}.png"
+                written.append(_plot_timeline(plt, run["label"], point, plot_dir / name))
     return written
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def _plot_timeline(plt: Any, label: str, point: Mapping[str, Any], path: Path, bin_s: float = 5.0) -> Path:
+    """One rate's run over time, three panels on one time axis: arrivals per second (phases shaded), each
+    request's TTFT and TPOT at its send time against the SLOs, and the SM split the server reported."""
+    rows = sorted(point["requests"], key=lambda r: r["send_time"])
+    summary = point["summary"]
+    end = max(float(summary["duration_s"]), max(r["send_time"] for r in rows) + bin_s)
+    fig, (ax_rate, ax_lat, ax_sm) = plt.subplots(3, 1, figsize=(11, 8.5), sharex=True)
+    edges = np.arange(0.0, end + bin_s, bin_s)
+    counts, _ = np.histogram([r["send_time"] for r in rows], edges)
+    ax_rate.step(edges[:-1], counts / bin_s, where="post", color="C0")
+    ax_rate.set_ylabel(f"arrivals / s ({bin_s:g} s bins)")
+    starts = [(r["send_time"], r.get("phase") or "") for i, r in enumerate(rows)
+              if i == 0 or (r.get("phase") or "") != (rows[i - 1].get("phase") or "")]
+    for i, (t0, name) in enumerate(starts):
+        t1 = starts[i + 1][0] if i + 1 < len(starts) else end
+        for ax in (ax_rate, ax_lat, ax_sm):
+            ax.axvspan(t0, t1, color=f"C{i % 2 + 7}", alpha=0.08, linewidth=0)
+        if name:
+            ax_rate.text(t0, 1.0, f" {name}", transform=ax_rate.get_xaxis_transform(), va="top", fontsize="small")
+    ok = [r for r in rows if r["ok"]]
+    ax_lat.scatter([r["send_time"] for r in ok], [1000 * r["ttft"] for r in ok], s=6, label="TTFT", color="C1")
+    tpot = [r for r in ok if r.get("tpot") is not None]
+    ax_lat.scatter([r["send_time"] for r in tpot], [1000 * r["tpot"] for r in tpot], s=6, label="TPOT", color="C2")
+    for key, color in (("slo_ttft_ms", "C1"), ("slo_tpot_ms", "C2")):
+        if summary.get(key):
+            ax_lat.axhline(summary[key], color=color, linestyle="--", linewidth=1)
+    failed = [r["send_time"] for r in rows if not r["ok"]]
+    if failed:
+        ax_lat.scatter(failed, [summary.get("slo_ttft_ms") or 1000.0] * len(failed), marker="x", color="red",
+                       s=12, label="failed")
+    ax_lat.set_yscale("log")
+    ax_lat.set_ylabel("ms (dashed: SLOs)")
+    ax_lat.legend(loc="upper right", fontsize="small")
+    samples = point.get("sm_split") or []
+    if samples:
+        ts = [s[0] for s in samples] + [end]
+        ax_sm.step(ts, [s[1] for s in samples] + [samples[-1][1]], where="post", label="prefill SMs")
+        ax_sm.step(ts, [s[2] for s in samples] + [samples[-1][2]], where="post", label="decode SMs")
+        ax_sm.legend(loc="lower right", fontsize="small")
+    ax_sm.set_ylabel("SMs")
+    ax_sm.set_ylim(bottom=0)
+    ax_sm.set_xlabel("time since the first send (s)")
+    att = summary.get("slo_attainment")
+    fig.suptitle(f"{label} @ {format_rate(float(point['request_rate']))}: attainment "
+                 f"{'-' if att is None else f'{100 * att:.1f}%'}")
+    for ax in (ax_rate, ax_lat, ax_sm):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _finite_rates(run: Mapping[str, Any]) -> list[Mapping[str, Any]]:
