@@ -255,3 +255,20 @@ def sample(
     score = torch.where(keep, z - torch.log(-torch.log(u)), torch.full_like(z, float("-inf")))
     sampled = score.argmax(dim=1)
     return torch.where(greedy, logits.argmax(dim=1), sampled)
+
+
+# -------------------- structured output
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
+    """In place: logits[rows[i], v] = -inf where bit v % 32 of bitmask[i, v // 32] is 0 (a banned token), and
+    for every v >= 32 * bitmask.shape[1]. Rows not in `rows` are untouched (requests without a grammar)."""
+    checks.check_token_bitmask(logits, bitmask, rows)
+    if rows.numel() == 0:
+        return
+    vocab = logits.shape[1]
+    idx = torch.arange(vocab, device=logits.device)
+    words = idx // 32
+    in_mask = words < bitmask.shape[1]
+    bits = (bitmask[:, words.clamp(max=bitmask.shape[1] - 1)] >> (idx % 32).int()) & 1
+    allowed = (bits != 0) & in_mask[None, :]
+    r = rows.long()
+    logits[r] = logits[r].masked_fill(~allowed, float("-inf"))
