@@ -77,3 +77,17 @@ def test_masked_row_samples_only_allowed_tokens() -> None:
     tokens = ops.sample(logits, temp, torch.tensor([-1, -1], dtype=torch.int32), torch.ones(2), torch.zeros(2),
                         torch.tensor([1, 2]), torch.tensor([0, 0]))
     assert set(tokens.tolist()) <= set(allowed)
+
+
+def test_sampling_never_picks_a_banned_token_where_the_noise_rounds_to_one() -> None:
+    # seed 1, step 12: the uniform of index 10655 rounds to 1.0 in float32 (its Gumbel noise is +inf); a
+    # banned token there once scored NaN and won the reference's argmax
+    vocab = 49152
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0))
+    logits[0, 12:] = float("-inf")
+    args = dict(temperature=torch.tensor([0.8]), top_k=torch.tensor([-1], dtype=torch.int32),
+                top_p=torch.tensor([1.0]), min_p=torch.tensor([0.0]), seeds=torch.tensor([1]),
+                steps=torch.tensor([12]))
+    assert int(ref.sample(logits, **args)) < 12
+    dev = {k: v.to(DEVICE) for k, v in args.items()}
+    assert int(ops.sample(logits.to(DEVICE), **dev)) == int(ref.sample(logits, **args))

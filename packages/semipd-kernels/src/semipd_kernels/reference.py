@@ -249,7 +249,9 @@ def sample(
     p_on = (top_p < 1.0)[:, None]
     t_p = torch.where(p_on, sorted_z.gather(1, first), neg_inf)
 
-    keep = (z >= t_k) & (z >= t_p) & (e >= min_p.float()[:, None])
+    # a banned token (-inf, e.g. a grammar mask) never runs: where u rounds to 1.0 its score would be NaN, which
+    # argmax picks (the Triton race compares with '>', which NaN never wins)
+    keep = (z >= t_k) & (z >= t_p) & (e >= min_p.float()[:, None]) & (z > float("-inf"))
     idx = torch.arange(vocab, device=logits.device, dtype=torch.int64)
     u = uniform_from_hash(seeds.long()[:, None], steps.long()[:, None], idx[None, :])
     score = torch.where(keep, z - torch.log(-torch.log(u)), torch.full_like(z, float("-inf")))
@@ -264,11 +266,11 @@ def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
     checks.check_token_bitmask(logits, bitmask, rows)
     if rows.numel() == 0:
         return
-    vocab = logits.shape[1]
-    idx = torch.arange(vocab, device=logits.device)
-    words = idx // 32
-    in_mask = words < bitmask.shape[1]
-    bits = (bitmask[:, words.clamp(max=bitmask.shape[1] - 1)] >> (idx % 32).int()) & 1
-    allowed = (bits != 0) & in_mask[None, :]
+    g, vocab = rows.shape[0], logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(g, -1)  # [G, 32 * words], bit v = token v
+    allowed = torch.zeros((g, vocab), dtype=torch.bool, device=logits.device)
+    n = min(vocab, bits.shape[1])
+    allowed[:, :n] = bits[:, :n] != 0
     r = rows.long()
-    logits[r] = logits[r].masked_fill(~allowed, float("-inf"))
+    logits.index_copy_(0, r, logits.index_select(0, r).masked_fill_(~allowed, float("-inf")))

@@ -28,6 +28,7 @@ from semipd_runtime.capacity import check_fits, kv_pages_for
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.forward_batch import to_device
+from semipd_runtime.grammar import GrammarRuntime, TokenBitmask
 from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.llama import LlamaForCausalLM
@@ -57,6 +58,7 @@ class StepInFlight:
     num_context: int  # tokens in the cache before the step (its requests')
     decode_share: float = 1.0  # the decode SM share it was launched with (0..1]
     elapsed_s: float = 0.0  # set by resolve: from max(launch, the step before done) to done
+    resolved: bool = False  # resolved already (early: the next step's grammar masks needed its tokens)
 
 
 def _record_event(device: torch.device) -> torch.cuda.Event | None:
@@ -109,6 +111,7 @@ class EngineCore:
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
         self.kv_sender: KvSender | None = None  # a PD prefill instance: sends first-token requests' KV on
         self.on_close: list[Callable[[], None]] = []  # what was composed in (tensor-parallel ranks) to release
+        self._grammars: GrammarRuntime | None = None  # built on the first structured-output request
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
 
@@ -169,12 +172,30 @@ class EngineCore:
             self.pending.append(TokenEvent(msg.rid, [], None, "abort", e.message, 400))
             return
         req = Request(msg.rid, list(msg.prompt_ids), msg.sampling, bootstrap=msg.bootstrap)
+        if msg.grammar:
+            error = self._attach_grammar(req, msg.grammar)
+            if error:
+                self.pending.append(TokenEvent(msg.rid, [], None, "abort", error, 400))
+                return
         if self.kv_sender is not None and req.bootstrap is not None:
             self.kv_sender.track(req, req.bootstrap.room)
         self.scheduler.add(req)
         now = time.monotonic()
         for obs in self.observers:
             obs.on_arrival(req, now)
+
+    def _attach_grammar(self, req: Request, grammar: str) -> str:
+        """Give req its matcher; "" or why it cannot have one."""
+        if self.cfg.parallel.tp_size > 1:
+            return "structured output is not supported with tensor parallelism yet"
+        if self._grammars is None:  # the tokenizer's first load: ~0.25 s for a 49k vocabulary, once
+            self._grammars = GrammarRuntime(self.cfg.model_path, self.model.config.vocab_size,
+                                            next(iter(self.cfg.model.eos_token_ids), None))
+        try:
+            req.grammar = self._grammars.matcher(grammar)
+        except ValueError as e:
+            return f"cannot compile the grammar: {e}"
+        return ""
 
     def abort(self, rid: str, reason: str = "abort", error: str | None = None, status: int = 0) -> None:
         """End a request in any state; its pages come back once nothing writes them (scheduler.finish)."""
@@ -341,21 +362,48 @@ class EngineCore:
         self.num_steps += 1
         step = self.scheduler.launched(batch)
         reqs = [batch.requests[i] for i in sample_rows]
-        sampled = None
-        if reqs:
-            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], [len(r.output_ids) for r in reqs])
+        steps = [len(r.output_ids) for r in reqs]
         index = []
         for j, req in enumerate(reqs):
             index.append(len(req.output_ids))
             req.output_ids.append(-1 - j)
+        sampled = None
+        if reqs:
+            bitmask = self._grammar_bitmask(reqs, prev, logits.device)
+            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], steps, bitmask)
         done = sampled.ready if sampled is not None else _record_event(logits.device)
         share = self.executor.split[1] / 100  # executors without an SM split report (100, 100)
         return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts), share)
 
+    def _grammar_bitmask(self, reqs: list[Request], prev: StepInFlight | None,
+                         device: torch.device) -> TokenBitmask | None:
+        """The grammar masks of this step's sampled rows (None: no row has a grammar, nothing is paid).
+
+        Where the overlap happens: this step's forward is already queued on the device. A mask needs every
+        token before the one it constrains, and in overlap mode the newest of those is the step in flight's
+        (`prev`), so prev is resolved here, early (its events go out with this step's), and its tokens advance
+        the matchers in `_accepted`. The host then computes the masks on llguidance's threads while the device
+        runs this step's forward; only the sampling kernels queued after it wait for the masks. A step
+        without grammar rows resolves prev after its own launch as before."""
+        rows = [j for j, r in enumerate(reqs) if r.grammar is not None]
+        if not rows or self._grammars is None:
+            return None
+        if prev is not None and not prev.resolved:
+            self.pending += self.resolve(prev)
+        # a request that finished at prev's token keeps an unmasked row: its token is discarded at resolve
+        rows = [j for j in rows if reqs[j].status is not RequestStatus.FINISHED]
+        if not rows:
+            return None
+        return self._grammars.bitmask(rows, [g for j in rows if (g := reqs[j].grammar) is not None], device)
+
     def resolve(self, st: StepInFlight) -> list[TokenEvent]:
         """Wait for a launched step (its own work, nothing queued after it), put its tokens in place of the
         placeholders, release what waited for it, finish requests, emit their events. A request that ended
-        after the step was launched (stop token of the step before, abort) has its row discarded."""
+        after the step was launched (stop token of the step before, abort) has its row discarded. A step
+        resolved early (`_grammar_bitmask`) resolves to nothing the second time."""
+        if st.resolved:
+            return []
+        st.resolved = True
         tokens, logprobs = st.sampled.read() if st.sampled is not None else ([], [])
         if st.sampled is None and st.done is not None:
             st.done.synchronize()
@@ -377,8 +425,9 @@ class EngineCore:
         return self._accepted(req, len(req.output_ids) - 1, tok, lp)
 
     def _accepted(self, req: Request, i: int, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
-        """output_ids[i] = tok is known now: finish req if it ends there."""
-        reason = self._finish_reason(req, tok, i + 1)
+        """output_ids[i] = tok is known now: finish req if it ends there. Its grammar consumes tok first."""
+        error = req.grammar.accept(tok) if req.grammar is not None else ""
+        reason = "abort" if error else self._finish_reason(req, tok, i + 1)
         if i == 0:
             if self.kv_sender is not None and req.bootstrap is not None and req.slot is not None:
                 self.kv_sender.first_token(req, tok, lp, self.allocator.pages(req.slot))
@@ -390,12 +439,17 @@ class EngineCore:
             self.scheduler.finish(req, reason)
             for obs in self.observers:  # how long a decode slot stays taken
                 obs.on_finish(req)
-        return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason)
+        if error:
+            log.warning("%s: the grammar rejected token %d: %s", req.rid, tok, error)
+            error = f"the output left its grammar: {error}"
+        return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason, error or None, 500 if error else 0)
 
     def _finish_reason(self, req: Request, tok: int, num_out: int) -> str | None:
         """Why req ends at its num_out-th output token tok (None: it goes on)."""
         s = req.sampling
         if (not s.ignore_eos and tok in self.eos) or tok in s.stop_token_ids:
+            return "stop"
+        if req.grammar is not None and req.grammar.terminated:  # the grammar allows nothing more
             return "stop"
         return "length" if self._reaches_length(req, num_out) else None
 

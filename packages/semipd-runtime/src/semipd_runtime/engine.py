@@ -23,6 +23,7 @@ from semipd_runtime.capacity import check_fits
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.core_client import ProcessCoreClient, ThreadCoreClient
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from semipd_runtime.grammar import GrammarCompiler, StructuredOutput
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -90,6 +91,7 @@ class Engine:
         self._stats_event = threading.Event()
         self._dead: str | None = None
         self._ids = itertools.count()
+        self.grammars = GrammarCompiler(path, self.model_config.vocab_size, next(iter(cfg.model.eos_token_ids), None))
         part = partition_class(cfg.semi_pd.sm_partition)
         self._client: ThreadCoreClient | ProcessCoreClient
         if self.mode == "semi-pd" and part.needs_core_process:
@@ -117,6 +119,15 @@ class Engine:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
         return list(prompt)
 
+    def compile_grammar(self, spec: StructuredOutput) -> str:
+        """Validate a structured-output spec (cached by spec); InvalidRequestError (param "response_format")
+        when it cannot compile. Blocking: the server calls it on its preparation pool, so `submit` then finds
+        it in the cache."""
+        try:
+            return self.grammars.compile(spec)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(e.message, param=e.param or "response_format") from None
+
     def _check_fits(self, n_prompt: int, params: SamplingParams) -> None:
         check_fits(n_prompt, params.max_tokens, self.max_model_len, self.config.scheduler.page_size,
                    self._stats.pages_total or None)
@@ -132,6 +143,7 @@ class Engine:
             raise InvalidRequestError(f"a {pd_mode} instance needs bootstrap_room (send requests through "
                                       "smg --pd-disaggregation)", param="bootstrap_room")
         params.validate(self.model_config.vocab_size)
+        grammar = self.compile_grammar(params.structured) if params.structured is not None else ""
         ids = self._prompt_ids(prompt)
         self._check_fits(len(ids), params)
         if self._dead:
@@ -165,7 +177,7 @@ class Engine:
                 boot = Bootstrap(bootstrap[0], bootstrap[1] or 0, room_key(bootstrap[2], i))
                 if pd_mode == "prefill":  # the prefill leg samples only the first token; the decode goes on
                     sampling = msgspec.structs.replace(sampling, max_tokens=1)
-            self._client.send(AddRequest(crid, ids, sampling, time.time(), boot))
+            self._client.send(AddRequest(crid, ids, sampling, time.time(), boot, grammar))
         return req
 
     # --- outputs from the core (background thread) ---------------------------------------------------------

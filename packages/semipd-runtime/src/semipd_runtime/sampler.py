@@ -13,6 +13,7 @@ from torch import Tensor
 
 from semipd_kernels import ops
 from semipd_runtime.forward_batch import to_device, to_device_parts
+from semipd_runtime.grammar import TokenBitmask
 from semipd_runtime.messages import CoreSampling, TokenLogprobMsg
 
 
@@ -48,11 +49,16 @@ class SampledTokens:
 
 class Sampler:
     def __call__(
-        self, logits: Tensor, params: list[CoreSampling], steps: list[int]
+        self, logits: Tensor, params: list[CoreSampling], steps: list[int], bitmask: TokenBitmask | None = None
     ) -> tuple[list[int], list[TokenLogprobMsg | None]]:
-        return self.sample(logits, params, steps).read()
+        return self.sample(logits, params, steps, bitmask).read()
 
-    def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int]) -> SampledTokens:
+    def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
+               bitmask: TokenBitmask | None = None) -> SampledTokens:
+        """bitmask: grammar rows' allowed tokens, applied to the logits (in place) before anything else, so
+        logprobs too are of the constrained distribution (as vLLM reports them)."""
+        if bitmask is not None:
+            bitmask.apply(logits)
         dev = logits.device
         f = to_device_parts([[p.temperature for p in params], [p.top_p for p in params],
                              [p.min_p for p in params]], torch.float32, dev)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from semipd_runtime.errors import InvalidRequestError
+from semipd_runtime.grammar import StructuredOutput
 
 
 @dataclass(slots=True)
@@ -22,6 +23,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the sampled token's
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # the output must match this grammar (`grammar.py`)
     stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:

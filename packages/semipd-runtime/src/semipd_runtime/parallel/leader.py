@@ -23,6 +23,7 @@ from torch import Tensor
 
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.core import EngineCore
+from semipd_runtime.grammar import TokenBitmask
 from semipd_runtime.messages import CoreSampling, EngineStats, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
@@ -153,13 +154,16 @@ class LeaderSampler:
     def __init__(self, inner: Sampler, ranks: RankChannel) -> None:
         self.inner, self.ranks = inner, ranks
 
-    def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int]) -> SampledTokens:
+    def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
+               bitmask: TokenBitmask | None = None) -> SampledTokens:
+        # the core refuses grammars under TP: the other ranks would need the masks to sample the same tokens
+        assert bitmask is None, "structured output is not supported with tensor parallelism"
         self.ranks.send(Sample(no_logprobs(params), steps))
         return self.inner.sample(logits, params, steps)
 
-    def __call__(self, logits: Tensor, params: list[CoreSampling],
-                 steps: list[int]) -> tuple[list[int], list[TokenLogprobMsg | None]]:
-        return self.sample(logits, params, steps).read()
+    def __call__(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
+                 bitmask: TokenBitmask | None = None) -> tuple[list[int], list[TokenLogprobMsg | None]]:
+        return self.sample(logits, params, steps, bitmask).read()
 
 
 class RankWatch:
