@@ -10,12 +10,10 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
-
-transformers = pytest.importorskip("transformers")
-jsonschema = pytest.importorskip("jsonschema")
-
 import torch
+import transformers
 from runtime_fixtures import core_config
 
 from semipd_runtime.core import EngineCore
