@@ -18,6 +18,7 @@ from semipd_server.pd_fields import bootstraps
 from semipd_server.protocol import GenerateRequest, decode_body, generate_params, generate_prompt
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
+from semipd_server.structured import compile_structured
 
 
 def _completion(rid: str, out: RequestOutput, c: CompletionOutput, delta: bool) -> dict[str, Any]:
@@ -57,6 +58,7 @@ async def generate(request: Request) -> Response:
     state: ServerState = request.app.state.server
     body = await request.body()
     req, params, prompt_ids = await state.prep.run(len(body), _prepare, state, body)
+    await compile_structured(state, params, "sampling_params.json_schema")
     rid = req.rid or new_request_id("gen")
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, [prompt_ids], params, rid, bootstraps(state.engine, req, 1))

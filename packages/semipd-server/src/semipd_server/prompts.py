@@ -81,11 +81,17 @@ class PromptPrep:
         self.check_tokens(len(ids), param)
         return ids
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render the chat template and tokenize it; a template's own error is the client's to fix. Blocking."""
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the preparation pool whatever the body's size (a grammar compile, however small the
+        schema that asks for it, may take a while)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def chat_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render the chat template (with tool definitions when given) and tokenize it; a template's own error
+        is the client's to fix. Blocking."""
         self.check_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         except Exception as e:  # noqa: BLE001 - e.g. a role order the template refuses
             raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         self.check_chars(len(text), "messages")

@@ -14,6 +14,14 @@ import msgspec
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_server.errors import ApiError, bad_request
+from semipd_server.structured import (
+    ResponseFormat,
+    Tool,
+    ToolChoice,
+    ToolPlan,
+    generate_spec,
+    response_format_spec,
+)
 
 T = TypeVar("T")
 
@@ -44,6 +52,7 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None  # structured output (`structured.py`)
     # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
     bootstrap_host: str | list[str] | None = None
     bootstrap_port: int | list[int | None] | None = None
@@ -69,16 +78,14 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     name: str | None = None
 
 
-class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
-    type: str = "text"
-
-
 class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True):
     messages: list[ChatMessage] | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # "required" may return several calls; "auto" parses every block
 
 
 class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -97,6 +104,8 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     n: int = 1
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    json_schema: str | None = None  # SGLang's structured output: a JSON schema as a string, or a regex
+    regex: str | None = None
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -181,6 +190,7 @@ def build_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> 
         n=req.n,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        structured=response_format_spec(req.response_format),
     )
     return checked(params)
 
@@ -279,20 +289,20 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     return _max_tokens(req.max_tokens, "max_tokens")
 
 
-def chat_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, max_tokens: int, tools: ToolPlan | None = None) -> SamplingParams:
     _reject_unsupported(req)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(
-            f"response_format {req.response_format.type!r} is not supported (only 'text')",
-            "response_format",
-            "unsupported",
-        )
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     if logprobs is not None and logprobs > 20:
         raise bad_request(f"top_logprobs must be in [0, 20], got {logprobs}", "top_logprobs")
-    return build_params(req, max_tokens, logprobs)
+    params = build_params(req, max_tokens, logprobs)
+    if tools is not None and tools.spec is not None:  # tool_choice "required" / a named function
+        if params.structured is not None:
+            raise bad_request("response_format cannot be combined with tool_choice 'required' or a named "
+                              "function (both constrain the output)", "response_format")
+        params.structured = tools.spec
+    return params
 
 
 def generate_prompt(req: GenerateRequest) -> str | list[int]:
@@ -323,6 +333,7 @@ def generate_params(req: GenerateRequest) -> SamplingParams:
         n=sp.n,
         logprobs=sp.logprobs,
         skip_special_tokens=sp.skip_special_tokens,
+        structured=generate_spec(sp.json_schema, sp.regex),
     )
     try:
         params.validate()
