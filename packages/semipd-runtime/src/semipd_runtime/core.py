@@ -10,7 +10,8 @@ memory started) and later resolved (wait for that copy, accept the tokens, emit 
 `overlap_schedule` the core schedules and launches step N+1 before it resolves step N, so the device is never
 idle while the host schedules: tokens N samples are placeholders in N+1's inputs, filled on the device; a
 request that turns out to stop at N had a row in N+1, discarded; pages released while a step that includes
-their request is in flight come back when it resolves (`Scheduler.resolved`)."""
+their request is in flight come back when it resolves (`Scheduler.resolved`). A step whose sampled rows have
+grammars resolves the step in flight early, between its own forward and its sampling (`_grammar_bitmask`)."""
 
 from __future__ import annotations
 
