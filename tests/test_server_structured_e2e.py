@@ -88,6 +88,10 @@ def test_json_object_on_both_routes(client: openai.OpenAI) -> None:
         response_format={"type": "json_object"}, max_tokens=48, temperature=0)
     assert r.choices[0].finish_reason == "stop"  # the object closed: the grammar ended the output
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": 'Output the JSON {"ok": true} and nothing else.'}],
+        response_format={"type": "json_object"}, max_tokens=48, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
     c = client.completions.create(model=MODEL, prompt="A number:", max_tokens=16, temperature=0,

@@ -52,6 +52,8 @@ def test_tool_plans() -> None:
     assert required.render is None and required.spec is not None and required.spec.kind == "json_schema"
     schema = json.loads(required.spec.value)
     assert [c["properties"]["name"]["const"] for c in schema["items"]["anyOf"]] == ["get_weather", "get_time"]
+    single = plan_tools([WEATHER, TIME], "required", False, False, parallel=False)
+    assert single.spec is not None and json.loads(single.spec.value)["maxItems"] == 1
     named = plan_tools([WEATHER, TIME], NamedToolChoice("function", NamedFunction("get_weather")), True, False)
     assert named.parse == "named" and named.spec is not None
     assert json.loads(named.spec.value) == WEATHER.function.parameters
@@ -66,6 +68,7 @@ def test_parse_tool_calls() -> None:
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {})]
     assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len(parse_tool_calls(text, ToolPlan(parse="auto", parallel=False))[1]) == 1
     assert parse_tool_calls("no calls here", auto) == ("no calls here", [])
     content, calls = parse_tool_calls('[{"name": "get_time", "arguments": {}}]', ToolPlan(parse="required"))
     assert content is None and calls[0]["function"]["name"] == "get_time"

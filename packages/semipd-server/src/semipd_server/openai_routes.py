@@ -174,7 +174,8 @@ def _prepare_chat(
     req = decode_body(body, ChatCompletionRequest)
     state.check_model(req.model)
     include_usage = _include_usage(req)
-    tools = plan_tools(req.tools, req.tool_choice, state.prep.tokenizer.supports_tools, req.stream)
+    tools = plan_tools(req.tools, req.tool_choice, state.prep.tokenizer.supports_tools, req.stream,
+                       req.parallel_tool_calls)
     prompt_ids = state.prep.chat_ids(chat_messages(req), tools.render)
     params = _chat_sampling(state, req, len(prompt_ids), tools)
     state.check_capacity(1, params.n)

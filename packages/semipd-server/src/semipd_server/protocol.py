@@ -85,7 +85,7 @@ class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # "required" may return several calls; "auto" parses every block
+    parallel_tool_calls: bool | None = None  # false: at most one tool call
 
 
 class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):

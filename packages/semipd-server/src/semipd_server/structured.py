@@ -106,10 +106,11 @@ class ToolPlan:
     parse: str = "none"  # "none" | "auto" (tool-call blocks) | "required" (a JSON list) | "named" (arguments)
     function: str = ""  # the named function
     spec: StructuredOutput | None = None  # the grammar of "required" / "named"
+    parallel: bool = True  # False (parallel_tool_calls): at most one call
 
 
 def plan_tools(tools: list[Tool] | None, choice: ToolChoice | None, template_has_tools: bool,
-               stream: bool) -> ToolPlan:
+               stream: bool, parallel: bool | None = None) -> ToolPlan:
     for i, t in enumerate(tools or []):
         if t.type != "function":
             raise bad_request(f"tool type {t.type!r} is not supported (only 'function')", f"tools[{i}].type")
@@ -129,13 +130,16 @@ def plan_tools(tools: list[Tool] | None, choice: ToolChoice | None, template_has
                 "this model's chat template does not define tool calling (it never reads `tools`), so the "
                 "model would not see them; send tool_choice 'required' or a named function (the output is "
                 "then constrained to a call), or no tools", "tools", "unsupported")
-        return ToolPlan(render, "auto")
+        return ToolPlan(render, "auto", parallel=parallel is not False)
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                                     "arguments": _params(t.function)},
                   "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-        return ToolPlan(render, "required", spec=StructuredOutput("json_schema", json.dumps(schema)))
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if parallel is False:
+            schema["maxItems"] = 1
+        return ToolPlan(render, "required", spec=StructuredOutput("json_schema", json.dumps(schema)),
+                        parallel=parallel is not False)
     if isinstance(choice, NamedToolChoice):
         fn = next((t.function for t in tools if t.function.name == choice.function.name), None)
         if fn is None:
@@ -187,7 +191,7 @@ def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[dict[s
     rest = _TOOL_CALL.sub(take, text).strip()
     if not calls:
         return text, []
-    return rest or None, calls
+    return rest or None, calls if plan.parallel else calls[:1]
 
 
 def with_tool_calls(choice: dict[str, Any], plan: ToolPlan) -> dict[str, Any]:
