@@ -4,10 +4,10 @@ the engine core runs it in overlap mode, without grammars and with a JSON-schema
     python benchmarks/bench_grammar_overhead.py --shape llama-3.1-8b --batch 64 --ctx 1024 --out $OUT/grammar.json
     python benchmarks/bench_grammar_overhead.py --device cpu --shape tiny --steps 5   # a CPU smoke run
 
-One step (as `EngineCore.launch` / `_grammar_bitmask` do it): the forward (a CUDA graph, its input ids the step
+One step (as `EngineCore.launch` / `CoreGrammars.bitmask` do it): the forward (a CUDA graph, its input ids the step
 before's tokens, read on the device) is queued; with grammars the host then waits for the step before's tokens,
 advances the 64 matchers with them and fills the 64 masks on llguidance's threads while the device runs the
-forward, and queues the masks' copy; the sampling (masks applied first) is queued; without grammars the host
+forward, and queues the masks' copy; the sampling (masks applied just before it) is queued; without grammars the host
 reads the step before's tokens after queueing everything (it overlaps the whole step). Times are wall clock per
 step (median over --steps). The parts: mask fill and matcher advance (host, median per step) and the bitmask
 kernel alone (device, CUDA events).
@@ -122,7 +122,7 @@ class Bench:
                 t1 = time.perf_counter()
                 mask = self.grammars.bitmask(rows, self.matchers, self.dev)
                 self.fill_s.append(time.perf_counter() - t1)
-            sampled = self.sampler.sample(logits, self.params, [step] * self.b, mask)
+            sampled = self.sampler.sample(logits, self.params, [step] * self.b, bitmask=mask)
             if not grammar and prev is not None:
                 prev.read()  # the ordinary resolve of the step before, after this one is queued
             prev = sampled

@@ -215,6 +215,25 @@ def bench_sampling() -> list[dict[str, Any]]:
     return rows
 
 
+def bench_penalties() -> list[dict[str, Any]]:
+    """apply_penalties over B rows of the 128k vocabulary: ours, the torch twin, the HBM roofline (logits and
+    counts read, logits written)."""
+    from semipd_kernels import reference as ref
+    from semipd_kernels.triton.penalties import apply_penalties
+
+    rows = []
+    for bsz in (1, 64, 256):
+        counts = torch.randint(0, 3, (bsz, VOCAB), dtype=torch.int32, device="cuda")
+        args = (torch.randn(bsz, VOCAB, device="cuda"), counts, torch.arange(bsz, device="cuda"),
+                torch.full((bsz,), 0.5, device="cuda"), torch.full((bsz,), 0.5, device="cuda"),
+                torch.full((bsz,), 1.1, device="cuda"))
+        ms, tms = _bench(lambda: apply_penalties(*args)), _bench(lambda: ref.apply_penalties(*args))
+        roofline_ms = 3 * bsz * VOCAB * 4 / (HBM_TBPS * 1e12) * 1e3
+        rows.append(_row("penalties", f"B={bsz}", ours_ms=ms, torch_ref_ms=tms, speedup=tms / ms,
+                         hbm_fraction=roofline_ms / ms))
+    return rows
+
+
 GEMM_SHAPES = {"qkv": (HIDDEN, (HQ + 2 * HK) * D), "o": (HQ * D, HIDDEN), "gate_up": (HIDDEN, 2 * INTER),
                "down": (INTER, HIDDEN)}
 
@@ -283,9 +302,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--only", default="decode,prefill,elementwise,rotary_kv,sampling,gemm",
+    parser.add_argument("--only", default="decode,prefill,elementwise,rotary_kv,sampling,penalties,gemm",
                         help="comma-separated subset of: decode, prefill, elementwise, rotary_kv, sampling, "
-                        "gemm")
+                        "penalties, gemm")
     parser.add_argument("--green", action="store_true", help="also run GEMMs on green-context SM shares")
     parser.add_argument("--check", action="store_true", help="GPU correctness vs the references, then exit")
     args = parser.parse_args()
@@ -300,7 +319,8 @@ def main() -> int:
         return run_check(args.out)
     benches: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "decode": bench_decode, "prefill": bench_prefill, "elementwise": bench_elementwise,
-        "rotary_kv": bench_rotary_kv, "sampling": bench_sampling, "gemm": lambda: bench_gemm(args.green),
+        "rotary_kv": bench_rotary_kv, "sampling": bench_sampling, "penalties": bench_penalties,
+        "gemm": lambda: bench_gemm(args.green),
     }
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in benches]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: install the carried wheels, start MPS, run the named GPU stages, logs + JSON into $OUT.
 #   bash benchmarks/gpu_suite.sh checks ipc offline interference decode_step step_profile sweep8b_unified compare prefix_cache
+#   (also: sampling_overhead)
 # Each stage has its own time limit so one hang cannot eat the whole call; a failed stage does not stop the rest.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -16,6 +17,22 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 start_mps() { nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started"; }
 stop_mps() { echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 1; }
+# Mooncake (PD stages): the non-CUDA build's transfer engine, trimmed to fit a carry (scratch/mooncake-min.tar.xz:
+# mooncake/*.py, engine.so and its libraries from the wheel), and the Debian libraries it links (scratch/debs)
+pd_setup() {
+  [ -f scratch/mooncake-min.tar.xz ] && mkdir -p /tmp/site && tar -xJf scratch/mooncake-min.tar.xz -C /tmp/site \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+  if [ -d scratch/debs ]; then  # only the libraries this image lacks (Debian 12 packages, with their dependencies)
+    mkdir -p /tmp/pdall /tmp/pdlibs
+    for f in scratch/debs/*.deb; do dpkg -x "$f" /tmp/pdall; done
+    for so in $(find /tmp/pdall -name "*.so.*" \( -type f -o -type l \)); do
+      ldconfig -p | grep -q "$(basename "$so") " || cp -a "$so" /tmp/pdlibs/
+    done
+    echo "carried libraries used: $(ls /tmp/pdlibs | tr '\n' ' ')"
+    export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}/tmp/pdlibs
+  fi
+  python3 -c "import mooncake.engine; print('mooncake', mooncake.engine.__file__)"
+}
 
 stage() {  # stage NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
@@ -68,6 +85,9 @@ for s in "$@"; do
     decode_step)
       stage decode_step 300 python3 benchmarks/bench_decode_step.py --shape llama-3.1-8b --batches 1 16 64 128 \
         --contexts 1024 4096 --green-percent 50 --out "$OUT/decode_step.json" ;;
+    sampling_overhead)  # penalties / logit_bias / min_tokens on the decode step at batch 64 (issue 24: < 5%)
+      stage sampling_overhead 240 python3 benchmarks/bench_sampling_overhead.py --shape llama-3.1-8b --batches 64 \
+        --contexts 1024 --out "$OUT/sampling_overhead.json" ;;
     interference)
       start_mps
       stage interference 330 python3 benchmarks/bench_interference.py --shape llama-3.1-8b \
@@ -103,6 +123,18 @@ for s in "$@"; do
     sweep8b_mps)
       start_mps
       sweep llama8b 200 semi-pd-mps-static="--enable-semi-pd --sm-partition mps --decode-sm-percent 40"
+      stop_mps ;;
+    pd_transfer)  # PD instances on this GPU: KV transfer GB/s and the TTFT the hand-off adds (8B shape)
+      pd_setup
+      stage pd_transfer "${PD_LIMIT_S:-300}" python3 benchmarks/bench_pd_transfer.py --model-path scratch/llama8b \
+        --server-args "--load-format dummy --num-pages 2048 --max-running-requests 16" \
+        --prompt-lens 1024 4096 8192 --out "$OUT/pd_transfer.json" ;;
+    soak)  # semi-PD on MPS (the prefill worker is a process: killed every SOAK_KILL_S); 30 min: SOAK_S=1800
+      start_mps
+      stage soak "$(( ${SOAK_S:-1800} + 240 ))" python3 benchmarks/soak.py --model-path scratch/llama8b \
+        --server-args "--load-format dummy --enable-semi-pd --sm-partition mps --decode-sm-percent 40 \
+        --context-length 4096 --max-running-requests 64" --duration-s "${SOAK_S:-1800}" \
+        --kill-every-s "${SOAK_KILL_S:-300}" --concurrency 32 --out "$OUT/soak.json"
       stop_mps ;;
     compare)
       for f in "$OUT"/sweep_*.json; do python3 benchmarks/bench_serving.py --compare "$f" --plot-dir "${f%.json}_plots"; done ;;

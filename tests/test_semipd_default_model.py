@@ -26,6 +26,10 @@ PROMPTS = [
     "Question: why is the sky blue?\nAnswer:",
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+# the prefill worker samples first tokens (repetition over the prompt, bias, min_tokens), the decode core the rest
+PENALISED = [SamplingParams(temperature=0.0, max_tokens=16, presence_penalty=0.5 * (i % 3),
+                            frequency_penalty=0.3 * (i % 2), repetition_penalty=1.0 + 0.15 * (i % 4),
+                            min_tokens=i, logit_bias={198: -100.0} if i % 2 else None) for i in range(len(PROMPTS))]
 
 pytestmark = pytest.mark.slow  # the real default model in real prefill processes
 
@@ -33,7 +37,10 @@ pytestmark = pytest.mark.slow  # the real default model in real prefill processe
 @pytest.fixture(scope="module")
 def unified_outputs() -> list[list[int]]:
     with Engine(num_pages=512) as eng:
-        return [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+        plain = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+        penalised = [o.token_ids for o in eng.generate(PROMPTS, PENALISED)]
+    assert penalised != [t[: len(p)] for t, p in zip(plain, penalised)]
+    return plain + penalised
 
 
 @pytest.mark.parametrize("placement", ["process", "thread"])
@@ -41,6 +48,7 @@ def test_semipd_greedy_equals_unified(placement: str, unified_outputs: list[list
     with Engine(mode="semi-pd", sm_partition="none", prefill_placement=placement, num_pages=512,
                 chunked_prefill_size=64, max_prefill_tokens=200, core="process") as eng:
         got = [o.token_ids for o in eng.generate(PROMPTS, GREEDY)]
+        got += [o.token_ids for o in eng.generate(PROMPTS, PENALISED)]
         stats = eng.refresh_stats()
         assert stats.pages_used == 0 and stats.healthy
     assert got == unified_outputs

@@ -281,7 +281,8 @@ def test_metrics_parse_and_counters_move(server: ServerProcess) -> None:
         },
     )
     body = r.json()
-    assert r.status_code == 200 and len(body["output_ids"]) == 4 and body["finish_reason"] == "length"
+    assert r.status_code == 200 and len(body["output_ids"]) == 4
+    assert body["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
     after = metrics(server)
     assert after["semipd:generation_tokens_total{}"] - before["semipd:generation_tokens_total{}"] == 4
     assert (
@@ -295,3 +296,12 @@ def test_metrics_parse_and_counters_move(server: ServerProcess) -> None:
     for role in ("prefill", "decode"):
         assert f'semipd:sm_split{{"role": "{role}"}}' in after
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+
+
+def test_flush_cache_drops_the_prefix_cache(server: ServerProcess, client: openai.OpenAI) -> None:
+    client.completions.create(model=MODEL, prompt="A long shared prefix. " * 8, max_tokens=2, temperature=0)
+    r = httpx.post(f"{server.url}/flush_cache", headers=server.headers(), timeout=30)
+    body = r.json()
+    assert r.status_code == 200 and body["success"] is True, body
+    assert body["cached_pages_before"] > 0 and body["cached_pages_after"] == 0
+    assert metrics(server)["semipd:prefix_cache_pages{}"] == 0

@@ -169,3 +169,20 @@ def test_semipd_prefill_worker_death_replaces_the_worker_in_place(tmp_path: Path
         assert server.stop() == 0, server.log()
     finally:
         server.stop()
+
+
+def test_tp_rank_death_fails_in_flight_requests_and_the_server_exits(tmp_path: Path) -> None:
+    """Issue 19 through the server: a rank (not the leader) SIGKILLed mid-decode; in-flight requests get their
+    answers (503, or an error event and [DONE]) and the server exits 3 (no --restart-core), no rank left."""
+    server = start(tmp_path, "--tp-size", "3")
+    try:
+        core = core_pid(server)
+        ranks = [p for p in child_pids(core) if "spawn_main" in proc_cmdline(p)]
+        assert len(ranks) == 2, ranks
+        flight = InFlight(server)
+        os.kill(ranks[0], signal.SIGKILL)
+        flight.check_failed()
+        assert server.proc.wait(60) == 3, server.log()
+        wait_for(lambda: not any(pid_alive(p) for p in [core, *ranks]), 20, "rank processes gone")
+    finally:
+        server.stop()

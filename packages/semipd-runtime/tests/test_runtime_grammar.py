@@ -84,11 +84,11 @@ def make_core(path: Path, mode: str = "unified", **kw: object) -> EngineCore:
     return create_core(cfg)
 
 
-def run(core: EngineCore, grammars: list[str], max_tokens: int = 60,
-        plain: int = 0) -> dict[str, tuple[list[int], str | None]]:
+def run(core: EngineCore, grammars: list[str], max_tokens: int = 60, plain: int = 0,
+        sampling: CoreSampling | None = None) -> dict[str, tuple[list[int], str | None]]:
     """Requests g<i> with grammars[i] and p<j> without; tokens and finish reason of each (preemptions of each
     in `core.test_preemptions`)."""
-    sampling = CoreSampling(temperature=1.0, seed=7, max_tokens=max_tokens)
+    sampling = sampling or CoreSampling(temperature=1.0, seed=7, max_tokens=max_tokens)
     for i, g in enumerate(grammars):
         core.add_request(AddRequest(f"g{i}", [5 + i, 17, 99, 4], sampling, grammar=g))
     for j in range(plain):
@@ -141,6 +141,24 @@ def test_unified_outputs_match_the_schema(model_dir: Path, compiler: GrammarComp
     out = run(core, [grammar] * 6, plain=2)
     assert check_json(model_dir, out, 6) >= 4  # the schema is small: most finish within max_tokens
     assert all(len(out[f"p{j}"][0]) == 60 for j in range(2))  # rows without a grammar run unconstrained
+    core.close()
+
+
+@pytest.mark.parametrize("mode", ["unified", "semi-pd"])
+def test_penalties_and_logit_bias_under_a_grammar(model_dir: Path, compiler: GrammarCompiler, mode: str) -> None:
+    # the sampler applies logit_bias, min_tokens and the penalties first and the grammar's mask last: a +100 bias
+    # on tokens the grammar always bans (a special token, ids past the tokenizer's vocabulary) never brings them
+    # back, and every output that stops still validates (semi-PD: the prefill worker's first token too)
+    grammar = compiler.compile(StructuredOutput("json_schema", json.dumps(SCHEMA)))
+    boosted = [1, 300, 319]
+    sampling = CoreSampling(temperature=1.0, seed=11, max_tokens=60, presence_penalty=1.5, frequency_penalty=0.5,
+                            repetition_penalty=1.3, min_tokens=3, logit_bias=dict.fromkeys(boosted, 100.0))
+    core = make_core(model_dir, mode)
+    out = run(core, [grammar] * 6, plain=2, sampling=sampling)
+    assert check_json(model_dir, out, 6) >= 4
+    assert not {t for i in range(6) for t in out[f"g{i}"][0]} & set(boosted)
+    for j in range(2):  # the bias is live: rows without a grammar sample nothing but the boosted tokens
+        assert len(out[f"p{j}"][0]) == 60 and set(out[f"p{j}"][0]) <= set(boosted)
     core.close()
 
 

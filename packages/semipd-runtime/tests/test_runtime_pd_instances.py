@@ -74,3 +74,78 @@ def test_decode_without_room_is_rejected(pair) -> None:
     with pytest.raises(InvalidRequestError) as e:
         pair[1].submit("hi", SamplingParams(max_tokens=2))
     assert e.value.param == "bootstrap_room"
+
+
+def test_pd_pair_through_a_host_mirror_matches_unified(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path with the non-CUDA Mooncake build: pages go pool -> host mirror -> peer mirror -> pool, in
+    several bounded Mooncake batches (a long prompt's scattered pages overflow one)."""
+    from semipd_runtime import kv_transfer
+
+    monkeypatch.setenv("SEMIPD_KV_STAGING", "1")
+    monkeypatch.setattr(kv_transfer, "MAX_BATCH_ENTRIES", 7)
+    prefill = Engine(disaggregation_mode="prefill", disaggregation_bootstrap_port=0, page_size=4)
+    try:
+        sender = prefill._client.core.kv_sender  # type: ignore[union-attr]
+        decode = Engine(disaggregation_mode="decode", disaggregation_bootstrap_port=sender.server.port, page_size=4)
+        try:
+            params = SamplingParams(temperature=0, max_tokens=8)
+            with Engine(page_size=4) as unified:
+                want = [[c.text for c in o.outputs] for o in unified.generate(PROMPTS, params)]
+            assert [_pd_generate(prefill, decode, p, params) for p in PROMPTS] == want
+            receiver = decode._client.core.executor.transport  # type: ignore[union-attr]
+            assert sender.transport.mirror is not None and receiver.mirror is not None
+            assert sender.transport.staged_bytes == receiver.staged_bytes > 0
+            for e in (prefill, decode):
+                assert _wait_idle(e).pages_used == 0
+        finally:
+            decode.shutdown()
+    finally:
+        prefill.shutdown()
+
+
+def _finish(req, deadline_s: float) -> float:
+    t0 = time.monotonic()
+    while not req.finished:
+        assert time.monotonic() - t0 < deadline_s, "request did not finish"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def test_refused_at_the_prefill_fails_the_decode_at_once() -> None:
+    """The prefill turns the request away (its context is shorter): the decode hears it through the room instead
+    of waiting out the transfer timeout (300 s by default)."""
+    from semipd_runtime.errors import InvalidRequestError
+
+    prefill = Engine(disaggregation_mode="prefill", disaggregation_bootstrap_port=0, page_size=4, max_model_len=16)
+    try:
+        port = prefill._client.core.kv_sender.server.port  # type: ignore[union-attr]
+        with Engine(disaggregation_mode="decode", disaggregation_bootstrap_port=port, page_size=4) as decode:
+            boot = ("127.0.0.1", None, next(_rooms))
+            prompt, params = "Write a haiku about the sea. " * 3, SamplingParams(temperature=0, max_tokens=4)
+            d = decode.submit(prompt, params, sink=lambda _x: None, bootstrap=boot)
+            with pytest.raises(InvalidRequestError):
+                prefill.submit(prompt, params, sink=lambda _x: None, bootstrap=boot)
+            assert _finish(d, 30) < 30
+            assert d.error is not None and "prefill failed" in str(d.error)
+            assert _wait_idle(decode).pages_used == 0
+    finally:
+        prefill.shutdown()
+
+
+def test_transfer_timeout_keeps_pages_until_the_prefill_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The KV never comes (the prefill never got the request): the decode fails it after the waiting timeout, but
+    its pages stay parked until the prefill answers the abort; then every page is back."""
+    monkeypatch.setenv("SEMIPD_DISAGGREGATION_WAITING_TIMEOUT", "3")
+    prefill = Engine(disaggregation_mode="prefill", disaggregation_bootstrap_port=0, page_size=4)
+    try:
+        port = prefill._client.core.kv_sender.server.port  # type: ignore[union-attr]
+        with Engine(disaggregation_mode="decode", disaggregation_bootstrap_port=port, page_size=4) as decode:
+            d = decode.submit("The capital of France is", SamplingParams(max_tokens=4), sink=lambda _x: None,
+                              bootstrap=("127.0.0.1", None, next(_rooms)))
+            _finish(d, 30)
+            assert "timed out" in str(d.error)
+            # released by the prefill's answer (well before the 6 s fallback of twice the timeout)
+            s = _wait_idle(decode, deadline_s=2.5)
+            assert s.pages_used == 0
+    finally:
+        prefill.shutdown()

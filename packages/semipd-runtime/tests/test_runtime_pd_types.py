@@ -32,3 +32,17 @@ def test_env_knobs_semipd_spelling_wins(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ValueError, match="SEMIPD_DISAGGREGATION_HEARTBEAT_INTERVAL"):
         PdEnv.load()
     assert room_key(12, 1) == "12:1"
+
+
+def test_a_wildcard_bind_advertises_a_dialable_address() -> None:
+    import socket
+
+    from semipd_runtime.pd_bootstrap import advertised_host
+
+    assert advertised_host("10.1.2.3") == "10.1.2.3"
+    for wildcard in ("0.0.0.0", ""):
+        addr = advertised_host(wildcard)
+        assert addr not in ("0.0.0.0", "")
+        socket.inet_aton(addr)  # an IPv4 address a peer can dial
+        with socket.socket() as s:  # and one of ours: a socket binds to it
+            s.bind((addr, 0))

@@ -82,3 +82,37 @@ def test_sigkill_leaves_no_ipc_paths(model_dir: Path, tmp_path: Path, victim: st
         for p in pids:
             if running(p):
                 os.kill(p, signal.SIGKILL)
+
+
+
+def test_sigint_to_the_children_leaves_them_serving(model_dir: Path) -> None:
+    """Ctrl-C in a terminal signals the whole process group: the core and the prefill worker ignore it (the
+    front end drains, then stops them), so a request still completes."""
+    import threading
+
+    from runtime_fixtures import core_config
+
+    from semipd_runtime.core_client import ProcessCoreClient
+    from semipd_runtime.messages import AddRequest, CoreSampling, StepOutput
+
+    done = threading.Event()
+    tokens: list[int] = []
+
+    def on_output(msg: object) -> None:
+        for ev in msg.events if isinstance(msg, StepOutput) else []:
+            tokens.extend(ev.token_ids)
+            if ev.finish_reason is not None:
+                done.set()
+
+    cfg = core_config(model_dir, max_model_len=128, num_pages=64, mode="semi-pd", prefill_placement="process")
+    client = ProcessCoreClient(cfg, on_output=on_output, startup_timeout_s=300)
+    try:
+        victims = [client.proc.pid, *spawned_children(client.proc.pid)]
+        assert len(victims) == 2, victims  # the core and its prefill worker
+        for pid in victims:
+            os.kill(pid, signal.SIGINT)
+        client.send(AddRequest("r", [1, 2, 3], CoreSampling(temperature=0, max_tokens=4, ignore_eos=True)))
+        assert done.wait(120), "the request did not finish"
+        assert len(tokens) == 4 and all(running(p) for p in victims)
+    finally:
+        client.close()

@@ -27,6 +27,9 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # real rank processes (spawn, torch import, gloo)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+# every rank keeps the same penalty counts (rank 0 broadcasts each sampling call's plan)
+PENALISED = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, presence_penalty=0.4,
+                           frequency_penalty=0.6, repetition_penalty=1.3, logit_bias={5: 2.0})
 prompts = prompts_fixture(seed=7, lengths=[5, 13, 30])
 
 
@@ -93,9 +96,13 @@ def test_tp2_matches_tp1_and_a_rank_killed_mid_decode_fails_the_engine(
 ) -> None:
     want = run_core(mqa_model_dir, prompts, GREEDY.max_tokens)
     knobs = {"device": "cpu", "dtype": "float32", "max_model_len": 512, "num_pages": 256, "page_size": 4}
+    with Engine(mqa_model_dir, **knobs) as tp1:
+        want_penalised = [o.token_ids for o in tp1.generate(prompts, PENALISED)]
+    assert want_penalised != want
     with Engine(mqa_model_dir, mode, tp_size=2, tp_timeout_s=20.0, **knobs) as engine:
         got = [o.token_ids for o in engine.generate(prompts, GREEDY)]
         assert got == want
+        assert [o.token_ids for o in engine.generate(prompts, PENALISED)] == want_penalised
         assert engine.refresh_stats().healthy
         assert engine.stats().pages_used == 0
         if mode == "semi-pd":  # one split for all ranks: a new one is refused, the engine keeps serving

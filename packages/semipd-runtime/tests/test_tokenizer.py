@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semipd_runtime.models.default_model import default_gguf_path, default_model_path
-from semipd_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from semipd_runtime.tokenizer import IncrementalDetokenizer, Tokenizer, load_chat_template
 
 TEXTS = [
     "Hello world",
@@ -225,3 +225,16 @@ def test_incremental_detokenizer_special_tokens_and_flush(tok: Tokenizer) -> Non
     shown = "".join(cut.add([i]) for i in emoji[:-1])
     assert shown == "ok" and "\ufffd" in tok.decode(emoji[:-1])
     assert shown + cut.flush() == tok.decode(emoji[:-1]) == cut.text
+
+
+def test_load_chat_template(tmp_path: Path) -> None:
+    """--chat-template: a file or the template itself; a syntax error or a missing file fails at once."""
+    inline = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert load_chat_template(inline) == inline
+    path = tmp_path / "t.jinja"
+    path.write_text(inline + "!")
+    assert load_chat_template(str(path)) == inline + "!"
+    with pytest.raises(ValueError, match="does not compile"):
+        load_chat_template("{% for m in messages %}")
+    with pytest.raises(FileNotFoundError):
+        load_chat_template(str(tmp_path / "missing.jinja"))

@@ -31,10 +31,13 @@ class CharTokenizer:
     supports_tools = True  # tool definitions render as <tools>...</tools> before the conversation
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> str:
+                            **template_kwargs: Any) -> str:
         if messages[0]["role"] == "assistant":
             raise ValueError("conversation must not start with the assistant")
-        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        tools = template_kwargs.pop("tools", None)
+        # a template variable shows up in front, so a test sees it reached the template
+        text = "".join(f"<{k}={v}>" for k, v in sorted(template_kwargs.items()))
+        text += "".join(f"<{m['role']}>{m['content']}" for m in messages)
         if tools is not None:
             text = f"<tools>{json.dumps(tools)}</tools>" + text
         return text + ("<assistant>" if add_generation_prompt else "")
@@ -155,7 +158,10 @@ class FakeEngine:
         return EngineStats(num_running=len(self.active), pages_used=2 * len(self.active),
                            pages_total=self.pages_total, healthy=not self.dead)
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
+    def reject_room(self, bootstrap: tuple[str, int | None, int | str], n: int, error: str) -> None:
+        pass  # not a PD instance
+
+    def refresh_stats(self, timeout_s: float = 5.0, flush_cache: bool = False) -> EngineStats:
         if self.dead:
             raise EngineDeadError("engine core process died")
         return self.stats()

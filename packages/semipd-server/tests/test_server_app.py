@@ -189,6 +189,7 @@ def test_chat_whole_stream_and_logprobs() -> None:
             "delta": {},
             "logprobs": None,
             "finish_reason": "length",
+            "stop_reason": None,
         }
 
     serve(check)

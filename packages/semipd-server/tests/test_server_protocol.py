@@ -9,18 +9,16 @@ import pytest
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from semipd_runtime.grammar import StructuredOutput
 from semipd_server.errors import ApiError, from_engine_error
+from semipd_server.native_protocol import GenerateRequest, generate_params, generate_prompt
 from semipd_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    GenerateRequest,
     chat_max_tokens,
     chat_messages,
     chat_params,
     completion_params,
     completion_prompts,
     decode_body,
-    generate_params,
-    generate_prompt,
 )
 from semipd_server.sse import DONE, parse_sse, sse_event
 
@@ -91,9 +89,15 @@ def test_completion_fields_map_to_sampling_params() -> None:
         ({"seed": -1}, "seed"),
         ({"logprobs": 21}, "logprobs"),
         ({"stop": [""]}, "stop"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 1.0}, "frequency_penalty"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.01}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 17}, "min_tokens"),  # above max_tokens (16 by default)
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
         ({"best_of": 3}, "best_of"),
         ({"suffix": "x"}, "suffix"),
         ({"echo": True, "logprobs": 1}, "echo"),
@@ -134,12 +138,12 @@ def test_malformed_bodies(raw: bytes, param: str | None, code: str) -> None:
 def test_chat_message_paths_in_errors() -> None:
     e = error_of(decode_body, b'{"messages": [{"role": "user", "content": 5}]}', ChatCompletionRequest)
     assert e.param == "messages[0].content"
-    e = error_of(chat_messages, chat(messages=[{"role": "tool", "content": "x"}]))
+    e = error_of(chat_messages, chat(messages=[{"role": "tool", "content": "x"}]).messages)
     assert e.param == "messages[0].role"
-    e = error_of(chat_messages, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
+    e = error_of(chat_messages, chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).messages)
     assert e.param == "messages[0].content[0].type"
-    assert error_of(chat_messages, chat(messages=[])).param == "messages"
-    assert error_of(chat_messages, decode_body(b"{}", ChatCompletionRequest)).param == "messages"
+    assert error_of(chat_messages, chat(messages=[]).messages).param == "messages"
+    assert error_of(chat_messages, decode_body(b"{}", ChatCompletionRequest).messages).param == "messages"
 
 
 def test_chat_messages_and_limits() -> None:
@@ -149,7 +153,7 @@ def test_chat_messages_and_limits() -> None:
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         ]
     )
-    assert chat_messages(req) == [
+    assert chat_messages(req.messages) == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "ab"},
     ]
@@ -175,6 +179,35 @@ def test_prompt_forms() -> None:
     for bad in ([], ["a", 1], [[1], []], [-1], [True], [1.5], [[1], "a"]):
         assert error_of(completion_prompts, completion(prompt=bad)).param == "prompt", bad
     assert error_of(completion_prompts, decode_body(b"{}", CompletionRequest)).param == "prompt"
+
+
+def test_penalty_fields_map_to_sampling_params() -> None:
+    body = dict(presence_penalty=-1.5, frequency_penalty=2, repetition_penalty=1.3, min_tokens=4,
+                logit_bias={"17": -100, "3": 2.5}, include_stop_str_in_output=True, max_tokens=8)
+    for p in (completion_params(completion(**body)), chat_params(chat(**body), 8)):
+        assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_tokens) == (-1.5, 2, 1.3, 4)
+        assert p.logit_bias == {17: -100, 3: 2.5} and p.include_stop_str_in_output
+    default = completion_params(completion())
+    assert (default.presence_penalty, default.frequency_penalty, default.repetition_penalty) == (0, 0, 1)
+    assert (default.min_tokens, default.logit_bias, default.include_stop_str_in_output) == (0, None, False)
+    assert error_of(chat_params, chat(min_tokens=9), 8).param == "min_tokens"
+
+
+def test_native_penalties_take_sglang_names() -> None:
+    def native(sp: dict[str, object]) -> GenerateRequest:
+        return decode_body(json.dumps({"text": "hi", "sampling_params": sp}).encode(), GenerateRequest)
+
+    p = generate_params(native({"max_new_tokens": 9, "min_new_tokens": 3, "no_stop_trim": True,
+                                "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.1,
+                                "logit_bias": {"8": -100}}))
+    assert (p.min_tokens, p.include_stop_str_in_output, p.logit_bias) == (3, True, {8: -100})
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, 0.25, 1.1)
+    assert generate_params(native({"min_tokens": 2, "include_stop_str_in_output": True})).min_tokens == 2
+    for sp, param in (({"min_new_tokens": 20}, "min_new_tokens"), ({"min_tokens": 20}, "min_tokens"),
+                      ({"min_tokens": 1, "min_new_tokens": 2}, "min_new_tokens"),
+                      ({"repetition_penalty": 0.0}, "repetition_penalty"),
+                      ({"logit_bias": {"x": 1}}, "logit_bias")):
+        assert error_of(generate_params, native(sp)).param == f"sampling_params.{param}", sp
 
 
 def test_native_generate_body() -> None:

@@ -182,3 +182,27 @@ def check_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
     if logits.stride(-1) != 1:
         _fail("logits must be contiguous in the vocab dim (masked in place)")
     check_same_device([("logits", logits), ("bitmask", bitmask), ("rows", rows)])
+
+
+def check_penalties(
+    logits: Tensor, token_counts: Tensor, rows: Tensor, presence: Tensor, frequency: Tensor, repetition: Tensor
+) -> None:
+    check_dim("logits", logits, 2)
+    check_dtype("logits", logits, _FLOAT_DTYPES)
+    check_dim("token_counts", token_counts, 2)
+    check_dtype("token_counts", token_counts, (torch.int32,))
+    if token_counts.shape[1] != logits.shape[1]:
+        _fail(f"token_counts has {token_counts.shape[1]} columns, logits has a vocab of {logits.shape[1]}")
+    b = logits.shape[0]
+    for name, t, dtypes in (
+        ("rows", rows, _INDEX_DTYPES),
+        ("presence", presence, (torch.float32,)),
+        ("frequency", frequency, (torch.float32,)),
+        ("repetition", repetition, (torch.float32,)),
+    ):
+        check_dim(name, t, 1)
+        check_dtype(name, t, dtypes)
+        if t.shape[0] != b:
+            _fail(f"{name} has {t.shape[0]} entries, logits has {b} rows")
+    check_same_device([("logits", logits), ("token_counts", token_counts), ("rows", rows),
+                       ("presence", presence), ("frequency", frequency), ("repetition", repetition)])

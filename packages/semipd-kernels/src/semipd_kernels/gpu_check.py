@@ -132,6 +132,25 @@ def check_sampling(device: str) -> list[dict[str, Any]]:
     return [{"check": f"sample B={bsz} V={vocab}", "same_token_rate": same, "ok": same == 1.0}]
 
 
+def check_penalties(device: str) -> list[dict[str, Any]]:
+    from semipd_kernels.triton.penalties import apply_penalties
+
+    g = torch.Generator().manual_seed(3)
+    bsz, vocab, num_rows = 64, 128256, 80
+    counts = torch.randint(0, 3, (num_rows, vocab), generator=g, dtype=torch.int32)
+    counts[torch.rand(num_rows, vocab, generator=g) < 0.9] = 0
+    counts |= (torch.rand(num_rows, vocab, generator=g) < 0.05).int() * ref.PROMPT_BIT
+    rows = torch.randperm(num_rows, generator=g)[:bsz]
+    rows[::7] = -1
+    logits, counts, rows, presence, frequency, repetition = (a.to(device) for a in (
+        torch.randn(bsz, vocab, generator=g) * 4, counts, rows, torch.rand(bsz, generator=g) * 4 - 2,
+        torch.rand(bsz, generator=g) * 4 - 2, torch.rand(bsz, generator=g) * 2 + 0.1))
+    got = apply_penalties(logits, counts, rows, presence, frequency, repetition)
+    want = ref.apply_penalties(logits, counts, rows, presence, frequency, repetition)
+    # fp32 throughout; the GPU may fuse a multiply-subtract, hence a tolerance of a few ulps
+    return [_errors(f"penalties B={bsz} V={vocab}", got, want, 1e-5)]
+
+
 def check_gemm(device: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
     from semipd_kernels.triton.gemm import linear
 
@@ -148,7 +167,7 @@ def check_gemm(device: str, dtype: torch.dtype = torch.bfloat16) -> list[dict[st
 
 CHECKS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "decode": check_decode, "prefill": check_prefill, "elementwise": check_elementwise,
-    "sampling": check_sampling, "gemm": check_gemm,
+    "sampling": check_sampling, "penalties": check_penalties, "gemm": check_gemm,
 }
 
 

@@ -34,6 +34,7 @@ _TRITON_MODULES = {
     "prefill_attention": "prefill_attention",
     "sample": "sampling",
     "apply_token_bitmask": "token_bitmask",
+    "apply_penalties": "penalties",
 }
 
 
@@ -162,3 +163,14 @@ def sample(
 def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
     """Grammar masks, in place: -inf for the tokens bitmask[i] bans in row rows[i] of logits."""
     _pick("apply_token_bitmask", logits)(logits, bitmask, rows)
+
+
+def apply_penalties(
+    logits: Tensor,
+    token_counts: Tensor,
+    rows: Tensor,
+    presence: Tensor,
+    frequency: Tensor,
+    repetition: Tensor,
+) -> Tensor:
+    return _pick("apply_penalties", logits)(logits, token_counts, rows, presence, frequency, repetition)

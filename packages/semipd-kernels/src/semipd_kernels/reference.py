@@ -17,7 +17,10 @@ from semipd_kernels import checks
 from semipd_kernels.rng import uniform_from_hash
 
 __all__ = [
+    "PROMPT_BIT",
+    "apply_penalties",
     "apply_rotary",
+    "apply_token_bitmask",
     "decode_attention",
     "fused_add_rms_norm",
     "prefill_attention",
@@ -274,3 +277,34 @@ def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
     allowed[:, :n] = bits[:, :n] != 0
     r = rows.long()
     logits.index_copy_(0, r, logits.index_select(0, r).masked_fill_(~allowed, float("-inf")))
+
+
+# -------------------- penalties
+# token_counts packs two things per (request, token) into one int32 so the state is one [R, V] tensor: the low
+# 30 bits count the token's occurrences in the output, bit 30 says whether it occurs in the prompt
+PROMPT_BIT = 1 << 30
+
+
+def apply_penalties(
+    logits: Tensor,
+    token_counts: Tensor,
+    rows: Tensor,
+    presence: Tensor,
+    frequency: Tensor,
+    repetition: Tensor,
+) -> Tensor:
+    """float32 [B, V]: logits with vLLM's (and OpenAI's) penalties, a new tensor. Row b reads its state from
+    token_counts[rows[b]] (see PROMPT_BIT); rows[b] < 0 copies the row unchanged. For a token seen in the prompt or
+    the output, a positive logit is divided by repetition[b], a negative one multiplied by it; then
+    frequency[b] * (output count) and presence[b] * (count > 0) are subtracted."""
+    checks.check_penalties(logits, token_counts, rows, presence, frequency, repetition)
+    x = logits.float()
+    if x.shape[0] == 0:
+        return x.clone()
+    state = token_counts.index_select(0, rows.long().clamp(min=0))
+    count = (state & (PROMPT_BIT - 1)).float()
+    rep = repetition.float()[:, None]
+    out = torch.where(state != 0, torch.where(x > 0, x / rep, x * rep), x)
+    out = out - frequency.float()[:, None] * count
+    out = out - torch.where(count > 0, presence.float()[:, None], torch.zeros_like(count))
+    return torch.where((rows >= 0)[:, None], out, x)

@@ -27,10 +27,19 @@ SHARE_ENV = {"prefill_sm_percent": "SEMI_PD_PREFILL_SM_PERCENTILE",
 @dataclass(slots=True, kw_only=True)
 class ModelOptions:
     model_path: str | None = knob(
-        None, "Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct", flags=("--model-path",),
-        group="model")
+        None, "Hugging Face model directory; default: the bundled SmolLM2-135M-Instruct",
+        flags=("--model-path", "--model"), group="model")
+    tokenizer_path: str | None = knob(None, "directory of tokenizer.json and tokenizer_config.json (default: the "
+                                      "model's)", flags=("--tokenizer-path", "--tokenizer"), group="model")
+    chat_template: str | None = knob(
+        None, "chat template for /v1/chat/completions: a Jinja file, or the template itself (default: the "
+        "tokenizer's)", flags=("--chat-template",), group="model")
+    seed: int | None = knob(None, "seeds the generator that picks each request's seed when it sends none, so a "
+                            "run is reproducible (default: random)", flags=("--seed",), minimum=0,
+                            maximum=2**63 - 1, group="model")
     max_model_len: int | None = knob(None, "max tokens per request (prompt+output); default: the model's",
-                                     flags=("--context-length",), minimum=1, group="model")
+                                     flags=("--context-length", "--max-model-len"), minimum=1,
+                                     group="model")
     dtype: str | None = knob(None, "weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)",
                              flags=("--dtype",), choices=DTYPES, group="model")
     load_format: str = knob("auto", "auto: the model directory's safetensors; dummy: random weights at its "
@@ -46,21 +55,23 @@ class ModelOptions:
 
 @dataclass(slots=True, kw_only=True)
 class SchedulerOptions:
-    max_running_requests: int = knob(64, "requests decoded together", flags=("--max-running-requests",),
-                                     minimum=1, group="sched")
+    max_running_requests: int = knob(64, "requests decoded together",
+                                     flags=("--max-running-requests", "--max-num-seqs"), minimum=1, group="sched")
     max_queued_requests: int | None = knob(
         None, "requests allowed to wait beyond the running ones; more get HTTP 429 (default: no limit)",
         flags=("--max-queued-requests",), minimum=0, group="sched")
-    chunked_prefill_size: int = knob(512, "unified mode: prefill tokens per step (mixed with the decode batch)",
-                                     flags=("--chunked-prefill-size",), minimum=1, group="sched")
+    chunked_prefill_size: int = knob(
+        512, "unified mode: prefill tokens per step (mixed with the decode batch); vLLM's "
+        "--max-num-batched-tokens is this (semi-pd's prefill batches: --max-prefill-tokens)",
+        flags=("--chunked-prefill-size", "--max-num-batched-tokens"), minimum=1, group="sched")
     max_prefill_tokens: int = knob(8192, "semi-pd: prompt tokens per prefill batch and forward (a longer prompt "
                                    "runs in chunks of it)", flags=("--max-prefill-tokens",), minimum=1, group="sched")
     page_size: int = knob(16, "tokens per KV cache page", flags=("--page-size",), minimum=1, group="sched")
     num_pages: int | None = knob(None, "KV pages (default: from memory)", flags=("--num-pages",), minimum=1,
                                  group="sched")
     mem_fraction_static: float = knob(0.85, "fraction of GPU memory for weights + KV cache",
-                                      flags=("--mem-fraction-static",), minimum=0, maximum=1, exclusive=True,
-                                      group="sched")
+                                      flags=("--mem-fraction-static", "--gpu-memory-utilization"), minimum=0,
+                                      maximum=1, exclusive=True, group="sched")
     cpu_kv_budget_bytes: int = knob(1 << 30, "KV cache bytes on CPU (no GPU)", minimum=1)
     cuda_graph_max_bs: int | None = knob(
         None, "largest decode batch run as a CUDA graph (default: --max-running-requests, at most 256)",
@@ -96,7 +107,8 @@ class SchedulerOptions:
 class SemiPDOptions:
     mode: str = knob("unified", "unified: chunked prefill mixed with decode; semi-pd: separate prefill and decode "
                      "workers", flags=("--mode",), choices=MODES, group="pd")
-    sm_partition: str = knob("none", "how semi-pd confines each worker to its share of SMs",
+    sm_partition: str = knob("none", "how semi-pd confines each worker to its share of SMs (semipd-server's default: "
+                             "green on a CUDA device, none on CPU)",
                              flags=("--sm-partition",), choices=tuple(PARTITIONS), group="pd")
     prefill_sm_percent: int | None = knob(None, "prefill worker's SM share (semi-pd; default: "
                                           "$SEMI_PD_PREFILL_SM_PERCENTILE, else 50)",

@@ -11,7 +11,7 @@ memory started) and later resolved (wait for that copy, accept the tokens, emit 
 idle while the host schedules: tokens N samples are placeholders in N+1's inputs, filled on the device; a
 request that turns out to stop at N had a row in N+1, discarded; pages released while a step that includes
 their request is in flight come back when it resolves (`Scheduler.resolved`). A step whose sampled rows have
-grammars resolves the step in flight early, between its own forward and its sampling (`_grammar_bitmask`)."""
+grammars resolves the step in flight early, between its own forward and its sampling (`CoreGrammars`)."""
 
 from __future__ import annotations
 
@@ -29,13 +29,14 @@ from semipd_runtime.capacity import check_fits, kv_pages_for
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.forward_batch import to_device
-from semipd_runtime.grammar import GrammarRuntime, TokenBitmask
+from semipd_runtime.grammar import CoreGrammars
 from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.observer import CoreObserver
 from semipd_runtime.pd_prefill import KvSender
+from semipd_runtime.penalties import PenaltyRows
 from semipd_runtime.prefill_executor import LocalPrefill, PrefillExecutor, PrefillReport
 from semipd_runtime.request import Request, RequestStatus
 from semipd_runtime.sampler import SampledTokens, Sampler
@@ -102,6 +103,7 @@ class EngineCore:
         )
         self.sampler = Sampler()
         self.eos = set(cfg.model.eos_token_ids)
+        self.penalty_rows = PenaltyRows(self.eos)  # which request's token counts each sampler state row holds
         self.num_steps = 0
         self.pending: list[TokenEvent] = []  # events produced outside step() (aborts, rejections)
         self.scheduler.ends = self._ends
@@ -112,7 +114,8 @@ class EngineCore:
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
         self.kv_sender: KvSender | None = None  # a PD prefill instance: sends first-token requests' KV on
         self.on_close: list[Callable[[], None]] = []  # what was composed in (tensor-parallel ranks) to release
-        self._grammars: GrammarRuntime | None = None  # built on the first structured-output request
+        self.grammars = CoreGrammars(cfg.model_path, self.model.config.vocab_size,
+                                     next(iter(cfg.model.eos_token_ids), None), cfg.parallel.tp_size)
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
 
@@ -174,7 +177,7 @@ class EngineCore:
             return
         req = Request(msg.rid, list(msg.prompt_ids), msg.sampling, bootstrap=msg.bootstrap)
         if msg.grammar:
-            error = self._attach_grammar(req, msg.grammar)
+            error = self.grammars.attach(req, msg.grammar)
             if error:
                 self.pending.append(TokenEvent(msg.rid, [], None, "abort", error, 400))
                 return
@@ -184,19 +187,6 @@ class EngineCore:
         now = time.monotonic()
         for obs in self.observers:
             obs.on_arrival(req, now)
-
-    def _attach_grammar(self, req: Request, grammar: str) -> str:
-        """Give req its matcher; "" or why it cannot have one."""
-        if self.cfg.parallel.tp_size > 1:
-            return "structured output is not supported with tensor parallelism yet"
-        if self._grammars is None:  # the tokenizer's first load: ~0.25 s for a 49k vocabulary, once
-            self._grammars = GrammarRuntime(self.cfg.model_path, self.model.config.vocab_size,
-                                            next(iter(self.cfg.model.eos_token_ids), None))
-        try:
-            req.grammar = self._grammars.matcher(grammar)
-        except ValueError as e:
-            return f"cannot compile the grammar: {e}"
-        return ""
 
     def abort(self, rid: str, reason: str = "abort", error: str | None = None, status: int = 0) -> None:
         """End a request in any state; its pages come back once nothing writes them (scheduler.finish)."""
@@ -363,6 +353,7 @@ class EngineCore:
         self.num_steps += 1
         step = self.scheduler.launched(batch)
         reqs = [batch.requests[i] for i in sample_rows]
+        plan = self.penalty_rows.plan(reqs) if reqs else None  # before the placeholders: output_ids end here
         steps = [len(r.output_ids) for r in reqs]
         index = []
         for j, req in enumerate(reqs):
@@ -370,38 +361,19 @@ class EngineCore:
             req.output_ids.append(-1 - j)
         sampled = None
         if reqs:
-            bitmask = self._grammar_bitmask(reqs, prev, logits.device)
-            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], steps, bitmask)
+            if prev is not None and not prev.resolved and self.grammars.needs_tokens(reqs):
+                self.pending += self.resolve(prev)  # early: the masks need prev's tokens (`grammar.CoreGrammars`)
+            bitmask = self.grammars.bitmask(reqs, logits.device)
+            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], steps, plan, bitmask)
         done = sampled.ready if sampled is not None else _record_event(logits.device)
         share = self.executor.split[1] / 100  # executors without an SM split report (100, 100)
         return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts), share)
-
-    def _grammar_bitmask(self, reqs: list[Request], prev: StepInFlight | None,
-                         device: torch.device) -> TokenBitmask | None:
-        """The grammar masks of this step's sampled rows (None: no row has a grammar, nothing is paid).
-
-        Where the overlap happens: this step's forward is already queued on the device. A mask needs every
-        token before the one it constrains, and in overlap mode the newest of those is the step in flight's
-        (`prev`), so prev is resolved here, early (its events go out with this step's), and its tokens advance
-        the matchers in `_accepted`. The host then computes the masks on llguidance's threads while the device
-        runs this step's forward; only the sampling kernels queued after it wait for the masks. A step
-        without grammar rows resolves prev after its own launch as before."""
-        rows = [j for j, r in enumerate(reqs) if r.grammar is not None]
-        if not rows or self._grammars is None:
-            return None
-        if prev is not None and not prev.resolved:
-            self.pending += self.resolve(prev)
-        # a request that finished at prev's token keeps an unmasked row: its token is discarded at resolve
-        rows = [j for j in rows if reqs[j].status is not RequestStatus.FINISHED]
-        if not rows:
-            return None
-        return self._grammars.bitmask(rows, [g for j in rows if (g := reqs[j].grammar) is not None], device)
 
     def resolve(self, st: StepInFlight) -> list[TokenEvent]:
         """Wait for a launched step (its own work, nothing queued after it), put its tokens in place of the
         placeholders, release what waited for it, finish requests, emit their events. A request that ended
         after the step was launched (stop token of the step before, abort) has its row discarded. A step
-        resolved early (`_grammar_bitmask`) resolves to nothing the second time."""
+        resolved early (for grammar masks) resolves to nothing the second time."""
         if st.resolved:
             return []
         st.resolved = True

@@ -25,13 +25,14 @@ from semipd_runtime.messages import (
     CoreReady,
     FromCore,
     Repartition,
+    RoomRejected,
     Shutdown,
     StatsRequest,
     StepOutput,
     ToCore,
 )
 from semipd_runtime.partition import environment
-from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, parent_alive
+from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, ignore_terminal_interrupt, parent_alive
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,25 @@ log = logging.getLogger(__name__)
 OutputCallback = Callable[[FromCore], None]
 
 
-def core_loop(core: EngineCore, get: Callable[[bool], list[ToCore]], emit: OutputCallback) -> None:
-    """Drain control messages, step while there is work, report every step; block when idle."""
+def core_loop(core: EngineCore, get: Callable[[float | None], list[ToCore]], emit: OutputCallback) -> None:
+    """Drain control messages, step while there is work, report every step; block when idle. get(timeout_s):
+    0 = only what is queued, None = wait as long as the channel waits."""
     idle_reported = False
     while True:
-        for msg in get(not (core.has_work() or core.pending)):
+        idle = not (core.has_work() or core.pending)
+        # a PD prefill's network thread cannot wake an idle core: look at what it received every 50 ms
+        for msg in get((0.05 if core.kv_sender is not None else None) if idle else 0.0):
             if isinstance(msg, AddRequest):
                 core.add_request(msg)
             elif isinstance(msg, AbortRequest):
                 core.abort(msg.rid, msg.reason)
+            elif isinstance(msg, RoomRejected):
+                if core.kv_sender is not None:
+                    for room in msg.rooms:
+                        core.kv_sender.reject(room, msg.error)
             elif isinstance(msg, StatsRequest):
+                if msg.flush_cache:
+                    core.cache.evict(core.cache.num_evictable_pages)
                 emit(StepOutput([], core.stats()))
             elif isinstance(msg, Repartition):
                 core.repartition(msg.prefill_percent, msg.decode_percent)  # no-op without an SM split
@@ -86,10 +96,10 @@ class ThreadCoreClient:
         self.thread = threading.Thread(target=self._run, name="semipd-core", daemon=True)
         self.thread.start()
 
-    def _get(self, block: bool) -> list[ToCore]:
+    def _get(self, timeout_s: float | None) -> list[ToCore]:
         msgs: list[ToCore] = []
         try:
-            msgs.append(self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait())
+            msgs.append(self.inbox.get(timeout=timeout_s or 0.5) if timeout_s != 0 else self.inbox.get_nowait())
             while True:
                 msgs.append(self.inbox.get_nowait())
         except queue.Empty:
@@ -115,14 +125,15 @@ class ThreadCoreClient:
 
 def run_core_process(cfg: EngineConfig, addrs: ChannelAddrs, log_level: int) -> None:
     """Entry point of the core process: load, report ready, serve until Shutdown or the parent is gone."""
+    ignore_terminal_interrupt()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s core %(name)s: %(message)s")
     chan: ZmqChannel[FromCore, ToCore] = ZmqChannel.connect(addrs, ToCore, peer_alive=parent_alive())
 
     def emit(msg: FromCore) -> None:
         chan.send(msg)  # dropped once the front end is gone: get() then tells the loop to stop
 
-    def get(block: bool) -> list[ToCore]:
-        msgs = chan.recv_all(None if block else 0.0)
+    def get(timeout_s: float | None) -> list[ToCore]:
+        msgs = chan.recv_all(timeout_s)
         if not msgs and not chan.peer_alive():  # orphaned: the front end died without telling us
             return [Shutdown()]
         return msgs

@@ -85,7 +85,8 @@ def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaF
                 # measured p99 ITL of 46 ms against a p50 of 8 ms under green:50; benchmarks/RESULTS.md)
                 sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
                 runner = ModelRunner(core.model, core.kv_pool, cfg.scheduler.page_size, cfg.max_model_len)
-                return ThreadPrefillChannel(PrefillWorker(runner, cfg.scheduler.max_prefill_tokens),
+                worker = PrefillWorker(runner, cfg.scheduler.max_prefill_tokens, cfg.model.eos_token_ids)
+                return ThreadPrefillChannel(worker,
                                             part.role_context_factory("prefill"), part.sm_count["prefill"],
                                             warm_up=generation == 0)
             return ProcessPrefillChannel(core, part)

@@ -34,6 +34,7 @@ from semipd_runtime.messages import (
     EngineStats,
     FromCore,
     Repartition,
+    RoomRejected,
     StatsRequest,
     StepOutput,
 )
@@ -44,7 +45,7 @@ from semipd_runtime.parallel.shard import check_tp_size
 from semipd_runtime.partition import partition_class
 from semipd_runtime.pd_types import room_key
 from semipd_runtime.sampling_params import SamplingParams
-from semipd_runtime.tokenizer import Tokenizer
+from semipd_runtime.tokenizer import Tokenizer, load_chat_template
 from semipd_runtime.tracked_request import TrackedRequest
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,10 @@ class Engine:
         self.model_path = path
         self.model_name = path.name if config.model.model_path is not None else "SmolLM2-135M-Instruct"
         self.model_config = ModelConfig.from_dir(path)
-        self.tokenizer = Tokenizer.from_dir(path)
+        m = config.model
+        self.tokenizer = Tokenizer.from_dir(Path(m.tokenizer_path).expanduser() if m.tokenizer_path else path)
+        if m.chat_template is not None:
+            self.tokenizer.chat_template = load_chat_template(m.chat_template)
         eos = set(self.tokenizer.eos_token_ids)
         gen_cfg = path / "generation_config.json"
         if gen_cfg.is_file():
@@ -92,6 +96,8 @@ class Engine:
         self._dead: str | None = None
         self._ids = itertools.count()
         self.grammars = GrammarCompiler(path, self.model_config.vocab_size, next(iter(cfg.model.eos_token_ids), None))
+        # draws the seeds of requests that send none: --seed makes a whole run reproducible
+        self._seeds = random.Random(cfg.model.seed)
         part = partition_class(cfg.semi_pd.sm_partition)
         self._client: ThreadCoreClient | ProcessCoreClient
         if self.mode == "semi-pd" and part.needs_core_process:
@@ -142,6 +148,21 @@ class Engine:
         if pd_mode != "null" and bootstrap is None:
             raise InvalidRequestError(f"a {pd_mode} instance needs bootstrap_room (send requests through "
                                       "smg --pd-disaggregation)", param="bootstrap_room")
+        try:
+            return self._submit(prompt, params, request_id, sink, bootstrap)
+        except Exception as e:
+            if pd_mode == "prefill" and bootstrap is not None:
+                self.reject_room(bootstrap, params.n, str(e) or type(e).__name__)
+            raise
+
+    def reject_room(self, bootstrap: tuple[str, int | None, int | str], n: int, error: str) -> None:
+        """A prefill instance turns a PD request away (its `n` rooms): the decode side fails it at once."""
+        if self.config.semi_pd.disaggregation_mode == "prefill" and not self._dead:
+            self._client.send(RoomRejected([room_key(bootstrap[2], i) for i in range(max(n, 1))], error))
+
+    def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None, sink: Any,
+                bootstrap: tuple[str, int | None, int | str] | None) -> TrackedRequest:
+        pd_mode = self.config.semi_pd.disaggregation_mode
         params.validate(self.model_config.vocab_size)
         grammar = self.compile_grammar(params.structured) if params.structured is not None else ""
         ids = self._prompt_ids(prompt)
@@ -152,8 +173,8 @@ class Engine:
         if not self._stats.healthy and not self._stats.recovering:
             raise EngineDeadError(self._stats.health_error or "engine is unhealthy")
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
-        req = TrackedRequest(rid, ids, params, self.tokenizer, sink)
-        base_seed = params.seed if params.seed is not None else random.getrandbits(62)
+        req = TrackedRequest(rid, ids, params, self.tokenizer, sink, self.config.model.eos_token_ids)
+        base_seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
         with self._lock:
             if any(r.request_id == rid for r, _ in self._subs.values()):
                 raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
@@ -171,7 +192,10 @@ class Engine:
                 temperature=float(params.temperature), top_p=float(params.top_p), top_k=int(params.top_k),
                 min_p=float(params.min_p), seed=(base_seed + i) % (1 << 63), max_tokens=params.max_tokens,
                 stop_token_ids=list(params.stop_token_ids or []), ignore_eos=params.ignore_eos,
-                logprobs=params.logprobs)
+                logprobs=params.logprobs, presence_penalty=float(params.presence_penalty),
+                frequency_penalty=float(params.frequency_penalty),
+                repetition_penalty=float(params.repetition_penalty), min_tokens=params.min_tokens,
+                logit_bias={t: float(v) for t, v in (params.logit_bias or {}).items()})
             boot = None
             if pd_mode != "null" and bootstrap is not None:
                 boot = Bootstrap(bootstrap[0], bootstrap[1] or 0, room_key(bootstrap[2], i))
@@ -280,12 +304,13 @@ class Engine:
                 raise ValueError(f"{name} must be a number in [1, 100], got {v!r}")
         self._client.send(Repartition(float(prefill_percent), float(decode_percent)))
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
-        """Ask the core for fresh numbers (waits for its next report)."""
+    def refresh_stats(self, timeout_s: float = 5.0, flush_cache: bool = False) -> EngineStats:
+        """Ask the core for fresh numbers (waits for its next report); flush_cache: evict every cached prefix
+        page no request holds first."""
         if self._dead:
             raise EngineDeadError(self._dead)
         self._stats_event.clear()
-        self._client.send(StatsRequest())
+        self._client.send(StatsRequest(flush_cache))
         if not self._stats_event.wait(timeout_s) or self._dead:
             raise EngineDeadError(self._dead or "engine core did not answer")
         return self.stats()

@@ -34,3 +34,11 @@ class EngineDeadError(SemipdError):
 
     status_code = 503
     error_type = "service_unavailable"
+
+
+class KvTransferError(SemipdError):
+    """PD decode instance: the prompt's KV never arrived from the prefill instance (it refused the request, the
+    transfer failed or timed out) (HTTP 502)."""
+
+    status_code = 502
+    error_type = "bad_gateway"

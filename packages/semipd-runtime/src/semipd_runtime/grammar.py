@@ -31,6 +31,7 @@ from torch import Tensor
 from semipd_kernels import ops
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.forward_batch import to_device
+from semipd_runtime.request import Request, RequestStatus
 
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark")
 _CACHE_SIZE = 512  # distinct grammars kept compiled (front end: validated texts; core: template matchers)
@@ -207,6 +208,49 @@ class GrammarRuntime:
         host = self._fill([g.matcher for g in grammars], pin=cuda)
         words = host.to(device, non_blocking=True) if cuda else host
         return TokenBitmask(to_device(rows, torch.long, device), words)
+
+
+class CoreGrammars:
+    """The engine core's side of structured output: matchers for its requests and the masks of its steps. The
+    `GrammarRuntime` (the tokenizer's first load: ~0.25 s for a 49k vocabulary) is built on the first request
+    with a grammar, so an engine that never sees one pays nothing.
+
+    Where the overlap happens: a step's forward is already queued on the device when its masks are asked for.
+    A mask needs every token before the one it constrains, and in overlap mode the newest of those is the step
+    in flight's, so the core resolves that step early (`needs_tokens`; its events go out with this step's), and
+    its tokens advance the matchers in `EngineCore._accepted`. The host then computes the masks on llguidance's
+    threads while the device runs this step's forward; only the sampling kernels queued after it wait for the
+    masks. A step without grammar rows resolves the step in flight after its own launch as before."""
+
+    def __init__(self, model_dir: str | Path, vocab_size: int, eos_token_id: int | None, tp_size: int = 1) -> None:
+        self.model_dir, self.vocab_size, self.eos_token_id, self.tp_size = model_dir, vocab_size, eos_token_id, tp_size
+        self.runtime: GrammarRuntime | None = None
+
+    def attach(self, req: Request, grammar: str) -> str:
+        """Give req its matcher; "" or why it cannot have one."""
+        if self.tp_size > 1:
+            return "structured output is not supported with tensor parallelism yet"
+        if self.runtime is None:
+            self.runtime = GrammarRuntime(self.model_dir, self.vocab_size, self.eos_token_id)
+        try:
+            req.grammar = self.runtime.matcher(grammar)
+        except ValueError as e:
+            return f"cannot compile the grammar: {e}"
+        return ""
+
+    def needs_tokens(self, reqs: list[Request]) -> bool:
+        """Whether a step sampling reqs has grammar rows (then the step in flight must resolve first)."""
+        return self.runtime is not None and any(r.grammar is not None for r in reqs)
+
+    def bitmask(self, reqs: list[Request], device: torch.device) -> TokenBitmask | None:
+        """The masks of a step's sampled rows reqs (None: no row has a grammar, nothing is paid). A request that
+        finished at the step in flight's token keeps an unmasked row: its token is discarded at resolve."""
+        if self.runtime is None:
+            return None
+        rows = [j for j, r in enumerate(reqs) if r.grammar is not None and r.status is not RequestStatus.FINISHED]
+        if not rows:
+            return None
+        return self.runtime.bitmask(rows, [g for j in rows if (g := reqs[j].grammar) is not None], device)
 
 
 def bitmask_from_bytes(masks: list[bytes], rows: list[int], device: torch.device) -> TokenBitmask:

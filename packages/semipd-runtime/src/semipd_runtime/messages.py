@@ -17,6 +17,12 @@ class CoreSampling(msgspec.Struct, frozen=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    # applied on the device before temperature / top-k / top-p (`penalties.py`)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many tokens are out
+    logit_bias: dict[int, float] = {}
 
 
 class Bootstrap(msgspec.Struct, frozen=True):
@@ -41,8 +47,16 @@ class AbortRequest(msgspec.Struct, tag=True):
     reason: str = "abort"  # the front end aborts with "stop" when it matched a stop string
 
 
+class RoomRejected(msgspec.Struct, tag=True):
+    """A prefill instance turned a PD request away before it reached the core (queue full, bad input, unhealthy):
+    its decode side is told at once instead of waiting out the transfer timeout."""
+
+    rooms: list[str]
+    error: str
+
+
 class StatsRequest(msgspec.Struct, tag=True):
-    pass
+    flush_cache: bool = False  # first evict every cached prefix page no request holds (/flush_cache)
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -181,5 +195,5 @@ class PrefillReady(msgspec.Struct, tag=True):
 ToPrefill = PrefillBatch | Shutdown
 FromPrefill = PrefillDone | PrefillFailed | PrefillReady
 
-ToCore = AddRequest | AbortRequest | StatsRequest | Shutdown | Repartition
+ToCore = AddRequest | AbortRequest | RoomRejected | StatsRequest | Shutdown | Repartition
 FromCore = StepOutput | CoreReady | CoreFailure

@@ -134,5 +134,16 @@ class ModelRunner:
             logits = self.model(ids, meta)
             if sample is not None:
                 sample(logits, [greedy] * len(lens), [0] * len(lens))
+        # the penalty kernel, whose one specialisation serves every batch (sampler.py runs it only for batches
+        # that use penalties: compiled here, not in the first such request's step)
+        vocab = self.model.config.vocab_size
+        one = torch.ones(1, device=self.device)
+        ops.apply_penalties(torch.zeros((1, vocab), device=self.device),
+                            torch.zeros((1, vocab), dtype=torch.int32, device=self.device),
+                            torch.zeros(1, dtype=torch.long, device=self.device), one, one, one)
+        # and the grammar mask kernel's (structured output), on float32 logits as the sampler gives it
+        ops.apply_token_bitmask(torch.zeros((1, vocab), device=self.device),
+                                torch.zeros((1, (vocab + 31) // 32), dtype=torch.int32, device=self.device),
+                                torch.zeros(1, dtype=torch.long, device=self.device))
         torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t0

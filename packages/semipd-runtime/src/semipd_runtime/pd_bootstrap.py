@@ -4,8 +4,10 @@ and where a decode instance looks it up (GET /route) and checks it is alive (GET
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,20 @@ import msgspec
 from semipd_runtime.pd_types import RankInfo
 
 log = logging.getLogger(__name__)
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def advertised_host(host: str) -> str:
+    """The address peers reach us at: `host` itself, or for a wildcard bind this machine's outward address (the
+    interface a route to outside would use; no packet is sent), which a peer on another host can dial."""
+    if host not in WILDCARDS:
+        return host
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 1))
+        return str(s.getsockname()[0])
+    with contextlib.suppress(OSError):
+        return socket.gethostbyname(socket.gethostname())
+    return "127.0.0.1"
 
 
 class BootstrapServer:

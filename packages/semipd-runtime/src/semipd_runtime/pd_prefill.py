@@ -22,7 +22,7 @@ import zmq
 
 from semipd_runtime.kv_transfer import MooncakeTransport
 from semipd_runtime.messages import EngineStats, TokenLogprobMsg
-from semipd_runtime.pd_bootstrap import BootstrapServer, register
+from semipd_runtime.pd_bootstrap import BootstrapServer, advertised_host, register
 from semipd_runtime.pd_types import KvLayout, KvRequest, KvStatus, PdEnv, RankInfo, ToPrefillSide
 from semipd_runtime.request import Request
 
@@ -62,16 +62,19 @@ class KvSender:
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         zport = self.pull.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"tcp://{host}:{zport}"
+        self.endpoint = f"tcp://{advertised_host(host)}:{zport}"
         self.net = threading.Thread(target=self._net_loop, name="kv-send-net", daemon=True)
         self.net.start()
         self.server = BootstrapServer(host, bootstrap_port)
-        register(host, self.server.port, RankInfo(0, transport.session, self.endpoint, layout))
+        register(advertised_host(host), self.server.port, RankInfo(0, transport.session, self.endpoint, layout))
 
     # --- core thread ----------------------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return any(r.writer for r in self.rooms.values())
+        """Pages parked for a transfer, a failure or an abort the decode has yet to hear: the core keeps polling
+        (the decode's messages arrive on the network thread, which cannot wake an idle core)."""
+        return not self.inbox.empty() or any(r.writer or r.aborted or (r.failed and not r.rid)
+                                             for r in self.rooms.values())
 
     def track(self, req: Request, room: str) -> None:
         self.rooms[room] = _Room(req.rid, time.monotonic())
@@ -90,6 +93,14 @@ class KvSender:
         """rid ended before its first token (abort, rejection): its decode side learns it failed."""
         room = self.rooms.get(self.by_rid.get(rid, ""))
         if room is not None and room.token is None:
+            room.failed = why
+
+    def reject(self, key: str, why: str) -> None:
+        """The front end turned room `key` away: its decode side hears it once its page indices arrive."""
+        room = self.rooms.get(key)
+        if room is None:
+            room = self.rooms[key] = _Room("", time.monotonic())
+        if room.token is None:
             room.failed = why
 
     def poll(self, timeout_s: float) -> tuple[list[str], list[str]]:
@@ -124,6 +135,8 @@ class KvSender:
             if room.aborted:
                 if room.token is None and room.rid:
                     abort_rids.append(room.rid)
+                if room.dst is not None:  # the answer that releases the pages the decode kept for it
+                    self._notify(room.dst, KvStatus(key, False, error="aborted by the decode instance"))
                 self._drop(key, room, writers)
             elif room.failed and room.dst is not None:
                 self._notify(room.dst, KvStatus(key, False, error=f"prefill failed: {room.failed}"))

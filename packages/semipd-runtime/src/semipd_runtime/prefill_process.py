@@ -15,7 +15,7 @@ from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.llama import LlamaForCausalLM
 from semipd_runtime.partition import SmPartition, environment
 from semipd_runtime.prefill_worker import PrefillWorker, prefill_loop
-from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, parent_alive
+from semipd_runtime.zmq_channel import ChannelAddrs, ZmqChannel, ignore_terminal_interrupt, parent_alive
 
 if TYPE_CHECKING:
     from semipd_runtime.core import EngineCore
@@ -29,6 +29,7 @@ def run_prefill_process(
 ) -> None:
     from semipd_memory import KVPool, bind_tensors, import_tensors
 
+    ignore_terminal_interrupt()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s prefill %(name)s: %(message)s")
     chan: ZmqChannel[FromPrefill, ToPrefill] = ZmqChannel.connect(addrs, ToPrefill, peer_alive=parent_alive())
     try:
@@ -37,7 +38,7 @@ def run_prefill_process(
         model = bind_tensors(lambda: LlamaForCausalLM(model_cfg), weights)
         kv_pool = KVPool.from_buffer(kv_buffer, **kv_shape)
         runner = ModelRunner(model, kv_pool, cfg.scheduler.page_size, cfg.max_model_len)
-        worker = PrefillWorker(runner, cfg.scheduler.max_prefill_tokens)
+        worker = PrefillWorker(runner, cfg.scheduler.max_prefill_tokens, cfg.model.eos_token_ids)
         worker.warm_up()  # before ready: a standby takes batches only once its kernels are compiled
         tensors = list(weights.values()) + [kv_buffer]
         all_shared = all(t.is_cuda or t.is_shared() for t in tensors)

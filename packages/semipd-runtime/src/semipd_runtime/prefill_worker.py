@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -29,6 +29,7 @@ from semipd_runtime.messages import (
     ToPrefill,
 )
 from semipd_runtime.model_runner import ModelRunner
+from semipd_runtime.penalties import plan_fresh
 from semipd_runtime.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ log = logging.getLogger(__name__)
 
 class PrefillWorker:
     """chunk_size: tokens per forward (semi-PD: max_prefill_tokens; chunking here only bounds activation
-    memory, since decode runs beside it rather than inside the same step)."""
+    memory, since decode runs beside it rather than inside the same step). eos_ids: what min_tokens bans
+    besides a request's stop_token_ids."""
 
-    def __init__(self, runner: ModelRunner, chunk_size: int) -> None:
+    def __init__(self, runner: ModelRunner, chunk_size: int, eos_ids: Sequence[int] = ()) -> None:
         self.runner = runner
         self.chunk_size = chunk_size
+        self.eos = set(eos_ids)
         self.sampler = Sampler()
 
     def warm_up(self) -> None:
@@ -77,11 +80,15 @@ class PrefillWorker:
                 done[i] += len(chunks[j])
             if sample_rows:
                 finished = [items[rows[j]] for j in sample_rows]
+                samplings = [it.sampling for it in finished]
+                # the item's last `step` tokens are its outputs so far (a preempted request resumes with them)
+                plan = plan_fresh(samplings, [(it.token_ids[: len(it.token_ids) - it.step],
+                                               it.token_ids[len(it.token_ids) - it.step :]) for it in finished],
+                                  self.eos)
                 masked = [j for j, it in enumerate(finished) if it.token_bitmask]
                 bitmask = bitmask_from_bytes([finished[j].token_bitmask for j in masked], masked,
                                              logits.device) if masked else None
-                tokens, lps = self.sampler(logits, [it.sampling for it in finished], [it.step for it in finished],
-                                           bitmask)
+                tokens, lps = self.sampler(logits, samplings, [it.step for it in finished], plan, bitmask)
                 results += [PrefillResult(it.rid, t, lp) for it, t, lp in zip(finished, tokens, lps)]
         n_tokens = sum(len(it.token_ids) - it.num_cached for it in items)  # computed, not from the cache
         return PrefillDone(batch.batch_id, results, n_tokens, time.perf_counter() - t0)

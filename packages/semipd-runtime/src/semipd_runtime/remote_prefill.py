@@ -21,7 +21,7 @@ import zmq
 
 from semipd_runtime.kv_transfer import MooncakeTransport
 from semipd_runtime.messages import EngineStats
-from semipd_runtime.pd_bootstrap import alive, lookup
+from semipd_runtime.pd_bootstrap import advertised_host, alive, lookup
 from semipd_runtime.pd_types import KvLayout, KvRequest, KvStatus, PdEnv, RankInfo, RoomAbort
 from semipd_runtime.prefill_executor import PrefillReport
 from semipd_runtime.request import Request, RequestStatus
@@ -35,7 +35,9 @@ class _Pending:
     writer: str
     addr: tuple[str, int]
     sent_at: float
+    pages: list[int]  # where the KV lands (staged copies go there once it has)
     abort_sent: bool = False
+    timed_out: bool = False  # failed to the client; pages still parked until the prefill answers
 
 
 class RemotePrefill:
@@ -57,7 +59,7 @@ class RemotePrefill:
         self.failures = 0
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
-        self.notify = f"tcp://{host}:{self.pull.bind_to_random_port(f'tcp://{host}')}"
+        self.notify = f"tcp://{advertised_host(host)}:{self.pull.bind_to_random_port(f'tcp://{host}')}"
         self.dead: set[tuple[str, int]] = set()  # prefills whose heartbeat failed (set by the network thread)
         self._stop = threading.Event()
         self.net = threading.Thread(target=self._net_loop, name="remote-prefill-net", daemon=True)
@@ -82,7 +84,7 @@ class RemotePrefill:
             addr = (b.host, b.port or self.default_port)
             start = req.num_computed // self.page_size  # leading pages the prefix cache holds here already
             n = -(-len(req.prompt_ids) // self.page_size)
-            self.pending[b.room] = _Pending(req, writer, addr, time.monotonic())
+            self.pending[b.room] = _Pending(req, writer, addr, time.monotonic(), p[start:n])
             self.jobs.put((addr, KvRequest(b.room, self.transport.session, self.notify, self.transport.base,
                                            self.transport.num_pages, start, p[start:n])))
 
@@ -97,11 +99,22 @@ class RemotePrefill:
             pass
         now = time.monotonic()
         for key, p in list(self.pending.items()):
+            waited = now - p.sent_at
             if p.addr in self.dead:
                 reports.append(self._fail(key, f"prefill instance {p.addr[0]}:{p.addr[1]} is unreachable", 503))
-            elif now - p.sent_at > self.env.waiting_timeout_s:
-                self.jobs.put((p.addr, RoomAbort(key)))
-                reports.append(self._fail(key, f"KV transfer timed out after {self.env.waiting_timeout_s:.0f}s", 504))
+            elif waited > 2 * self.env.waiting_timeout_s:  # not even the abort was answered: give the pages back
+                reports.append(self._fail(key, "the prefill instance never answered (abort unanswered)", 502))
+            elif waited > self.env.waiting_timeout_s and not p.timed_out:
+                # the request fails now, but its pages stay parked under its writer: a transfer may still be
+                # landing in them. The prefill's answer to the abort (or its death) releases them.
+                p.timed_out = True
+                if not p.abort_sent:
+                    p.abort_sent = True
+                    self.jobs.put((p.addr, RoomAbort(key)))
+                self.failures += 1
+                log.warning("room %s (%s): KV did not land within %.0fs", key, p.req.rid, self.env.waiting_timeout_s)
+                reports.append(PrefillReport("", [p.req], error=f"KV transfer timed out after "
+                                             f"{self.env.waiting_timeout_s:.0f}s", status=502))
             elif p.req.status is RequestStatus.FINISHED and not p.abort_sent:
                 p.abort_sent = True  # aborted here: the prefill stops; its answer releases the pages
                 self.jobs.put((p.addr, RoomAbort(key)))
@@ -111,14 +124,17 @@ class RemotePrefill:
         p = self.pending.pop(status.room, None)
         if p is None:
             return []
+        if p.timed_out:  # failed to the client already: the answer only releases the pages
+            return [PrefillReport(p.writer, [p.req])]
         if not status.ok:
             self.failures += 1
             return [PrefillReport(p.writer, [p.req], error=status.error or "prefill failed", status=502)]
+        self.transport.landed(p.pages)
         return [PrefillReport(p.writer, [p.req], {p.req.rid: (status.token_id, status.logprob)})]
 
     def _fail(self, key: str, why: str, code: int) -> PrefillReport:
         p = self.pending.pop(key)
-        self.failures += 1
+        self.failures += not p.timed_out
         log.warning("room %s (%s): %s", key, p.req.rid, why)
         return PrefillReport(p.writer, [p.req], error=why, status=code)
 

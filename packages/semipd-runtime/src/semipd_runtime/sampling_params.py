@@ -24,6 +24,14 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the sampled token's
     skip_special_tokens: bool = True
     structured: StructuredOutput | None = None  # the output must match this grammar (`grammar.py`)
+    # OpenAI / vLLM semantics (`penalties.py`): presence and frequency count output tokens, repetition also
+    # the prompt's; min_tokens bans EOS and stop_token_ids (and ignores stop strings) until that many are out
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    include_stop_str_in_output: bool = False
     stop_list: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,3 +84,26 @@ class SamplingParams:
         for t in self.stop_token_ids or []:
             if integer("stop_token_ids", t) < 0 or (vocab_size is not None and t >= vocab_size):
                 raise bad("stop_token_ids", f"entry {t} is outside the vocabulary")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= number(name, getattr(self, name)) <= 2.0:
+                raise bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
+        if number("repetition_penalty", self.repetition_penalty) <= 0:
+            raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if integer("min_tokens", self.min_tokens) < 0:
+            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.logit_bias is not None:
+            self._validate_logit_bias(vocab_size)
+
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        bias = self.logit_bias
+        if not isinstance(bias, dict):
+            raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {bias!r}", param="logit_bias")
+        for t, v in bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise InvalidRequestError(f"logit_bias key {t!r} is not a token id of the vocabulary"
+                                          + (f" (size {vocab_size})" if vocab_size else ""), param="logit_bias")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+                raise InvalidRequestError(f"logit_bias value for token {t} must be a number in [-100, 100], "
+                                          f"got {v!r}", param="logit_bias")

@@ -90,6 +90,27 @@ def _template_reads_tools(source: str) -> bool:
     return "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
 
 
+def load_chat_template(value: str) -> str:
+    """--chat-template: a file holding the template, or the Jinja template itself; compiled once here so that a
+    syntax error fails the start, not the first chat request."""
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError:  # an inline template too long to be a file name
+        is_file = False
+    if is_file:
+        source = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        source = value
+    else:
+        raise FileNotFoundError(f"chat_template {value!r} is neither a file nor a Jinja template")
+    try:
+        _compile_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template does not compile: {e}") from None
+    return source
+
+
 class Tokenizer:
     """Encode/decode with a `tokenizers` backend; special tokens and chat template from the HF configs."""
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from semipd_runtime.errors import EngineDeadError, InvalidRequestError
+from semipd_runtime.errors import EngineDeadError, InvalidRequestError, KvTransferError, SemipdError
 from semipd_runtime.messages import TokenEvent
 from semipd_runtime.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+
+_ERRORS: dict[int, type[SemipdError]] = {400: InvalidRequestError, 502: KvTransferError, 503: EngineDeadError}
 
 
 @dataclass(slots=True)
@@ -30,7 +32,7 @@ class _Completion:
 
 class TrackedRequest:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 sink: Callable[[Any], None] | None) -> None:
+                 sink: Callable[[Any], None] | None, eos_token_ids: Iterable[int] = ()) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -42,7 +44,14 @@ class TrackedRequest:
             _Completion(IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens))
             for _ in range(params.n)
         ]
-        self._hold = max((len(s) for s in params.stop_list), default=1) - 1
+        # a stop string may begin up to `_lookback` chars before new text; unless it is kept in the output,
+        # that much text is held back from a stream until it is known not to start one
+        self._lookback = max((len(s) for s in params.stop_list), default=1) - 1
+        self._hold = 0 if params.include_stop_str_in_output else self._lookback
+        # vLLM's convention: stop_reason is the token id only for a stop_token_ids match; EOS (which wins when a
+        # token is both, unless ignore_eos) and the length limit leave it None
+        eos = set() if params.ignore_eos else set(eos_token_ids)
+        self._stop_ids = frozenset(params.stop_token_ids or ()) - eos
         self._lock = threading.Lock()
         self.metrics: dict[str, float] = {"arrival": time.monotonic()}
 
@@ -62,16 +71,18 @@ class TrackedRequest:
             if ev.logprobs:
                 c.logprobs += [TokenLogprob(m.token_id, m.logprob, [(tid, lp) for tid, lp in m.top])
                                for m in ev.logprobs]
-            start = max(0, len(c.text) - self._hold)
+            start = max(0, len(c.text) - self._lookback)
             c.text += c.detok.add(ev.token_ids)
-            stop_hit = self._apply_stop_strings(c, start)
+            # min_tokens: no stop string ends it before then (the core bans EOS and stop ids until then)
+            stop_hit = len(c.token_ids) >= self.params.min_tokens and self._apply_stop_strings(c, start)
             if not stop_hit and ev.finish_reason is not None:
                 c.finish_reason = ev.finish_reason
-                if ev.finish_reason == "stop" and ev.token_ids:
+                if ev.finish_reason == "stop" and ev.token_ids and ev.token_ids[-1] in self._stop_ids:
                     c.stop_reason = ev.token_ids[-1]
-            if ev.error is not None and self.error is None and ev.status in (400, 503):
-                # rejected by the core (400) or its worker died (503); a timeout (504) just ends with "abort"
-                self.error = (InvalidRequestError if ev.status == 400 else EngineDeadError)(ev.error)
+            if ev.error is not None and self.error is None and ev.status in _ERRORS:
+                # rejected by the core (400), its worker died (503), the KV never came from the prefill instance
+                # (502); a timeout (504) just ends with "abort"
+                self.error = _ERRORS[ev.status](ev.error)
             if c.finish_reason is not None and self.finished:
                 self.metrics["finished"] = time.monotonic()
             return stop_hit
@@ -84,7 +95,7 @@ class TrackedRequest:
                 best = (pos, s)
         if best is None:
             return False
-        c.text = c.text[: best[0]]
+        c.text = c.text[: best[0] + (len(best[1]) if self.params.include_stop_str_in_output else 0)]
         c.finish_reason, c.stop_reason = "stop", best[1]
         return True
 

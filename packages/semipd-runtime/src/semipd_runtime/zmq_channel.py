@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -48,6 +49,12 @@ def parent_alive() -> Callable[[], bool]:
 
 def _always_alive() -> bool:
     return True
+
+
+def ignore_terminal_interrupt() -> None:
+    """In a child process: Ctrl-C in a terminal signals the whole process group, but the parent drains in-flight
+    requests and then stops its children itself; a child dying of the SIGINT first would fail them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def new_addrs(prefix: str) -> tuple[ChannelAddrs, str | None]:

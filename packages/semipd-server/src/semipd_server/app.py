@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from semipd_server.engine_protocol import ServedEngine
 from semipd_server.errors import ApiError
 from semipd_server.gate import GateMiddleware
+from semipd_server.info_routes import ROUTES as INFO_ROUTES
+from semipd_server.info_routes import health
 from semipd_server.metrics import CONTENT_TYPE
 from semipd_server.native_routes import abort_request, generate
 from semipd_server.openai_routes import create_chat_completion, create_completion
@@ -29,41 +30,10 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server  # type: ignore[no-any-return]
 
 
-async def health(request: Request) -> Response:
-    """200 only when the engine core answers a round trip and reports itself healthy; the body says what the
-    server does if its core dies (`on_core_death`: exit for a supervisor to restart it, or restart in place)."""
-    state = _state(request)
-    if state.draining:
-        return ApiError(503, f"server is shutting down ({state.drain_reason})", code="draining").response()
-    if state.restarting is not None:
-        return ApiError(
-            503, f"engine core is being restarted (--restart-core) after: {state.restarting}", code="engine_restarting"
-        ).response()
-    try:
-        await asyncio.wait_for(state.engine.check_health(), timeout=10.0)
-    except Exception as e:  # noqa: BLE001 - any failure means "not healthy"
-        message = getattr(e, "message", None) or repr(e)
-        return ApiError(503, f"engine is not healthy: {message}", code="engine_unhealthy").response()
-    return JSONResponse({"status": "ok", "on_core_death": state.on_core_death})
-
-
 async def metrics(request: Request) -> Response:
     state = _state(request)
     state.metrics.update_engine_stats(await state.engine_stats())
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
-
-
-async def models(request: Request) -> Response:
-    state = _state(request)
-    card = {
-        "id": state.model_name,
-        "object": "model",
-        "created": int(state.created),
-        "owned_by": "semipd",
-        "root": state.engine.model_name,  # the model's name, never a path on the host
-        "max_model_len": state.max_model_len,
-    }
-    return JSONResponse({"object": "list", "data": [card]})
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -78,7 +48,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def build_app(
     engine: ServedEngine,
-    model_name: str | None = None,
+    model_name: str | list[str] | None = None,
     api_key: str | None = None,
     page_size: int | None = None,
     *,
@@ -86,10 +56,13 @@ def build_app(
     metrics_auth: bool = False,
     on_core_death: Literal["exit", "restart"] = "exit",
 ) -> Starlette:
-    """The ASGI app serving `engine` (a semipd_runtime.Engine); `page_size` is the engine's KV page size."""
+    """The ASGI app serving `engine` (a semipd_runtime.Engine); `model_name`: the name(s) it is served under (the
+    first one is used in responses); `page_size` is the engine's KV page size."""
+    names = [model_name] if isinstance(model_name, str) else list(model_name or [])
     state = ServerState(
         engine=engine,
-        model_name=model_name or engine.model_name,
+        model_name=names[0] if names else engine.model_name,
+        aliases=tuple(names[1:]),
         api_key=api_key,
         page_size=page_size,
         max_request_bytes=max_request_bytes,
@@ -99,11 +72,11 @@ def build_app(
     routes = [
         Route("/v1/completions", create_completion, methods=["POST"]),
         Route("/v1/chat/completions", create_chat_completion, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
         Route("/abort_request", abort_request, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *INFO_ROUTES,
         *PD_ROUTES,  # what the smg gateway reads
     ]
     # anything else is answered (500, counted) by GateMiddleware, inside Starlette's outer error handler

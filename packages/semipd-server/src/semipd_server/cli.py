@@ -20,6 +20,7 @@ from semipd_runtime.config import CliKnob, cli_knobs
 from semipd_runtime.knobs import Knob, check_value
 from semipd_server.app import build_app
 from semipd_server.engine_protocol import ServedEngine
+from semipd_server.help_format import HelpFormatter
 from semipd_server.lifecycle import EXIT_CORE_DIED, Lifecycle
 from semipd_server.state import ServerState
 
@@ -53,6 +54,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= v <= 65535:  # the OS would take it modulo 65536 and listen somewhere else
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {v}")
+    return v
+
+
 def _non_negative_float(text: str) -> float:
     try:
         v = float(text)
@@ -61,16 +72,6 @@ def _non_negative_float(text: str) -> float:
     if not (v >= 0 and v != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return v
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" unless the help already explains the default or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.const is False:
-            return text
-        return f"{text} (default: {action.default})"
 
 
 def _add_knob(group: argparse._ArgumentGroup, ck: CliKnob) -> None:
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Engine flags come from the engine's config knobs (semipd_runtime.config): each is written once there."""
     p = argparse.ArgumentParser(
         prog="semipd-server",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         description="OpenAI-compatible server for semipd (semi-disaggregated prefill/decode on one GPU).",
     )
     groups = {"model": p.add_argument_group("model"), "http": p.add_argument_group("HTTP"),
@@ -101,11 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
               "parallel": p.add_argument_group("parallelism")}
     for ck in cli_knobs():
         _add_knob(groups[ck.knob.group], ck)
+    p.set_defaults(sm_partition=None)  # unset: chosen from the device at start (sm_partition_for)
     groups["model"].add_argument(
-        "--served-model-name", default=None, help="model name clients must send (default: the model's)")
+        "--served-model-name", nargs="+", default=None, metavar="NAME",
+        help="model name(s) clients may send, all listed in /v1/models; the first names the model in responses "
+        "and metrics (default: the model's)")
+    groups["model"].add_argument("--trust-remote-code", action="store_true",
+                                 help="accepted for vLLM/SGLang compatibility: semipd never runs a model's own code")
     h = groups["http"]
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
-    h.add_argument("--port", type=int, default=30000, help="port to bind (0: any free port, logged at startup)")
+    h.add_argument("--port", type=_port, default=30000, help="port to bind (0: any free port, logged at startup)")
     h.add_argument(
         "--api-key",
         default=os.environ.get("SEMIPD_API_KEY") or None,
@@ -142,24 +148,40 @@ def build_parser() -> argparse.ArgumentParser:
         "answered with 503 (a stream: an error event and [DONE]) and aborted",
     )
     h.add_argument("--log-requests", action="store_true", help="write an access log line per request")
+    h.add_argument("--enable-metrics", action="store_true",
+                   help="accepted for vLLM/SGLang compatibility: /metrics is always served")
     groups["pd"].add_argument("--enable-semi-pd", action="store_true",
                               help="same as --mode semi-pd (Semi-PD's flag)")
     groups["pd"].add_argument("--prefill-only", action="store_const", const="prefill", dest="disaggregation_mode",
                               help="same as --disaggregation-mode prefill")
     groups["pd"].add_argument("--decode-only", action="store_const", const="decode", dest="disaggregation_mode",
                               help="same as --disaggregation-mode decode")
-    p.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default="info", help="log verbosity"
-    )
+    p.add_argument("--log-level", type=str.lower, choices=["debug", "info", "warning", "error", "critical"],
+                   default="info", help="log verbosity (any case)")
     return p
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def sm_partition_for(args: argparse.Namespace, cuda_available: bool) -> str:
+    """--sm-partition, or when it is not given: `green` for semi-pd on a CUDA device (`none` would give the two
+    workers no isolation at all), `none` elsewhere."""
+    if args.sm_partition is not None:
+        return str(args.sm_partition)
+    semi_pd = args.enable_semi_pd or args.mode == "semi-pd"
+    on_gpu = cuda_available and not str(args.device or "").startswith("cpu")
+    choice = "green" if semi_pd and on_gpu else "none"
+    if semi_pd:
+        log.info("semi-pd without --sm-partition: using %s (%s)", choice,
+                 "a CUDA device: green contexts give each worker its SMs" if on_gpu else "no CUDA device")
+    return choice
+
+
+def engine_kwargs(args: argparse.Namespace, cuda_available: bool = False) -> dict[str, Any]:
     """Engine(...) keyword arguments from the CLI (every config knob with a flag); the core always runs in its own
     process behind the server."""
     kw = {ck.name: getattr(args, ck.name) for ck in cli_knobs()}
     if args.enable_semi_pd:
         kw["mode"] = "semi-pd"
+    kw["sm_partition"] = sm_partition_for(args, cuda_available)
     kw["disaggregation_host"] = args.host  # the bootstrap server and the transfer engine listen beside the API
     kw["core"] = "process"
     return kw
@@ -265,13 +287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         log.error("cannot bind %s:%d: %s", args.host, args.port, e)
         return 2
+    import torch
+
     from semipd_runtime import Engine  # heavy (torch): after argument errors have had their chance
 
     # until the event loop takes over: SIGTERM unwinds like Ctrl-C, so a half-started engine core is stopped too
     signal.signal(signal.SIGTERM, _exit_on_signal)
     log.info("starting engine core (model %s)", args.model_path or "default SmolLM2-135M-Instruct")
+    kwargs = engine_kwargs(args, torch.cuda.is_available())
+
     def make_engine() -> Engine:
-        return Engine(**engine_kwargs(args))
+        return Engine(**kwargs)
 
     try:
         engine = make_engine()

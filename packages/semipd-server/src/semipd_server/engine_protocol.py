@@ -24,11 +24,11 @@ class ServedTokenizer(Protocol):
     def id_to_token(self, token_id: int) -> str | None: ...
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> str: ...
+                            **template_kwargs: Any) -> str: ...
 
     @property
     def supports_tools(self) -> bool:
-        """The chat template renders tool definitions."""
+        """The chat template renders tool definitions (its `tools` variable)."""
         ...
 
 
@@ -70,13 +70,16 @@ class ServedEngine(Protocol):
         """The engine core's last report (a copy)."""
         ...
 
-    def refresh_stats(self, timeout_s: float = 5.0) -> EngineStats:
-        """Fresh numbers (one round trip to the core); raises if the core is dead or does not answer."""
+    def refresh_stats(self, timeout_s: float = 5.0, flush_cache: bool = False) -> EngineStats:
+        """Fresh numbers (one round trip to the core); raises if the core is dead or does not answer.
+        flush_cache: evict the prefix cache's unreferenced pages first."""
         ...
 
     async def check_health(self) -> None:
         """Raises unless the engine core answers and reports itself healthy."""
         ...
+
+    def reject_room(self, bootstrap: tuple[str, int | None, int | str], n: int, error: str) -> None: ...
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 # requests that run generation: refused while draining, counted as in flight, cut off by the drain timeout
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate"})
-OPEN_PATHS = frozenset({"/health", "/metrics"})  # never need the API key (probes and scrapers), see metrics_auth
+# never need the API key (probes and scrapers), see metrics_auth
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics"})
 
 
 class BodyTooLarge(ApiError):

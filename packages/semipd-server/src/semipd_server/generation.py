@@ -100,9 +100,13 @@ async def start_all(
             rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
             boot = bootstraps[i] if bootstraps else None
             gens.append(await Generation.start(engine, prompt, params, rid, boot))
-    except BaseException:
+    except BaseException as e:
         for g in gens:
             await g.close()
+        # a PD prefill: the decode side waits for these rooms too; tell it now (the refused one was, by submit)
+        for boot in (bootstraps or [])[len(gens) + 1:]:
+            if boot is not None:
+                engine.reject_room(boot, params.n, f"an earlier prompt of the batch was refused: {e}")
         raise
     return gens
 

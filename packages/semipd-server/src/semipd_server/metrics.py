@@ -1,17 +1,27 @@
-"""Prometheus metrics with vLLM-like names (`semipd:` prefix), in a per-app CollectorRegistry so that several
-apps (tests) never share or double-register series."""
+"""Prometheus metrics with vLLM's names under the `semipd:` prefix (README: mapping a vLLM dashboard), in a
+per-app CollectorRegistry so that several apps (tests) never share or double-register series. No `*_created`
+series: prometheus-client's creation timestamps double every counter and histogram family, and vLLM drops them
+too."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from semipd_runtime import EngineStats, RequestOutput
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+disable_created_metrics()  # process-wide: every registry of this server
 
 _TTFT_BUCKETS = (
     0.001,

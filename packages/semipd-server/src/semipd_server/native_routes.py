@@ -1,5 +1,6 @@
 """Native API: POST /generate (text or input_ids + SamplingParams' own field names, stream optional) and
-POST /abort_request. Close to SGLang's shape: one object per completion, `meta_info` with token counts."""
+POST /abort_request. In SGLang's shape: one object per completion (a list when n > 1), `meta_info` with the token
+counts, SGLang's `finish_reason` object and, with logprobs, `output_token_logprobs` / `output_top_logprobs`."""
 
 from __future__ import annotations
 
@@ -14,34 +15,51 @@ from semipd_runtime import CompletionOutput, RequestOutput, SamplingParams
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.generation import Generation, merged, new_request_id, run_until_disconnect, start_all
 from semipd_server.metrics import RequestTracker
+from semipd_server.native_protocol import GenerateRequest, generate_params, generate_prompt
+from semipd_server.openai_format import TokenStrings
 from semipd_server.pd_fields import bootstraps
-from semipd_server.protocol import GenerateRequest, decode_body, generate_params, generate_prompt
+from semipd_server.protocol import decode_body
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
 from semipd_server.structured import compile_structured
 
 
-def _completion(rid: str, out: RequestOutput, c: CompletionOutput, delta: bool) -> dict[str, Any]:
-    obj: dict[str, Any] = {
+def finish_reason_of(c: CompletionOutput) -> dict[str, Any] | None:
+    """SGLang's finish_reason: {"type": "stop", "matched": token id or stop string} (EOS is the matched token),
+    {"type": "length", "length": n}, {"type": "abort", "message": ...}; None while running."""
+    if c.finish_reason is None:
+        return None
+    if c.finish_reason == "stop":
+        matched = c.stop_reason if c.stop_reason is not None else (c.token_ids[-1] if c.token_ids else None)
+        return {"type": "stop", "matched": matched}
+    if c.finish_reason == "length":
+        return {"type": "length", "length": len(c.token_ids)}
+    return {"type": "abort", "message": "the request was aborted (client gone, /abort_request or a timeout)"}
+
+
+def _completion(rid: str, out: RequestOutput, c: CompletionOutput, delta: bool, strings: TokenStrings,
+                with_text: bool) -> dict[str, Any]:
+    """One completion in SGLang's shape: cumulative `text` and `output_ids` (a stream also carries the new part
+    as `delta_text` / `delta_output_ids`), the rest under `meta_info`."""
+    meta: dict[str, Any] = {
         "id": rid,
-        "index": c.index,
-        "text": c.text,
-        "output_ids": c.token_ids,
-        "finish_reason": c.finish_reason,
-        "meta_info": {
-            "prompt_tokens": len(out.prompt_token_ids),
-            "completion_tokens": len(c.token_ids),
-            "stop_reason": c.stop_reason,
-        },
+        "finish_reason": finish_reason_of(c),
+        "prompt_tokens": len(out.prompt_token_ids),
+        "completion_tokens": len(c.token_ids),
     }
+    if c.finish_reason is not None and "finished" in out.metrics:
+        meta["e2e_latency"] = out.metrics["finished"] - out.metrics["arrival"]
+    if c.logprobs is not None:
+
+        def entry(token_id: int, logprob: float) -> list[Any]:
+            return [logprob, token_id, strings.text(token_id) if with_text else None]
+
+        meta["output_token_logprobs"] = [entry(lp.token_id, lp.logprob) for lp in c.logprobs]
+        meta["output_top_logprobs"] = [[entry(t, v) for t, v in lp.top] for lp in c.logprobs]
+    obj: dict[str, Any] = {"text": c.text, "output_ids": c.token_ids, "meta_info": meta, "index": c.index}
     if delta:
         obj["delta_text"] = c.delta_text
         obj["delta_output_ids"] = c.delta_token_ids
-    lps = c.delta_logprobs if delta else c.logprobs
-    if lps is not None:
-        obj["meta_info"]["output_token_logprobs"] = [
-            [lp.logprob, lp.token_id, [list(t) for t in lp.top]] for lp in lps
-        ]
     return obj
 
 
@@ -63,14 +81,14 @@ async def generate(request: Request) -> Response:
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, [prompt_ids], params, rid, bootstraps(state.engine, req, 1))
     if req.stream:
-        return sse_response(_stream(gens, rid, tracker, params.n))
+        return sse_response(_stream(gens, rid, tracker, params.n, state.strings, req.return_text_in_logprobs))
     last: RequestOutput | None = None
     try:
         last = await run_until_disconnect(_last_output(gens[0], tracker), request.receive)
     finally:
         _finish(tracker, last, params.n)
     assert last is not None
-    objs = [_completion(rid, last, c, delta=False) for c in last.outputs]
+    objs = [_completion(rid, last, c, False, state.strings, req.return_text_in_logprobs) for c in last.outputs]
     return JSONResponse(objs[0] if params.n == 1 else objs)
 
 
@@ -89,7 +107,8 @@ def _finish(tracker: RequestTracker, last: RequestOutput | None, n: int) -> None
         tracker.on_finish(len(last.prompt_token_ids), [c.finish_reason for c in last.outputs])
 
 
-async def _stream(gens: list[Generation], rid: str, tracker: RequestTracker, n: int) -> AsyncIterator[bytes]:
+async def _stream(gens: list[Generation], rid: str, tracker: RequestTracker, n: int, strings: TokenStrings,
+                  with_text: bool) -> AsyncIterator[bytes]:
     last: RequestOutput | None = None
     done: set[int] = set()
     try:
@@ -101,7 +120,7 @@ async def _stream(gens: list[Generation], rid: str, tracker: RequestTracker, n: 
                     not c.delta_token_ids and not c.delta_text and c.finish_reason is None
                 ):
                     continue
-                yield sse_event(_completion(rid, out, c, delta=True))
+                yield sse_event(_completion(rid, out, c, True, strings, with_text))
                 if c.finish_reason is not None:
                     done.add(c.index)
         yield DONE

@@ -141,8 +141,9 @@ class ResponseBuilder:
         want_logprobs: bool,
         text_offset: int,
         finish_reason: str | None,
-        with_usage_field: bool,
+        usage_field: dict[str, Any],
     ) -> dict[str, Any]:
+        """`usage_field`: {} (no usage key), {"usage": None} or {"usage": {...so far}} (stream_options)."""
         choice = {
             "index": self.index(prompt_index, c),
             "text": text,
@@ -151,8 +152,9 @@ class ResponseBuilder:
             else None,
             "finish_reason": finish_reason,
         }
-        extra = {"usage": None} if with_usage_field else {}
-        return self.envelope("text_completion", [choice], **extra)
+        if finish_reason is not None:
+            choice["stop_reason"] = c.stop_reason
+        return self.envelope("text_completion", [choice], **usage_field)
 
     # --- /v1/chat/completions ---------------------------------------------------------------------------------
     def chat_choice(self, prompt_index: int, c: CompletionOutput, want_logprobs: bool) -> dict[str, Any]:
@@ -170,7 +172,8 @@ class ResponseBuilder:
         delta: dict[str, Any],
         logprobs: Sequence[TokenLogprob] | None,
         finish_reason: str | None,
-        with_usage_field: bool,
+        usage_field: dict[str, Any],
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]:
         choice = {
             "index": index,
@@ -178,8 +181,9 @@ class ResponseBuilder:
             "logprobs": chat_logprobs(logprobs, self.strings) if logprobs is not None else None,
             "finish_reason": finish_reason,
         }
-        extra = {"usage": None} if with_usage_field else {}
-        return self.envelope("chat.completion.chunk", [choice], **extra)
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return self.envelope("chat.completion.chunk", [choice], **usage_field)
 
     def usage_chunk(self, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         return self.envelope(obj, [], usage=usage(prompt_tokens, completion_tokens))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,6 +23,7 @@ from semipd_server.protocol import (
     completion_params,
     completion_prompts,
     decode_body,
+    template_kwargs,
 )
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
@@ -58,24 +60,24 @@ def _usage_of(last: dict[int, RequestOutput]) -> dict[str, int]:
 # --- /v1/completions ------------------------------------------------------------------------------------------
 def _prepare_completion(
     state: ServerState, body: bytes
-) -> tuple[CompletionRequest, SamplingParams, list[list[int]], list[str], bool]:
+) -> tuple[CompletionRequest, SamplingParams, list[list[int]], list[str]]:
     """Parse, validate and tokenize (blocking: runs on the preparation pool)."""
     req = decode_body(body, CompletionRequest)
     state.check_model(req.model)
     params = completion_params(req)
     prompts = completion_prompts(req)
-    include_usage = _include_usage(req)
+    _check_stream_options(req)
     state.check_capacity(len(prompts), params.n)
-    ids = [state.prep.prompt_ids(p) for p in prompts]
+    ids = [state.prep.prompt_ids(p, add_special_tokens=req.add_special_tokens) for p in prompts]
     prefixes = [(p if isinstance(p, str) else state.prep.decode(p)) if req.echo else "" for p in prompts]
-    return req, params, ids, prefixes, include_usage
+    return req, params, ids, prefixes
 
 
 async def create_completion(request: Request) -> Response:
     state = _state(request)
     body = await request.body()
     prepared = await state.prep.run(len(body), _prepare_completion, state, body)
-    req, params, prompt_ids, prefixes, include_usage = prepared
+    req, params, prompt_ids, prefixes = prepared
     await compile_structured(state, params)
     builder = ResponseBuilder(new_request_id("cmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
@@ -83,9 +85,8 @@ async def create_completion(request: Request) -> Response:
                            bootstraps(state.engine, req, len(prompt_ids)))
     want_lp = req.logprobs is not None
     if req.stream:
-        return sse_response(
-            _stream_completion(gens, builder, tracker, prefixes, want_lp, include_usage, params.n)
-        )
+        usage_mode = _usage_mode(req)
+        return sse_response(_stream_completion(gens, builder, tracker, prefixes, want_lp, usage_mode, params.n))
     last: dict[int, RequestOutput] = {}
     try:
         last = await run_until_disconnect(_collect(gens, tracker), request.receive)
@@ -98,10 +99,33 @@ async def create_completion(request: Request) -> Response:
     return JSONResponse(builder.envelope("text_completion", choices, usage=_usage_of(last)))
 
 
-def _include_usage(req: CompletionRequest | ChatCompletionRequest) -> bool:
+def _check_stream_options(req: CompletionRequest | ChatCompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+class _UsageMode:
+    """stream_options: a final usage chunk (include_usage), and with continuous_usage_stats the usage so far in
+    every chunk (vLLM)."""
+
+    def __init__(self, final: bool, continuous: bool, prompt_tokens: int = 0) -> None:
+        self.final = final
+        self.continuous = final and continuous
+        self.prompt_tokens = prompt_tokens  # known before any output (chat); completions learn it from outputs
+
+    def field(self, last: dict[int, RequestOutput]) -> dict[str, Any]:
+        """The chunk's `usage` entry: absent without include_usage, null or the running usage with it."""
+        if not self.final:
+            return {}
+        if not self.continuous:
+            return {"usage": None}
+        u = _usage_of(last) if last else usage(self.prompt_tokens, 0)
+        return {"usage": u}
+
+
+def _usage_mode(req: CompletionRequest | ChatCompletionRequest, prompt_tokens: int = 0) -> _UsageMode:
+    opts = req.stream_options
+    return _UsageMode(bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats), prompt_tokens)
 
 
 async def _stream_completion(
@@ -110,7 +134,7 @@ async def _stream_completion(
     tracker: RequestTracker,
     prefixes: list[str],
     want_lp: bool,
-    include_usage: bool,
+    usage_mode: _UsageMode,
     n: int,
 ) -> AsyncIterator[bytes]:
     last: dict[int, RequestOutput] = {}
@@ -139,13 +163,13 @@ async def _stream_completion(
                         want_lp,
                         offsets[idx] + len(text) - len(c.delta_text),
                         c.finish_reason,
-                        include_usage,
+                        usage_mode.field(last),
                     )
                 )
                 offsets[idx] += len(text)
                 if c.finish_reason is not None:
                     done.add(idx)
-        if include_usage:
+        if usage_mode.final:
             u = _usage_of(last)
             yield sse_event(
                 builder.usage_chunk("text_completion", u["prompt_tokens"], u["completion_tokens"])
@@ -169,29 +193,33 @@ def _chat_sampling(state: ServerState, req: ChatCompletionRequest, n_prompt: int
 
 def _prepare_chat(
     state: ServerState, body: bytes
-) -> tuple[ChatCompletionRequest, SamplingParams, list[int], bool, ToolPlan]:
+) -> tuple[ChatCompletionRequest, SamplingParams, list[int], ToolPlan]:
     """Parse, validate, render the template and tokenize (blocking: runs on the preparation pool)."""
     req = decode_body(body, ChatCompletionRequest)
     state.check_model(req.model)
-    include_usage = _include_usage(req)
+    _check_stream_options(req)
     tools = plan_tools(req.tools, req.tool_choice, state.prep.tokenizer.supports_tools, req.stream,
                        req.parallel_tool_calls)
-    prompt_ids = state.prep.chat_ids(chat_messages(req), tools.render)
+    kwargs = template_kwargs(req.add_generation_prompt, req.chat_template_kwargs)
+    if tools.render is not None:
+        kwargs["tools"] = tools.render
+    prompt_ids = state.prep.chat_ids(chat_messages(req.messages), kwargs)
     params = _chat_sampling(state, req, len(prompt_ids), tools)
     state.check_capacity(1, params.n)
-    return req, params, prompt_ids, include_usage, tools
+    return req, params, prompt_ids, tools
 
 
 async def create_chat_completion(request: Request) -> Response:
     state = _state(request)
     body = await request.body()
-    req, params, prompt_ids, include_usage, tools = await state.prep.run(len(body), _prepare_chat, state, body)
+    req, params, prompt_ids, tools = await state.prep.run(len(body), _prepare_chat, state, body)
     await compile_structured(state, params, "tools" if tools.spec is not None else "response_format")
     builder = ResponseBuilder(new_request_id("chatcmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, [prompt_ids], params, builder.id, bootstraps(state.engine, req, 1))
     if req.stream:
-        return sse_response(_stream_chat(gens, builder, tracker, req.logprobs, include_usage, params.n))
+        usage_mode = _usage_mode(req, len(prompt_ids))
+        return sse_response(_stream_chat(gens, builder, tracker, req.logprobs, usage_mode, params.n))
     last: dict[int, RequestOutput] = {}
     try:
         last = await run_until_disconnect(_collect(gens, tracker), request.receive)
@@ -209,7 +237,7 @@ async def _stream_chat(
     builder: ResponseBuilder,
     tracker: RequestTracker,
     want_lp: bool,
-    include_usage: bool,
+    usage_mode: _UsageMode,
     n: int,
 ) -> AsyncIterator[bytes]:
     last: dict[int, RequestOutput] = {}
@@ -219,7 +247,7 @@ async def _stream_chat(
         for j in range(n):
             yield sse_event(
                 builder.chat_chunk(
-                    j, {"role": "assistant", "content": ""}, [] if want_lp else None, None, include_usage
+                    j, {"role": "assistant", "content": ""}, [] if want_lp else None, None, usage_mode.field(last)
                 )
             )
         async for i, out in merged(gens):
@@ -232,12 +260,13 @@ async def _stream_chat(
                 lps = (c.delta_logprobs or []) if want_lp else None
                 if c.delta_text or lps:
                     yield sse_event(
-                        builder.chat_chunk(idx, {"content": c.delta_text}, lps, None, include_usage)
+                        builder.chat_chunk(idx, {"content": c.delta_text}, lps, None, usage_mode.field(last))
                     )
                 if c.finish_reason is not None:
-                    yield sse_event(builder.chat_chunk(idx, {}, None, c.finish_reason, include_usage))
+                    yield sse_event(builder.chat_chunk(idx, {}, None, c.finish_reason, usage_mode.field(last),
+                                                       c.stop_reason))
                     done.add(idx)
-        if include_usage:
+        if usage_mode.final:
             u = _usage_of(last)
             yield sse_event(
                 builder.usage_chunk("chat.completion.chunk", u["prompt_tokens"], u["completion_tokens"])

@@ -1,7 +1,7 @@
 """The routes the smg gateway reads from a worker besides the OpenAI ones: `/server_info` and `/model_info` (and
 their `/get_*` spellings: model id, `disaggregation_mode`, `max_running_requests`, tp size), `/health_generate`
-and `/flush_cache`. `/version` stays absent on purpose: smg takes a worker answering it for vLLM (sequential PD
-dispatch without bootstrap rooms) and one without it for SGLang (parallel dispatch, the protocol we speak)."""
+and `/flush_cache`. smg tells SGLang workers (parallel PD dispatch with bootstrap rooms, the protocol we speak)
+from vLLM ones by the `owned_by` of `/v1/models` (`info_routes`), so `/version` can be served too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from semipd_server.errors import ApiError
+from semipd_runtime import SamplingParams
+from semipd_runtime.errors import SemipdError
+from semipd_server.errors import ApiError, from_engine_error
+from semipd_server.info_routes import version
 from semipd_server.state import ServerState
 
 
@@ -31,11 +34,13 @@ async def server_info(request: Request) -> Response:
     return JSONResponse({
         "model_path": state.model_name,
         "served_model_name": state.model_name,
+        "served_model_names": state.served_names,
         "disaggregation_mode": cfg.semi_pd.disaggregation_mode,
         "disaggregation_bootstrap_port": cfg.semi_pd.disaggregation_bootstrap_port,
         "disaggregation_transfer_backend": cfg.semi_pd.disaggregation_transfer_backend,
         "mode": cfg.semi_pd.mode,
-        "tp_size": 1, "dp_size": 1,
+        "tp_size": cfg.parallel.tp_size, "dp_size": 1,
+        "version": version(),
         "max_running_requests": cfg.scheduler.max_running_requests,
         "max_total_num_tokens": fresh.pages_total * cfg.scheduler.page_size,
         "page_size": cfg.scheduler.page_size,
@@ -54,7 +59,8 @@ async def model_info(request: Request) -> Response:
         "is_generation": True,
         "disaggregation_mode": engine.config.semi_pd.disaggregation_mode,
         "max_running_requests": engine.config.scheduler.max_running_requests,
-        "tp_size": 1,
+        "tp_size": engine.config.parallel.tp_size,
+        "context_length": engine.max_model_len,
     })
 
 
@@ -64,7 +70,6 @@ async def health_generate(request: Request) -> Response:
     try:
         await asyncio.wait_for(engine.check_health(), timeout=10.0)
         if engine.config.semi_pd.disaggregation_mode == "null":
-            from semipd_runtime import SamplingParams
 
             async def one() -> None:
                 async for _ in engine.stream([1], SamplingParams(max_tokens=1, temperature=0)):
@@ -78,8 +83,15 @@ async def health_generate(request: Request) -> Response:
 
 
 async def flush_cache(request: Request) -> Response:
-    # cached prefix pages no request holds are evicted on demand; there is nothing a flush must free first
-    return JSONResponse({"success": True, "message": "cached pages are evicted on demand"})
+    """SGLang's /flush_cache: drop the prefix cache (pages running requests hold stay until they finish)."""
+    engine = _state(request).engine
+    try:
+        before = engine.stats().cached_pages
+        after = await asyncio.get_running_loop().run_in_executor(None, lambda: engine.refresh_stats(10.0, True))
+    except SemipdError as e:
+        return from_engine_error(e).response()
+    return JSONResponse({"success": True, "message": "Cache flushed.", "cached_pages_before": before,
+                         "cached_pages_after": after.cached_pages})
 
 
 ROUTES = [

@@ -71,11 +71,11 @@ class PromptPrep:
                 f"prompt has {n_tokens} tokens; this model's context is {self.max_model_len} tokens", param
             )
 
-    def prompt_ids(self, prompt: Prompt, param: str = "prompt") -> list[int]:
+    def prompt_ids(self, prompt: Prompt, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text or token prompt, refused (400) when it cannot fit the context. Blocking."""
         if isinstance(prompt, str):
             self.check_chars(len(prompt), param)
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         else:
             ids = prompt
         self.check_tokens(len(ids), param)
@@ -86,22 +86,29 @@ class PromptPrep:
         schema that asks for it, may take a while)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
-    def chat_ids(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Render the chat template (with tool definitions when given) and tokenize it; a template's own error
-        is the client's to fix. Blocking."""
-        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
-        except Exception as e:  # noqa: BLE001 - e.g. a role order the template refuses
-            raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
-        self.check_chars(len(text), "messages")
+    def chat_ids(self, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Render the chat template (with the request's `template_kwargs`: add_generation_prompt, tools and the
+        variables of chat_template_kwargs) and tokenize it; a template's own error is the client's to fix.
+        Blocking."""
+        text = self.render_chat(messages, template_kwargs)
         # the template already wrote any BOS; adding special tokens again would double it
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         self.check_tokens(len(ids), "messages")
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids))
+    def render_chat(self, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> str:
+        """The chat template's prompt text, refused (400) when the template fails or it cannot fit. Blocking."""
+        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
+        kwargs = template_kwargs or {"add_generation_prompt": True}
+        try:
+            text = str(self.tokenizer.apply_chat_template(messages, **kwargs))
+        except Exception as e:  # noqa: BLE001 - e.g. a role order the template refuses
+            raise ApiError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        self.check_chars(len(text), "messages")
+        return text
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

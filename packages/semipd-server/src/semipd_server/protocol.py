@@ -2,10 +2,13 @@
 
 Every problem becomes an ApiError(400) naming the offending field (`param`), so a client sees exactly what to
 fix. Unknown fields are rejected rather than silently ignored, and OpenAI fields we accept but cannot honour
-(penalties, logit_bias, suffix, best_of > n, ...) are rejected unless they hold their no-op value."""
+(suffix, best_of > n, ...) are rejected unless they hold their no-op value. Fields that cannot change the output
+(`user`, `service_tier`, `metadata`, `store`, `spaces_between_special_tokens` with a fast tokenizer,
+`separate_reasoning` without a reasoning parser, ...) are accepted and logged at debug level."""
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, TypeVar
 
@@ -13,21 +16,16 @@ import msgspec
 
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.sampling_params import SamplingParams
-from semipd_server.errors import ApiError, bad_request
-from semipd_server.structured import (
-    ResponseFormat,
-    Tool,
-    ToolChoice,
-    ToolPlan,
-    generate_spec,
-    response_format_spec,
-)
+from semipd_server.errors import bad_request
+from semipd_server.structured import ResponseFormat, Tool, ToolChoice, ToolPlan, response_format_spec
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage (so far) in every chunk
 
 
 class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
@@ -42,16 +40,23 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # keys: token ids as strings (JSON object keys)
     user: str | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
     # extensions (vLLM / SGLang names)
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
     response_format: ResponseFormat | None = None  # structured output (`structured.py`)
     # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
     bootstrap_host: str | list[str] | None = None
@@ -65,6 +70,7 @@ class CompletionRequest(SamplingFields, forbid_unknown_fields=True):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    add_special_tokens: bool = True  # vLLM: BOS (and the like) on a text prompt
 
 
 class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
@@ -80,51 +86,17 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
 
 class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True):
     messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True  # vLLM; also settable through chat_template_kwargs
+    chat_template_kwargs: dict[str, Any] | None = None  # variables for the chat template (vLLM / SGLang)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # false: at most one tool call
-
-
-class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):
-    """`sampling_params` of POST /generate: SamplingParams' own names (max_new_tokens accepted as SGLang's)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = None
-    max_new_tokens: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
-    json_schema: str | None = None  # SGLang's structured output: a JSON schema as a string, or a regex
-    regex: str | None = None
-
-
-class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
-    text: str | None = None
-    input_ids: list[int] | None = None
-    sampling_params: NativeSamplingParams | None = None
-    stream: bool = False
-    rid: str | None = None
-    bootstrap_host: str | list[str] | None = None
-    bootstrap_port: int | list[int | None] | None = None
-    bootstrap_room: int | list[int] | None = None
-    # SGLang extensions smg fills when it re-serialises a /generate body: no effect on what is generated
-    model: str | None = None
-    return_text_in_logprobs: bool = False
-    log_metrics: bool = True
-    background: bool = False
-    no_logs: bool = False
-    return_bytes: bool = False
-    return_entropy: bool = False
+    # SGLang: split reasoning from content with its --reasoning-parser; without one the text is left whole
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -160,13 +132,38 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise bad_request("JSON is nested too deeply", code="invalid_json") from None
 
 
-def _reject_unsupported(req: SamplingFields) -> None:
-    if req.presence_penalty != 0.0:
-        raise bad_request("presence_penalty is not supported (only 0)", "presence_penalty", "unsupported")
-    if req.frequency_penalty != 0.0:
-        raise bad_request("frequency_penalty is not supported (only 0)", "frequency_penalty", "unsupported")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
+def logit_bias(bias: dict[str, float] | None, param: str) -> dict[int, float] | None:
+    """JSON object keys are strings: each must be a token id."""
+    if bias is None:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param)
+        out[int(key)] = value
+    return out
+
+
+# field -> its no-op value, and why ignoring any other value leaves the output as it is
+_IGNORED: dict[str, tuple[Any, str]] = {
+    "user": (None, "no per-user state"),
+    "service_tier": (None, "one tier here"),
+    "metadata": (None, "nothing is stored"),
+    "store": (None, "nothing is stored"),
+    "spaces_between_special_tokens": (True, "fast tokenizers decode special tokens as they are"),
+    "separate_reasoning": (True, "no reasoning parser: the text is left whole"),
+    "stream_reasoning": (True, "no reasoning parser: the text is left whole"),
+}
+
+
+def note_ignored(req: msgspec.Struct) -> None:
+    """Debug-log the accepted fields that have no effect here (set to anything but their no-op value)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for name, (noop, why) in _IGNORED.items():
+        value = getattr(req, name, noop)
+        if value != noop:
+            log.debug("%s=%r accepted and ignored: %s", name, value, why)
 
 
 def _max_tokens(value: int | None, param: str) -> int | None:
@@ -177,6 +174,7 @@ def _max_tokens(value: int | None, param: str) -> int | None:
 
 def build_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """SamplingParams from the shared fields, validated (InvalidRequestError -> 400 naming the field)."""
+    note_ignored(req)
     params = SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -190,6 +188,12 @@ def build_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> 
         n=req.n,
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
+        frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        min_tokens=req.min_tokens,
+        logit_bias=logit_bias(req.logit_bias, "logit_bias"),
+        include_stop_str_in_output=req.include_stop_str_in_output,
         structured=response_format_spec(req.response_format),
     )
     return checked(params)
@@ -214,9 +218,9 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
         raise bad_request("prompt must not be an empty list", "prompt")
     if all(isinstance(x, str) for x in p):
         return list(p)
-    if all(_is_token(x) for x in p):
+    if all(is_token(x) for x in p):
         return [list(p)]
-    if all(isinstance(x, list) and x and all(_is_token(t) for t in x) for x in p):
+    if all(isinstance(x, list) and x and all(is_token(t) for t in x) for x in p):
         return [list(x) for x in p]
     raise bad_request(
         "prompt must be a string, a list of strings, a list of token ids (non-negative integers) "
@@ -225,12 +229,11 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     )
 
 
-def _is_token(x: object) -> bool:
+def is_token(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
-    _reject_unsupported(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix", "unsupported")
     if req.best_of is not None and req.best_of != req.n:
@@ -246,14 +249,14 @@ def completion_params(req: CompletionRequest) -> SamplingParams:
 _ROLES = {"system", "developer", "user", "assistant"}
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_messages(messages: list[ChatMessage] | None) -> list[dict[str, str]]:
     """Messages as plain dicts for the chat template; text content parts are joined."""
-    if req.messages is None:
+    if messages is None:
         raise bad_request("messages is required", "messages", "missing_required_parameter")
-    if not req.messages:
+    if not messages:
         raise bad_request("messages must contain at least one message", "messages")
     out: list[dict[str, str]] = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(messages):
         if m.role not in _ROLES:
             raise bad_request(
                 f"role {m.role!r} is not supported; use one of {sorted(_ROLES)}", f"messages[{i}].role"
@@ -282,6 +285,20 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
     return out
 
 
+_TEMPLATE_OWN = ("messages", "tools", "documents")  # variables the server itself passes to the template
+
+
+def template_kwargs(add_generation_prompt: bool, chat_template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Variables for the chat template: `chat_template_kwargs` (which may also set add_generation_prompt, as in
+    vLLM) over `add_generation_prompt`."""
+    extra = dict(chat_template_kwargs or {})
+    for key in _TEMPLATE_OWN:
+        if key in extra:
+            raise bad_request(f"chat_template_kwargs must not set {key!r} (the request's own fields do)",
+                              f"chat_template_kwargs.{key}")
+    return {"add_generation_prompt": add_generation_prompt, **extra}
+
+
 def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     """max_completion_tokens wins over the deprecated max_tokens; None means 'up to the context length'."""
     if req.max_completion_tokens is not None:
@@ -290,7 +307,6 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
 
 
 def chat_params(req: ChatCompletionRequest, max_tokens: int, tools: ToolPlan | None = None) -> SamplingParams:
-    _reject_unsupported(req)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -302,42 +318,4 @@ def chat_params(req: ChatCompletionRequest, max_tokens: int, tools: ToolPlan | N
             raise bad_request("response_format cannot be combined with tool_choice 'required' or a named "
                               "function (both constrain the output)", "response_format")
         params.structured = tools.spec
-    return params
-
-
-def generate_prompt(req: GenerateRequest) -> str | list[int]:
-    if (req.text is None) == (req.input_ids is None):
-        raise bad_request("give exactly one of text or input_ids", "text")
-    if req.input_ids is not None:
-        if not req.input_ids or not all(_is_token(t) for t in req.input_ids):
-            raise bad_request("input_ids must be a non-empty list of non-negative token ids", "input_ids")
-        return list(req.input_ids)
-    return req.text  # type: ignore[return-value]
-
-
-def generate_params(req: GenerateRequest) -> SamplingParams:
-    sp = req.sampling_params or NativeSamplingParams()
-    if sp.max_tokens is not None and sp.max_new_tokens is not None and sp.max_tokens != sp.max_new_tokens:
-        raise bad_request("give max_tokens or max_new_tokens, not both", "sampling_params.max_new_tokens")
-    max_tokens = sp.max_new_tokens if sp.max_new_tokens is not None else sp.max_tokens
-    params = SamplingParams(
-        temperature=sp.temperature,
-        top_p=sp.top_p,
-        top_k=sp.top_k,
-        min_p=sp.min_p,
-        seed=sp.seed,
-        max_tokens=16 if max_tokens is None else max_tokens,
-        stop=sp.stop,
-        stop_token_ids=sp.stop_token_ids,
-        ignore_eos=sp.ignore_eos,
-        n=sp.n,
-        logprobs=sp.logprobs,
-        skip_special_tokens=sp.skip_special_tokens,
-        structured=generate_spec(sp.json_schema, sp.regex),
-    )
-    try:
-        params.validate()
-    except InvalidRequestError as e:
-        param = "max_new_tokens" if e.param == "max_tokens" and sp.max_new_tokens is not None else e.param
-        raise ApiError(400, e.message, param=f"sampling_params.{param}") from None
     return params

@@ -27,6 +27,7 @@ class ServerState:
     max_request_bytes: int = 8 << 20
     metrics_auth: bool = False  # /metrics behind the API key too
     on_core_death: Literal["exit", "restart"] = "exit"
+    aliases: tuple[str, ...] = ()  # further names clients may send as `model` (--served-model-name a b ...)
     metrics: ServerMetrics = field(init=False)
     strings: TokenStrings = field(init=False)
     prep: PromptPrep = field(init=False)
@@ -60,12 +61,17 @@ class ServerState:
             room = min(room, pages_total * self.page_size - n_prompt)
         return max(1, room)
 
+    @property
+    def served_names(self) -> list[str]:
+        return [self.model_name, *(a for a in self.aliases if a != self.model_name)]
+
     def check_model(self, requested: str | None) -> None:
-        """OpenAI clients must name a model; only the one served is accepted."""
-        if requested is not None and requested != self.model_name:
+        """OpenAI clients must name a model; only the names served are accepted."""
+        if requested is not None and requested not in self.served_names:
+            names = ", ".join(repr(n) for n in self.served_names)
             raise ApiError(
                 400,
-                f"model {requested!r} is not served here; this server serves {self.model_name!r}",
+                f"model {requested!r} is not served here; this server serves {names}",
                 param="model",
                 code="model_not_found",
             )

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from semipd_runtime.parallel.ranks import (
 from semipd_runtime.parallel.semipd import check_semi_pd, prefill_executor_factory
 from semipd_runtime.parallel.shard import check_tp_size
 from semipd_runtime.partition import environment
+from semipd_runtime.penalties import PenaltyPlan
 from semipd_runtime.prefill_executor import PrefillTiming
 from semipd_runtime.request import Request
 from semipd_runtime.sampler import SampledTokens, Sampler
@@ -155,15 +157,17 @@ class LeaderSampler:
         self.inner, self.ranks = inner, ranks
 
     def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
-               bitmask: TokenBitmask | None = None) -> SampledTokens:
+               plan: PenaltyPlan | None = None, bitmask: TokenBitmask | None = None) -> SampledTokens:
         # the core refuses grammars under TP: the other ranks would need the masks to sample the same tokens
         assert bitmask is None, "structured output is not supported with tensor parallelism"
-        self.ranks.send(Sample(no_logprobs(params), steps))
-        return self.inner.sample(logits, params, steps)
+        # the plan too: every rank keeps the same penalty state, so that it samples the same tokens
+        self.ranks.send(Sample(no_logprobs(params), steps, plan))
+        return self.inner.sample(logits, params, steps, plan)
 
     def __call__(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
+                 plan: PenaltyPlan | None = None,
                  bitmask: TokenBitmask | None = None) -> tuple[list[int], list[TokenLogprobMsg | None]]:
-        return self.sample(logits, params, steps, bitmask).read()
+        return self.sample(logits, params, steps, plan, bitmask).read()
 
 
 class RankWatch:
@@ -207,6 +211,28 @@ def start_ranks(cfg: EngineConfig, init_file: str) -> list[BaseProcess]:
     return procs
 
 
+def sweep_stale_rendezvous(root: str | None = None) -> list[str]:
+    """Remove rendezvous directories (semipd-tp-<pid>-*) whose leader is gone: a SIGKILLed leader cannot remove
+    its own. Returns what was removed."""
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob("semipd-tp-*-*"):
+        pid = d.name.split("-")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def create_tp_core(cfg: EngineConfig) -> EngineCore:
     """Rank 0's core (tp_size > 1), with the other ranks started and serving its steps; semi-PD: a prefill
     worker thread here and on every rank, all-reducing among themselves (`parallel/semipd.py`)."""
@@ -215,7 +241,8 @@ def create_tp_core(cfg: EngineConfig) -> EngineCore:
     semi_pd = cfg.semi_pd.mode == "semi-pd"
     if semi_pd:
         check_semi_pd(cfg)
-    tmpdir = tempfile.mkdtemp(prefix="semipd-tp-")
+    sweep_stale_rendezvous()
+    tmpdir = tempfile.mkdtemp(prefix=f"semipd-tp-{os.getpid()}-")
     rendezvous = os.path.join(tmpdir, "rendezvous")
     procs = start_ranks(cfg, rendezvous)
     try:

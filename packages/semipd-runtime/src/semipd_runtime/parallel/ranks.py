@@ -28,7 +28,9 @@ from semipd_runtime.models.config import ModelConfig
 from semipd_runtime.models.loader import load_model
 from semipd_runtime.parallel.shard import TensorParallel, role_group
 from semipd_runtime.partition import SmPartition, create_partition
+from semipd_runtime.penalties import PenaltyPlan
 from semipd_runtime.sampler import Sampler
+from semipd_runtime.zmq_channel import ignore_terminal_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Forward:
 class Sample:
     params: list[CoreSampling]
     steps: list[int]
+    plan: PenaltyPlan | None = None
 
 
 @dataclass(slots=True)
@@ -186,7 +189,7 @@ class RankWorker:
             self.last_tokens = None
         elif isinstance(msg, Sample):
             assert self.logits is not None
-            self.last_tokens = self.sampler.sample(self.logits, msg.params, msg.steps).tokens
+            self.last_tokens = self.sampler.sample(self.logits, msg.params, msg.steps, msg.plan).tokens
         elif isinstance(msg, WarmUp):
             r.warm_up(msg.max_tokens, msg.max_batch, Sampler())
         elif isinstance(msg, Capture) and r.graphs is not None:
@@ -217,6 +220,7 @@ def run_rank(rank: int, cfg: EngineConfig, init_file: str, parent: int, log_leve
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s"
     )
+    ignore_terminal_interrupt()
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     device = rank_device(cfg.device, rank)
     semi_pd = cfg.semi_pd.mode == "semi-pd"

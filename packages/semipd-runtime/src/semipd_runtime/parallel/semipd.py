@@ -51,7 +51,8 @@ def prefill_executor_factory(cfg: EngineConfig, ranks: Any, make_runner: Callabl
                 raise RuntimeError("a new SM split (or a restarted prefill worker) is not supported with "
                                    "tp_size > 1 yet")
             runner = ModelRunner(core.model, core.kv_pool, cfg.scheduler.page_size, cfg.max_model_len)
-            worker = PrefillWorker(make_runner(runner, ranks), cfg.scheduler.max_prefill_tokens)
+            worker = PrefillWorker(make_runner(runner, ranks), cfg.scheduler.max_prefill_tokens,
+                                   cfg.model.eos_token_ids)
             worker.sampler = make_sampler(worker.sampler, ranks)
             role_context = p.role_context_factory("prefill")
 

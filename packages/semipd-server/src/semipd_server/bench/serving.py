@@ -33,6 +33,7 @@ from semipd_server.bench import serving_data as data
 from semipd_server.bench.serving_client import Target, run_at_rate, send_request
 from semipd_server.bench.serving_data import SampleRequest
 from semipd_server.bench.serving_plots import MISSING_MATPLOTLIB, have_matplotlib, write_plots
+from semipd_server.help_format import HelpFormatter
 
 # --- sweep, results file, CLI -------------------------------------------------------------------------------
 
@@ -148,17 +149,22 @@ SLO_DEFAULTS = (1000.0, 100.0)  # --slo-ttft-ms, --slo-tpot-ms of a sweep
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semipd-bench-serving", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON", help="only compare saved results files")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--compare", nargs="+", metavar="RESULTS_JSON",
+                   help="only compare saved results files (no requests are sent)")
     s = p.add_argument_group("server")
-    s.add_argument("--base-url", default="http://127.0.0.1:30000")
+    s.add_argument("--base-url", default="http://127.0.0.1:30000",
+                   help="the server to load (its OpenAI API is under /v1)")
     s.add_argument("--model", default=None, help="model name to send (default: first of /v1/models)")
-    s.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    s.add_argument("--api-key", default=None)
+    s.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions or /v1/chat/completions")
+    s.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer <key>' (default: none)")
     s.add_argument("--max-model-len", type=int, default=None,
                    help="prompt+output limit for the workload (default: /v1/models max_model_len, else 4096)")
     w = p.add_argument_group("workload")
-    w.add_argument("--dataset", choices=["fixed", "uniform", "longtail", "sharegpt"], default="fixed")
+    w.add_argument("--dataset", choices=["fixed", "uniform", "longtail", "sharegpt"], default="fixed",
+                   help="fixed: every request --input-len/--output-len; uniform: around them; longtail: chat plus "
+                   "a share of long summarisation; sharegpt: conversations from --dataset-path")
     w.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON (--dataset sharegpt)")
     w.add_argument("--tokenizer", default=None,
                    help="tokenizer.json (or its folder) for ShareGPT lengths (default: ~4 chars/token)")
@@ -172,16 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--long-output-len", type=int, default=None,
                    help="longtail: summarisation output (default --output-len)")
     w.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (no ignore_eos)")
-    w.add_argument("--temperature", type=float, default=0.0)
+    w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request")
     w.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="seeds the workload (prompts, lengths, arrival times)")
     a = p.add_argument_group("load")
     a.add_argument("--request-rates", type=_rate, nargs="+", default=[1.0],
                    help="req/s, one run each (inf: all at once)")
     a.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 = Poisson")
     a.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
     a.add_argument("--duration-s", type=float, default=None, help="stop sending new requests after this long")
-    a.add_argument("--request-timeout-s", type=float, default=600.0)
+    a.add_argument("--request-timeout-s", type=float, default=600.0, help="a request taking longer counts as failed")
     for what, default in zip(("TTFT", "TPOT"), SLO_DEFAULTS):
         a.add_argument(f"--slo-{what.lower()}-ms", type=float, default=argparse.SUPPRESS,
                        help=f"{what} SLO for attainment and goodput (default: {default:g}); with --compare, "
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--label", default="run", help="name of this run in the results file and plots")
     o.add_argument("--out", default=None, help="results JSON to append this run to")
     o.add_argument("--plot-dir", default=None, help="PNG plots of all runs in --out (or --compare) go here")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
