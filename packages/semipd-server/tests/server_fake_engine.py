@@ -5,12 +5,14 @@ the prompt's characters reversed, shifted by j, one token per step; so every out
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from semipd_runtime import CompletionOutput, EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from semipd_runtime.grammar import StructuredOutput, grammar_text
 
 
 class CharTokenizer:
@@ -26,13 +28,18 @@ class CharTokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return chr(token_id)
 
+    supports_tools = True  # tool definitions render as <tools>...</tools> before the conversation
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                             **template_kwargs: Any) -> str:
         if messages[0]["role"] == "assistant":
             raise ValueError("conversation must not start with the assistant")
+        tools = template_kwargs.pop("tools", None)
         # a template variable shows up in front, so a test sees it reached the template
         text = "".join(f"<{k}={v}>" for k, v in sorted(template_kwargs.items()))
         text += "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        if tools is not None:
+            text = f"<tools>{json.dumps(tools)}</tools>" + text
         return text + ("<assistant>" if add_generation_prompt else "")
 
 
@@ -131,6 +138,10 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
+
+    def compile_grammar(self, spec: StructuredOutput) -> str:
+        """The grammar text, without the tokenizer check (the real engine's is tested end to end)."""
+        return grammar_text(spec)
 
     @property
     def is_alive(self) -> bool:

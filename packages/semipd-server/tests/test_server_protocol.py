@@ -7,6 +7,7 @@ import json
 import pytest
 
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from semipd_runtime.grammar import StructuredOutput
 from semipd_server.errors import ApiError, from_engine_error
 from semipd_server.native_protocol import GenerateRequest, generate_params, generate_prompt
 from semipd_server.protocol import (
@@ -165,7 +166,9 @@ def test_chat_messages_and_limits() -> None:
     assert chat_params(chat(), 10).logprobs is None
     assert error_of(chat_params, chat(top_logprobs=2), 10).param == "top_logprobs"
     assert error_of(chat_params, chat(logprobs=True, top_logprobs=21), 10).param == "top_logprobs"
-    assert error_of(chat_params, chat(response_format={"type": "json_object"}), 10).param == "response_format"
+    assert chat_params(chat(response_format={"type": "json_object"}), 10).structured == StructuredOutput("json_object")
+    assert error_of(chat_params, chat(response_format={"type": "yaml"}), 10).param == "response_format"
+    assert error_of(chat_params, chat(response_format={"type": "json_schema"}), 10).param == "response_format"
 
 
 def test_prompt_forms() -> None:

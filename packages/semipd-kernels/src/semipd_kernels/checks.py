@@ -170,6 +170,20 @@ def check_sample(
             _fail(f"{name} is on {t.device} but logits is on {logits.device}")
 
 
+def check_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
+    check_dim("logits", logits, 2)
+    check_dtype("logits", logits, _FLOAT_DTYPES)
+    check_dim("bitmask", bitmask, 2)
+    check_dtype("bitmask", bitmask, (torch.int32,))
+    check_dim("rows", rows, 1)
+    check_dtype("rows", rows, _INDEX_DTYPES)
+    if rows.shape[0] != bitmask.shape[0]:
+        _fail(f"rows has {rows.shape[0]} entries, bitmask has {bitmask.shape[0]} rows")
+    if logits.stride(-1) != 1:
+        _fail("logits must be contiguous in the vocab dim (masked in place)")
+    check_same_device([("logits", logits), ("bitmask", bitmask), ("rows", rows)])
+
+
 def check_penalties(
     logits: Tensor, token_counts: Tensor, rows: Tensor, presence: Tensor, frequency: Tensor, repetition: Tensor
 ) -> None:

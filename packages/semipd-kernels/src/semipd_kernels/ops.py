@@ -33,6 +33,7 @@ _TRITON_MODULES = {
     "decode_attention": "decode_attention",
     "prefill_attention": "prefill_attention",
     "sample": "sampling",
+    "apply_token_bitmask": "token_bitmask",
     "apply_penalties": "penalties",
 }
 
@@ -157,6 +158,11 @@ def sample(
     steps: Tensor,
 ) -> Tensor:
     return _pick("sample", logits)(logits, temperature, top_k, top_p, min_p, seeds, steps)
+
+
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
+    """Grammar masks, in place: -inf for the tokens bitmask[i] bans in row rows[i] of logits."""
+    _pick("apply_token_bitmask", logits)(logits, bitmask, rows)
 
 
 def apply_penalties(

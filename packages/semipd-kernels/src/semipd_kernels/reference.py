@@ -20,6 +20,7 @@ __all__ = [
     "PROMPT_BIT",
     "apply_penalties",
     "apply_rotary",
+    "apply_token_bitmask",
     "decode_attention",
     "fused_add_rms_norm",
     "prefill_attention",
@@ -251,12 +252,31 @@ def sample(
     p_on = (top_p < 1.0)[:, None]
     t_p = torch.where(p_on, sorted_z.gather(1, first), neg_inf)
 
-    keep = (z >= t_k) & (z >= t_p) & (e >= min_p.float()[:, None])
+    # a banned token (-inf, e.g. a grammar mask) never runs: where u rounds to 1.0 its score would be NaN, which
+    # argmax picks (the Triton race compares with '>', which NaN never wins)
+    keep = (z >= t_k) & (z >= t_p) & (e >= min_p.float()[:, None]) & (z > float("-inf"))
     idx = torch.arange(vocab, device=logits.device, dtype=torch.int64)
     u = uniform_from_hash(seeds.long()[:, None], steps.long()[:, None], idx[None, :])
     score = torch.where(keep, z - torch.log(-torch.log(u)), torch.full_like(z, float("-inf")))
     sampled = score.argmax(dim=1)
     return torch.where(greedy, logits.argmax(dim=1), sampled)
+
+
+# -------------------- structured output
+def apply_token_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> None:
+    """In place: logits[rows[i], v] = -inf where bit v % 32 of bitmask[i, v // 32] is 0 (a banned token), and
+    for every v >= 32 * bitmask.shape[1]. Rows not in `rows` are untouched (requests without a grammar)."""
+    checks.check_token_bitmask(logits, bitmask, rows)
+    if rows.numel() == 0:
+        return
+    g, vocab = rows.shape[0], logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = ((bitmask.unsqueeze(-1) >> shifts) & 1).reshape(g, -1)  # [G, 32 * words], bit v = token v
+    allowed = torch.zeros((g, vocab), dtype=torch.bool, device=logits.device)
+    n = min(vocab, bits.shape[1])
+    allowed[:, :n] = bits[:, :n] != 0
+    r = rows.long()
+    logits.index_copy_(0, r, logits.index_select(0, r).masked_fill_(~allowed, float("-inf")))
 
 
 # -------------------- penalties

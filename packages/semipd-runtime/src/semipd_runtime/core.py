@@ -10,7 +10,8 @@ memory started) and later resolved (wait for that copy, accept the tokens, emit 
 `overlap_schedule` the core schedules and launches step N+1 before it resolves step N, so the device is never
 idle while the host schedules: tokens N samples are placeholders in N+1's inputs, filled on the device; a
 request that turns out to stop at N had a row in N+1, discarded; pages released while a step that includes
-their request is in flight come back when it resolves (`Scheduler.resolved`)."""
+their request is in flight come back when it resolves (`Scheduler.resolved`). A step whose sampled rows have
+grammars resolves the step in flight early, between its own forward and its sampling (`CoreGrammars`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from semipd_runtime.capacity import check_fits, kv_pages_for
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.forward_batch import to_device
+from semipd_runtime.grammar import CoreGrammars
 from semipd_runtime.messages import AddRequest, EngineStats, TokenEvent, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.llama import LlamaForCausalLM
@@ -58,6 +60,7 @@ class StepInFlight:
     num_context: int  # tokens in the cache before the step (its requests')
     decode_share: float = 1.0  # the decode SM share it was launched with (0..1]
     elapsed_s: float = 0.0  # set by resolve: from max(launch, the step before done) to done
+    resolved: bool = False  # resolved already (early: the next step's grammar masks needed its tokens)
 
 
 def _record_event(device: torch.device) -> torch.cuda.Event | None:
@@ -111,6 +114,8 @@ class EngineCore:
         self.executor: PrefillExecutor = make_executor(self) if make_executor is not None else LocalPrefill()
         self.kv_sender: KvSender | None = None  # a PD prefill instance: sends first-token requests' KV on
         self.on_close: list[Callable[[], None]] = []  # what was composed in (tensor-parallel ranks) to release
+        self.grammars = CoreGrammars(cfg.model_path, self.model.config.vocab_size,
+                                     next(iter(cfg.model.eos_token_ids), None), cfg.parallel.tp_size)
         log.info("KV pool: %d pages x %d tokens on %s (%s), radix cache %s", num_pages, cfg.scheduler.page_size, device,
                  cfg.dtype, "on" if cfg.scheduler.enable_radix_cache else "off")
 
@@ -171,6 +176,11 @@ class EngineCore:
             self.pending.append(TokenEvent(msg.rid, [], None, "abort", e.message, 400))
             return
         req = Request(msg.rid, list(msg.prompt_ids), msg.sampling, bootstrap=msg.bootstrap)
+        if msg.grammar:
+            error = self.grammars.attach(req, msg.grammar)
+            if error:
+                self.pending.append(TokenEvent(msg.rid, [], None, "abort", error, 400))
+                return
         if self.kv_sender is not None and req.bootstrap is not None:
             self.kv_sender.track(req, req.bootstrap.room)
         self.scheduler.add(req)
@@ -343,14 +353,18 @@ class EngineCore:
         self.num_steps += 1
         step = self.scheduler.launched(batch)
         reqs = [batch.requests[i] for i in sample_rows]
-        sampled = None
-        if reqs:
-            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], [len(r.output_ids) for r in reqs],
-                                          self.penalty_rows.plan(reqs))
+        plan = self.penalty_rows.plan(reqs) if reqs else None  # before the placeholders: output_ids end here
+        steps = [len(r.output_ids) for r in reqs]
         index = []
         for j, req in enumerate(reqs):
             index.append(len(req.output_ids))
             req.output_ids.append(-1 - j)
+        sampled = None
+        if reqs:
+            if prev is not None and not prev.resolved and self.grammars.needs_tokens(reqs):
+                self.pending += self.resolve(prev)  # early: the masks need prev's tokens (`grammar.CoreGrammars`)
+            bitmask = self.grammars.bitmask(reqs, logits.device)
+            sampled = self.sampler.sample(logits, [r.sampling for r in reqs], steps, plan, bitmask)
         done = sampled.ready if sampled is not None else _record_event(logits.device)
         share = self.executor.split[1] / 100  # executors without an SM split report (100, 100)
         return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts), share)
@@ -358,7 +372,11 @@ class EngineCore:
     def resolve(self, st: StepInFlight) -> list[TokenEvent]:
         """Wait for a launched step (its own work, nothing queued after it), put its tokens in place of the
         placeholders, release what waited for it, finish requests, emit their events. A request that ended
-        after the step was launched (stop token of the step before, abort) has its row discarded."""
+        after the step was launched (stop token of the step before, abort) has its row discarded. A step
+        resolved early (for grammar masks) resolves to nothing the second time."""
+        if st.resolved:
+            return []
+        st.resolved = True
         tokens, logprobs = st.sampled.read() if st.sampled is not None else ([], [])
         if st.sampled is None and st.done is not None:
             st.done.synchronize()
@@ -380,8 +398,9 @@ class EngineCore:
         return self._accepted(req, len(req.output_ids) - 1, tok, lp)
 
     def _accepted(self, req: Request, i: int, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
-        """output_ids[i] = tok is known now: finish req if it ends there."""
-        reason = self._finish_reason(req, tok, i + 1)
+        """output_ids[i] = tok is known now: finish req if it ends there. Its grammar consumes tok first."""
+        error = req.grammar.accept(tok) if req.grammar is not None else ""
+        reason = "abort" if error else self._finish_reason(req, tok, i + 1)
         if i == 0:
             if self.kv_sender is not None and req.bootstrap is not None and req.slot is not None:
                 self.kv_sender.first_token(req, tok, lp, self.allocator.pages(req.slot))
@@ -393,12 +412,17 @@ class EngineCore:
             self.scheduler.finish(req, reason)
             for obs in self.observers:  # how long a decode slot stays taken
                 obs.on_finish(req)
-        return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason)
+        if error:
+            log.warning("%s: the grammar rejected token %d: %s", req.rid, tok, error)
+            error = f"the output left its grammar: {error}"
+        return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason, error or None, 500 if error else 0)
 
     def _finish_reason(self, req: Request, tok: int, num_out: int) -> str | None:
         """Why req ends at its num_out-th output token tok (None: it goes on)."""
         s = req.sampling
         if (not s.ignore_eos and tok in self.eos) or tok in s.stop_token_ids:
+            return "stop"
+        if req.grammar is not None and req.grammar.terminated:  # the grammar allows nothing more
             return "stop"
         return "length" if self._reaches_length(req, num_out) else None
 

@@ -23,6 +23,7 @@ from semipd_runtime.capacity import check_fits
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.core_client import ProcessCoreClient, ThreadCoreClient
 from semipd_runtime.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from semipd_runtime.grammar import GrammarCompiler, StructuredOutput
 from semipd_runtime.messages import (
     AbortRequest,
     AddRequest,
@@ -94,6 +95,7 @@ class Engine:
         self._stats_event = threading.Event()
         self._dead: str | None = None
         self._ids = itertools.count()
+        self.grammars = GrammarCompiler(path, self.model_config.vocab_size, next(iter(cfg.model.eos_token_ids), None))
         # draws the seeds of requests that send none: --seed makes a whole run reproducible
         self._seeds = random.Random(cfg.model.seed)
         part = partition_class(cfg.semi_pd.sm_partition)
@@ -122,6 +124,15 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {vocab})", param="prompt")
         return list(prompt)
+
+    def compile_grammar(self, spec: StructuredOutput) -> str:
+        """Validate a structured-output spec (cached by spec); InvalidRequestError (param "response_format")
+        when it cannot compile. Blocking: the server calls it on its preparation pool, so `submit` then finds
+        it in the cache."""
+        try:
+            return self.grammars.compile(spec)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(e.message, param=e.param or "response_format") from None
 
     def _check_fits(self, n_prompt: int, params: SamplingParams) -> None:
         check_fits(n_prompt, params.max_tokens, self.max_model_len, self.config.scheduler.page_size,
@@ -153,6 +164,7 @@ class Engine:
                 bootstrap: tuple[str, int | None, int | str] | None) -> TrackedRequest:
         pd_mode = self.config.semi_pd.disaggregation_mode
         params.validate(self.model_config.vocab_size)
+        grammar = self.compile_grammar(params.structured) if params.structured is not None else ""
         ids = self._prompt_ids(prompt)
         self._check_fits(len(ids), params)
         if self._dead:
@@ -189,7 +201,7 @@ class Engine:
                 boot = Bootstrap(bootstrap[0], bootstrap[1] or 0, room_key(bootstrap[2], i))
                 if pd_mode == "prefill":  # the prefill leg samples only the first token; the decode goes on
                     sampling = msgspec.structs.replace(sampling, max_tokens=1)
-            self._client.send(AddRequest(crid, ids, sampling, time.time(), boot))
+            self._client.send(AddRequest(crid, ids, sampling, time.time(), boot, grammar))
         return req
 
     # --- outputs from the core (background thread) ---------------------------------------------------------

@@ -39,6 +39,7 @@ class AddRequest(msgspec.Struct, tag=True):
     sampling: CoreSampling
     arrival_time: float = 0.0
     bootstrap: Bootstrap | None = None
+    grammar: str = ""  # structured output: llguidance grammar text, validated by the front end ("" = none)
 
 
 class AbortRequest(msgspec.Struct, tag=True):
@@ -158,6 +159,7 @@ class PrefillItem(msgspec.Struct, array_like=True):
     sampling: CoreSampling
     step: int  # sampling step of the token to sample (len(output_ids)), so seeds give the same stream as unified
     num_cached: int = 0  # leading tokens already in (shared, cached) pages: computed from here on
+    token_bitmask: bytes = b""  # structured output: the first token's grammar mask (int32 words; b"" = none)
 
 
 class PrefillBatch(msgspec.Struct, tag=True):

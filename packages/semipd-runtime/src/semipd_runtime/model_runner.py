@@ -141,5 +141,9 @@ class ModelRunner:
         ops.apply_penalties(torch.zeros((1, vocab), device=self.device),
                             torch.zeros((1, vocab), dtype=torch.int32, device=self.device),
                             torch.zeros(1, dtype=torch.long, device=self.device), one, one, one)
+        # and the grammar mask kernel's (structured output), on float32 logits as the sampler gives it
+        ops.apply_token_bitmask(torch.zeros((1, vocab), device=self.device),
+                                torch.zeros((1, (vocab + 31) // 32), dtype=torch.int32, device=self.device),
+                                torch.zeros(1, dtype=torch.long, device=self.device))
         torch.cuda.current_stream(self.device).synchronize()
         return time.perf_counter() - t0

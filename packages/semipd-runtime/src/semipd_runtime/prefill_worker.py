@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from semipd_runtime.grammar import bitmask_from_bytes
 from semipd_runtime.messages import (
     FromPrefill,
     PrefillBatch,
@@ -84,7 +85,10 @@ class PrefillWorker:
                 plan = plan_fresh(samplings, [(it.token_ids[: len(it.token_ids) - it.step],
                                                it.token_ids[len(it.token_ids) - it.step :]) for it in finished],
                                   self.eos)
-                tokens, lps = self.sampler(logits, samplings, [it.step for it in finished], plan)
+                masked = [j for j, it in enumerate(finished) if it.token_bitmask]
+                bitmask = bitmask_from_bytes([finished[j].token_bitmask for j in masked], masked,
+                                             logits.device) if masked else None
+                tokens, lps = self.sampler(logits, samplings, [it.step for it in finished], plan, bitmask)
                 results += [PrefillResult(it.rid, t, lp) for it, t, lp in zip(finished, tokens, lps)]
         n_tokens = sum(len(it.token_ids) - it.num_cached for it in items)  # computed, not from the cache
         return PrefillDone(batch.batch_id, results, n_tokens, time.perf_counter() - t0)

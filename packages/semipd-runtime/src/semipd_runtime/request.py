@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from semipd_runtime.messages import Bootstrap, CoreSampling, TokenLogprobMsg
+
+if TYPE_CHECKING:
+    from semipd_runtime.grammar import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -33,6 +37,7 @@ class Request:
     writer: str | None = None  # PREFILLING: the prefill batch that writes its pages (named in the allocator)
     pending_logprobs: list[TokenLogprobMsg] = field(default_factory=list)
     bootstrap: Bootstrap | None = None  # PD disaggregation: its room at a prefill instance
+    grammar: RequestGrammar | None = None  # structured output: consumed every accepted output token
 
     @property
     def seq_len(self) -> int:

@@ -5,7 +5,8 @@ host memory is started; `SampledTokens.read` waits for that copy alone. Logprobs
 since the logits may live in a static buffer the next step overwrites (CUDA graphs).
 
 Before sampling, the logits go through the batch's `PenaltyPlan` (logit_bias, min_tokens, penalties), when
-there is one; logprobs are those of the model's own distribution, before any of it (vLLM's default)."""
+there is one, then the grammar rows' `TokenBitmask`; logprobs are those of the model's own distribution, before
+the plan (vLLM's default) but after the grammar mask."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from semipd_kernels import ops
 from semipd_runtime.forward_batch import to_device, to_device_parts
+from semipd_runtime.grammar import TokenBitmask
 from semipd_runtime.messages import CoreSampling, TokenLogprobMsg
 from semipd_runtime.penalties import PenaltyPlan, PenaltyState
 
@@ -56,14 +58,18 @@ class Sampler:
         self.last_tokens: Tensor | None = None  # of the previous call: placeholders in a plan refer to them
 
     def __call__(
-        self, logits: Tensor, params: list[CoreSampling], steps: list[int], plan: PenaltyPlan | None = None
+        self, logits: Tensor, params: list[CoreSampling], steps: list[int], plan: PenaltyPlan | None = None,
+        bitmask: TokenBitmask | None = None,
     ) -> tuple[list[int], list[TokenLogprobMsg | None]]:
-        return self.sample(logits, params, steps, plan).read()
+        return self.sample(logits, params, steps, plan, bitmask).read()
 
     def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
-               plan: PenaltyPlan | None = None) -> SampledTokens:
+               plan: PenaltyPlan | None = None, bitmask: TokenBitmask | None = None) -> SampledTokens:
         """steps[i]: row i's sampling step (its output tokens so far: the RNG stream position). plan: from
-        `penalties.plan_penalties` for these rows (None: no row uses penalties, bias or min_tokens)."""
+        `penalties.plan_penalties` for these rows (None: no row uses penalties, bias or min_tokens). bitmask:
+        grammar rows' allowed tokens, applied last before sampling (after the plan, so no bias can bring a
+        banned token back) and to the model's logits too, so logprobs are of the constrained distribution
+        (as vLLM reports them)."""
         dev = logits.device
         f = to_device_parts([[p.temperature for p in params], [p.top_p for p in params],
                              [p.min_p for p in params]], torch.float32, dev)
@@ -71,6 +77,10 @@ class Sampler:
         processed, counted = logits, None
         if plan is not None:
             processed, counted = self.penalties.apply(logits, plan, self.last_tokens)
+        if bitmask is not None:
+            bitmask.apply(processed)  # in place: without a plan, processed is the model's logits
+            if processed is not logits and any(p.logprobs is not None for p in params):
+                bitmask.apply(logits)
         tokens = ops.sample(processed, f[0], i[0].int(), f[1], f[2], i[1], i[2])
         if counted is not None:
             self.penalties.count(counted, tokens)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from semipd_runtime.errors import InvalidRequestError
+from semipd_runtime.grammar import StructuredOutput
 
 
 @dataclass(slots=True)
@@ -22,6 +23,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the sampled token's
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # the output must match this grammar (`grammar.py`)
     # OpenAI / vLLM semantics (`penalties.py`): presence and frequency count output tokens, repetition also
     # the prompt's; min_tokens bans EOS and stop_token_ids (and ignores stop strings) until that many are out
     presence_penalty: float = 0.0

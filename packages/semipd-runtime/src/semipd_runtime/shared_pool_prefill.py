@@ -108,7 +108,9 @@ class SharedPoolPrefill:
         return batch_writer(self.next_batch)
 
     def submit(self, requests: list[Request], pages: list[list[int]]) -> None:
-        items = [PrefillItem(r.rid, r.token_slice(0, r.seq_len), p, r.sampling, len(r.output_ids), r.num_computed)
+        # a grammar's first token is sampled there: the item carries its mask (the matcher stays here)
+        items = [PrefillItem(r.rid, r.token_slice(0, r.seq_len), p, r.sampling, len(r.output_ids), r.num_computed,
+                             r.grammar.mask_bytes() if r.grammar is not None else b"")
                  for r, p in zip(requests, pages)]
         # num_computed is the cached prefix here (set at admission)
         self.batches[self.next_batch] = _Batch(requests, [r.seq_len - r.num_computed for r in requests],

@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
@@ -66,15 +67,27 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=16)
-def _compile_template(source: str) -> jinja2.Template:
+def _template_env() -> ImmutableSandboxedEnvironment:
     # Same environment settings as transformers' apply_chat_template, so prompts render identically
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> jinja2.Template:
+    return _template_env().from_string(source)
+
+
+@lru_cache(maxsize=16)
+def _template_reads_tools(source: str) -> bool:
+    """The template reads a `tools` variable: it defines how tools are shown to the model (a template that
+    never reads it would drop them silently)."""
+    env = _template_env()
+    return "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
 
 
 def load_chat_template(value: str) -> str:
@@ -182,6 +195,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    @property
+    def supports_tools(self) -> bool:
+        """The chat template renders tool definitions (it reads `tools`)."""
+        return self.chat_template is not None and _template_reads_tools(self.chat_template)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from semipd_runtime import EngineStats, RequestOutput, SamplingParams
 from semipd_runtime.config import EngineConfig
+from semipd_runtime.grammar import StructuredOutput
 
 Prompt = str | list[int]
 Bootstrap = tuple[str, int | None, int | str]  # a PD pair's (bootstrap host, port or None, room) for one prompt
@@ -24,6 +25,11 @@ class ServedTokenizer(Protocol):
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **template_kwargs: Any) -> str: ...
+
+    @property
+    def supports_tools(self) -> bool:
+        """The chat template renders tool definitions (its `tools` variable)."""
+        ...
 
 
 @runtime_checkable
@@ -81,3 +87,7 @@ class ServedEngine(Protocol):
     ) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...
+
+    def compile_grammar(self, spec: StructuredOutput) -> str:
+        """Validate a structured-output spec (cached); InvalidRequestError when it cannot compile. Blocking."""
+        ...

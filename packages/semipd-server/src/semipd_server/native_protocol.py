@@ -1,5 +1,6 @@
 """Request body of SGLang's native POST /generate (`text` or `input_ids`, `sampling_params` under SamplingParams'
-names, SGLang's logprob fields), decoded strictly and turned into SamplingParams."""
+names with SGLang's json_schema / regex, SGLang's logprob fields), decoded strictly and turned into
+SamplingParams."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_server.errors import ApiError, bad_request
 from semipd_server.protocol import is_token, logit_bias, note_ignored
+from semipd_server.structured import generate_spec
 
 T = TypeVar("T")
 
@@ -40,6 +42,8 @@ class NativeSamplingParams(msgspec.Struct, forbid_unknown_fields=True):
     logit_bias: dict[str, float] | None = None
     include_stop_str_in_output: bool | None = None
     no_stop_trim: bool | None = None  # SGLang's name of include_stop_str_in_output
+    json_schema: str | None = None  # SGLang's structured output: a JSON schema as a string, or a regex
+    regex: str | None = None
 
 
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -108,6 +112,7 @@ def generate_params(req: GenerateRequest) -> SamplingParams:
         min_tokens=min_tokens or 0,
         logit_bias=logit_bias(sp.logit_bias, "sampling_params.logit_bias"),
         include_stop_str_in_output=bool(keep_stop),
+        structured=generate_spec(sp.json_schema, sp.regex),
     )
     try:
         params.validate()

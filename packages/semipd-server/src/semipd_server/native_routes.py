@@ -21,6 +21,7 @@ from semipd_server.pd_fields import bootstraps
 from semipd_server.protocol import decode_body
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
+from semipd_server.structured import compile_structured
 
 
 def finish_reason_of(c: CompletionOutput) -> dict[str, Any] | None:
@@ -75,6 +76,7 @@ async def generate(request: Request) -> Response:
     state: ServerState = request.app.state.server
     body = await request.body()
     req, params, prompt_ids = await state.prep.run(len(body), _prepare, state, body)
+    await compile_structured(state, params, "sampling_params.json_schema")
     rid = req.rid or new_request_id("gen")
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, [prompt_ids], params, rid, bootstraps(state.engine, req, 1))

@@ -27,6 +27,7 @@ from semipd_server.protocol import (
 )
 from semipd_server.sse import DONE, sse_event, sse_response
 from semipd_server.state import ServerState
+from semipd_server.structured import ToolPlan, compile_structured, plan_tools, with_tool_calls
 
 
 def _state(request: Request) -> ServerState:
@@ -77,6 +78,7 @@ async def create_completion(request: Request) -> Response:
     body = await request.body()
     prepared = await state.prep.run(len(body), _prepare_completion, state, body)
     req, params, prompt_ids, prefixes = prepared
+    await compile_structured(state, params)
     builder = ResponseBuilder(new_request_id("cmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, list(prompt_ids), params, builder.id,
@@ -182,29 +184,36 @@ async def _stream_completion(
 
 
 # --- /v1/chat/completions -------------------------------------------------------------------------------------
-def _chat_sampling(state: ServerState, req: ChatCompletionRequest, n_prompt: int) -> SamplingParams:
+def _chat_sampling(state: ServerState, req: ChatCompletionRequest, n_prompt: int, tools: ToolPlan) -> SamplingParams:
     max_tokens = chat_max_tokens(req)
     if max_tokens is None:  # OpenAI's default: as much as the context leaves
         max_tokens = state.default_max_tokens(n_prompt)
-    return chat_params(req, max_tokens)
+    return chat_params(req, max_tokens, tools)
 
 
-def _prepare_chat(state: ServerState, body: bytes) -> tuple[ChatCompletionRequest, SamplingParams, list[int]]:
+def _prepare_chat(
+    state: ServerState, body: bytes
+) -> tuple[ChatCompletionRequest, SamplingParams, list[int], ToolPlan]:
     """Parse, validate, render the template and tokenize (blocking: runs on the preparation pool)."""
     req = decode_body(body, ChatCompletionRequest)
     state.check_model(req.model)
     _check_stream_options(req)
+    tools = plan_tools(req.tools, req.tool_choice, state.prep.tokenizer.supports_tools, req.stream,
+                       req.parallel_tool_calls)
     kwargs = template_kwargs(req.add_generation_prompt, req.chat_template_kwargs)
+    if tools.render is not None:
+        kwargs["tools"] = tools.render
     prompt_ids = state.prep.chat_ids(chat_messages(req.messages), kwargs)
-    params = _chat_sampling(state, req, len(prompt_ids))
+    params = _chat_sampling(state, req, len(prompt_ids), tools)
     state.check_capacity(1, params.n)
-    return req, params, prompt_ids
+    return req, params, prompt_ids, tools
 
 
 async def create_chat_completion(request: Request) -> Response:
     state = _state(request)
     body = await request.body()
-    req, params, prompt_ids = await state.prep.run(len(body), _prepare_chat, state, body)
+    req, params, prompt_ids, tools = await state.prep.run(len(body), _prepare_chat, state, body)
+    await compile_structured(state, params, "tools" if tools.spec is not None else "response_format")
     builder = ResponseBuilder(new_request_id("chatcmpl"), state.model_name, params.n, state.strings)
     tracker = state.metrics.tracker()
     gens = await start_all(state.engine, [prompt_ids], params, builder.id, bootstraps(state.engine, req, 1))
@@ -217,7 +226,7 @@ async def create_chat_completion(request: Request) -> Response:
     finally:
         _finish(tracker, last, len(gens), params.n)
     choices = sorted(
-        (builder.chat_choice(i, c, req.logprobs) for i in last for c in last[i].outputs),
+        (with_tool_calls(builder.chat_choice(i, c, req.logprobs), tools) for i in last for c in last[i].outputs),
         key=lambda ch: ch["index"],
     )
     return JSONResponse(builder.envelope("chat.completion", choices, usage=_usage_of(last)))

@@ -81,8 +81,13 @@ class PromptPrep:
         self.check_tokens(len(ids), param)
         return ids
 
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the preparation pool whatever the body's size (a grammar compile, however small the
+        schema that asks for it, may take a while)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+
     def chat_ids(self, messages: list[dict[str, str]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        """Render the chat template (with the request's `template_kwargs`: add_generation_prompt and the
+        """Render the chat template (with the request's `template_kwargs`: add_generation_prompt, tools and the
         variables of chat_template_kwargs) and tokenize it; a template's own error is the client's to fix.
         Blocking."""
         text = self.render_chat(messages, template_kwargs)

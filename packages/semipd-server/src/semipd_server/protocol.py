@@ -17,6 +17,7 @@ import msgspec
 from semipd_runtime.errors import InvalidRequestError
 from semipd_runtime.sampling_params import SamplingParams
 from semipd_server.errors import bad_request
+from semipd_server.structured import ResponseFormat, Tool, ToolChoice, ToolPlan, response_format_spec
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    response_format: ResponseFormat | None = None  # structured output (`structured.py`)
     # PD disaggregation (smg --pd-disaggregation adds these; arrays for batched requests)
     bootstrap_host: str | list[str] | None = None
     bootstrap_port: int | list[int | None] | None = None
@@ -82,10 +84,6 @@ class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     name: str | None = None
 
 
-class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
-    type: str = "text"
-
-
 class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True  # vLLM; also settable through chat_template_kwargs
@@ -93,7 +91,9 @@ class ChatCompletionRequest(SamplingFields, forbid_unknown_fields=True):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one tool call
     # SGLang: split reasoning from content with its --reasoning-parser; without one the text is left whole
     separate_reasoning: bool = True
     stream_reasoning: bool = True
@@ -194,6 +194,7 @@ def build_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> 
         min_tokens=req.min_tokens,
         logit_bias=logit_bias(req.logit_bias, "logit_bias"),
         include_stop_str_in_output=req.include_stop_str_in_output,
+        structured=response_format_spec(req.response_format),
     )
     return checked(params)
 
@@ -305,16 +306,16 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     return _max_tokens(req.max_tokens, "max_tokens")
 
 
-def chat_params(req: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(
-            f"response_format {req.response_format.type!r} is not supported (only 'text')",
-            "response_format",
-            "unsupported",
-        )
+def chat_params(req: ChatCompletionRequest, max_tokens: int, tools: ToolPlan | None = None) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     if logprobs is not None and logprobs > 20:
         raise bad_request(f"top_logprobs must be in [0, 20], got {logprobs}", "top_logprobs")
-    return build_params(req, max_tokens, logprobs)
+    params = build_params(req, max_tokens, logprobs)
+    if tools is not None and tools.spec is not None:  # tool_choice "required" / a named function
+        if params.structured is not None:
+            raise bad_request("response_format cannot be combined with tool_choice 'required' or a named "
+                              "function (both constrain the output)", "response_format")
+        params.structured = tools.spec
+    return params

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from semipd_runtime.config import EngineConfig
 from semipd_runtime.core import EngineCore
+from semipd_runtime.grammar import TokenBitmask
 from semipd_runtime.messages import CoreSampling, EngineStats, TokenLogprobMsg
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
@@ -156,14 +157,17 @@ class LeaderSampler:
         self.inner, self.ranks = inner, ranks
 
     def sample(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
-               plan: PenaltyPlan | None = None) -> SampledTokens:
+               plan: PenaltyPlan | None = None, bitmask: TokenBitmask | None = None) -> SampledTokens:
+        # the core refuses grammars under TP: the other ranks would need the masks to sample the same tokens
+        assert bitmask is None, "structured output is not supported with tensor parallelism"
         # the plan too: every rank keeps the same penalty state, so that it samples the same tokens
         self.ranks.send(Sample(no_logprobs(params), steps, plan))
         return self.inner.sample(logits, params, steps, plan)
 
     def __call__(self, logits: Tensor, params: list[CoreSampling], steps: list[int],
-                 plan: PenaltyPlan | None = None) -> tuple[list[int], list[TokenLogprobMsg | None]]:
-        return self.sample(logits, params, steps, plan).read()
+                 plan: PenaltyPlan | None = None,
+                 bitmask: TokenBitmask | None = None) -> tuple[list[int], list[TokenLogprobMsg | None]]:
+        return self.sample(logits, params, steps, plan, bitmask).read()
 
 
 class RankWatch:
