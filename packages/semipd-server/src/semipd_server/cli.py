@@ -309,10 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = asyncio.run(serve(engine, args, sock, make_engine))
     finally:
+        # a late Ctrl-C (or `uv run` passing one on) must not cut the engine's shutdown short and leave children
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _already_stopping)
         log.info("stopping engine core")
         engine.shutdown()
         log.info("bye (exit code %d)", code)
     return code
+
+
+def _already_stopping(signum: int, _frame: object) -> None:
+    log.warning("%s: already stopping the engine core", signal.Signals(signum).name)
 
 
 if __name__ == "__main__":
