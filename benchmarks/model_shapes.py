@@ -49,6 +49,7 @@ def write_model_dir(shape: str, out: Path, tokenizer_dir: Path, layers: int | No
     cfg = dict(with_layers(SHAPES[shape], layers))
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     cfg["vocab_size"] = tok.get_vocab_size()
+    cfg["model_type"] = "llama"  # every shape here is Llama-architecture; transformers/vLLM need the key
     src_path = tokenizer_dir / "config.json"
     src_cfg = json.loads(src_path.read_text()) if src_path.exists() else {}
     for key in ("bos_token_id", "eos_token_id"):
