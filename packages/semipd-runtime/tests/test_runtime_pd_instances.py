@@ -68,6 +68,27 @@ def test_pd_pair_matches_unified(pair) -> None:
     assert prefill.stats().pd_bytes > 0
 
 
+def test_page_indices_before_the_prefill_request(pair) -> None:
+    """The decode's page indices reach the prefill before the prefill's own copy of the request (the gateway sends
+    both at once): the room keeps them, the KV lands, and the output equals the unified one."""
+    prefill, decode = pair
+    sender = prefill._client.core.kv_sender  # type: ignore[union-attr]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    with Engine(page_size=4) as unified:
+        want = unified.generate([PROMPTS[0]], params)[0].outputs[0].text
+    room = next(_rooms)
+    boot = ("127.0.0.1", None, room)
+    d = decode.submit(PROMPTS[0], params, sink=lambda _x: None, bootstrap=boot)
+    end = time.monotonic() + 30
+    while not any(k.startswith(f"{room}:") and r.dst is not None for k, r in list(sender.rooms.items())):
+        assert time.monotonic() < end, "the decode's page indices never reached the prefill"
+        time.sleep(0.01)
+    prefill.submit(PROMPTS[0], params, sink=lambda _x: None, bootstrap=boot)
+    _finish(d, 60)
+    assert d.error is None, d.error
+    assert d.snapshot(final=True).outputs[0].text == want
+
+
 def test_decode_without_room_is_rejected(pair) -> None:
     from semipd_runtime.errors import InvalidRequestError
 

@@ -77,7 +77,11 @@ class KvSender:
                                              for r in self.rooms.values())
 
     def track(self, req: Request, room: str) -> None:
-        self.rooms[room] = _Room(req.rid, time.monotonic())
+        r = self.rooms.get(room)
+        if r is not None and not r.rid:  # the decode's page indices (or its abort) came first: keep them
+            r.rid = req.rid
+        else:
+            self.rooms[room] = _Room(req.rid, time.monotonic())
         self.by_rid[req.rid] = room
 
     def first_token(self, req: Request, tok: int, lp: TokenLogprobMsg | None, pages: list[int]) -> None:
