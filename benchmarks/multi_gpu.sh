@@ -33,6 +33,8 @@ PY=${PY:-python3}
 mkdir -p "$OUT" "$RES"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
+# a PD request whose KV never lands frees its decode pages after 60 s, not 300 (seen once on CPU: see README)
+export SEMIPD_DISAGGREGATION_WAITING_TIMEOUT=${SEMIPD_DISAGGREGATION_WAITING_TIMEOUT:-60}
 SRC_PATH=packages/semipd-kernels/src:packages/semipd-memory/src:packages/semipd-runtime/src:packages/semipd-server/src
 export PYTHONPATH=$SRC_PATH:benchmarks${PYTHONPATH:+:$PYTHONPATH}
 CPU=${MG_CPU:-0}

@@ -276,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _greedy(url: str, model: str, prompts: list[str], max_tokens: int) -> list[str]:
     outs = []
     for p in prompts:  # one at a time: the same batch shapes in both topologies
-        r = httpx.post(f"{url}/v1/completions", timeout=300, json={
+        r = httpx.post(f"{url}/v1/completions", timeout=150, json={
             "model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {r.text[:300]}")
