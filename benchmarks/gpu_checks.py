@@ -10,12 +10,19 @@ near-tied logits, where bf16 flips greedy tokens in either implementation).
    vs transformers fp32 (ours must be no worse than transformers' own bf16), through the CUDA kernels.
 2. cuda graphs: decode through captured graphs gives the tokens of the eager decode (fp32: all equal).
 3. semi-PD: greedy outputs of semi-PD (none / green / mps) equal unified mode (fp32: all equal; bf16: agreement).
+4. tensor parallel (`--tp 2`, only this check; needs 2 GPUs): greedy outputs of TP=2 (unified, and semi-PD on each
+   of --partitions that runs prefill as a thread: none, green) equal TP=1 unified on the same weights (saved as
+   safetensors: TP ranks load their own shards). fp32: all equal; bf16: agreement, as in 3 (the all-reduce sums
+   in another order). Multicast stays off (NCCL_NVLS_ENABLE=0 ...: set here and in the rank processes).
+
+    python benchmarks/gpu_checks.py --layers 4 --tp 2 --partitions none green --out $OUT/gpu_checks_tp.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -63,21 +70,27 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--partitions", nargs="+", default=["none", "green", "mps"])
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the code paths (--shape tiny)")
+    ap.add_argument("--tp", type=int, default=1, help="N > 1: only the tensor-parallel check, TP=N vs TP=1")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.device == "cuda" and have < max(args.tp, 1):
+        sys.exit(f"error: gpu_checks.py needs {max(args.tp, 1)} GPU(s) (--tp {args.tp}); {have} visible")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 ground truth means fp32
     rows: list[dict] = []
     cfg_dict = with_layers(SHAPES[args.shape], args.layers)
     hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg_dict.items() if k != "architectures"})
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(args.device):
         hf32 = transformers.LlamaForCausalLM(hf_cfg).float().eval()
-    hf16 = transformers.LlamaForCausalLM(hf_cfg).to("cuda", torch.bfloat16).eval()
+    hf16 = transformers.LlamaForCausalLM(hf_cfg).to(args.device, torch.bfloat16).eval()
     hf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in hf32.state_dict().items()})
     mcfg = ModelConfig.from_dict(cfg_dict)
     models = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        models[name] = build_empty_model(mcfg, torch.device("cuda"), dtype)
+        models[name] = build_empty_model(mcfg, torch.device(args.device), dtype)
         load_weights(models[name], ((k, v.to(dtype)) for k, v in hf32.state_dict().items()), source="hf")
     model_dir = Path(tempfile.mkdtemp())
     (model_dir / "config.json").write_text(json.dumps(cfg_dict))
@@ -86,16 +99,21 @@ def main() -> None:
     prompts = [torch.randint(10, cfg_dict["vocab_size"], (n,), generator=g).tolist() for n in lens]
 
     def core_cfg(dtype: str, **kw: object) -> EngineConfig:
-        return EngineConfig.from_knobs(model_path=str(model_dir), device="cuda", dtype=dtype, max_model_len=4096,
-                          eos_token_ids=[], max_running_requests=16, chunked_prefill_size=512, page_size=16,
-                          num_pages=2048, **kw)  # type: ignore[arg-type]
+        return EngineConfig.from_knobs(model_path=str(model_dir), device=args.device, dtype=dtype,
+                          max_model_len=4096, eos_token_ids=[], max_running_requests=16,
+                          chunked_prefill_size=512, page_size=16, num_pages=2048, **kw)  # type: ignore[arg-type]
 
     unified = {d: create_core(core_cfg(d), model=models[d]) for d in models}
     ours = {d: generate(unified[d], prompts, args.new_tokens) for d in models}
+    if args.tp > 1:
+        tp_check(args, hf32, cfg_dict, model_dir, core_cfg, prompts, ours, rows)
+        del models, unified
+        finish(args, rows)
+        return
     # 1. parity vs transformers fp32
     for i, p in enumerate(prompts):
         with torch.no_grad():
-            ids = torch.tensor([p], device="cuda")
+            ids = torch.tensor([p], device=args.device)
             ref = hf32(ids).logits[0, -1].float()
             ref_hf16 = hf16(ids).logits[0, -1].float()
             ref_tokens = hf32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
@@ -145,11 +163,48 @@ def main() -> None:
                       "ok": st.pages_used == 0 and (d != "float32" or got == ours[d])}, rows)
             finally:
                 core.close()
+    finish(args, rows)
+
+
+def tp_check(args: argparse.Namespace, hf32: torch.nn.Module, cfg_dict: dict, model_dir: Path,  # type: ignore[type-arg]
+             core_cfg, prompts: list[list[int]], ours: dict[str, list[list[int]]],  # type: ignore[no-untyped-def]
+             rows: list[dict]) -> None:
+    """4. TP=N greedy equals TP=1 (ours[d]: the unified TP=1 core on the same weights)."""
+    t0 = time.time()
+    hf32.save_pretrained(model_dir)  # safetensors (fp32): every rank loads its shard, cast to its dtype
+    (model_dir / "config.json").write_text(json.dumps(cfg_dict))
+    print(f"weights saved to {model_dir} in {time.time() - t0:.0f} s", flush=True)
+    modes = [("unified", {})] + [(f"semi-pd/{p}", {"mode": "semi-pd", "sm_partition": p, "prefill_sm_percent": 60,
+                                                   "decode_sm_percent": 40})
+                                 for p in args.partitions if p in ("none", "green")]
+    for name, kw in modes:
+        for d in ours:
+            check = f"tp{args.tp}/{name}/{d}"
+            t0 = time.time()
+            try:
+                core = create_core(core_cfg(d, tp_size=args.tp, **kw))
+            except Exception as e:  # noqa: BLE001 - report, go on with the next mode
+                emit({"check": check, "error": repr(e), "ok": False}, rows)
+                continue
+            try:
+                got = generate(core, prompts, args.new_tokens)
+                st = core.stats()
+                emit({"check": check, "equal_requests": sum(a == b for a, b in zip(got, ours[d])), "of": len(got),
+                      "equal_prefix_min": min(next((j for j, (a, b) in enumerate(zip(g, w)) if a != b), len(w))
+                                              for g, w in zip(got, ours[d])),
+                      "pages_used_after": st.pages_used, "seconds": round(time.time() - t0, 1),
+                      "ok": st.pages_used == 0 and (d != "float32" or got == ours[d])}, rows)
+            finally:
+                core.close()
+
+
+def finish(args: argparse.Namespace, rows: list[dict]) -> None:
     print("ALL OK" if all(r.get("ok") for r in rows) else "FAILED: " + ", ".join(
         r["check"] + (f"@{r['prompt_len']}" if "prompt_len" in r else "") for r in rows if not r.get("ok")))
     if args.out:
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": args.shape,
-                                        "layers": args.layers, "rows": rows}, indent=2))
+        device = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+        args.out.write_text(json.dumps({"device": device, "shape": args.shape,
+                                        "layers": args.layers, "tp": args.tp, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -151,3 +151,23 @@ def test_dead_prefill_worker_fails_its_requests_and_comes_back(model_dir: Path, 
         assert_pool_clean(core)
     finally:
         core.close()
+
+
+def test_partition_is_made_on_the_instance_gpu(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--base-gpu-id N: the SM partition (green context) is made on cuda:N, where the model is, not on GPU 0."""
+    from semipd_runtime import core_factory
+
+    assert [core_factory._device_index(d) for d in ("cuda:1", "cuda:0", "cuda", "cpu")] == [1, 0, 0, 0]
+    seen: list[object] = []
+    real = core_factory.create_partition
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.append(kw.get("device_index"))
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(core_factory, "create_partition", spy)
+    core = make_core(model_dir, "semi-pd")
+    try:
+        assert seen == [0]  # cfg.device is "cpu" here; cuda:N gives N (above)
+    finally:
+        core.close()

@@ -52,6 +52,11 @@ def create_core(
     return _create_core(cfg, partition, model)
 
 
+def _device_index(device: str) -> int:
+    """cuda:N -> N; "cuda" and the CPU -> 0."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+
+
 def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaForCausalLM | None) -> EngineCore:
     if cfg.semi_pd.mode == "unified":
         core = EngineCore(cfg, model=model)
@@ -77,7 +82,8 @@ def _create_core(cfg: EngineConfig, partition: SmPartition | None, model: LlamaF
         assert pcfg.initial_split is not None
         split = partition.split if partition is not None else pcfg.initial_split
         slo = SloController(settings, pcfg)
-    part = partition or create_partition(cfg.semi_pd.sm_partition, *split)
+    # the instance's own GPU (--base-gpu-id), not GPU 0: a green context made on another device than the model's
+    part = partition or create_partition(cfg.semi_pd.sm_partition, *split, device_index=_device_index(cfg.device))
     placement = part.prefill_placement(cfg.semi_pd.prefill_placement)
 
     def make_executor(core: EngineCore) -> SharedPoolPrefill:
