@@ -18,7 +18,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 start_mps() { nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started"; }
 stop_mps() { echo quit | nvidia-cuda-mps-control 2>/dev/null; sleep 1; }
 # Mooncake (PD stages): the non-CUDA build's transfer engine, trimmed to fit a carry (scratch/mooncake-min.tar.xz:
-# mooncake/*.py, engine.so and its libraries from the wheel), and the Debian libraries it links (scratch/debs)
+# mooncake/*.py, engine.so and its libraries from the wheel), and the Debian libraries it links (scratch/debs);
+# both built here by benchmarks/pack_pd_libs.sh
 pd_setup() {
   [ -f scratch/mooncake-min.tar.xz ] && mkdir -p /tmp/site && tar -xJf scratch/mooncake-min.tar.xz -C /tmp/site \
     && export PYTHONPATH=/tmp/site:$PYTHONPATH
