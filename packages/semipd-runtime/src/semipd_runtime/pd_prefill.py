@@ -42,6 +42,7 @@ class _Room:
     failed: str = ""  # the request ended here without a first token
     started: bool = False
     aborted: bool = False  # by the decode
+    abort_notify: str = ""  # where to answer the abort when no page indices came (a restarted prefill)
 
 
 class KvSender:
@@ -124,6 +125,7 @@ class KvSender:
                 room.dst = msg
             else:
                 room.aborted = True
+                room.abort_notify = msg.notify
         try:
             key, status = self.done.get(timeout=timeout_s) if timeout_s > 0 and self.busy else self.done.get_nowait()
             self._finished(key, status, writers)
@@ -139,8 +141,9 @@ class KvSender:
             if room.aborted:
                 if room.token is None and room.rid:
                     abort_rids.append(room.rid)
-                if room.dst is not None:  # the answer that releases the pages the decode kept for it
-                    self._notify(room.dst, KvStatus(key, False, error="aborted by the decode instance"))
+                notify = room.dst.notify if room.dst is not None else room.abort_notify
+                if notify:  # the answer that releases the pages the decode kept for it
+                    self.outbox.put((notify, KvStatus(key, False, error="aborted by the decode instance")))
                 self._drop(key, room, writers)
             elif room.failed and room.dst is not None:
                 self._notify(room.dst, KvStatus(key, False, error=f"prefill failed: {room.failed}"))

@@ -53,6 +53,7 @@ class KvRequest(msgspec.Struct, tag=True):
 
 class RoomAbort(msgspec.Struct, tag=True):
     room: str
+    notify: str = ""  # the decode's status socket: answered even when this prefill never saw the room's indices
 
 
 class KvStatus(msgspec.Struct, tag=True):

@@ -110,14 +110,14 @@ class RemotePrefill:
                 p.timed_out = True
                 if not p.abort_sent:
                     p.abort_sent = True
-                    self.jobs.put((p.addr, RoomAbort(key)))
+                    self.jobs.put((p.addr, RoomAbort(key, self.notify)))
                 self.failures += 1
                 log.warning("room %s (%s): KV did not land within %.0fs", key, p.req.rid, self.env.waiting_timeout_s)
                 reports.append(PrefillReport("", [p.req], error=f"KV transfer timed out after "
                                              f"{self.env.waiting_timeout_s:.0f}s", status=502))
             elif p.req.status is RequestStatus.FINISHED and not p.abort_sent:
                 p.abort_sent = True  # aborted here: the prefill stops; its answer releases the pages
-                self.jobs.put((p.addr, RoomAbort(key)))
+                self.jobs.put((p.addr, RoomAbort(key, self.notify)))
         return reports
 
     def _landed(self, status: KvStatus) -> list[PrefillReport]:
@@ -166,7 +166,7 @@ class RemotePrefill:
                 addr = None
             if addr is not None:
                 info = ranks.get(addr)
-                if info is None and isinstance(msg, KvRequest):
+                if info is None:  # an abort too: a prefill that restarted answers it; one that is gone fails the room
                     info = self._lookup(addr, msg.room)
                     if info is not None:
                         ranks[addr] = info
