@@ -36,7 +36,7 @@ COMMON="--range-ratio 0.5 --num-prompts 1000 --duration-s $D --slo-ttft-ms 2000 
 W3K="--dataset uniform --input-len ${PEERS_3K_IN:-3072} --output-len ${PEERS_3K_OUT:-256} \
 --request-rates ${PEERS_RATES_3K:-4 6 8 10} $COMMON"
 WSHORT="--dataset uniform --input-len ${PEERS_SHORT_IN:-256} --output-len ${PEERS_SHORT_OUT:-256} \
---request-rates ${PEERS_RATES_SHORT:-16 24 32 40} $COMMON"
+--request-rates ${PEERS_RATES_SHORT:-10 14 18 24} $COMMON"
 WDH="--dataset uniform --input-len ${PEERS_DH_IN:-512} --output-len ${PEERS_DH_OUT:-1024} \
 --request-rates ${PEERS_RATES_DH:-2 3 4} $COMMON"
 WORKLOADS=${PEERS_WORKLOADS:-"w3k short dh decode"}
@@ -123,6 +123,9 @@ for name in ("w3k", "short", "dh", "decode_c1"):
         print(f"{name:10s} {run['label']:24s} prompt {s['total_input_tokens'] / n:8.1f} "
               f"output {s['total_output_tokens'] / n:7.1f} ({s['completed']} done, {s['failed']} failed)")
 EOF
+    for f in "$RES"/semipd.decode_step.log "$RES"/semipd.step_profile.log; do
+      [ -f "$f" ] && { echo "=== $(basename "$f")"; tail -n 80 "$f"; }
+    done
   } 2>&1 | tee "$RES/compare_table.txt"
   cp "$RES/compare_table.txt" "$OUT/"
 }
@@ -180,6 +183,14 @@ case $cmd in
       done
       [ -n "$found" ] || echo "unknown config $want (have: ${SEMIPD_CFGS[*]%%=*})"
     done
+    # where semipd's decode time goes, at the decode workload's mean context (512 in + ~128 out): the
+    # CUDA-graph step (bench_decode_step) and its kernels (bench_step_profile, eager) beside vLLM's TPOT
+    if [ "${PEERS_PROFILE:-1}" != 0 ]; then
+      step semipd.decode_step 150 $PY benchmarks/bench_decode_step.py --shape llama-3.1-8b --batches 1 16 64 \
+        --contexts 640 --green-percent 40 --out "$RES/decode_step.json"
+      step semipd.step_profile 180 $PY benchmarks/bench_step_profile.py --shape llama-3.1-8b --cases \
+        decode:1@640 decode:16@640 decode:64@640 --green-percent --iters 10 --top 10 --out "$RES/step_profile.json"
+    fi
     pack ;;
   table)
     table; pack ;;
