@@ -62,7 +62,7 @@ client() {  # client URL LABEL: every workload against one server
     case $w in
       w3k) step "$label.w3k" "${PEERS_LIMIT_W3K_S:-170}" $PY benchmarks/bench_serving.py --base-url "$url" \
              --label "$label" --out "$RES/w3k.json" $W3K ;;
-      short) step "$label.short" "${PEERS_LIMIT_SHORT_S:-110}" $PY benchmarks/bench_serving.py --base-url "$url" \
+      short) step "$label.short" "${PEERS_LIMIT_SHORT_S:-140}" $PY benchmarks/bench_serving.py --base-url "$url" \
              --label "$label" --out "$RES/short.json" $WSHORT ;;
       dh) step "$label.dh" "${PEERS_LIMIT_DH_S:-130}" $PY benchmarks/bench_serving.py --base-url "$url" \
              --label "$label" --out "$RES/dh.json" $WDH ;;
