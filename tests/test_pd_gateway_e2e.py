@@ -50,7 +50,9 @@ class Pd:
         self.smg = subprocess.Popen(
             [str(SMG), "launch", "--pd-disaggregation", "--prefill", self.prefill.url, str(self.boot),
              "--decode", self.decode.url, "--host", "127.0.0.1", "--port", str(self.port),
-             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
+             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+             # probe every 2 s (default 60): a restarted prefill is back in rotation within seconds
+             "--health-check-interval-secs", "2", "--cb-timeout-duration-secs", "5"],
             stdout=self.smg_log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
         _wait(self._serves, "smg to route a request", 120)

@@ -200,7 +200,7 @@ def start(args: argparse.Namespace, topology: str, extra: list[str], log_dir: Pa
         port = free_port()
         cmd = [*find_smg(args.smg), "launch", *smg_cmd, "--host", "127.0.0.1", "--port", str(port),
                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
-               *shlex.split(args.smg_args)]
+               "--health-check-interval-secs", "5", *shlex.split(args.smg_args)]
         print(f"  {tag}/smg: {' '.join(cmd)}", flush=True)
         topo.smg_log = open(log_dir / f"{tag}.smg.log", "wb")  # noqa: SIM115 - closed in Topology.stop()
         topo.smg = subprocess.Popen(cmd, stdout=topo.smg_log, stderr=subprocess.STDOUT,
