@@ -91,6 +91,17 @@ def timed(fn: Any, iters: int) -> float:
     return statistics.median(times)
 
 
+def cublas_tflops(model: Any, tokens: int, iters: int) -> float:
+    """The rate cuBLAS reaches on this forward's weight GEMMs at `tokens` rows (one layer's linears, timed
+    back to back), TFLOP/s: the bar for a prefill forward (issue 22: >= 70% of it)."""
+    layer = model.layers[0]
+    weights = [m.weight for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                                  layer.mlp.down_proj)]
+    xs = [torch.randn(tokens, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+    ms = timed(lambda: [torch.matmul(x, w.t()) for x, w in zip(xs, weights)], iters)
+    return 2 * tokens * sum(w.numel() for w in weights) / ms / 1e9
+
+
 def kernel_table(fn: Any, top: int) -> list[dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -149,6 +160,11 @@ def main() -> None:
                  "decode": f"decode {case['decode']}@{case['ctx']}"}[case["kind"]]
         row = case | {"label": label, "ms": ms, "tflops": f / ms / 1e9, "compute_roofline_ms": roof_ms,
                       "pct_of_peak": 100 * roof_ms / ms, "kernels": kernels, "green": []}
+        if case["kind"] == "prefill" and case["tokens"] >= 512:
+            row["cublas_tflops"] = cublas_tflops(model, case["tokens"], args.iters)
+            row["pct_of_cublas"] = 100 * row["tflops"] / row["cublas_tflops"]
+            print(f"   cuBLAS on the same GEMM shapes: {row['cublas_tflops']:.0f} TFLOP/s; forward at "
+                  f"{row['pct_of_cublas']:.0f}% of it")
         for pct, part in greens:
             with part.role_context_factory("decode")():
                 g_ms = timed(fn, args.iters)

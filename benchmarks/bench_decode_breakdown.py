@@ -1,0 +1,187 @@
+"""Where a CUDA-graph decode step's time goes (issue 22): kernel by kernel inside the captured graph, grouped
+into GEMMs / attention / norms / rotary+KV store / activation / other, each group's achieved HBM bandwidth, and
+the time between kernels; then HBM bandwidth against SM count (a device copy and the decode step inside green
+contexts of N SMs), i.e. what a decode partition's SMs buy.
+
+    python benchmarks/bench_decode_breakdown.py --shape llama-3.1-8b --batches 1 64 --ctx 2048 \
+        --green-percent 50 --sm-sweep 16 33 50 66 83 99 116 --out $OUT/decode_breakdown.json
+
+The step is `ModelRunner.forward` on its CUDA graphs, exactly the decode worker's path (sampling excluded).
+Inside a partition the graphs are captured there (the split-KV grid follows the partition's SMs, as in serving).
+Bytes: GEMMs read every weight once per step (embedding excluded: it is gathered); attention reads B x (ctx+1)
+tokens of K and V. The roofline is (weights + KV) / datasheet bandwidth, as in bench_decode_step.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_step import copy_bandwidth, time_step
+from model_shapes import SHAPES, datasheet_hbm_tbps, with_layers
+
+from semipd_memory import KVPool
+from semipd_runtime.model_runner import ModelRunner
+from semipd_runtime.models.config import ModelConfig
+from semipd_runtime.models.loader import build_empty_model, init_random_weights
+
+GROUPS = (  # first match wins; lower-case substrings of kernel names
+    ("attention", ("_decode_split", "_decode_reduce", "decode_attention")),
+    ("rotary+kv", ("rotary", "store_kv")),
+    ("norm", ("rms_norm", "norm")),
+    ("activation", ("silu",)),
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "sm90", "sm80", "splitk", "cublas")),
+)
+
+
+def group_of(kernel: str) -> str:
+    k = kernel.lower()
+    return next((g for g, keys in GROUPS if any(s in k for s in keys)), "other")
+
+
+def profile_steps(fn, steps: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """Kernel table of `steps` calls of fn: per kernel name, calls and device ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if dev_us > 0 and ev.key not in ("", "Memcpy HtoD (Pinned -> Device)"):
+            rows.append({"kernel": ev.key[:100], "calls_per_step": ev.count / steps,
+                         "ms_per_step": dev_us / 1e3 / steps, "group": group_of(ev.key)})
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows
+
+
+def breakdown(fn, steps: int, iters: int, weight_bytes: int, kv_bytes: int, hbm: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    wall = time_step(fn, iters)
+    kernels = profile_steps(fn, steps)
+    groups: dict[str, float] = defaultdict(float)
+    launches = 0.0
+    for r in kernels:
+        groups[r["group"]] += r["ms_per_step"]
+        launches += r["calls_per_step"]
+    busy = sum(groups.values())
+    out: dict[str, Any] = {
+        "wall_ms": wall * 1e3, "roofline_ms": (weight_bytes + kv_bytes) / (hbm * 1e12) * 1e3,
+        "kernels_ms": busy, "between_kernels_ms": wall * 1e3 - busy, "kernels_per_step": launches,
+        "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])), "top": kernels[:15],
+    }
+    out["pct_of_roofline"] = 100 * out["roofline_ms"] / out["wall_ms"]
+    for name, nbytes in (("gemm", weight_bytes), ("attention", kv_bytes)):
+        if groups.get(name):
+            out[f"{name}_tbps"] = nbytes / (groups[name] / 1e3) / 1e12
+    return out
+
+
+def print_breakdown(tag: str, r: dict[str, Any]) -> None:
+    print(f"== {tag}: {r['wall_ms']:.2f} ms ({r['pct_of_roofline']:.0f}% of roofline {r['roofline_ms']:.2f}); "
+          f"kernels {r['kernels_ms']:.2f} ms in {r['kernels_per_step']:.0f} launches, "
+          f"between kernels {r['between_kernels_ms']:.2f} ms", flush=True)
+    print("   groups: " + ", ".join(f"{g} {ms:.2f}" for g, ms in r["groups_ms"].items())
+          + "".join(f"; {g} {r[f'{g}_tbps']:.2f} TB/s" for g in ("gemm", "attention") if f"{g}_tbps" in r))
+    for k in r["top"][:10]:
+        print(f"   {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.0f}x  [{k['group']}] {k['kernel']}")
+
+
+def green_copy_bandwidth(nbytes: int = 1 << 29) -> float:
+    """Device copy on the current stream (inside a green context: its SMs only), bytes/s read + written."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * nbytes / time_step(lambda: y.copy_(x), 10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--green-percent", type=int, default=50, help="decode share of the partitioned breakdown (0: skip)")
+    ap.add_argument("--sm-sweep", type=int, nargs="*", default=[16, 33, 50, 66, 83, 99, 116],
+                    help="decode SM counts for the bandwidth sweep (green contexts; the full device is added)")
+    ap.add_argument("--sweep-batches", type=int, nargs="*", default=[1, 64])
+    ap.add_argument("--steps", type=int, default=10, help="profiled steps per case")
+    ap.add_argument("--iters", type=int, default=20, help="timed steps per case")
+    ap.add_argument("--hbm-tbps", type=float, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    name = torch.cuda.get_device_name()
+    hbm = args.hbm_tbps or datasheet_hbm_tbps(name)
+    mcfg = ModelConfig.from_dict(with_layers(SHAPES[args.shape], args.layers))
+    model = build_empty_model(mcfg, torch.device("cuda"), torch.bfloat16)
+    init_random_weights(model, seed=0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not mcfg.tie_word_embeddings:
+        weight_bytes -= model.embed_tokens.weight.numel() * 2
+    page, ctx = 16, args.ctx
+    per_token = mcfg.num_layers * 2 * mcfg.num_kv_heads * mcfg.head_dim * 2
+    pages_per = -(-(ctx + 1) // page)
+    max_b = max(args.batches + args.sweep_batches)
+    pool = KVPool(mcfg.num_layers, max_b * pages_per, page, mcfg.num_kv_heads, mcfg.head_dim, torch.bfloat16,
+                  torch.device("cuda"))
+    for layer in range(mcfg.num_layers):
+        pool.k(layer).normal_()
+        pool.v(layer).normal_()
+    runner = ModelRunner(model, pool, page, ctx + 16, cuda_graph_max_bs=max_b)
+    g = torch.Generator().manual_seed(0)
+
+    def step_fn(b: int):  # type: ignore[no-untyped-def]
+        table = torch.arange(b * pages_per, dtype=torch.int32, device="cuda").view(b, pages_per)
+        chunks = [[t] for t in torch.randint(10, mcfg.vocab_size, (b,), generator=g).tolist()]
+        return lambda: runner.forward(chunks, [ctx] * b, table, list(range(b)))
+
+    from semipd_runtime.partition import GreenPartition
+
+    result: dict[str, Any] = {"device": name, "shape": args.shape, "layers": mcfg.num_layers, "ctx": ctx,
+                              "hbm_tbps_datasheet": hbm, "copy_tbps_full": copy_bandwidth() / 1e12,
+                              "torch": torch.__version__, "breakdown": [], "sm_sweep": []}
+    print(f"{name}: copy {result['copy_tbps_full']:.2f} TB/s (datasheet {hbm})", flush=True)
+    green = GreenPartition(100 - args.green_percent, args.green_percent) if args.green_percent else None
+    for b in args.batches:
+        fn, kv = step_fn(b), b * (ctx + 1) * per_token
+        r = breakdown(fn, args.steps, args.iters, weight_bytes, kv, hbm) | {"batch": b, "sms": "all"}
+        print_breakdown(f"B={b} ctx={ctx} full GPU", r)
+        result["breakdown"].append(r)
+        if green is not None:
+            with green.role_context_factory("decode")():
+                r = breakdown(fn, args.steps, args.iters, weight_bytes, kv, hbm)
+            r |= {"batch": b, "sms": green.sm_count["decode"]}
+            print_breakdown(f"B={b} ctx={ctx} green {green.sm_count['decode']} SMs", r)
+            result["breakdown"].append(r)
+    total_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{'SMs':>4} {'copy TB/s':>9} " + " ".join(f"{'B=' + str(b) + ' ms':>9} {'%roof':>5}"
+                                                    for b in args.sweep_batches), flush=True)
+    for sms in [*args.sm_sweep, total_sms]:
+        part = None if sms >= total_sms else GreenPartition(100 - 100 * sms / total_sms, 100 * sms / total_sms)
+        ctx_mgr = part.role_context_factory("decode")() if part else torch.cuda.stream(torch.cuda.current_stream())
+        with ctx_mgr:
+            row: dict[str, Any] = {"sms": part.sm_count["decode"] if part else total_sms,
+                                   "copy_tbps": green_copy_bandwidth() / 1e12}
+            for b in args.sweep_batches:
+                ms = time_step(step_fn(b), args.iters) * 1e3
+                roof = (weight_bytes + b * (ctx + 1) * per_token) / (hbm * 1e12) * 1e3
+                row[f"b{b}_ms"], row[f"b{b}_pct_of_roofline"] = ms, 100 * roof / ms
+        result["sm_sweep"].append(row)
+        print(f"{row['sms']:>4} {row['copy_tbps']:>9.2f} " + " ".join(
+            f"{row[f'b{b}_ms']:>9.2f} {row[f'b{b}_pct_of_roofline']:>4.0f}%" for b in args.sweep_batches), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
