@@ -98,6 +98,47 @@ def print_breakdown(tag: str, r: dict[str, Any]) -> None:
         print(f"   {k['ms_per_step']:7.3f} ms {k['calls_per_step']:5.0f}x  [{k['group']}] {k['kernel']}")
 
 
+def graphed(fn):  # type: ignore[no-untyped-def]
+    """fn captured in a CUDA graph: the replay times the device work alone, no host launch gaps."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def gemm_table(model: Any, ms_rows: list[int], iters: int) -> list[dict[str, Any]]:
+    """Each weight GEMM at decode rows M, over all layers' copies of that weight in one CUDA graph (distinct
+    weights: nothing stays in L2, as in a real step): cuBLAS (torch.matmul, the model's path) against the
+    Triton persistent GEMM, as achieved weight-read bandwidth per call."""
+    from semipd_kernels.triton.gemm import linear
+
+    layers = list(model.layers)
+    named = [("qkv", [ly.self_attn.qkv_proj.weight for ly in layers]),
+             ("o", [ly.self_attn.o_proj.weight for ly in layers]),
+             ("gate_up", [ly.mlp.gate_up_proj.weight for ly in layers]),
+             ("down", [ly.mlp.down_proj.weight for ly in layers])]
+    rows = []
+    for m in ms_rows:
+        for name, ws in named:
+            w0 = ws[0]
+            x = torch.randn(m, w0.shape[1], dtype=w0.dtype, device=w0.device)
+            nbytes = w0.numel() * w0.element_size()
+            cub = graphed(lambda: [torch.matmul(x, w.t()) for w in ws])
+            tri = graphed(lambda: [linear(x, w) for w in ws])
+            t_cublas, t_triton = time_step(cub, iters) / len(ws), time_step(tri, iters) / len(ws)
+            rows.append({"m": m, "gemm": name, "n": w0.shape[0], "k": w0.shape[1], "cublas_us": t_cublas * 1e6,
+                         "cublas_tbps": nbytes / t_cublas / 1e12, "triton_us": t_triton * 1e6,
+                         "triton_tbps": nbytes / t_triton / 1e12})
+            r = rows[-1]
+            print(f"   M={m:<3} {name:8s} {r['n']:>6}x{r['k']:<6} cuBLAS {r['cublas_us']:7.1f} us "
+                  f"{r['cublas_tbps']:5.2f} TB/s | Triton {r['triton_us']:7.1f} us {r['triton_tbps']:5.2f} TB/s",
+                  flush=True)
+            del cub, tri
+    return rows
+
+
 def green_copy_bandwidth(nbytes: int = 1 << 29) -> float:
     """Device copy on the current stream (inside a green context: its SMs only), bytes/s read + written."""
     x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -115,6 +156,7 @@ def main() -> None:
     ap.add_argument("--sm-sweep", type=int, nargs="*", default=[16, 33, 50, 66, 83, 99, 116],
                     help="decode SM counts for the bandwidth sweep (green contexts; the full device is added)")
     ap.add_argument("--sweep-batches", type=int, nargs="*", default=[1, 64])
+    ap.add_argument("--gemm-rows", type=int, nargs="*", default=[1, 16, 64])
     ap.add_argument("--steps", type=int, default=10, help="profiled steps per case")
     ap.add_argument("--iters", type=int, default=20, help="timed steps per case")
     ap.add_argument("--hbm-tbps", type=float, default=None)
@@ -151,6 +193,8 @@ def main() -> None:
                               "hbm_tbps_datasheet": hbm, "copy_tbps_full": copy_bandwidth() / 1e12,
                               "torch": torch.__version__, "breakdown": [], "sm_sweep": []}
     print(f"{name}: copy {result['copy_tbps_full']:.2f} TB/s (datasheet {hbm})", flush=True)
+    print("== weight GEMMs at decode rows (one event-timed call each, L2 not flushed)", flush=True)
+    result["gemms"] = gemm_table(model, args.gemm_rows, args.iters)
     green = GreenPartition(100 - args.green_percent, args.green_percent) if args.green_percent else None
     for b in args.batches:
         fn, kv = step_fn(b), b * (ctx + 1) * per_token
