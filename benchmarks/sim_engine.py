@@ -49,6 +49,10 @@ class StepTimes:
 SHAPES = {
     # decode per sequence of 3k context: 0.21 ms + 0.089 ms x (1/share - 1); per step 3.7 ms + 1 ms x (...)
     "8b": StepTimes((2e-3, 2.2e-5, 2e-9), (3.66e-3, 1.6e-5, 5e-8), 1.0, (0.27, 0.42, 0.42)),
+    # H100 (3.35 TB/s): the same prefill (compute-bound: 8k tokens in 0.24 s on both); decode least-squares fitted
+    # to the 52 decode steps the slo run logged beside a running prefill (benchmarks/results/2026-12-07c-h100, 5%
+    # median error): a larger fixed part than the H200's (7.5 vs 3.7 ms), a smaller per-token one
+    "8b-h100": StepTimes((2e-3, 2.2e-5, 2e-9), (7.5e-3, 1e-6, 4.2e-8), 1.0, (0.27, 0.42, 0.42)),
     "3b": StepTimes((1.5e-3, 1.0e-5, 1e-9), (2.5e-3, 1e-5, 2.6e-8), 0.5, (0.5, 1.0, 2.6)),
 }
 
@@ -71,8 +75,9 @@ def stationary(rate: float, duration_s: float = 20.0, prompt: tuple[int, int] = 
 
 
 def phased(scale: float = 1.0, repeats: int = 2, duration_s: float = 60.0) -> list[Phase]:
-    """The phased workload of gpu_suite.sh's slo_phased stage: long prompts at a moderate rate (prefill-bound),
-    then short prompts with long outputs at a higher rate (decode-bound), repeated."""
+    """The phased workload of gpu_suite.sh's slo_phased stage (there 25 s per phase): long prompts at a moderate
+    rate (prefill-bound), then short prompts with long outputs (decode-bound), repeated. (The GPU client draws
+    the short phase's outputs from 512-1536; here 768-1280, the range the H200-tuned tests were written for.)"""
     one = [Phase("long", duration_s, 6.5 * scale, (1536, 4608), (128, 384)),
            Phase("short", duration_s, 4.0 * scale, (512, 1536), (768, 1280))]
     return one * repeats

@@ -147,9 +147,10 @@ def simulate(shape: str, policy: str, rates: Sequence[float], slo: tuple[float, 
     return [(float(r), c.attainment, *c.sms) for r, c in zip(rates, out.columns, strict=True)]
 
 
-def workloads_for(kind: str, rates: Sequence[float], duration_s: float) -> list[list[Phase]]:
+def workloads_for(kind: str, rates: Sequence[float], duration_s: float, phase_s: float = 60.0) -> list[list[Phase]]:
     if kind == "phased":  # one run per scale; each column name says the scale and the phase
-        return [[dataclasses.replace(ph, name=f"x{r:g} {ph.name}") for ph in phased(r)] for r in rates]
+        return [[dataclasses.replace(ph, name=f"x{r:g} {ph.name}") for ph in phased(r, duration_s=phase_s)]
+                for r in rates]
     return [[stationary(r, duration_s)] for r in rates]
 
 
@@ -166,11 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also the slo policy without each of these terms")
     ap.add_argument("--seeds", type=int, default=3, help="runs per policy (seeds 0..N-1), attainment averaged")
     ap.add_argument("--duration-s", type=float, default=20.0, help="arrival window per rate (stationary)")
+    ap.add_argument("--phase-s", type=float, default=60.0, help="seconds per phase (phased; the GPU stage: 25)")
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.duration_s <= 0 or any(r <= 0 for r in args.rates):
-        ap.error("--seeds must be >= 1, --duration-s and --rates > 0")
+    if args.seeds < 1 or args.duration_s <= 0 or args.phase_s <= 0 or any(r <= 0 for r in args.rates):
+        ap.error("--seeds must be >= 1, --duration-s, --phase-s and --rates > 0")
     slo = (float(args.slo[0]), float(args.slo[1]))
-    loads = workloads_for(args.workload, args.rates, args.duration_s)
+    loads = workloads_for(args.workload, args.rates, args.duration_s, args.phase_s)
     rows: list[tuple[str, str, list[str], dict]] = [(p, p, [], {}) for p in args.policies]
     if args.oracle:
         rows += [(f"static-d{d}", "static", [], {"decode_percent": float(d)}) for d in ORACLE_DECODE_PERCENTS]
