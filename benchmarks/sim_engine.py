@@ -183,7 +183,7 @@ class Server:
                     r.gen, r.ctx = r.gen + 1, r.ctx + 1
                     if r.gen >= r.out:
                         r.done = t
-                        self.p.observe_finish(r.out)
+                        self.p.observe_finish(r.out, r.out)  # ignore_eos: max_tokens is the output
                 self.running = [r for r in self.running if math.isnan(r.done)]
                 self.decode_end = math.inf
                 self._report_queue()

@@ -55,7 +55,9 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "steady_batch": ({}, {"steady_batch": _running_batch}),  # TPOT at the running batch, as before
     "max_tokens": ({}, {"observe_arrival": _no_max_tokens}),  # L from finished requests only
     "swing": ({}, {"batch_swing": staticmethod(lambda batch: 1.0)}),
-    "served": ({}, {"served_share": staticmethod(lambda offered, admit, p_tpot: 1.0)}),
+    "served": ({}, {"served_share": staticmethod(lambda offered, admit, p_tpot, kept: 1.0)}),
+    "kept": ({}, {"served_share": staticmethod(  # G as before the H100 phased run: admitted counts as served
+        lambda offered, admit, p_tpot, kept: (1.0 if offered <= admit else admit / offered) * p_tpot)}),
     "light_load": ({}, {"by_ttft": property(lambda self: False)}),
     "backlog": ({}, {"queued_s": lambda self, load, p_share, slot_s: 0.0}),
     "slots": ({"max_decode_batch": None}, {}),

@@ -194,6 +194,26 @@ def test_output_length_of_new_requests_comes_from_their_max_tokens() -> None:
         p.observe_arrival(9.0, 10, -1)
 
 
+def test_output_length_follows_a_phase_of_longer_outputs_at_once() -> None:
+    """Finishes that report their max_tokens: a phase of 1k-token outputs after one of 256 is read from the new
+    arrivals at once (finishes alone read 256 until the new phase finishes), and a loose limit is scaled by the
+    share of max_tokens the finished requests used."""
+    p = SloPartitioner(SloPartitionerConfig())
+    for _ in range(50):
+        p.observe_finish(256, 256)  # ignore_eos: every request ran to its max_tokens
+    for i in range(40):
+        p.observe_arrival(0.1 * i, 1000, 1024)
+    assert p.load_state(4.0).mean_output_tokens == 1024
+    q = SloPartitioner(SloPartitionerConfig())
+    for _ in range(50):
+        q.observe_finish(500, 2000)  # chat: EOS after a quarter of the limit
+    for i in range(40):
+        q.observe_arrival(0.1 * i, 300, 2048)
+    assert q.load_state(4.0).mean_output_tokens == pytest.approx(512)
+    with pytest.raises(ValueError, match="max_output_tokens"):
+        q.observe_finish(3, -1)
+
+
 def test_a_change_of_load_is_read_from_the_latest_arrivals() -> None:
     """100 arrivals of 1k prompts at 4/s, then 20 of 3k at 6/s: the mean prompt reads the new phase at once."""
     p = SloPartitioner(SloPartitionerConfig())

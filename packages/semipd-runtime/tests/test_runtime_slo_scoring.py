@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from semipd_runtime.slo_scoring import md1_wait_s, tpot_attainment, ttft_attainment
+from semipd_runtime.slo_scoring import md1_wait_s, queue_kept_share, tpot_attainment, ttft_attainment
 
 
 def simulated_md1_waits(rate: float, service_s: float, n: int, seed: int) -> np.ndarray:
@@ -57,3 +57,15 @@ def test_tpot_attainment_is_the_chance_a_lognormal_error_keeps_tpot() -> None:
     ratios = np.linspace(0.5, 2.0, 31)
     values = [tpot_attainment(0.015 / r, 0.015, 0.1) for r in ratios]
     assert all(b >= a for a, b in itertools.pairwise(values))  # more headroom, more attainment
+
+
+def test_queue_kept_share_is_how_long_the_queue_stays_within_the_ttft_slo() -> None:
+    """A draining or stable queue keeps the whole horizon; one that grows keeps the time until it passes the SLO's
+    slack (here 1.5 s of slack, growing 0.5 s per second from 0: the first 3 s of a 12 s horizon); a prefill
+    longer than the SLO keeps nothing."""
+    assert queue_kept_share(0.5, 2.0, backlog_s=1.0, rho=0.8, horizon_s=40.0) == 1.0
+    assert queue_kept_share(0.5, 2.0, backlog_s=0.0, rho=1.0, horizon_s=40.0) == 1.0
+    assert queue_kept_share(0.5, 2.0, backlog_s=0.0, rho=1.5, horizon_s=12.0) == pytest.approx(0.25)
+    # 5 s queued draining 0.1 s/s: within the slack from 35 s on, the last 2 of 16 points of a 40 s horizon
+    assert queue_kept_share(0.5, 2.0, backlog_s=5.0, rho=0.9, horizon_s=40.0) == pytest.approx(2 / 16)
+    assert queue_kept_share(2.5, 2.0, backlog_s=0.0, rho=0.1, horizon_s=40.0) == 0.0

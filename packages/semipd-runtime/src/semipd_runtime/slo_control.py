@@ -129,9 +129,9 @@ class SloController:
         if t is not None:
             self._measure("ttft", now - t)
 
-    def observe_finish(self, output_tokens: int) -> None:
+    def observe_finish(self, output_tokens: int, max_output_tokens: int = 0) -> None:
         if not self.profiling:
-            self.partitioner.observe_finish(output_tokens)
+            self.partitioner.observe_finish(output_tokens, max_output_tokens)
 
     def forget(self, rid: str) -> None:
         self._arrived.pop(rid, None)
@@ -207,7 +207,7 @@ class SloObserver:
         self.controller.observe_first_token(req.rid, now)
 
     def on_finish(self, req: Request) -> None:  # how long a decode slot stays taken
-        self.controller.observe_finish(len(req.output_ids))
+        self.controller.observe_finish(len(req.output_ids), req.sampling.max_tokens)
 
     def on_abort(self, rid: str) -> None:
         self.controller.forget(rid)

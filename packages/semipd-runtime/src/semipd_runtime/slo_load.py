@@ -22,7 +22,7 @@ class LoadTracker:
         self.min_lookback_s = min_lookback_s
         self.change_arrivals = change_arrivals  # the latest arrivals a change of load is looked for in (+-22%)
         self._arrivals: deque[tuple[float, int, int]] = deque(maxlen=1_000_000)  # (t, prompt, max output)
-        self._outputs: deque[int] = deque(maxlen=rate_target_arrivals)
+        self._outputs: deque[tuple[int, int]] = deque(maxlen=rate_target_arrivals)  # (generated, max output)
         self._first_arrival: float | None = None
         # queue snapshot sums since the last decision: [count, waiting reqs, tokens, attn, decode batch, context]
         self._queue_sum = np.zeros(6)
@@ -39,11 +39,12 @@ class LoadTracker:
         self._arrivals.append((float(t), int(prompt_tokens), int(max_output_tokens)))
         self._first_arrival = t if self._first_arrival is None else min(self._first_arrival, t)
 
-    def observe_finish(self, output_tokens: int) -> None:
-        """A request finished after generating `output_tokens` tokens (what outputs are; lags a change by one)."""
-        if isinstance(output_tokens, bool) or not isinstance(output_tokens, (int, np.integer)) or output_tokens < 0:
-            raise ValueError(f"output_tokens must be an int >= 0, got {output_tokens!r}")
-        self._outputs.append(int(output_tokens))
+    def observe_finish(self, output_tokens: int, max_output_tokens: int = 0) -> None:
+        """A request finished after generating `output_tokens` of at most `max_output_tokens` (0: not known)."""
+        for name, v in (("output_tokens", output_tokens), ("max_output_tokens", max_output_tokens)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        self._outputs.append((int(output_tokens), int(max_output_tokens)))
 
     def update_queue(self, waiting_prompt_tokens: Sequence[int], running_batch: int,
                      running_context_tokens: int) -> None:
@@ -98,15 +99,24 @@ class LoadTracker:
         else:
             mean_n = mean_attn = 0.0
         # plain floats: these end up in msgspec-encoded stats, which reject numpy scalars
-        # output tokens of a new request: finished requests tell what outputs are, but only once they finish (a
-        # phase of long outputs ended 12 s before its finishes stopped coming); the latest arrivals' max_tokens
-        # bound it now
-        finished = float(np.mean(self._outputs)) if self._outputs else math.inf
-        mean_out = min(float(np.mean(limits)) if limits else math.inf, finished)
-        mean_out = 0.0 if math.isinf(mean_out) else mean_out
+        mean_out = self.output_estimate(limits)
         waiting_reqs, waiting_tokens, waiting_attn, batch, context = (float(v) for v in q[1:])
         return LoadState(float(rate), float(mean_n), float(mean_attn), waiting_reqs, waiting_tokens, waiting_attn,
                          batch, context, mean_out, *(float(e) for e in errors))
+
+    def output_estimate(self, limits: list[int]) -> float:
+        """Output tokens of a new request: the latest arrivals' max_tokens, times the share of max_tokens finished
+        requests used (EOS ends most early). Finished requests alone lag a change by a whole output (a phase of
+        1k-token outputs read as 256 for 20 s on an H100, so TPOT was sized for a quarter of its batch), and
+        max_tokens alone over-states outputs that stop at EOS. 0: nothing known yet."""
+        done = [(n, cap) for n, cap in self._outputs if cap > 0]
+        finished = float(np.mean([n for n, _ in self._outputs])) if self._outputs else 0.0
+        if not limits:
+            return finished
+        if done:
+            return float(np.mean(limits)) * min(1.0, sum(n for n, _ in done) / sum(cap for _, cap in done))
+        # finishes without their max_tokens: the finished mean still bounds a loose limit (chat clients ask 2048)
+        return min(float(np.mean(limits)), finished) if self._outputs else float(np.mean(limits))
 
     def changed_lookback(self, window: list[tuple[float, int, int]], lookback: float, short: float) -> float:
         """`short` (the time back to the last self.change_arrivals arrivals) when their rate or mean prompt is off the

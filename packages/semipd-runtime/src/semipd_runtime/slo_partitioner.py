@@ -7,7 +7,7 @@ Pure Python + numpy; it imports nothing else from semipd, so any engine can feed
     p.observe_prefill(new_tokens, cached_tokens, sm_share, seconds)   # after every prefill step
     p.observe_decode(batch, context_tokens, sm_share, seconds)        # after every decode step
     p.observe_arrival(t, prompt_tokens)                               # when a request arrives
-    p.observe_finish(output_tokens)                                   # when a request finishes
+    p.observe_finish(output_tokens, max_output_tokens)                # when a request finishes
     p.update_queue(waiting_prompt_tokens, running_batch, running_context_tokens)
     d = p.decide(now)            # re-evaluates every repartition_interval_s; d.changed -> apply the new split
 
@@ -20,14 +20,17 @@ Step times come from the fitted models (`latency_model.py`). For each candidate 
     b        seconds of prefill (or of slot frees, past the free slots) queued ahead of a newcomer now
     B        steady decode batch: B = max(running, min((lam + W/H) L tau, mu L tau, cap)), tau = TPOT(B)
              (what arrives, and what waits over the horizon H, reaches decode only as fast as this split
-             prefills it: Little's law); L from the arrivals' max_tokens             [steady_batch, max_tokens]
+             prefills it: Little's law); L = the latest arrivals' max_tokens x the share of max_tokens finished
+             requests used                                                           [steady_batch, max_tokens]
     TPOT     one decode step of B + sqrt(B) sequences at s (the batch swings)                           [swing]
              P_tpot = Phi(ln(SLO_tpot / TPOT) / sigma): sigma, the model's error, sets the margin kept
     P_ttft   share of the next H seconds of arrivals with own + max(b(t), w) <= SLO_ttft, where the queue
              b(t) = max(0, b + (rho - 1) t) drains (or grows) with rho = lam max(S, slot)              [backlog]
              and w is the M/D/1 wait of Poisson arrivals: P(w > x) = rho exp(-x rho / W_md1)
     A        = P_ttft x P_tpot                            predicted SLO attainment
-    G        = min(1, mu / (lam + W/H)) x P_tpot          share of the load prefilled, then decoded in TPOT [served]
+    G        = min(1, mu / (lam + W/H)) x P_tpot x K      share of the load prefilled, then decoded in TPOT [served]
+             K: share of the next 2H over which b(t) stays within SLO_ttft - own (a queue that outgrows the
+             SLO fails every later request, this phase's and the next one's)                         [kept]
     T        mean TTFT of the next arrivals                                                            [light_load]
 
 The best split has the highest A; among those within `tie` of it, the highest G; among those within `tie` again,
@@ -62,7 +65,7 @@ from semipd_runtime.latency_model import (
 )
 from semipd_runtime.slo_config import POLICIES, SloPartitionerConfig, check_split, sm_split_candidates
 from semipd_runtime.slo_load import LoadTracker
-from semipd_runtime.slo_scoring import tpot_attainment, ttft_attainment
+from semipd_runtime.slo_scoring import queue_kept_share, tpot_attainment, ttft_attainment
 from semipd_runtime.slo_types import Decision, LoadState, SplitPrediction, beats, fmt
 
 __all__ = ["POLICIES", "Decision", "LoadState", "SloPartitioner", "SloPartitionerConfig", "SplitPrediction",
@@ -117,9 +120,9 @@ class SloPartitioner:
         `max_output_tokens` to generate (0: not known)."""
         self.tracker.observe_arrival(t, prompt_tokens, max_output_tokens)
 
-    def observe_finish(self, output_tokens: int) -> None:
-        """A request finished after generating `output_tokens` tokens."""
-        self.tracker.observe_finish(output_tokens)
+    def observe_finish(self, output_tokens: int, max_output_tokens: int = 0) -> None:
+        """A request finished after generating `output_tokens` tokens of at most `max_output_tokens` (0: unknown)."""
+        self.tracker.observe_finish(output_tokens, max_output_tokens)
 
     def update_queue(self, waiting_prompt_tokens: Sequence[int], running_batch: int,
                      running_context_tokens: int) -> None:
@@ -153,7 +156,9 @@ class SloPartitioner:
         p_ttft, ttft = ttft_attainment(own, cfg.slo_ttft_ms / 1000, per_request, load.arrival_rate, backlog,
                                        cfg.horizon_s, slot_s)
         offered = load.arrival_rate + load.waiting_requests / cfg.horizon_s
-        served = self.served_share(offered, 1.0 / max(per_request, slot_s), p_tpot)
+        kept = queue_kept_share(own, cfg.slo_ttft_ms / 1000, backlog, load.arrival_rate * max(per_request, slot_s),
+                                2 * cfg.horizon_s)
+        served = self.served_share(offered, 1.0 / max(per_request, slot_s), p_tpot, kept)
         return SplitPrediction(prefill_percent, decode_percent, float(1000 * ttft), float(1000 * tpot),
                                float(p_ttft * p_tpot), float(p_ttft), float(p_tpot), float(served),
                                float(load.arrival_rate * per_request), float(batch), float(1000 * own),
@@ -184,9 +189,12 @@ class SloPartitioner:
         return self.config.cheap_moves
 
     @staticmethod
-    def served_share(offered_rate: float, admit_rate: float, p_tpot: float) -> float:
-        """G: the share of the offered requests/s this split admits, times the chance their TPOT holds."""
-        return (1.0 if offered_rate <= admit_rate else admit_rate / offered_rate) * p_tpot
+    def served_share(offered_rate: float, admit_rate: float, p_tpot: float, kept: float) -> float:
+        """G: the share of the offered requests/s this split admits, times the chance their TPOT holds, times the
+        share of twice the horizon its queue stays within the TTFT SLO (`kept`). Without `kept`, a split that
+        held TPOT while its queue grew counted what it admitted as served: on an H100 it took prefill down to 44
+        SMs in a long-prompt phase, and the backlog failed the next phase too (RESULTS.md, 2026-12-07 third)."""
+        return (1.0 if offered_rate <= admit_rate else admit_rate / offered_rate) * p_tpot * kept
 
     def decode_slot_s(self, load: LoadState, d_share: float) -> float:
         """Seconds of decode-slot time per request with a full batch: output tokens x TPOT at max_decode_batch /

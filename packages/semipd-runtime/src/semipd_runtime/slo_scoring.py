@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["md1_wait_s", "tpot_attainment", "ttft_attainment"]
+__all__ = ["md1_wait_s", "queue_kept_share", "tpot_attainment", "ttft_attainment"]
 
 _RHO_KNEE = 0.95  # past this the M/D/1 wait continues as a straight line (finite, still steep)
 _POINTS = 16  # arrival times sampled over the horizon
@@ -50,6 +50,18 @@ def ttft_attainment(own_s: float, slo_s: float, per_request_s: float, arrival_ra
             continue
         met += 1.0 if mean_w <= 0 else 1.0 - p_wait * math.exp(-slack * p_wait / mean_w)
     return met / _POINTS, own_s + total_wait / _POINTS
+
+
+def queue_kept_share(own_s: float, slo_s: float, backlog_s: float, rho: float, horizon_s: float) -> float:
+    """Share of the next `horizon_s` over which the work queued ahead of a newcomer (`backlog_s` now, draining or
+    growing with `rho`) stays within what the TTFT SLO leaves after its own prefill: the fluid queue alone,
+    without the stochastic wait. A split whose queue outgrows the SLO fails every later request, this phase's and
+    the next one's, even where its prefill throughput looks like a share of the load served."""
+    slack = slo_s - own_s
+    if slack < 0:
+        return 0.0
+    kept = sum(_backlog_at((i + 0.5) * horizon_s / _POINTS, backlog_s, rho) <= slack for i in range(_POINTS))
+    return kept / _POINTS
 
 
 def tpot_attainment(tpot_s: float, slo_s: float, sigma: float) -> float:
