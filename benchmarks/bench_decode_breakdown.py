@@ -99,13 +99,36 @@ def print_breakdown(tag: str, r: dict[str, Any]) -> None:
 
 
 def graphed(fn):  # type: ignore[no-untyped-def]
-    """fn captured in a CUDA graph: the replay times the device work alone, no host launch gaps."""
+    """fn captured in a CUDA graph (on the current stream: inside a green context, its SMs): the replay times the
+    device work alone, no host launch gaps."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    cur = torch.cuda.current_stream()
+    with torch.cuda.graph(g, stream=cur if cur.cuda_stream != 0 else None):
         fn()
     return g.replay
+
+
+def carveout_row(model: Any, sms: int, total: int, iters: int) -> dict[str, Any]:
+    """gate_up at M=64 over all layers, graphed inside the current partition: cuBLAS as the model runs it, and
+    cuBLASLt told the partition's SM count (torch's experimental SM carveout = total - sms) so its grid is sized
+    for the SMs it has (a 132-CTA grid on 120 SMs runs two waves)."""
+    ws = [ly.mlp.gate_up_proj.weight for ly in model.layers]
+    x = torch.randn(64, ws[0].shape[1], dtype=ws[0].dtype, device=ws[0].device)
+    nbytes = ws[0].numel() * ws[0].element_size()
+    t_default = time_step(graphed(lambda: [torch.matmul(x, w.t()) for w in ws]), iters) / len(ws)
+    backend = torch.backends.cuda.preferred_blas_library()
+    try:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        t_lt = time_step(graphed(lambda: [torch.matmul(x, w.t()) for w in ws]), iters) / len(ws)
+        torch._C._set_sm_carveout_experimental(total - sms if sms < total else None)
+        t_carve = time_step(graphed(lambda: [torch.matmul(x, w.t()) for w in ws]), iters) / len(ws)
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+        torch.backends.cuda.preferred_blas_library(backend)
+    return {"sms": sms, "cublas_tbps": nbytes / t_default / 1e12, "cublaslt_tbps": nbytes / t_lt / 1e12,
+            "cublaslt_carveout_tbps": nbytes / t_carve / 1e12}
 
 
 def gemm_table(model: Any, ms_rows: list[int], iters: int) -> list[dict[str, Any]]:
@@ -158,6 +181,9 @@ def main() -> None:
     ap.add_argument("--sweep-batches", type=int, nargs="*", default=[1, 64])
     ap.add_argument("--max-model-len", type=int, default=8192, help="the serving context the graphs are sized for")
     ap.add_argument("--gemm-rows", type=int, nargs="*", default=[1, 16, 64])
+    ap.add_argument("--carveout", action="store_true",
+                    help="in the SM sweep, also gate_up at M=64 with cuBLASLt told the partition's SM count")
+    ap.add_argument("--only-sweep", action="store_true", help="skip the GEMM table and the breakdowns")
     ap.add_argument("--steps", type=int, default=10, help="profiled steps per case")
     ap.add_argument("--iters", type=int, default=20, help="timed steps per case")
     ap.add_argument("--hbm-tbps", type=float, default=None)
@@ -195,10 +221,11 @@ def main() -> None:
                               "hbm_tbps_datasheet": hbm, "copy_tbps_full": copy_bandwidth() / 1e12,
                               "torch": torch.__version__, "breakdown": [], "sm_sweep": []}
     print(f"{name}: copy {result['copy_tbps_full']:.2f} TB/s (datasheet {hbm})", flush=True)
-    print("== weight GEMMs at decode rows (all layers' copies in one graph: no L2 reuse)", flush=True)
-    result["gemms"] = gemm_table(model, args.gemm_rows, args.iters)
+    if not args.only_sweep:
+        print("== weight GEMMs at decode rows (all layers' copies in one graph: no L2 reuse)", flush=True)
+        result["gemms"] = gemm_table(model, args.gemm_rows, args.iters)
     green = GreenPartition(100 - args.green_percent, args.green_percent) if args.green_percent else None
-    for b in args.batches:
+    for b in [] if args.only_sweep else args.batches:
         fn, kv = step_fn(b), b * (ctx + 1) * per_token
         r = breakdown(fn, args.steps, args.iters, weight_bytes, kv, hbm) | {"batch": b, "sms": "all"}
         print_breakdown(f"B={b} ctx={ctx} full GPU", r)
@@ -222,9 +249,13 @@ def main() -> None:
                 ms = time_step(step_fn(b), args.iters) * 1e3
                 roof = (weight_bytes + b * (ctx + 1) * per_token) / (hbm * 1e12) * 1e3
                 row[f"b{b}_ms"], row[f"b{b}_pct_of_roofline"] = ms, 100 * roof / ms
+            if args.carveout:
+                row["gate_up_m64"] = carveout_row(model, row["sms"], total_sms, args.iters)
         result["sm_sweep"].append(row)
         print(f"{row['sms']:>4} {row['copy_tbps']:>9.2f} " + " ".join(
-            f"{row[f'b{b}_ms']:>9.2f} {row[f'b{b}_pct_of_roofline']:>4.0f}%" for b in args.sweep_batches), flush=True)
+            f"{row[f'b{b}_ms']:>9.2f} {row[f'b{b}_pct_of_roofline']:>4.0f}%" for b in args.sweep_batches)
+            + ("   gate_up M=64 TB/s: cuBLAS {cublas_tbps:.2f}, Lt {cublaslt_tbps:.2f}, Lt + SM target "
+               "{cublaslt_carveout_tbps:.2f}".format(**row["gate_up_m64"]) if args.carveout else ""), flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: install the carried wheels, start MPS, run the named GPU stages, logs + JSON into $OUT.
 #   bash benchmarks/gpu_suite.sh checks ipc offline interference decode_step step_profile sweep8b_unified compare prefix_cache
-#   (also: sampling_overhead grammar_overhead pd_transfer soak slo_phased slo_light decode_breakdown prefill_cublas)
+#   (also: sampling_overhead grammar_overhead pd_transfer soak slo_phased slo_light decode_breakdown prefill_cublas carveout)
 # Each stage has its own time limit so one hang cannot eat the whole call; a failed stage does not stop the rest.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -101,6 +101,9 @@ for s in "$@"; do
     decode_breakdown)  # issue 22: kernel groups inside the decode graph, bandwidth vs SM count
       stage decode_breakdown 300 python3 benchmarks/bench_decode_breakdown.py --shape llama-3.1-8b --batches 1 64 \
         --ctx 2048 --green-percent 50 --out "$OUT/decode_breakdown.json" ;;
+    carveout)  # issue 22: decode GEMMs inside a partition with cuBLASLt told the partition's SM count
+      stage carveout 150 python3 benchmarks/bench_decode_breakdown.py --only-sweep --carveout --green-percent 0 \
+        --sm-sweep 56 72 88 104 120 --sweep-batches 64 --out "$OUT/carveout.json" ;;
     prefill_cublas)  # issue 22: the whole 8B forward at 4k / 8k tokens against cuBLAS on its GEMM shapes
       stage prefill_cublas 240 python3 benchmarks/bench_step_profile.py --shape llama-3.1-8b --cases prefill:4096@0 \
         prefill:8192@0 --green-percent --out "$OUT/prefill_cublas.json" ;;
