@@ -4,7 +4,8 @@ Not a measurement: step times come from a synthetic latency model per shape, fit
 logs in benchmarks/results/2026-12-02{c,d}-h200 (8B, long prompts, decode measured *while prefill runs*: decode
 step 14.6 ms at B=27 on 52 SMs, 20 ms at B=35 on 44, 22 ms at B=26 on 28, 8.7 ms at B=18 on 108; prefill ~0.3 s
 per 8k-token step on 80 SMs). Decode under a running prefill does not saturate with SMs the way it does alone
-(HBM and L2 are shared), hence the knee of 1.
+(HBM and L2 are shared), hence the knee of 1. `8b-h100` is least-squares fitted to the H100 slo run's decode
+steps in benchmarks/results/2026-12-07c-h100.
 
 A prefill worker (FCFS, up to 8192 tokens per step, admission capped at `max_batch` running requests) and a
 decode worker run on disjoint SM shares; the real `SloPartitioner` sees the observations the engine feeds it and
