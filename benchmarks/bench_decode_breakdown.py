@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_step import copy_bandwidth, time_step
+from bench_step_profile import kernel_table
 from model_shapes import SHAPES, datasheet_hbm_tbps, with_layers
 
 from semipd_memory import KVPool
@@ -47,24 +48,15 @@ def group_of(kernel: str) -> str:
 
 
 def profile_steps(fn, steps: int) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    """Kernel table of `steps` calls of fn: per kernel name, calls and device ms per step."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Kernel table of `steps` calls of fn (bench_step_profile's, after a warm-up): per kernel name, calls and
+    device ms per step, and its group."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        dev_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if dev_us > 0 and ev.key not in ("", "Memcpy HtoD (Pinned -> Device)"):
-            rows.append({"kernel": ev.key[:100], "calls_per_step": ev.count / steps,
-                         "ms_per_step": dev_us / 1e3 / steps, "group": group_of(ev.key)})
-    rows.sort(key=lambda r: -r["ms_per_step"])
-    return rows
+    rows = kernel_table(lambda: [fn() for _ in range(steps)], top=1 << 30)
+    return [{"kernel": r["kernel"], "calls_per_step": r["calls"] / steps, "ms_per_step": r["ms"] / steps,
+             "group": group_of(r["kernel"])}
+            for r in rows if r["kernel"] not in ("", "Memcpy HtoD (Pinned -> Device)")]
 
 
 def breakdown(fn, steps: int, iters: int, weight_bytes: int, kv_bytes: int, hbm: float) -> dict[str, Any]:  # type: ignore[no-untyped-def]

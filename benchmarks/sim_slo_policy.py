@@ -57,7 +57,7 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "swing": ({}, {"batch_swing": staticmethod(lambda batch: 1.0)}),
     "served": ({}, {"served_share": staticmethod(lambda offered, admit, p_tpot, kept: 1.0)}),
     "kept": ({}, {"served_share": staticmethod(  # G as before the H100 phased run: admitted counts as served
-        lambda offered, admit, p_tpot, kept: (1.0 if offered <= admit else admit / offered) * p_tpot)}),
+        lambda offered, admit, p_tpot, kept: SloPartitioner.served_share(offered, admit, p_tpot, 1.0))}),
     "light_load": ({}, {"by_ttft": property(lambda self: False)}),
     "backlog": ({}, {"queued_s": lambda self, load, p_share, slot_s: 0.0}),
     "slots": ({"max_decode_batch": None}, {}),
