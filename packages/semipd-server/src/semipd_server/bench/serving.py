@@ -255,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_parses(p: argparse.ArgumentParser, flag: str, parse: Callable[[Any], object], value: object) -> None:
+    """p.error naming `flag` when its own parser rejects `value` (the parsed form is built again where used)."""
+    try:
+        parse(value)
+    except ValueError as e:
+        p.error(f"{flag}: {e}")
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate; fill in the SLO defaults (None with --compare when neither flag is given: no re-scoring)."""
     given = [hasattr(args, name) for name in ("slo_ttft_ms", "slo_tpot_ms")]
@@ -279,10 +287,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.phase_repeats < 1:
         p.error("--phase-repeats must be >= 1")
     if args.phases is not None:
-        try:
-            wl.parse_phases(args.phases)
-        except ValueError as e:
-            p.error(f"--phases: {e}")
+        _check_parses(p, "--phases", wl.parse_phases, args.phases)
     if args.diurnal is not None:
         try:
             period, amplitude = (float(x) for x in args.diurnal.split(":"))
@@ -300,10 +305,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.oracle is not None and not args.compare:
         p.error("--oracle judges saved runs: use it with --compare")
     if args.oracle_slos is not None:
-        try:
-            oracle.parse_slos(args.oracle_slos)
-        except ValueError as e:
-            p.error(f"--oracle-slos: {e}")
+        _check_parses(p, "--oracle-slos", oracle.parse_slos, args.oracle_slos)
     if args.plot_dir is not None and not have_matplotlib():
         p.error(MISSING_MATPLOTLIB)
     args.base_url = args.base_url.rstrip("/")
