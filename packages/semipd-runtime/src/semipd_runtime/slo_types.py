@@ -44,7 +44,7 @@ class SplitPrediction:
     attainment: float  # A = P(TTFT within SLO) x P(TPOT within SLO)
     ttft_attainment: float
     tpot_attainment: float
-    served: float  # G = share of the offered load prefilled and then decoded within TPOT
+    served: float  # G = share of the offered load prefilled, then decoded within TPOT, while the queue holds TTFT
     prefill_utilization: float  # rho: arrival rate x amortized prefill time per request
     decode_batch: float  # the steady decode batch B the TPOT is predicted at
     # where the TTFT comes from (for the log): the request's own prefill, the prefill time of what waits now, and
