@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -39,36 +38,11 @@ from semipd_runtime.pd_prefill import KvSender
 from semipd_runtime.penalties import PenaltyRows
 from semipd_runtime.prefill_executor import LocalPrefill, PrefillExecutor, PrefillReport
 from semipd_runtime.request import Request, RequestStatus
-from semipd_runtime.sampler import SampledTokens, Sampler
+from semipd_runtime.sampler import Sampler
 from semipd_runtime.scheduler import ScheduledBatch, Scheduler
+from semipd_runtime.step_in_flight import StepInFlight, finish_reason, reaches_length, record_event
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepInFlight:
-    """A launched step: its sampled tokens stay on the device (the next step reads its placeholders there)
-    until `EngineCore.resolve` reads their host copy."""
-
-    step: int  # the scheduler's number of it
-    requests: list[Request]  # the sampled ones, by row
-    index: list[int]  # where each row's placeholder sits in its request's output_ids
-    sampled: SampledTokens | None
-    done: torch.cuda.Event | None  # recorded after all its work (CUDA)
-    launched_at: float
-    num_requests: int
-    num_context: int  # tokens in the cache before the step (its requests')
-    decode_share: float = 1.0  # the decode SM share it was launched with (0..1]
-    elapsed_s: float = 0.0  # set by resolve: from max(launch, the step before done) to done
-    resolved: bool = False  # resolved already (early: the next step's grammar masks needed its tokens)
-
-
-def _record_event(device: torch.device) -> torch.cuda.Event | None:
-    if device.type != "cuda":
-        return None
-    ev = torch.cuda.Event()
-    ev.record()
-    return ev
 
 
 ExecutorFactory = Callable[["EngineCore"], PrefillExecutor]
@@ -365,7 +339,7 @@ class EngineCore:
                 self.pending += self.resolve(prev)  # early: the masks need prev's tokens (`grammar.CoreGrammars`)
             bitmask = self.grammars.bitmask(reqs, logits.device)
             sampled = self.sampler.sample(logits, [r.sampling for r in reqs], steps, plan, bitmask)
-        done = sampled.ready if sampled is not None else _record_event(logits.device)
+        done = sampled.ready if sampled is not None else record_event(logits.device)
         share = self.executor.split[1] / 100  # executors without an SM split report (100, 100)
         return StepInFlight(step, reqs, index, sampled, done, t0, len(batch.requests), sum(starts), share)
 
@@ -400,7 +374,7 @@ class EngineCore:
     def _accepted(self, req: Request, i: int, tok: int, lp: TokenLogprobMsg | None) -> TokenEvent:
         """output_ids[i] = tok is known now: finish req if it ends there. Its grammar consumes tok first."""
         error = req.grammar.accept(tok) if req.grammar is not None else ""
-        reason = "abort" if error else self._finish_reason(req, tok, i + 1)
+        reason = "abort" if error else finish_reason(req, tok, i + 1, self.eos, self.cfg.max_model_len)
         if i == 0:
             if self.kv_sender is not None and req.bootstrap is not None and req.slot is not None:
                 self.kv_sender.first_token(req, tok, lp, self.allocator.pages(req.slot))
@@ -417,22 +391,9 @@ class EngineCore:
             error = f"the output left its grammar: {error}"
         return TokenEvent(req.rid, [tok], None if lp is None else [lp], reason, error or None, 500 if error else 0)
 
-    def _finish_reason(self, req: Request, tok: int, num_out: int) -> str | None:
-        """Why req ends at its num_out-th output token tok (None: it goes on)."""
-        s = req.sampling
-        if (not s.ignore_eos and tok in self.eos) or tok in s.stop_token_ids:
-            return "stop"
-        if req.grammar is not None and req.grammar.terminated:  # the grammar allows nothing more
-            return "stop"
-        return "length" if self._reaches_length(req, num_out) else None
-
-    def _reaches_length(self, req: Request, num_out: int) -> bool:
-        """num_out output tokens are req's last: max_tokens or the context is reached."""
-        return num_out >= req.sampling.max_tokens or len(req.prompt_ids) + num_out >= self.cfg.max_model_len
-
     def _ends(self, req: Request) -> bool:
         """Its newest output id (a placeholder) is its last whatever its value: never schedule it again."""
-        return self._reaches_length(req, len(req.output_ids))
+        return reaches_length(req, len(req.output_ids), self.cfg.max_model_len)
 
     def close(self) -> None:
         """Release the executor's workers (none for LocalPrefill), the KV sender of a PD prefill instance, then

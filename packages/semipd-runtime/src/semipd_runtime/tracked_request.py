@@ -67,6 +67,11 @@ class TrackedRequest:
                 return False
             if ev.token_ids and "first_token" not in self.metrics:
                 self.metrics["first_token"] = time.monotonic()
+            # the error before any finish_reason: a reader polling `finished` from another thread must see it
+            if ev.error is not None and self.error is None and ev.status in _ERRORS:
+                # rejected by the core (400), its worker died (503), the KV never came from the prefill instance
+                # (502); a timeout (504) just ends with "abort"
+                self.error = _ERRORS[ev.status](ev.error)
             c.token_ids += ev.token_ids
             if ev.logprobs:
                 c.logprobs += [TokenLogprob(m.token_id, m.logprob, [(tid, lp) for tid, lp in m.top])
@@ -79,10 +84,6 @@ class TrackedRequest:
                 c.finish_reason = ev.finish_reason
                 if ev.finish_reason == "stop" and ev.token_ids and ev.token_ids[-1] in self._stop_ids:
                     c.stop_reason = ev.token_ids[-1]
-            if ev.error is not None and self.error is None and ev.status in _ERRORS:
-                # rejected by the core (400), its worker died (503), the KV never came from the prefill instance
-                # (502); a timeout (504) just ends with "abort"
-                self.error = _ERRORS[ev.status](ev.error)
             if c.finish_reason is not None and self.finished:
                 self.metrics["finished"] = time.monotonic()
             return stop_hit
