@@ -126,8 +126,10 @@ def carveout_row(model: Any, sms: int, total: int, iters: int) -> dict[str, Any]
 def gemm_table(model: Any, ms_rows: list[int], iters: int) -> list[dict[str, Any]]:
     """Each weight GEMM at decode rows M, over all layers' copies of that weight in one CUDA graph (distinct
     weights: nothing stays in L2, as in a real step): cuBLAS (torch.matmul, the model's path) against the
-    Triton persistent GEMM, as achieved weight-read bandwidth per call."""
+    Triton persistent GEMM and, at M <= 16, the GEMV-shaped kernel at its best config of `skinny_gemm.CONFIGS`,
+    as achieved weight-read bandwidth per call."""
     from semipd_kernels.triton.gemm import linear
+    from semipd_kernels.triton.skinny_gemm import CONFIGS, MAX_ROWS, skinny_linear
 
     layers = list(model.layers)
     named = [("qkv", [ly.self_attn.qkv_proj.weight for ly in layers]),
@@ -147,9 +149,22 @@ def gemm_table(model: Any, ms_rows: list[int], iters: int) -> list[dict[str, Any
                          "cublas_tbps": nbytes / t_cublas / 1e12, "triton_us": t_triton * 1e6,
                          "triton_tbps": nbytes / t_triton / 1e12})
             r = rows[-1]
+            skinny = ""
+            if m <= MAX_ROWS:
+                by_config = {}
+                for cfg in CONFIGS:
+                    g = graphed(lambda cfg=cfg: [skinny_linear(x, w, cfg) for w in ws])
+                    by_config[cfg] = time_step(g, iters) / len(ws)
+                    del g
+                cfg, t = min(by_config.items(), key=lambda kv: kv[1])
+                err = (skinny_linear(x, w0, cfg).float() - torch.matmul(x, w0.t()).float()).abs().max().item()
+                r.update(skinny_us=t * 1e6, skinny_tbps=nbytes / t / 1e12, skinny_config=list(cfg),
+                         skinny_max_abs_err=err,
+                         skinny_by_config={"x".join(map(str, c)): v * 1e6 for c, v in by_config.items()})
+                skinny = f" | skinny {t * 1e6:7.1f} us {nbytes / t / 1e12:5.2f} TB/s {cfg} (err {err:.2g})"
             print(f"   M={m:<3} {name:8s} {r['n']:>6}x{r['k']:<6} cuBLAS {r['cublas_us']:7.1f} us "
-                  f"{r['cublas_tbps']:5.2f} TB/s | Triton {r['triton_us']:7.1f} us {r['triton_tbps']:5.2f} TB/s",
-                  flush=True)
+                  f"{r['cublas_tbps']:5.2f} TB/s | Triton {r['triton_us']:7.1f} us {r['triton_tbps']:5.2f} TB/s"
+                  + skinny, flush=True)
             del cub, tri
     return rows
 
@@ -176,6 +191,7 @@ def main() -> None:
     ap.add_argument("--carveout", action="store_true",
                     help="in the SM sweep, also gate_up at M=64 with cuBLASLt told the partition's SM count")
     ap.add_argument("--only-sweep", action="store_true", help="skip the GEMM table and the breakdowns")
+    ap.add_argument("--only-gemms", action="store_true", help="the GEMM table only (cuBLAS, Triton, skinny)")
     ap.add_argument("--steps", type=int, default=10, help="profiled steps per case")
     ap.add_argument("--iters", type=int, default=20, help="timed steps per case")
     ap.add_argument("--hbm-tbps", type=float, default=None)
@@ -216,6 +232,10 @@ def main() -> None:
     if not args.only_sweep:
         print("== weight GEMMs at decode rows (all layers' copies in one graph: no L2 reuse)", flush=True)
         result["gemms"] = gemm_table(model, args.gemm_rows, args.iters)
+    if args.only_gemms:
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
+        return
     green = GreenPartition(100 - args.green_percent, args.green_percent) if args.green_percent else None
     for b in [] if args.only_sweep else args.batches:
         fn, kv = step_fn(b), b * (ctx + 1) * per_token

@@ -127,6 +127,8 @@ class Server:
     next_decide: float = 0.0
     decisions: list[Decision] = field(default_factory=list)
     decode_log: list[tuple[float, int, float]] = field(default_factory=list)  # (t, batch, seconds) per step
+    # (time, (prefill %, decode %)) the split is forced to, in time order: a phase oracle's schedule
+    schedule: deque[tuple[float, tuple[float, float]]] = field(default_factory=deque)
     _prefill_obs: tuple = ()
     _decode_obs: tuple = ()
 
@@ -163,11 +165,14 @@ class Server:
         arrivals = deque(sorted(reqs, key=lambda r: r.arrival))
         while arrivals or self.queue or self.prefilling or self.ready or self.running:
             na = arrivals[0].arrival if arrivals else math.inf
-            t = min(na, self.prefill_end, self.decode_end, self.next_decide)
+            ns = self.schedule[0][0] if self.schedule else math.inf
+            t = min(na, self.prefill_end, self.decode_end, self.next_decide, ns)
             if t > until:
                 break
             self.t = t
-            if t == na:
+            if t == ns:  # steps already running keep their share, as a green-context move does
+                self.p.force_split(*self.schedule.popleft()[1], now=t)
+            elif t == na:
                 r = arrivals.popleft()
                 self.queue.append(r)
                 self.p.observe_arrival(t, r.prompt, r.out)  # ignore_eos: max_tokens is the output

@@ -3,7 +3,7 @@
 Stationary workload (gpu_suite.sh's sweep: 3k +- 50% prompts, 256 +- 50% outputs, `--duration-s` of Poisson
 arrivals per rate, rates one after another on one server) or the phased one (`--workload phased`: long prompts,
 then short prompts with long outputs, 60 s each, twice; `--rates` scale its phase rates). `--oracle` adds the
-static splits at decode 20..60%, and the best of them per column; `--ablate TERM` re-runs the slo policy with one
+static splits at decode 20..80%, and the best of them per column; `--ablate TERM` re-runs the slo policy with one
 of its terms switched off (see `slo_partitioner`'s docstring), to show what each term changes.
 
     python benchmarks/sim_slo_policy.py --shape 8b --rates 6 8 10 12 --slo 2000 25 --seeds 3
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from sim_engine import (
 from semipd_runtime.slo_partitioner import LoadState, SloPartitioner, SloPartitionerConfig
 
 TIMEOUT_S = 60.0
-ORACLE_DECODE_PERCENTS = (20, 30, 40, 50, 60)
+ORACLE_DECODE_PERCENTS = tuple(range(20, 85, 5))  # the SM steps of 8 lie ~6 percent apart
 
 
 def _running_batch(self: SloPartitioner, load: LoadState, d_share: float, rate: float) -> tuple[float, float]:
@@ -82,15 +83,21 @@ class Column:
 class SimRun:
     columns: list[Column]
     overall: float  # attainment % over every request
+    per_load: list[float]  # attainment % of each workload (rate or phase scale), in order
     moves: int
     moves_back: int  # moves that reverse the direction of the previous one
     server: Server
 
 
+def nearest_split(decode_percent: float) -> tuple[float, float]:
+    """The candidate split whose decode share is closest to `decode_percent`."""
+    return min(SloPartitionerConfig().candidates or (), key=lambda c: abs(c[1] - decode_percent))
+
+
 def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, decode_percent: float = 40.0,
                 ablate: Sequence[str] = (), **cfg_kwargs: object) -> Server:
     steps, rng = SHAPES[shape], np.random.default_rng(seed)
-    initial = min(SloPartitionerConfig().candidates or (), key=lambda c: abs(c[1] - decode_percent))
+    initial = nearest_split(decode_percent)
     overrides: dict[str, object] = {"max_decode_batch": 64, **cfg_kwargs}
     methods: dict[str, object] = {}
     for term in ablate:
@@ -107,17 +114,26 @@ def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, de
 
 
 def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tuple[float, float], seed: int,
-        decode_percent: float = 40.0, ablate: Sequence[str] = (), **cfg_kwargs: object) -> SimRun:
+        decode_percent: float = 40.0, ablate: Sequence[str] = (), phase_decode: dict[str, float] | None = None,
+        **cfg_kwargs: object) -> SimRun:
     """Serve each workload (a list of phases back to back) after the previous one on one server; one column per
-    phase name in order of first appearance (repeats of a phase pool their requests)."""
+    phase name in order of first appearance (repeats of a phase pool their requests). `phase_decode` (phase name
+    -> decode %) forces that split at each such phase's start: a static split that knows the phases."""
     server = make_server(shape, policy, slo, seed, decode_percent, ablate, **cfg_kwargs)
     by_name: dict[str, list] = {}
+    per_load: list[float] = []
     for i, phases in enumerate(workloads):
         t0 = server.t + 1
+        start = t0
+        for ph in phases:
+            if phase_decode is not None:
+                server.schedule.append((start, nearest_split(phase_decode[ph.name])))
+            start += ph.duration_s
         # the same requests whatever the policy (the server's own rng draws step noise, as many as it runs steps)
         reqs = make_requests(phases, np.random.default_rng([seed, i]), t0)
         end = t0 + sum(ph.duration_s for ph in phases)
         server.serve(reqs, end + TIMEOUT_S)
+        per_load.append(100.0 * sum(r.meets(slo) for r in reqs) / max(1, len(reqs)))
         start = t0
         for ph in phases:
             mine = [r for r in reqs if start <= r.arrival < start + ph.duration_s]
@@ -139,7 +155,7 @@ def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tupl
     steps = [b - a for a, b in itertools.pairwise(start_sms)]
     back = sum(1 for a, b in itertools.pairwise(steps) if a * b < 0)
     overall = 100.0 * sum(r.meets(slo) for r in everyone) / max(1, len(everyone))
-    return SimRun(columns, overall, len(path), back, server)
+    return SimRun(columns, overall, per_load, len(path), back, server)
 
 
 def simulate(shape: str, policy: str, rates: Sequence[float], slo: tuple[float, float], seed: int,
@@ -156,6 +172,41 @@ def workloads_for(kind: str, rates: Sequence[float], duration_s: float, phase_s:
     return [[stationary(r, duration_s)] for r in rates]
 
 
+def rate_at(rates: Sequence[float], attainment: Sequence[float], goal: float = 90.0) -> float:
+    """The highest rate (or scale) at which attainment is still >= goal, interpolated linearly to the first rate
+    past it that misses (rates ascending); nan if the lowest rate misses already, the highest if none does."""
+    if not attainment or attainment[0] < goal:
+        return math.nan
+    for (r0, a0), (r1, a1) in itertools.pairwise(zip(rates, attainment, strict=True)):
+        if a1 < goal:
+            return r0 + (r1 - r0) * (a0 - goal) / (a0 - a1)
+    return float(rates[-1])
+
+
+def phase_oracle(shape: str, loads: Sequence[Sequence[Phase]], slo: tuple[float, float], seeds: int,
+                 start: dict[str, float]) -> tuple[dict[str, float], float]:
+    """A static split per phase that knows the phases (switched at each phase's start): coordinate ascent on overall
+    attainment from `start` (each phase's best static split), one phase at a time over the oracle's grid, until no
+    phase's split improves it. Not an upper bound for a dynamic policy (one split per phase, backlog included),
+    but what knowing the phases alone buys."""
+    def score(per_phase: dict[str, float]) -> float:
+        return float(np.mean([run(shape, "static", loads, slo, s, phase_decode=per_phase).overall
+                              for s in range(seeds)]))
+
+    best, best_score = dict(start), score(start)
+    improved = True
+    while improved:
+        improved = False
+        for name in best:
+            for d in ORACLE_DECODE_PERCENTS:
+                if nearest_split(d) == nearest_split(best[name]):
+                    continue
+                trial = {**best, name: float(d)}
+                if (sc := score(trial)) > best_score + 1e-9:
+                    best, best_score, improved = trial, sc, True
+    return best, best_score
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -164,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="req/s (stationary) or load scales of the phases (phased)")
     ap.add_argument("--slo", type=float, nargs=2, default=[2000, 25], metavar=("TTFT_MS", "TPOT_MS"))
     ap.add_argument("--policies", nargs="+", choices=["static", "slo"], default=["static", "slo"])
-    ap.add_argument("--oracle", action="store_true", help="also static at decode 20..60%% and their best")
+    ap.add_argument("--oracle", action="store_true", help="also static at decode 20..80%% and their best")
+    ap.add_argument("--phase-oracle", action="store_true",
+                    help="with --oracle on the phased workload: also the best static split per phase (slow)")
     ap.add_argument("--ablate", nargs="+", default=[], choices=sorted(ABLATIONS) or None,
                     help="also the slo policy without each of these terms")
     ap.add_argument("--seeds", type=int, default=3, help="runs per policy (seeds 0..N-1), attainment averaged")
@@ -182,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"simulated {args.shape}, {args.workload}, SLO TTFT {slo[0]:g} ms / TPOT {slo[1]:g} ms, "
           f"{args.seeds} seed(s): attainment % (prefill SMs seen) [TTFT p50 ms]; moves (back)")
     table: dict[str, list[float]] = {}
+    rates, at90 = sorted(args.rates), dict[str, float]()
+    if list(args.rates) != rates:
+        ap.error("--rates must be ascending")
     for label, policy, ablate, kw in rows:
         runs = [run(args.shape, policy, loads, slo, s, ablate=ablate, **kw) for s in range(args.seeds)]
         cells = []
@@ -193,11 +249,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             cells.append(f"{col.name}: {att:5.1f} ({lo}-{hi}) [{p50:.0f}]")
         overall = float(np.mean([r.overall for r in runs]))
         moves, back = sum(r.moves for r in runs) / len(runs), sum(r.moves_back for r in runs) / len(runs)
-        print(f"  {label:14s}  " + "   ".join(cells) + f"   | all {overall:5.1f}; moves {moves:g} ({back:g})")
+        per_load = np.mean([r.per_load for r in runs], axis=0)
+        at90[label] = rate_at(rates, list(per_load))
+        print(f"  {label:14s}  " + "   ".join(cells) + f"   | all {overall:5.1f}; moves {moves:g} ({back:g})"
+              + (f"; 90% up to {at90[label]:.3g}" if len(rates) > 1 else ""))
     statics = [k for k in table if k.startswith("static-d")]
     if statics:
         best = [max(statics, key=lambda k: table[k][i]) for i in range(len(next(iter(table.values()))))]
         print("  best static     " + "   ".join(f"{b} {table[b][i]:5.1f}" for i, b in enumerate(best)))
+        if len(rates) > 1:
+            top = max(statics, key=lambda k: -1.0 if math.isnan(at90[k]) else at90[k])
+            print(f"  90% attainment up to: best static {top} {at90[top]:.3g}; "
+                  + ", ".join(f"{k} {at90[k]:.3g} ({at90[k] / at90[top]:.2f}x)" for k in at90 if k not in statics))
+        if args.workload == "phased" and args.phase_oracle:
+            names = [c.name for c in runs[0].columns]
+            start = {n: float(b.removeprefix("static-d")) for n, b in zip(names, best, strict=True)}
+            per_phase, overall = phase_oracle(args.shape, loads, slo, args.seeds, start)
+            print(f"  {'phase oracle':14s}  " + "   ".join(f"{n}: d{d:g}" for n, d in per_phase.items())
+                  + f"   | all {overall:5.1f}")
     return 0
 
 

@@ -5,6 +5,8 @@ Backend choice, so the runtime never branches on the device:
   "triton" always Triton (on CPU tensors this needs TRITON_INTERPRET=1 set before triton is imported);
   "torch"  always the reference.
 The initial value comes from the env var SEMIPD_KERNEL_BACKEND; `set_backend` changes it at run time.
+Linear layers stay on cuBLAS unless SEMIPD_SKINNY_GEMM=1 (or `set_skinny_gemm(True)`) sends those of at most 16
+rows to the GEMV-shaped Triton kernel (`triton/skinny_gemm.py`; off until a GPU run shows it beats cuBLAS).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ENV_VAR = "SEMIPD_KERNEL_BACKEND"
 
 # op name -> module under semipd_kernels.triton that implements it with the same signature
 _TRITON_MODULES = {
+    "linear": "skinny_gemm",
     "rms_norm": "norm",
     "fused_add_rms_norm": "norm",
     "silu_and_mul": "activation",
@@ -45,6 +48,7 @@ def _validate(name: str) -> str:
 
 
 _backend = _validate(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+_skinny = os.environ.get("SEMIPD_SKINNY_GEMM", "0").strip() not in ("", "0")
 _triton_cache: dict[str, Callable[..., Any] | None] = {}
 
 
@@ -56,6 +60,12 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _backend
+
+
+def set_skinny_gemm(enabled: bool) -> None:
+    """Route linear layers of at most 16 rows (decode batches) to the GEMV-shaped Triton kernel."""
+    global _skinny
+    _skinny = bool(enabled)
 
 
 def _triton_impl(op: str) -> Callable[..., Any] | None:
@@ -86,6 +96,15 @@ def _pick(op: str, tensor: Tensor) -> Callable[..., Any]:
         assert impl is not None
         return impl
     return getattr(reference, op)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T (+ bias): cuBLAS, or with `set_skinny_gemm` the Triton GEMV-shaped kernel for <= 16 rows."""
+    if _skinny and x.numel() <= 16 * x.shape[-1] and backend_for("linear", x) == "triton":
+        impl = _triton_impl("linear")
+        assert impl is not None
+        return impl(x, weight, bias)
+    return reference.linear(x, weight, bias)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -34,6 +34,10 @@ __all__ = [
 
 
 # -------------------- norms
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     checks.check_norm(x, weight)
     xf = x.float()

@@ -43,7 +43,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, meta: AttentionMetadata) -> Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
@@ -68,7 +69,7 @@ class Attention(nn.Module):
             o = ops.prefill_attention(
                 q, k_cache, v_cache, meta.page_table, meta.cu_seqlens_q, meta.seq_lens, self.scale
             )
-        out = self.o_proj(o.reshape(t, self.q_size))
+        out = ops.linear(o.reshape(t, self.q_size), self.o_proj.weight)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -80,7 +81,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        out = ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_proj.weight)), self.down_proj.weight)
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
