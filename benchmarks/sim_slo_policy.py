@@ -165,10 +165,24 @@ def simulate(shape: str, policy: str, rates: Sequence[float], slo: tuple[float, 
     return [(float(r), c.attainment, *c.sms) for r, c in zip(rates, out.columns, strict=True)]
 
 
-def workloads_for(kind: str, rates: Sequence[float], duration_s: float, phase_s: float = 60.0) -> list[list[Phase]]:
+def bench_phases(spec: str, scale: float = 1.0, repeats: int = 2) -> list[Phase]:
+    """The bench client's `--phases` (NAME:SECONDS:REQ_PER_S:IN:OUT,...) with its lengths +-50% (gpu_suite.sh's
+    --range-ratio 0.5), rates times `scale`, the sequence `repeats` times: a workload tried here runs unchanged
+    as the GPU stage's SLO_PHASES."""
+    from semipd_server.bench.serving_workload import parse_phases
+
+    def spread(x: int) -> tuple[int, int]:
+        return max(1, int(x * 0.5)), max(1, int(x * 1.5))
+
+    return [Phase(p.name, p.duration_s, p.rate * scale, spread(p.input_len), spread(p.output_len))
+            for p in parse_phases(spec)] * repeats
+
+
+def workloads_for(kind: str, rates: Sequence[float], duration_s: float, phase_s: float = 60.0,
+                  phases: str | None = None) -> list[list[Phase]]:
     if kind == "phased":  # one run per scale; each column name says the scale and the phase
-        return [[dataclasses.replace(ph, name=f"x{r:g} {ph.name}") for ph in phased(r, duration_s=phase_s)]
-                for r in rates]
+        return [[dataclasses.replace(ph, name=f"x{r:g} {ph.name}")
+                 for ph in (bench_phases(phases, r) if phases else phased(r, duration_s=phase_s))] for r in rates]
     return [[stationary(r, duration_s)] for r in rates]
 
 
@@ -223,11 +237,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="runs per policy (seeds 0..N-1), attainment averaged")
     ap.add_argument("--duration-s", type=float, default=20.0, help="arrival window per rate (stationary)")
     ap.add_argument("--phase-s", type=float, default=60.0, help="seconds per phase (phased; the GPU stage: 25)")
+    ap.add_argument("--phases", default=None, metavar="NAME:S:REQ_PER_S:IN:OUT,...",
+                    help="phased: these phases (the bench client's syntax, lengths +-50%%, twice) instead of the "
+                         "built-in long/short pair")
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.duration_s <= 0 or args.phase_s <= 0 or any(r <= 0 for r in args.rates):
         ap.error("--seeds must be >= 1, --duration-s, --phase-s and --rates > 0")
     slo = (float(args.slo[0]), float(args.slo[1]))
-    loads = workloads_for(args.workload, args.rates, args.duration_s, args.phase_s)
+    if args.phases is not None and args.workload != "phased":
+        ap.error("--phases needs --workload phased")
+    try:
+        loads = workloads_for(args.workload, args.rates, args.duration_s, args.phase_s, args.phases)
+    except ValueError as e:
+        ap.error(f"--phases: {e}")
     rows: list[tuple[str, str, list[str], dict]] = [(p, p, [], {}) for p in args.policies]
     if args.oracle:
         rows += [(f"static-d{d}", "static", [], {"decode_percent": float(d)}) for d in ORACLE_DECODE_PERCENTS]

@@ -366,3 +366,20 @@ def test_partitioner_modules_import_only_numpy_and_each_other() -> None:
                       or (top == "semipd_runtime" and rest in own))
                 assert ok, f"{name}.py imports {mod}"
 
+
+
+def test_no_move_for_ttft_before_any_request_arrived() -> None:
+    """At start-up, before any arrival, every split's predicted TTFT is a few ms: a move for TTFT would be rounding
+    (in simulation it moved to 112 prefill SMs at t=0 and back 2 s later as the load came). Once a light load
+    arrives, the move for TTFT comes."""
+    truth, rng = Truth(), np.random.default_rng(1)
+    cfg = SloPartitionerConfig(slo_ttft_ms=2000, slo_tpot_ms=25, repartition_interval_s=1.0, min_dwell_s=5.0)
+    p = SloPartitioner(cfg, profile_for(truth, rng, 0.02))
+    idle = p.decide(0.0)
+    assert not idle.changed and idle.split == cfg.initial_split, idle.reason
+    assert idle.predicted is not None  # a TTFT gain over the hysteresis was on offer:
+    assert min(c.ttft_ms for c in idle.candidates) < 0.75 * idle.predicted.ttft_ms
+    for w in range(10):
+        feed_window(p, truth, rng, float(w), w + 1.0, 2.0, (1000, 3000), 2, 2000, 0.02, 0.0)
+    light = p.decide(10.0)
+    assert light.changed and light.prefill_percent > cfg.initial_split[0], light.reason

@@ -39,6 +39,11 @@ class LoadTracker:
         self._arrivals.append((float(t), int(prompt_tokens), int(max_output_tokens)))
         self._first_arrival = t if self._first_arrival is None else min(self._first_arrival, t)
 
+    @property
+    def seen_arrivals(self) -> bool:
+        """Whether any request has arrived yet."""
+        return self._first_arrival is not None
+
     def observe_finish(self, output_tokens: int, max_output_tokens: int = 0) -> None:
         """A request finished after generating `output_tokens` of at most `max_output_tokens` (0: not known)."""
         for name, v in (("output_tokens", output_tokens), ("max_output_tokens", max_output_tokens)):

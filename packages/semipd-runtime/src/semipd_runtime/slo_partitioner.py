@@ -34,7 +34,8 @@ Step times come from the fitted models (`latency_model.py`). For each candidate 
     T        mean TTFT of the next arrivals                                                            [light_load]
 
 The best split has the highest A; among those within `tie` of it, the highest G; among those within `tie` again,
-with cheap moves (green contexts), the lowest T, else the current split if it is among them. Why three levels:
+with cheap moves (green contexts) once a request has arrived, the lowest T, else the current split if it is
+among them. Why three levels:
 A alone is flat where every split is hopeless (overload: A ~ 0) and where every split is fine (light load: A ~ 1).
 In overload G keeps prefill throughput (a split that holds TPOT but prefills at a trickle starves everyone queued).
 At light load T gives prefill what decode does not need, as DuetServe partitions only when decode would suffer;
@@ -276,7 +277,10 @@ class SloPartitioner:
             return self._decision(now, self._split, False, reason, None, None, (), load)
         preds = tuple(self.predict(p, d, load) for p, d in self._candidates)
         current = next(p for p in preds if (p.prefill_percent, p.decode_percent) == self._split)
-        best = self._choose(preds, current)
+        # TTFT ranks ties only where moves are cheap, and only once a request has arrived: before, every split's
+        # TTFT is a few ms, and a move at start-up on 2 against 3 ms was rounding (then moved back with the load)
+        by_ttft = self.by_ttft and self.tracker.seen_arrivals
+        best = self._choose(preds, current, by_ttft)
         if cfg.policy == "static":
             return self._decision(now, self._split, False, "static policy", current, best, preds, load)
         # a move that wins attainment back skips the dwell where moves are cheap: the dwell only keeps moves for
@@ -286,9 +290,9 @@ class SloPartitioner:
             reason = f"current split is best ({fmt(current)})"
         elif now - self._last_switch < cfg.dwell_s and not (cfg.cheap_moves and urgent):
             reason = f"hold: dwell {now - self._last_switch:.2f}s < {cfg.dwell_s}s"
-        elif not beats(best, current, cfg.tie, cfg.hysteresis, self.by_ttft):
+        elif not beats(best, current, cfg.tie, cfg.hysteresis, by_ttft):
             reason = f"hold: best {fmt(best)} gains under tie/hysteresis over {fmt(current)}"
-        elif not self._robust(best, current, load):
+        elif not self._robust(best, current, load, by_ttft):
             reason = f"hold: best {fmt(best)}, but not at the load +-{cfg.load_confidence_z} std errors"
         else:
             reason = f"move: {fmt(best)} beats {fmt(current)}"
@@ -297,7 +301,7 @@ class SloPartitioner:
             return self._decision(now, self._split, True, reason, best, best, preds, load)
         return self._decision(now, self._split, False, reason, current, best, preds, load)
 
-    def _choose(self, preds: Sequence[SplitPrediction], current: SplitPrediction) -> SplitPrediction:
+    def _choose(self, preds: Sequence[SplitPrediction], current: SplitPrediction, by_ttft: bool) -> SplitPrediction:
         """Highest A; within `tie` of it, highest G; within `tie` again, lowest T (cheap moves) or the current."""
         tie = self.config.tie
         top_a = max(p.attainment for p in preds)
@@ -308,7 +312,7 @@ class SloPartitioner:
         def moved(p: SplitPrediction) -> float:  # ties: fewest SMs moved
             return abs(p.prefill_percent - current.prefill_percent)
 
-        if self.by_ttft:  # a move for TTFT alone enters only splits at a quarter of the tie from the
+        if by_ttft:  # a move for TTFT alone enters only splits at a quarter of the tie from the
             # top (and leaves below the full tie): a band, or a batch swinging by sqrt(B) flips the choice
             top_near = max(p.attainment for p in near)
             calm = [p for p in near if p.attainment >= top_near - tie / 4 or p is current]
@@ -317,7 +321,7 @@ class SloPartitioner:
             return current
         return max(near, key=lambda p: (p.attainment, p.served, -moved(p)))
 
-    def _robust(self, best: SplitPrediction, current: SplitPrediction, load: LoadState) -> bool:
+    def _robust(self, best: SplitPrediction, current: SplitPrediction, load: LoadState, by_ttft: bool) -> bool:
         # a rate measured from a hundred Poisson arrivals wanders by ~10%, and TTFT near saturation amplifies
         # that: move only if the current split does not beat the best one at either end of the estimate's band.
         # A move for TTFT alone must also keep TPOT at the heavy end: moving 80 -> 88 SMs for a 30% lower TTFT
@@ -328,7 +332,7 @@ class SloPartitioner:
             shifted = load.shifted(z)
             b = self.predict(best.prefill_percent, best.decode_percent, shifted)
             c = self.predict(current.prefill_percent, current.decode_percent, shifted)
-            if beats(c, b, cfg.tie, cfg.hysteresis, self.by_ttft):
+            if beats(c, b, cfg.tie, cfg.hysteresis, by_ttft):
                 return False
             if ttft_only and z > 0 and b.tpot_attainment < 1 - cfg.tie / 4:
                 return False
