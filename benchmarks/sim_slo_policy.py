@@ -64,6 +64,7 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "slots": ({"max_decode_batch": None}, {}),
     "change": ({}, {"_no_change": True}),  # the tracker never reads a change from the latest arrivals
     "load_band": ({"load_confidence_z": 0.0}, {}),
+    "rescue": ({}, {"rescues": staticmethod(lambda best, current, load: False)}),
     "dwell": ({"min_dwell_s": 0.0}, {}),
 }
 

@@ -44,7 +44,8 @@ with MPS (a move costs ~12 s) that level is off. What earlier rules did and why 
 
 It moves when the best split beats the current one (`slo_types.beats`: A higher by over `tie`, else G or then T
 better by over `hysteresis`, relative), the current one does not beat it at the arrival rate and prompt length
-moved +-`load_confidence_z` standard errors (a move for T alone must also keep TPOT at the heavy end) [load_band],
+moved +-`load_confidence_z` standard errors (a move for T alone must also keep TPOT at the heavy end) [load_band]
+unless the current split fails most requests with a queue waiting while the best serves most [rescue],
 and the current split has been held `dwell_s` [dwell] (with cheap moves a move that wins A back need not wait).
 Each bracketed term changes decisions in benchmarks/sim_slo_policy.py (`--ablate TERM`; RESULTS.md has the table).
 """
@@ -321,12 +322,22 @@ class SloPartitioner:
             return current
         return max(near, key=lambda p: (p.attainment, p.served, -moved(p)))
 
+    @staticmethod
+    def rescues(best: SplitPrediction, current: SplitPrediction, load: LoadState) -> bool:
+        """The current split fails most requests with a queue waiting while the best serves most: move now, the
+        load band does not apply. Right after a change of load the band is wide (its estimate rests on the
+        latest 20 arrivals), and its light end kept a split that could not keep up for 8 s while 12 requests
+        queued (simulation, a phase of 4k prompts after one of 256)."""
+        return current.attainment < 0.5 <= best.attainment and load.waiting_requests >= 1
+
     def _robust(self, best: SplitPrediction, current: SplitPrediction, load: LoadState, by_ttft: bool) -> bool:
         # a rate measured from a hundred Poisson arrivals wanders by ~10%, and TTFT near saturation amplifies
         # that: move only if the current split does not beat the best one at either end of the estimate's band.
         # A move for TTFT alone must also keep TPOT at the heavy end: moving 80 -> 88 SMs for a 30% lower TTFT
         # at a TPOT that held only at the rate measured went back 2 s later in simulation, as the batch grew
         cfg = self.config
+        if self.rescues(best, current, load):
+            return True
         ttft_only = not beats(best, current, cfg.tie, cfg.hysteresis, False)
         for z in (-cfg.load_confidence_z, cfg.load_confidence_z) if cfg.load_confidence_z > 0 else ():
             shifted = load.shifted(z)
