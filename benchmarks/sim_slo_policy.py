@@ -244,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.duration_s <= 0 or args.phase_s <= 0 or any(r <= 0 for r in args.rates):
         ap.error("--seeds must be >= 1, --duration-s, --phase-s and --rates > 0")
+    if list(args.rates) != sorted(args.rates):
+        ap.error("--rates must be ascending")
     slo = (float(args.slo[0]), float(args.slo[1]))
     if args.phases is not None and args.workload != "phased":
         ap.error("--phases needs --workload phased")
@@ -258,9 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"simulated {args.shape}, {args.workload}, SLO TTFT {slo[0]:g} ms / TPOT {slo[1]:g} ms, "
           f"{args.seeds} seed(s): attainment % (prefill SMs seen) [TTFT p50 ms]; moves (back)")
     table: dict[str, list[float]] = {}
-    rates, at90 = sorted(args.rates), dict[str, float]()
-    if list(args.rates) != rates:
-        ap.error("--rates must be ascending")
+    rates, at90 = list(args.rates), dict[str, float]()
     for label, policy, ablate, kw in rows:
         runs = [run(args.shape, policy, loads, slo, s, ablate=ablate, **kw) for s in range(args.seeds)]
         cells = []

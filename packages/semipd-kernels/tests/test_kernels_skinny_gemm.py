@@ -69,3 +69,4 @@ def test_ops_linear_takes_the_skinny_kernel_only_when_asked_and_only_for_few_row
         finally:
             ops.set_skinny_gemm(False)
     assert calls == [3]  # the 3-row call with the kernel on; 17 rows and the off state stay on cuBLAS
+    assert ops.SKINNY_MAX_ROWS == skinny_gemm.MAX_ROWS

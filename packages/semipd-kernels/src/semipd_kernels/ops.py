@@ -49,6 +49,7 @@ def _validate(name: str) -> str:
 
 _backend = _validate(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
 _skinny = os.environ.get("SEMIPD_SKINNY_GEMM", "0").strip() not in ("", "0")
+SKINNY_MAX_ROWS = 16  # triton/skinny_gemm.MAX_ROWS (not imported here: triton loads only when a kernel is picked)
 _triton_cache: dict[str, Callable[..., Any] | None] = {}
 
 
@@ -100,10 +101,8 @@ def _pick(op: str, tensor: Tensor) -> Callable[..., Any]:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T (+ bias): cuBLAS, or with `set_skinny_gemm` the Triton GEMV-shaped kernel for <= 16 rows."""
-    if _skinny and x.numel() <= 16 * x.shape[-1] and backend_for("linear", x) == "triton":
-        impl = _triton_impl("linear")
-        assert impl is not None
-        return impl(x, weight, bias)
+    if _skinny and x.numel() <= SKINNY_MAX_ROWS * x.shape[-1]:
+        return _pick("linear", x)(x, weight, bias)
     return reference.linear(x, weight, bias)
 
 

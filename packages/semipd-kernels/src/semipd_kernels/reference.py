@@ -23,6 +23,7 @@ __all__ = [
     "apply_token_bitmask",
     "decode_attention",
     "fused_add_rms_norm",
+    "linear",
     "prefill_attention",
     "rms_norm",
     "rope_cos_sin_cache",
@@ -33,11 +34,12 @@ __all__ = [
 ]
 
 
-# -------------------- norms
+# -------------------- linear layers
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
 
+# -------------------- norms
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     checks.check_norm(x, weight)
     xf = x.float()
