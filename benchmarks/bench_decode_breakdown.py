@@ -268,6 +268,14 @@ def main() -> None:
             f"{row[f'b{b}_ms']:>9.2f} {row[f'b{b}_pct_of_roofline']:>4.0f}%" for b in args.sweep_batches)
             + ("   gate_up M=64 TB/s: cuBLAS {cublas_tbps:.2f}, Lt {cublaslt_tbps:.2f}, Lt + SM target "
                "{cublaslt_carveout_tbps:.2f}".format(**row["gate_up_m64"]) if args.carveout else ""), flush=True)
+    from semipd_kernels import ops
+
+    if ops.skinny_gemm_enabled():  # what the per-shape timing picked (None: cuBLAS won), beside the step times
+        from semipd_kernels.triton.skinny_gemm import chosen
+
+        result["skinny_chosen"] = [[n, k, rows, str(dt), cfg] for (n, k, rows, dt), cfg in chosen().items()]
+        for n, k, rows, dt, cfg in result["skinny_chosen"]:
+            print(f"skinny pick N={n} K={k} rows<={rows} {dt}: {cfg or 'cuBLAS'}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: install the carried wheels, start MPS, run the named GPU stages, logs + JSON into $OUT.
 #   bash benchmarks/gpu_suite.sh checks ipc offline interference decode_step step_profile sweep8b_unified compare prefix_cache
-#   (also: sampling_overhead grammar_overhead pd_transfer soak slo_phased slo_light decode_breakdown prefill_cublas carveout skinny_gemm)
+#   (also: sampling_overhead grammar_overhead pd_transfer soak slo_phased slo_light decode_breakdown prefill_cublas carveout skinny_gemm decode_skinny)
 # Each stage has its own time limit so one hang cannot eat the whole call; a failed stage does not stop the rest.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -104,6 +104,11 @@ for s in "$@"; do
     skinny_gemm)  # issue 22: the GEMV-shaped Triton kernel beside cuBLAS per weight shape at decode rows 1-16
       stage skinny_gemm 150 python3 benchmarks/bench_decode_breakdown.py --only-gemms --gemm-rows 1 4 16 \
         --green-percent 0 --out "$OUT/skinny_gemm.json" ;;
+    decode_skinny)  # issue 22: the decode step at B=1/16 with cuBLAS, then with SEMIPD_SKINNY_GEMM=1 (per-shape pick)
+      stage decode_cublas 240 python3 benchmarks/bench_decode_breakdown.py --shape llama-3.1-8b --batches 1 16 \
+        --ctx 2048 --green-percent 50 --gemm-rows 1 16 --sm-sweep --out "$OUT/decode_cublas.json"
+      SEMIPD_SKINNY_GEMM=1 stage decode_skinny 240 python3 benchmarks/bench_decode_breakdown.py --shape llama-3.1-8b \
+        --batches 1 16 --ctx 2048 --green-percent 50 --gemm-rows 1 16 --sm-sweep --out "$OUT/decode_skinny.json" ;;
     carveout)  # issue 22: decode GEMMs inside a partition with cuBLASLt told the partition's SM count
       stage carveout 150 python3 benchmarks/bench_decode_breakdown.py --only-sweep --carveout --green-percent 0 \
         --sm-sweep 56 72 88 104 120 --sweep-batches 64 --out "$OUT/carveout.json" ;;

@@ -70,3 +70,21 @@ def test_ops_linear_takes_the_skinny_kernel_only_when_asked_and_only_for_few_row
             ops.set_skinny_gemm(False)
     assert calls == [3]  # the 3-row call with the kernel on; 17 rows and the off state stay on cuBLAS
     assert ops.SKINNY_MAX_ROWS == skinny_gemm.MAX_ROWS
+
+
+def test_choose_takes_the_fastest_candidate_and_cublas_when_it_wins() -> None:
+    a, b = skinny_gemm.CONFIGS[0], skinny_gemm.CONFIGS[1]
+    assert skinny_gemm.choose([None, a, b], {None: 3.0, a: 2.0, b: 2.5}.__getitem__) == a
+    assert skinny_gemm.choose([None, a, b], {None: 1.0, a: 2.0, b: 2.5}.__getitem__) is None
+    assert skinny_gemm.choose([None, a], {None: 2.0, a: 2.0}.__getitem__) is None  # a tie keeps cuBLAS
+    with pytest.raises(ValueError, match="at least one"):
+        skinny_gemm.choose([], lambda c: 0.0)
+
+
+def test_linear_keys_its_pick_by_shape_and_row_bucket_and_adds_the_bias() -> None:
+    w, bias = torch.randn(40, 32, device=DEVICE), torch.randn(40, device=DEVICE)
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, 32, device=DEVICE)
+        torch.testing.assert_close(skinny_gemm.linear(x, w, bias), x @ w.T + bias, atol=1e-4, rtol=1e-4)
+    buckets = sorted(r for (n, k, r, dt) in skinny_gemm.chosen() if (n, k, dt) == (40, 32, torch.float32))
+    assert buckets == [1, 4, 16]  # 1 row, 3-4 rows, 9 rows -> 16

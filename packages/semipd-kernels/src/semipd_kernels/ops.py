@@ -6,7 +6,8 @@ Backend choice, so the runtime never branches on the device:
   "torch"  always the reference.
 The initial value comes from the env var SEMIPD_KERNEL_BACKEND; `set_backend` changes it at run time.
 Linear layers stay on cuBLAS unless SEMIPD_SKINNY_GEMM=1 (or `set_skinny_gemm(True)`) sends those of at most 16
-rows to the GEMV-shaped Triton kernel (`triton/skinny_gemm.py`; off until a GPU run shows it beats cuBLAS).
+rows to the GEMV-shaped Triton kernel (`triton/skinny_gemm.py`, which times its configs and cuBLAS once per shape
+and keeps the fastest; off until a GPU run shows it beats cuBLAS).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def set_skinny_gemm(enabled: bool) -> None:
     """Route linear layers of at most 16 rows (decode batches) to the GEMV-shaped Triton kernel."""
     global _skinny
     _skinny = bool(enabled)
+
+
+def skinny_gemm_enabled() -> bool:
+    return _skinny
 
 
 def _triton_impl(op: str) -> Callable[..., Any] | None:

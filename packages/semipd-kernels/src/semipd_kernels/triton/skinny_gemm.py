@@ -5,14 +5,18 @@ reused from registers. cuBLAS reaches ~2.7 TB/s of the H100's 3.35 there (benchm
 breakdown"); the persistent GEMM (`gemm.py`) half that, because its 64-row tiles waste the MMA on padding and
 its grid of one program per SM leaves too few loads in flight. Here each program owns BLOCK_N weight rows (and,
 with SPLIT_K > 1, one K slice of them, reduced by fp32 atomics into a workspace), so a 4096-wide layer already
-launches hundreds of programs that each stream a contiguous block. The model keeps cuBLAS;
-`benchmarks/bench_decode_breakdown.py` measures this kernel beside it per weight shape and config.
+launches hundreds of programs that each stream a contiguous block. `linear` (ops.linear with SEMIPD_SKINNY_GEMM=1)
+times every config and cuBLAS once per shape and keeps the fastest; `benchmarks/bench_decode_breakdown.py
+--only-gemms` prints the same comparison per weight shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 from torch import Tensor
 
@@ -90,7 +94,50 @@ def skinny_linear(x: Tensor, weight: Tensor, config: tuple[int, int, int, int, i
     return (out.to(x.dtype) if atomic else out).view(*x.shape[:-1], n)
 
 
+Config = tuple[int, int, int, int, int]
+# (N, K, rows rounded up to a power of 2, dtype) -> the fastest config, or None where cuBLAS won; filled on first
+# use of a shape outside CUDA-graph capture (the model's warm-up), read during capture and replay
+_chosen: dict[tuple[int, int, int, torch.dtype], Config | None] = {}
+
+
+def choose(candidates: list[Config | None], time_ms: Callable[[Config | None], float]) -> Config | None:
+    """The candidate (a config, or None for cuBLAS) with the least time; ties keep the earlier one."""
+    if not candidates:
+        raise ValueError("choose needs at least one candidate")
+    return min(candidates, key=time_ms)
+
+
+def _time_on_gpu(a: Tensor, weight: Tensor) -> Callable[[Config | None], float]:
+    def time_ms(config: Config | None) -> float:
+        fn = (lambda: torch.nn.functional.linear(a, weight)) if config is None else \
+            (lambda: skinny_linear(a, weight, config))
+        return float(triton.testing.do_bench(fn, warmup=5, rep=20))
+    return time_ms
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`ops.linear`'s Triton path, for at most 16 rows (the bias, if any, added after)."""
-    out = skinny_linear(x, weight)
+    """`ops.linear`'s Triton path, for at most 16 rows (the bias, if any, added after).
+
+    On CUDA each (shape, row bucket) is timed once against every config and cuBLAS, and the fastest is kept, so
+    turning the kernel on never makes a layer slower than cuBLAS was on that GPU (or its SM share)."""
+    n, k = weight.shape
+    rows = x.numel() // max(k, 1)
+    key = (n, k, 1 << max(rows - 1, 0).bit_length(), x.dtype)
+    if key not in _chosen:
+        if not x.is_cuda:
+            _chosen[key] = CONFIGS[0]
+        elif torch.cuda.is_current_stream_capturing():
+            return torch.nn.functional.linear(x, weight, bias)  # untimed shape met inside capture: stay on cuBLAS
+        else:
+            probe = torch.randn(key[2], k, dtype=x.dtype, device=x.device)
+            _chosen[key] = choose([None, *CONFIGS], _time_on_gpu(probe, weight))
+    config = _chosen[key]
+    if config is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = skinny_linear(x, weight, config)
     return out if bias is None else out.add_(bias)
+
+
+def chosen() -> dict[tuple[int, int, int, torch.dtype], Config | None]:
+    """What `linear` picked per (N, K, row bucket, dtype) so far (None: cuBLAS), for benchmarks' logs."""
+    return dict(_chosen)
