@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 import triton
-import triton.testing
 import triton.language as tl
+import triton.testing
 from torch import Tensor
 
 from semipd_kernels.triton.common import dot_precision, interpreting, mma
