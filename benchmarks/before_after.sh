@@ -5,7 +5,7 @@
 # BASELINE_TAR: `git archive <commit> -o scratch/baseline.tar` (carried; scratch/ is ignored). Each benchmark is
 # run from its tree's own benchmarks/ with that tree's packages on PYTHONPATH; logs + JSON go to $OUT/{before,after}.
 set -uo pipefail
-if [ -d .whl ]; then  # wheels the device image lacks (../shared/device/fetch-wheels.sh)
+if [ -d .whl ]; then  # wheels the device image lacks (benchmarks/fetch_device_wheels.sh)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device-tool call: install the carried wheels, start MPS, run the named GPU stages, logs + JSON into $OUT.
+# One device-tool call: install the carried wheels (.whl: benchmarks/fetch_device_wheels.sh), start MPS, run the named GPU stages, logs + JSON into $OUT.
 #   bash benchmarks/gpu_suite.sh checks ipc offline interference decode_step step_profile sweep8b_unified compare prefix_cache
 #   (also: sampling_overhead grammar_overhead pd_transfer soak slo_phased slo_light decode_breakdown prefill_cublas carveout skinny_gemm decode_skinny)
 # Each stage has its own time limit so one hang cannot eat the whole call; a failed stage does not stop the rest.

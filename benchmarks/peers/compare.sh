@@ -21,7 +21,7 @@ OUT=${OUT:-out/peers}
 RES=${PEERS_RES:-/root/peers_res}
 mkdir -p "$OUT" "$RES"
 PY=${PY:-python3}
-# the server's packages the GPU image lacks (../shared/device/fetch-wheels.sh, carried as .whl); once per machine,
+# the server's packages the GPU image lacks (benchmarks/fetch_device_wheels.sh, carried as .whl); once per machine,
 # so the detached run and later calls find them in /tmp/site
 if [ -d .whl ] && [ ! -f /tmp/site/.semipd_wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
