@@ -30,6 +30,13 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0, what: str = "con
         time.sleep(0.05)
 
 
+def first_tokens(server: ServerProcess) -> float:
+    """Requests that got their first token so far (the TTFT histogram's count)."""
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("semipd:time_to_first_token_seconds_count"))
+
+
 def core_pid(server: ServerProcess) -> int:
     (pid,) = [p for p in child_pids(server.proc.pid) if "spawn_main" in proc_cmdline(p)]
     return pid
@@ -60,10 +67,13 @@ class InFlight:
                     self.streaming.set()
                 self.results["stream"] = (r.status_code, "\n".join(lines))
 
+        before = first_tokens(server)
         self.threads = [threading.Thread(target=whole), threading.Thread(target=streamed)]
         for t in self.threads:
             t.start()
         assert self.streaming.wait(60), "the stream never started"
+        # both past prefill (on a slow machine the second can still be queued when the stream starts)
+        wait_for(lambda: first_tokens(server) >= before + 2, 60, "both requests decoding")
 
     def check_failed(self) -> None:
         for t in self.threads:
