@@ -37,6 +37,13 @@ SEMIPD_PORT=${SEMIPD_PORT:-30000}
 SERVER_ARGS=${PEERS_SERVER_ARGS:-"--load-format dummy --context-length 8192 --max-running-requests 64"}
 SEMIPD_CFGS=("semipd-unified=${PEERS_UNIFIED_ARGS:---chunked-prefill-size 2048}"
   "semipd-semi-pd-green=${PEERS_SEMIPD_ARGS:---enable-semi-pd --sm-partition green --decode-sm-percent 40}")
+# PEERS_QUICK=1: the trimmed plan for a session whose device start came late (~18 instead of ~25 minutes from the
+# first call): 10 s windows, three rates per workload, two for dh, no step profile. Set it for both halves (the bg
+# run inherits it); any PEERS_* set explicitly still wins.
+if [ "${PEERS_QUICK:-0}" = 1 ]; then
+  : "${PEERS_DURATION_S:=10}" "${PEERS_RATES_3K:=4 6 8}" "${PEERS_RATES_SHORT:=10 16 22}" "${PEERS_RATES_DH:=2 3}"
+  : "${PEERS_PROFILE:=0}"
+fi
 D=${PEERS_DURATION_S:-15}
 COMMON="--range-ratio 0.5 --num-prompts 1000 --duration-s $D --slo-ttft-ms 2000 --slo-tpot-ms 25 \
 --request-timeout-s ${PEERS_REQUEST_TIMEOUT_S:-60} --no-progress"
