@@ -63,6 +63,11 @@ def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tup
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     reasons: dict[str, str] = {}
     step, added = 0, 0
+    held = [bool(hold)]  # while the held requests wait, the router leaves a ready standby's message queued: a
+    if hold:  # step could otherwise take it (and switch) between our look at the queue and our dispatch
+        router = shared_pool(core).router
+        take_standby = router._poll_standby
+        router._poll_standby = lambda msgs: None if held[0] else take_standby(msgs)  # type: ignore[method-assign]
     deadline = time.monotonic() + timeout_s
     while added < len(prompts) or core.has_work() or core.pending or (
             isinstance(core.executor, SharedPoolPrefill)
@@ -74,6 +79,7 @@ def stream(core: EngineCore, prompts: list[list[int]], moves: dict[int, list[tup
                 core.add_request(AddRequest(f"r{added}", prompts[added], GREEDY))
                 added += 1
             core._dispatch_prefill()  # to the old worker: the switch is next poll
+            held[0] = False
         for _ in range(2):
             if added < len(prompts) and (added < len(prompts) - hold or not busy):
                 core.add_request(AddRequest(f"r{added}", prompts[added], GREEDY))
