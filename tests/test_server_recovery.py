@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from semipd_server.testing import ServerProcess, child_pids, pid_alive, proc_cmdline
+from semipd_server.testing import ServerProcess, child_pids, pid_alive, proc_cmdline, scrape_metrics
 
 pytestmark = pytest.mark.slow
 KEY = "recovery-key"
@@ -32,9 +32,7 @@ def wait_for(cond: Callable[[], bool], timeout_s: float = 60.0, what: str = "con
 
 def first_tokens(server: ServerProcess) -> float:
     """Requests that got their first token so far (the TTFT histogram's count)."""
-    text = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("semipd:time_to_first_token_seconds_count"))
+    return scrape_metrics(server.url)["semipd:time_to_first_token_seconds_count{}"]
 
 
 def core_pid(server: ServerProcess) -> int:
