@@ -118,8 +118,9 @@ def _time_on_gpu(a: Tensor, weight: Tensor) -> Callable[[Config | None], float]:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`ops.linear`'s Triton path, for at most 16 rows (the bias, if any, added after).
 
-    On CUDA each (shape, row bucket) is timed once against every config and cuBLAS, and the fastest is kept, so
-    turning the kernel on never makes a layer slower than cuBLAS was on that GPU (or its SM share)."""
+    On CUDA each (shape, row bucket) is timed once, on first use, against every config and cuBLAS, and the fastest
+    is kept. The timing runs where that first use runs: a step later replayed in another SM share keeps the pick
+    (on the H200 a pick made on the whole GPU was 3% slower in a 72-SM partition; RESULTS.md, fifth session)."""
     n, k = weight.shape
     rows = x.numel() // max(k, 1)
     key = (n, k, 1 << max(rows - 1, 0).bit_length(), x.dtype)
