@@ -5,15 +5,11 @@
 # BASELINE_TAR: `git archive <commit> -o scratch/baseline.tar` (carried; scratch/ is ignored). Each benchmark is
 # run from its tree's own benchmarks/ with that tree's packages on PYTHONPATH; logs + JSON go to $OUT/{before,after}.
 set -uo pipefail
-if [ -d .whl ]; then  # wheels the device image lacks (benchmarks/fetch_device_wheels.sh)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/device_env.sh"
 OUT=${OUT:-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 BASE=/root/semipd-baseline
 rm -rf "$BASE" && mkdir -p "$BASE" && tar -xf "${BASELINE_TAR:-scratch/baseline.tar}" -C "$BASE"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 bench() {  # bench NAME: the same command line in both trees (the scripts' CLIs did not change)
   case $1 in
@@ -31,7 +27,7 @@ for name in "$@"; do
     dir=$PWD; [ "$side" = before ] && dir=$BASE
     mkdir -p "$OUT/$side"
     echo "##### $name: $side ($(date +%T))"
-    (cd "$dir" && PYTHONPATH=packages/semipd-kernels/src:packages/semipd-memory/src:packages/semipd-runtime/src:packages/semipd-server/src:benchmarks:${PYTHONPATH:-} \
+    (cd "$dir" && PYTHONPATH=$SEMIPD_SRC:${PYTHONPATH:-} \
       timeout -k 10 "${LIMIT_S:-240}" python3 $(bench "$name") --out "$OUT/$side/$name.json" >"$OUT/$side/$name.log" 2>&1)
     echo "rc=$? $(tail -n 12 "$OUT/$side/$name.log")"
   done

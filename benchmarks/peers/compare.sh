@@ -21,16 +21,8 @@ OUT=${OUT:-out/peers}
 RES=${PEERS_RES:-/root/peers_res}
 mkdir -p "$OUT" "$RES"
 PY=${PY:-python3}
-# the server's packages the GPU image lacks (benchmarks/fetch_device_wheels.sh, carried as .whl); once per machine,
-# so the detached run and later calls find them in /tmp/site
-if [ -d .whl ] && [ ! -f /tmp/site/.semipd_wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && touch /tmp/site/.semipd_wheels
-fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONPATH=packages/semipd-kernels/src:packages/semipd-memory/src:packages/semipd-runtime/src:packages/semipd-server/src:benchmarks:${PYTHONPATH:-}
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+. benchmarks/device_env.sh  # the carried wheels in /tmp/site (once per machine), multicast off
+export PYTHONPATH=$SEMIPD_SRC:${PYTHONPATH:-}
 MODEL_DIR=${MODEL_DIR:-scratch/llama8b}
 VLLM_URL=${VLLM_URL:-http://127.0.0.1:30001}
 SEMIPD_PORT=${SEMIPD_PORT:-30000}
