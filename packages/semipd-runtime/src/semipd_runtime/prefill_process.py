@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from semipd_runtime.config import EngineConfig
+from semipd_runtime.cpu_threads import share_cpu_threads
 from semipd_runtime.messages import FromPrefill, PrefillBatch, PrefillReady, Shutdown, ToPrefill
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
@@ -32,6 +33,7 @@ def run_prefill_process(
     ignore_terminal_interrupt()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s prefill %(name)s: %(message)s")
     chan: ZmqChannel[FromPrefill, ToPrefill] = ZmqChannel.connect(addrs, ToPrefill, peer_alive=parent_alive())
+    share_cpu_threads(cfg.device, 2)  # prefill here, decode in the core's process, at the same time
     try:
         weights = import_tensors(weights_handle)
         kv_buffer = import_tensors(kv_handle)["kv"]
@@ -75,6 +77,7 @@ class ProcessPrefillChannel:
                   partition.sm_count["prefill"], logging.getLogger().getEffectiveLevel()),
             name="semipd-prefill", daemon=True)
         self.chan.peer_alive = self.proc.is_alive
+        share_cpu_threads(cfg.device, 2)  # this process decodes while the prefill process runs
         with environment(partition.process_env("prefill")):
             self.proc.start()
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from semipd_memory import KVPool
 from semipd_runtime.capacity import kv_pages_for
 from semipd_runtime.config import EngineConfig
+from semipd_runtime.cpu_threads import share_cpu_threads
 from semipd_runtime.messages import CoreSampling
 from semipd_runtime.model_runner import ModelRunner
 from semipd_runtime.models.config import ModelConfig
@@ -115,7 +116,7 @@ def init_group(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:  # the ranks are the parallelism: each takes its share of the cores, not all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        share_cpu_threads(device.type, size)
     dist.init_process_group(
         backend,
         init_method=f"file://{init_file}",
