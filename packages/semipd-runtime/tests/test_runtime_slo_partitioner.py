@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from slo_fixtures import EngineSim, Truth, feed_window, profile_for, truths
 
 from semipd_runtime.slo_partitioner import LoadState, SloPartitioner, SloPartitionerConfig, SplitPrediction
+from semipd_runtime.slo_types import beats
 
 SRC = Path(__file__).parents[1] / "src" / "semipd_runtime"
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +71,7 @@ def test_choice_follows_the_ranking_rule(truth: Truth, load: dict, noise: float,
     best = expected_choice(preds, current, p.config.tie)
     if abs(best.attainment - current.attainment) > p.config.tie:  # lexicographic, hysteresis 0 here
         gains = best.attainment > current.attainment
-    elif best.served != current.served:
+    elif abs(best.served - current.served) > p.config.tie:  # G gains count past the tie (absolute) too
         gains = best.served > current.served
     else:
         gains = best.ttft_ms < current.ttft_ms
@@ -273,6 +274,19 @@ def test_no_flapping_on_a_noisy_stationary_load(truth: Truth, data: st.DataObjec
     assert len(moves) <= 2, f"split moved: {moves}"
     assert all((b - a) * (c - b) > 0 for a, b, c in zip(path, path[1:], path[2:], strict=False)), \
         f"split swung back: {moves}"
+
+
+def test_a_served_share_near_zero_beats_nothing() -> None:
+    """Where every split fails (A = G = 0 up to rounding), G 3e-10 against G 0 is no reason to move: the relative
+    margin alone called it a win, and the flapping test above (random seeds) caught the move and the move back."""
+    def pred(prefill: float, served: float, ttft_ms: float) -> SplitPrediction:
+        return SplitPrediction(prefill, 100 - prefill, ttft_ms, 18.0, 0.0, 0.0, 0.0, served, 0.5, 8.0, ttft_ms, 0.0,
+                               0.0)
+
+    tiny, zero = pred(90.9, 2.7e-10, 303.0), pred(48.5, 0.0, 531.0)
+    assert not beats(tiny, zero, 0.02, 0.25, by_ttft=False)
+    assert beats(pred(90.9, 0.30, 303.0), pred(48.5, 0.20, 531.0), 0.02, 0.25, by_ttft=False)  # a real G gain
+    assert beats(tiny, zero, 0.02, 0.25, by_ttft=True)  # TTFT may still rank them, where moves are cheap
 
 
 def test_moves_within_the_dwell_only_win_attainment_back() -> None:

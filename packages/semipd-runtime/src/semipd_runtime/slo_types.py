@@ -94,11 +94,13 @@ class Decision:
 def beats(x: SplitPrediction, y: SplitPrediction, tie: float, hysteresis: float, by_ttft: bool) -> bool:
     """x is clearly better than y: more attainment A (by over `tie`), else as much and a served share G higher by
     over `hysteresis` (relative: near the best G the trade of prefill throughput against TPOT is flat, and an
-    absolute margin let noise move 72 <-> 80 SMs under overload in simulation), else (`by_ttft`: cheap moves) as
-    much of both and a mean TTFT lower by over `hysteresis` (relative)."""
+    absolute margin let noise move 72 <-> 80 SMs under overload in simulation) and by over `tie` (absolute: where
+    every split fails, G 3e-10 "beat" G 0 and the split moved to 91% prefill, then back: hypothesis found it), else
+    (`by_ttft`: cheap moves) as much of both and a mean TTFT lower by over `hysteresis` (relative)."""
     if abs(x.attainment - y.attainment) > tie:
         return x.attainment > y.attainment
-    if x.served > y.served * (1 + hysteresis) or y.served > x.served * (1 + hysteresis):
+    if abs(x.served - y.served) > tie and (x.served > y.served * (1 + hysteresis)
+                                           or y.served > x.served * (1 + hysteresis)):
         return x.served > y.served
     return by_ttft and x.ttft_ms < y.ttft_ms * (1 - hysteresis)
 
