@@ -43,8 +43,9 @@ with MPS (a move costs ~12 s) that level is off. What earlier rules did and why 
 "SLO policy history".
 
 It moves when the best split beats the current one (`slo_types.beats`: A higher by over `tie`, else G or then T
-better by over `hysteresis`, relative), the current one does not beat it at the arrival rate and prompt length
-moved +-`load_confidence_z` standard errors (a move for T alone must also keep TPOT at the heavy end) [load_band]
+better by over `hysteresis`, relative, G also by over `tie`), the current one does not beat it at the arrival rate
+and prompt length moved +-`load_confidence_z` standard errors (a move for T alone must also keep TPOT at the heavy
+end) [load_band]
 unless the current split fails most requests with a queue waiting while the best serves most [rescue],
 and the current split has been held `dwell_s` [dwell] (with cheap moves a move that wins A back need not wait).
 Each bracketed term changes decisions in benchmarks/sim_slo_policy.py (`--ablate TERM`; RESULTS.md has the table).
