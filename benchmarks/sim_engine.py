@@ -116,6 +116,7 @@ class Server:
     p: SloPartitioner
     rng: np.random.Generator
     max_batch: int = 64
+    grain: int = 0  # green-context SM granularity the shares are granted at (0: as asked; the H100/H200: 8)
     noise: float = 0.03  # lognormal sigma of each step's time
     t: float = 0.0
     queue: deque[Req] = field(default_factory=deque)
@@ -141,7 +142,8 @@ class Server:
                 not taken or sum(r.prompt for r in taken) + self.queue[0].prompt <= MAX_PREFILL_TOKENS):
             taken.append(self.queue.popleft())
         share = self.p.current_split[0] / 100
-        secs = self.steps.prefill([r.prompt for r in taken], share) * self.rng.lognormal(0, self.noise)
+        granted = granted_shares(self.p.current_split, self.grain)[0]
+        secs = self.steps.prefill([r.prompt for r in taken], granted) * self.rng.lognormal(0, self.noise)
         self.prefilling, self.prefill_end = taken, self.t + secs
         self._prefill_obs = ([r.prompt for r in taken], 0, share, secs)
 
@@ -153,7 +155,8 @@ class Server:
         if self.running:
             share = self.p.current_split[1] / 100
             b, ctx = len(self.running), sum(r.ctx for r in self.running)
-            secs = self.steps.decode(b, ctx, share) * self.rng.lognormal(0, self.noise)
+            granted = granted_shares(self.p.current_split, self.grain)[1]
+            secs = self.steps.decode(b, ctx, granted) * self.rng.lognormal(0, self.noise)
             self.decode_end = self.t + secs
             self._decode_obs = (b, ctx, share, secs)
 
@@ -212,17 +215,28 @@ class Server:
         return sum(s) / len(s) if s else None
 
 
-def startup_profile(steps: StepTimes, prefill_percents: Sequence[float]) -> LatencyProfile:
+def granted_shares(split: tuple[float, float], grain: int) -> tuple[float, float]:
+    """The SM shares a split asked in percent runs on: with green contexts (`grain` 8 on Hopper) decode's SMs are
+    rounded up to a multiple of `grain` and prefill gets the rest (d40: 56 + 76 SMs; d50: 72 + 60); `grain` 0 runs
+    the shares asked. The engine reports the asked percent to the policy, and so does this simulator."""
+    if grain <= 0:
+        return split[0] / 100, split[1] / 100
+    decode = min(TOTAL_SMS - grain, grain * math.ceil(round(TOTAL_SMS * split[1] / 100) / grain))
+    return (TOTAL_SMS - decode) / TOTAL_SMS, decode / TOTAL_SMS
+
+
+def startup_profile(steps: StepTimes, prefill_percents: Sequence[float], grain: int = 0) -> LatencyProfile:
     """What the engine's startup pass measures: 6 prompts up to 4096 tokens and 16 decode steps of 1-6 sequences
     at each split."""
     prof = LatencyProfile()
     for pp in prefill_percents:
         ps, ds = pp / 100, 1 - pp / 100
+        gp, gd = granted_shares((pp, 100 - pp), grain)  # run on the SMs granted, labelled with the split asked
         for k in range(1, 7):
             n = 4096 * k // 6
-            prof.prefill.append(prefill_sample([n], [0], ps, steps.prefill([n], ps)))
+            prof.prefill.append(prefill_sample([n], [0], ps, steps.prefill([n], gp)))
         for b in range(1, 7):
             for i in range(16):
                 ctx = b * (2000 + i)
-                prof.decode.append(decode_sample(b, ctx, ds, steps.decode(b, ctx, ds)))
+                prof.decode.append(decode_sample(b, ctx, ds, steps.decode(b, ctx, gd)))
     return prof

@@ -96,7 +96,7 @@ def nearest_split(decode_percent: float) -> tuple[float, float]:
 
 
 def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, decode_percent: float = 40.0,
-                ablate: Sequence[str] = (), **cfg_kwargs: object) -> Server:
+                ablate: Sequence[str] = (), grain: int = 0, **cfg_kwargs: object) -> Server:
     steps, rng = SHAPES[shape], np.random.default_rng(seed)
     initial = nearest_split(decode_percent)
     overrides: dict[str, object] = {"max_decode_batch": 64, **cfg_kwargs}
@@ -108,19 +108,19 @@ def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, de
                                total_sms=TOTAL_SMS, **overrides)  # type: ignore[arg-type]
     no_change = bool(methods.pop("_no_change", False))
     kind = type("AblatedPartitioner", (SloPartitioner,), methods) if methods else SloPartitioner
-    p = kind(cfg, startup_profile(steps, [30.3, 75.8, initial[0]]))
+    p = kind(cfg, startup_profile(steps, [30.3, 75.8, initial[0]], grain))
     if no_change:
         p.tracker.change_arrivals = 10**9
-    return Server(steps, p, rng)
+    return Server(steps, p, rng, grain=grain)
 
 
 def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tuple[float, float], seed: int,
         decode_percent: float = 40.0, ablate: Sequence[str] = (), phase_decode: dict[str, float] | None = None,
-        **cfg_kwargs: object) -> SimRun:
+        grain: int = 0, **cfg_kwargs: object) -> SimRun:
     """Serve each workload (a list of phases back to back) after the previous one on one server; one column per
     phase name in order of first appearance (repeats of a phase pool their requests). `phase_decode` (phase name
     -> decode %) forces that split at each such phase's start: a static split that knows the phases."""
-    server = make_server(shape, policy, slo, seed, decode_percent, ablate, **cfg_kwargs)
+    server = make_server(shape, policy, slo, seed, decode_percent, ablate, grain, **cfg_kwargs)
     by_name: dict[str, list] = {}
     per_load: list[float] = []
     for i, phases in enumerate(workloads):
@@ -238,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="runs per policy (seeds 0..N-1), attainment averaged")
     ap.add_argument("--duration-s", type=float, default=20.0, help="arrival window per rate (stationary)")
     ap.add_argument("--phase-s", type=float, default=60.0, help="seconds per phase (phased; the GPU stage: 25)")
+    ap.add_argument("--grain", type=int, default=0, metavar="SMS",
+                    help="run each split on the SMs green contexts grant (decode rounded up to a multiple of SMS; "
+                         "8 on Hopper) while the policy sees the split asked, as on the GPU (default 0: as asked)")
     ap.add_argument("--phases", default=None, metavar="NAME:S:REQ_PER_S:IN:OUT,...",
                     help="phased: these phases (the bench client's syntax, lengths +-50%%, twice) instead of the "
                          "built-in long/short pair")
@@ -262,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table: dict[str, list[float]] = {}
     rates, at90 = list(args.rates), dict[str, float]()
     for label, policy, ablate, kw in rows:
-        runs = [run(args.shape, policy, loads, slo, s, ablate=ablate, **kw) for s in range(args.seeds)]
+        runs = [run(args.shape, policy, loads, slo, s, ablate=ablate, grain=args.grain, **kw)
+                for s in range(args.seeds)]
         cells = []
         for i, col in enumerate(runs[0].columns):
             att = float(np.mean([r.columns[i].attainment for r in runs]))

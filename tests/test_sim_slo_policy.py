@@ -117,3 +117,21 @@ def test_a_failing_split_with_a_queue_moves_without_waiting_for_the_load_band() 
                / len(seeds) for d in (40.0, 45.0))
     mean = sum(sim.run("8b-h100", "slo", phases, slo_ms, s).overall for s in seeds) / len(seeds)
     assert mean >= best, (mean, best)
+
+
+def test_grain_runs_the_split_green_contexts_grant() -> None:
+    """--grain 8: decode's SMs rounded up to a multiple of 8 and prefill the rest, as green contexts grant them on
+    Hopper (d40 asks 53 decode SMs and runs on 56, prefill on 76); grain 0 runs the split asked."""
+    from sim_engine import TOTAL_SMS, granted_shares
+
+    d40 = (100 - 40.0, 40.0)
+    assert granted_shares(d40, 0) == (0.6, 0.4)
+    prefill, decode = granted_shares(d40, 8)
+    assert (round(prefill * TOTAL_SMS), round(decode * TOTAL_SMS)) == (76, 56)
+    assert round(granted_shares((50.0, 50.0), 8)[0] * TOTAL_SMS) == 60
+    assert granted_shares((99.0, 1.0), 8)[1] * TOTAL_SMS == pytest.approx(8)  # never below one grain
+    # fewer prefill SMs granted than asked: the same static split serves a prefill-bound load worse
+    phases = [sim.phased(1.0, duration_s=25.0)]
+    asked = sim.run("8b-h100", "static", phases, (2000.0, 25.0), 0, decode_percent=50.0)
+    granted = sim.run("8b-h100", "static", phases, (2000.0, 25.0), 0, decode_percent=50.0, grain=8)
+    assert granted.overall < asked.overall
