@@ -38,9 +38,11 @@ class StepTimes:
     d_knee: float = 0.5
     d_v: tuple[float, float, float] = (0.5, 1.0, 1.0)
 
-    def prefill(self, new: Sequence[int], share: float) -> float:
+    def prefill(self, new: Sequence[int], share: float, contention: float = 0.0) -> float:
+        """`contention`: prefill runs (1 + contention) times slower beside the decode batch running then (HBM and
+        L2 are shared); the server passes its factor x the batch's fill of max_batch, the start-up profile 0."""
         n = np.asarray(new, float)
-        return float(np.array([1.0, n.sum(), (n * (n + 1) / 2).sum()]) @ self.p_alpha) / share
+        return float(np.array([1.0, n.sum(), (n * (n + 1) / 2).sum()]) @ self.p_alpha) / share * (1 + contention)
 
     def decode(self, batch: int, context: int, share: float) -> float:
         a = np.array([1.0, batch, context]) * self.d_alpha
@@ -117,6 +119,7 @@ class Server:
     rng: np.random.Generator
     max_batch: int = 64
     grain: int = 0  # green-context SM granularity the shares are granted at (0: as asked; the H100/H200: 8)
+    contention: float = 0.0  # prefill slowdown beside a full decode batch (scaled by the batch's fill)
     noise: float = 0.03  # lognormal sigma of each step's time
     t: float = 0.0
     queue: deque[Req] = field(default_factory=deque)
@@ -143,7 +146,9 @@ class Server:
             taken.append(self.queue.popleft())
         share = self.p.current_split[0] / 100
         granted = granted_shares(self.p.current_split, self.grain)[0]
-        secs = self.steps.prefill([r.prompt for r in taken], granted) * self.rng.lognormal(0, self.noise)
+        fill = len(self.running) / self.max_batch
+        secs = self.steps.prefill([r.prompt for r in taken], granted, self.contention * fill) \
+            * self.rng.lognormal(0, self.noise)
         self.prefilling, self.prefill_end = taken, self.t + secs
         self._prefill_obs = ([r.prompt for r in taken], 0, share, secs)
 

@@ -35,10 +35,12 @@ from sim_engine import (
     stationary,
 )
 
+from semipd_runtime import slo_config
 from semipd_runtime.slo_partitioner import LoadState, SloPartitioner, SloPartitionerConfig
+from semipd_runtime.slo_profile import profile_splits
 
 TIMEOUT_S = 60.0
-ORACLE_DECODE_PERCENTS = tuple(range(20, 85, 5))  # the SM steps of 8 lie ~6 percent apart
+ORACLE_DECODE_PERCENTS = (20, 25, 35, 40, 45, 50, 55, 65, 70, 75, 80)  # each a different split granted (30 runs as 25)
 
 
 def _running_batch(self: SloPartitioner, load: LoadState, d_share: float, rate: float) -> tuple[float, float]:
@@ -66,6 +68,7 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "load_band": ({"load_confidence_z": 0.0}, {}),
     "rescue": ({}, {"rescues": staticmethod(lambda best, current, load: False)}),
     "dwell": ({"min_dwell_s": 0.0}, {}),
+    "reversal": ({}, {"reverses": lambda self, best, current, load, now: False}),
 }
 
 
@@ -91,12 +94,12 @@ class SimRun:
 
 
 def nearest_split(decode_percent: float) -> tuple[float, float]:
-    """The candidate split whose decode share is closest to `decode_percent`."""
-    return min(SloPartitionerConfig().candidates or (), key=lambda c: abs(c[1] - decode_percent))
+    """The candidate split `--decode-sm-percent` runs as on the GPU (decode's SMs rounded up to a multiple of 8)."""
+    return slo_config.nearest_split(SloPartitionerConfig().candidates or (), (100 - decode_percent, decode_percent))
 
 
 def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, decode_percent: float = 40.0,
-                ablate: Sequence[str] = (), grain: int = 0, **cfg_kwargs: object) -> Server:
+                ablate: Sequence[str] = (), grain: int = 0, contention: float = 0.0, **cfg_kwargs: object) -> Server:
     steps, rng = SHAPES[shape], np.random.default_rng(seed)
     initial = nearest_split(decode_percent)
     overrides: dict[str, object] = {"max_decode_batch": 64, **cfg_kwargs}
@@ -108,19 +111,19 @@ def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, de
                                total_sms=TOTAL_SMS, **overrides)  # type: ignore[arg-type]
     no_change = bool(methods.pop("_no_change", False))
     kind = type("AblatedPartitioner", (SloPartitioner,), methods) if methods else SloPartitioner
-    p = kind(cfg, startup_profile(steps, [30.3, 75.8, initial[0]], grain))
+    p = kind(cfg, startup_profile(steps, [s[0] for s in profile_splits(cfg.candidates or (), initial, 3)], grain))
     if no_change:
         p.tracker.change_arrivals = 10**9
-    return Server(steps, p, rng, grain=grain)
+    return Server(steps, p, rng, grain=grain, contention=contention)
 
 
 def run(shape: str, policy: str, workloads: Sequence[Sequence[Phase]], slo: tuple[float, float], seed: int,
         decode_percent: float = 40.0, ablate: Sequence[str] = (), phase_decode: dict[str, float] | None = None,
-        grain: int = 0, **cfg_kwargs: object) -> SimRun:
+        grain: int = 0, contention: float = 0.0, **cfg_kwargs: object) -> SimRun:
     """Serve each workload (a list of phases back to back) after the previous one on one server; one column per
     phase name in order of first appearance (repeats of a phase pool their requests). `phase_decode` (phase name
     -> decode %) forces that split at each such phase's start: a static split that knows the phases."""
-    server = make_server(shape, policy, slo, seed, decode_percent, ablate, grain, **cfg_kwargs)
+    server = make_server(shape, policy, slo, seed, decode_percent, ablate, grain, contention, **cfg_kwargs)
     by_name: dict[str, list] = {}
     per_load: list[float] = []
     for i, phases in enumerate(workloads):
@@ -241,10 +244,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--grain", type=int, default=0, metavar="SMS",
                     help="run each split on the SMs green contexts grant (decode rounded up to a multiple of SMS; "
                          "8 on Hopper) while the policy sees the split asked, as on the GPU (default 0: as asked)")
+    ap.add_argument("--contention", type=float, default=0.0, metavar="C",
+                    help="prefill runs 1 + C x (decode batch / 64) times slower beside decode, while the start-up "
+                         "profile runs without it, as on the GPU (default 0)")
     ap.add_argument("--phases", default=None, metavar="NAME:S:REQ_PER_S:IN:OUT,...",
                     help="phased: these phases (the bench client's syntax, lengths +-50%%, twice) instead of the "
                          "built-in long/short pair")
     args = ap.parse_args(argv)
+    if args.contention < 0:
+        ap.error("--contention must be >= 0")
     if args.seeds < 1 or args.duration_s <= 0 or args.phase_s <= 0 or any(r <= 0 for r in args.rates):
         ap.error("--seeds must be >= 1, --duration-s, --phase-s and --rates > 0")
     if list(args.rates) != sorted(args.rates):
@@ -265,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table: dict[str, list[float]] = {}
     rates, at90 = list(args.rates), dict[str, float]()
     for label, policy, ablate, kw in rows:
-        runs = [run(args.shape, policy, loads, slo, s, ablate=ablate, grain=args.grain, **kw)
+        runs = [run(args.shape, policy, loads, slo, s, ablate=ablate, grain=args.grain, contention=args.contention,
+                    **kw)
                 for s in range(args.seeds)]
         cells = []
         for i, col in enumerate(runs[0].columns):

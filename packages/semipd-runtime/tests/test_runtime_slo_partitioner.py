@@ -398,3 +398,48 @@ def test_no_move_for_ttft_before_any_request_arrived() -> None:
         feed_window(p, truth, rng, float(w), w + 1.0, 2.0, (1000, 3000), 2, 2000, 0.02, 0.0)
     light = p.decide(10.0)
     assert light.changed and light.prefill_percent > cfg.initial_split[0], light.reason
+
+
+def test_candidates_put_decode_on_the_grid_and_prefill_on_the_rest() -> None:
+    """Green contexts carve decode's SMs first, rounded up to a multiple of 8 (Hopper), and prefill runs on the
+    rest: every candidate is such a split, so the split judged is the split run."""
+    from semipd_runtime.slo_config import nearest_split, sm_split_candidates
+
+    cands = sm_split_candidates(132, 8)
+    sms = [(round(p * 1.32), round(d * 1.32)) for p, d in cands]
+    assert sms[0] == (12, 120) and sms[-1] == (124, 8) and len(sms) == 15
+    assert all(d % 8 == 0 and p + d == 132 for p, d in sms)
+    assert [p for p, _ in cands] == sorted(p for p, _ in cands)
+    # a split asked for runs as the least decode share at or above it (d50: 66 SMs asked, 72 granted)
+    assert nearest_split(cands, (50.0, 50.0)) == (100 * 60 / 132, 100 * 72 / 132)
+    assert nearest_split(cands, (60.0, 40.0)) == (100 * 76 / 132, 100 * 56 / 132)
+    assert nearest_split(cands, (1.0, 99.0)) == cands[0]  # above the grid: the most decode there is
+    mps = tuple((p, 40.0) for p, _ in cands)  # MPS: decode keeps its cap, the nearest prefill share
+    assert nearest_split(mps, (47.0, 40.0)) == min(mps, key=lambda c: abs(c[0] - 47.0))
+    with pytest.raises(ValueError, match="sm_step"):
+        sm_split_candidates(132, 0)
+
+
+def test_a_move_back_waits_for_a_change_of_load() -> None:
+    """Under the load the last move was made for, a move back to the other side is held for 2 x horizon_s: each
+    split is judged from the queue the other one left, and between two neighbours the choice flipped every 2-8 s
+    (simulation). A change of rate, prompt or output length, or the window's end, frees the way back."""
+    p = SloPartitioner(SloPartitionerConfig())
+    then = LoadState(arrival_rate=6.7, mean_prompt_tokens=3000, mean_prompt_attn=4.5e6, waiting_requests=1.7,
+                     waiting_tokens=5000, waiting_attn=7e6, decode_batch=8, decode_context_tokens=25000,
+                     mean_output_tokens=260, arrival_rate_stderr=0.6, prompt_tokens_stderr=90,
+                     prompt_attn_stderr=2e5)
+
+    def at(sms: int) -> SplitPrediction:
+        return SplitPrediction(100 * sms / 132, 100 * (132 - sms) / 132, 500, 12, 0.9, 0.9, 1.0, 1.0, 0.8, 16)
+
+    left, current, further = at(76), at(84), at(92)
+    assert not p.reverses(left, current, then, 10.0)  # no move yet
+    p._last_move, p._last_switch = (1.0, then), 10.0  # moved 76 -> 84 at t = 10 under `then`
+    now = dataclasses.replace(then, arrival_rate=7.1, waiting_requests=6.0)  # the queue moved, the load did not
+    assert p.reverses(left, current, now, 20.0)
+    assert not p.reverses(further, current, now, 20.0)  # onwards is no move back
+    assert not p.reverses(left, current, now, 10.0 + 2 * p.config.horizon_s)
+    assert not p.reverses(left, current, dataclasses.replace(now, arrival_rate=9.0), 20.0)
+    assert not p.reverses(left, current, dataclasses.replace(now, mean_prompt_tokens=1000), 20.0)
+    assert not p.reverses(left, current, dataclasses.replace(now, mean_output_tokens=1000), 20.0)

@@ -4,6 +4,7 @@ semipd)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -12,17 +13,29 @@ SLOW_MOVE_DWELL_S = 60.0  # least time a split is held where a move costs second
 
 
 def sm_split_candidates(total_sms: int = 132, sm_step: int = 8) -> tuple[tuple[float, float], ...]:
-    """(prefill %, decode %) with prefill on a multiple of `sm_step` SMs (the green-context split granularity) and
-    decode on the rest, both >= sm_step: 8/124, 16/116, ..., 120/12 for 132 SMs. Percents are exact (x 100 / total),
-    so `round(percent * total_sms / 100)` gives the SM counts back."""
+    """(prefill %, decode %) with decode on a multiple of `sm_step` SMs and prefill on the rest, both >= sm_step:
+    9.1/90.9 (12/120 SMs) ... 93.9/6.1 (124/8) for 132 SMs, in rising prefill order. This is what a green split
+    grants: decode's group is carved first, rounded up to a multiple of 8 SMs on Hopper, and prefill takes the rest
+    (132 is not a multiple of 8, so prefill on the grid would run 4 SMs short of what the policy judged). Percents
+    are exact (x 100 / total), so `round(percent * total_sms / 100)` gives the SM counts back."""
     if isinstance(total_sms, bool) or not isinstance(total_sms, int) or total_sms < 2:
         raise ValueError(f"total_sms must be an int >= 2, got {total_sms!r}")
     if isinstance(sm_step, bool) or not isinstance(sm_step, int) or not 1 <= sm_step <= total_sms // 2:
         raise ValueError(f"sm_step must be an int in [1, total_sms // 2], got {sm_step!r}")
     splits = []
-    for prefill_sms in range(sm_step, total_sms - sm_step + 1, sm_step):
-        splits.append((100.0 * prefill_sms / total_sms, 100.0 * (total_sms - prefill_sms) / total_sms))
+    for decode_sms in range(total_sms - sm_step, sm_step - 1, -1):
+        if decode_sms % sm_step == 0:
+            splits.append((100.0 * (total_sms - decode_sms) / total_sms, 100.0 * decode_sms / total_sms))
     return tuple(splits)
+
+
+def nearest_split(candidates: Sequence[tuple[float, float]], split: tuple[float, float]) -> tuple[float, float]:
+    """The candidate a split asked for runs as: the least decode share at or above the one asked (a green split
+    rounds decode's SMs up: `--decode-sm-percent 50` runs 72 of 132), then the nearest prefill share; where every
+    candidate has one decode share (MPS keeps its cap), the nearest prefill share."""
+    grid = len({c[1] for c in candidates}) > 1
+    up = [c for c in candidates if c[1] >= split[1] - 1e-9] if grid else []
+    return min(up or candidates, key=lambda c: (abs(c[1] - split[1]), abs(c[0] - split[0])))
 
 
 @dataclass(frozen=True, slots=True)

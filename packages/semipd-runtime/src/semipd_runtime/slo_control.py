@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from semipd_runtime.knobs import knob, validate_knobs
@@ -16,6 +15,7 @@ from semipd_runtime.messages import EngineStats
 from semipd_runtime.prefill_executor import PrefillTiming
 from semipd_runtime.request import Request
 from semipd_runtime.scheduler import Scheduler
+from semipd_runtime.slo_config import nearest_split
 from semipd_runtime.slo_partitioner import (
     POLICIES,
     Decision,
@@ -87,9 +87,6 @@ class SloSettings:
             initial_split=initial, prefill_token_budget=prefill_token_budget, max_decode_batch=max_decode_batch,
             cheap_moves=cheap_moves)
 
-
-def nearest_split(candidates: Sequence[tuple[float, float]], split: tuple[float, float]) -> tuple[float, float]:
-    return min(candidates, key=lambda c: (abs(c[0] - split[0]), abs(c[1] - split[1])))
 
 
 class SloController:

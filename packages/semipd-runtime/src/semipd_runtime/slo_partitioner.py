@@ -47,7 +47,8 @@ better by over `hysteresis`, relative, G also by over `tie`), the current one do
 and prompt length moved +-`load_confidence_z` standard errors (a move for T alone must also keep TPOT at the heavy
 end) [load_band]
 unless the current split fails most requests with a queue waiting while the best serves most [rescue],
-and the current split has been held `dwell_s` [dwell] (with cheap moves a move that wins A back need not wait).
+and the current split has been held `dwell_s` [dwell] (with cheap moves a move that wins A back need not wait),
+and a move back against the last move for A or G waits 2H unless the rate, prompt or output length moved [reversal].
 Each bracketed term changes decisions in benchmarks/sim_slo_policy.py (`--ablate TERM`; RESULTS.md has the table).
 """
 
@@ -90,6 +91,7 @@ class SloPartitioner:
         self._candidates: tuple[tuple[float, float], ...] = candidates
         self._split: tuple[float, float] = split
         self._last_switch = -math.inf
+        self._last_move: tuple[float, LoadState] | None = None  # (direction: +1 more prefill, the load it saw)
         self._last_eval = -math.inf
         self._last: Decision | None = None
         self.switches = 0
@@ -305,8 +307,14 @@ class SloPartitioner:
             reason = f"hold: best {fmt(best)} gains under tie/hysteresis over {fmt(current)}"
         elif not self._robust(best, current, load, by_ttft):
             reason = f"hold: best {fmt(best)}, but not at the load +-{cfg.load_confidence_z} std errors"
+        elif self.reverses(best, current, load, now):
+            reason = f"hold: best {fmt(best)} moves back, but the load is the one the last move was made for"
         else:
             reason = f"move: {fmt(best)} beats {fmt(current)}"
+            # a move for TTFT alone (every split met the SLOs) may be undone at once when it costs attainment
+            for_slo = beats(best, current, cfg.tie, cfg.hysteresis, False)
+            self._last_move = (math.copysign(1.0, best.prefill_percent - current.prefill_percent), load) \
+                if for_slo else None
             self._split, self._last_switch = (best.prefill_percent, best.decode_percent), now
             self.switches += 1
             return self._decision(now, self._split, True, reason, best, best, preds, load)
@@ -339,6 +347,30 @@ class SloPartitioner:
         latest 20 arrivals), and its light end kept a split that could not keep up for 8 s while 12 requests
         queued (simulation, a phase of 4k prompts after one of 256)."""
         return current.attainment < 0.5 <= best.attainment and load.waiting_requests >= 1
+
+    def reverses(self, best: SplitPrediction, current: SplitPrediction, load: LoadState, now: float) -> bool:
+        """A move back (against the last move's direction, when that one was for attainment or served share)
+        within 2 horizon_s of it (the span `kept` judges a
+        split over), under the load that move was made for (rate and prompt length within +-load_confidence_z
+        standard errors, output length within `hysteresis`): not taken. Each split is judged from the queue and
+        batch the other one left, so under a steady load between two neighbours the choice flipped with the
+        queue, 76 <-> 84 SMs every 2-8 s for a whole phase (simulation on the SM grid green contexts grant); a
+        change of load frees the way back."""
+        if self._last_move is None or now - self._last_switch >= 2 * self.config.horizon_s:
+            return False
+        direction, then = self._last_move
+        if (best.prefill_percent - current.prefill_percent) * direction >= 0:
+            return False
+        z = self.config.load_confidence_z
+
+        def moved(a: float, b: float, se_a: float, se_b: float) -> bool:
+            return abs(a - b) > z * math.hypot(se_a, se_b)
+
+        out_then, out_now = then.mean_output_tokens, load.mean_output_tokens
+        return not (moved(load.arrival_rate, then.arrival_rate, load.arrival_rate_stderr, then.arrival_rate_stderr)
+                    or moved(load.mean_prompt_tokens, then.mean_prompt_tokens, load.prompt_tokens_stderr,
+                             then.prompt_tokens_stderr)
+                    or abs(out_now - out_then) > self.config.hysteresis * max(out_now, out_then))
 
     def _robust(self, best: SplitPrediction, current: SplitPrediction, load: LoadState, by_ttft: bool) -> bool:
         # a rate measured from a hundred Poisson arrivals wanders by ~10%, and TTFT near saturation amplifies
