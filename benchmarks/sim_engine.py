@@ -166,7 +166,8 @@ class Server:
             self._decode_obs = (b, ctx, share, secs)
 
     def _report_queue(self) -> None:
-        self.p.update_queue([r.prompt for r in self.queue], len(self.running), sum(r.ctx for r in self.running))
+        self.p.update_queue([r.prompt for r in self.queue], len(self.running), sum(r.ctx for r in self.running),
+                            [r.out - r.gen for r in self.running])
 
     def serve(self, reqs: list[Req], until: float) -> None:
         """Run until every request finished or `until`; what is left then counts as timed out."""

@@ -64,6 +64,7 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "light_load": ({}, {"by_ttft": property(lambda self: False)}),
     "backlog": ({}, {"queued_s": lambda self, load, p_share, slot_s: 0.0}),
     "slots": ({"max_decode_batch": None}, {}),
+    "slot_frees": ({}, {"slot_wait_s": lambda self, load, past, slot_s: max(0.0, past) * slot_s}),
     "change": ({}, {"_no_change": True}),  # the tracker never reads a change from the latest arrivals
     "load_band": ({"load_confidence_z": 0.0}, {}),
     "rescue": ({}, {"rescues": staticmethod(lambda best, current, load: False)}),

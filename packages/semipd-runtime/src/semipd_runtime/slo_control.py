@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from semipd_runtime.knobs import knob, validate_knobs
@@ -147,9 +148,10 @@ class SloController:
         self.observations += 1
         self._measure("decode", seconds)
 
-    def update_queue(self, waiting_prompt_tokens: list[int], running_batch: int, running_context: int) -> None:
+    def update_queue(self, waiting_prompt_tokens: list[int], running_batch: int, running_context: int,
+                     running_remaining: Sequence[int] = ()) -> None:
         if not self.profiling:
-            self.partitioner.update_queue(waiting_prompt_tokens, running_batch, running_context)
+            self.partitioner.update_queue(waiting_prompt_tokens, running_batch, running_context, running_remaining)
 
     # --- decisions ------------------------------------------------------------------------------------------
     def decide(self, now: float) -> Decision | None:
@@ -223,7 +225,8 @@ class SloObserver:
     def after_step(self, scheduler: Scheduler, now: float) -> tuple[float, float] | None:
         running = scheduler.running
         self.controller.update_queue([r.seq_len - r.num_computed for r in scheduler.waiting], len(running),
-                                     sum(r.seq_len for r in running))
+                                     sum(r.seq_len for r in running),
+                                     [max(0, r.sampling.max_tokens - len(r.output_ids)) for r in running])
         decision = self.controller.decide(now)
         return decision.split if decision is not None and decision.changed else None
 

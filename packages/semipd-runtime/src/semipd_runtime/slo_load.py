@@ -27,6 +27,7 @@ class LoadTracker:
         # queue snapshot sums since the last decision: [count, waiting reqs, tokens, attn, decode batch, context]
         self._queue_sum = np.zeros(6)
         self._queue_last = np.zeros(6)
+        self._remaining: tuple[int, ...] = ()  # latest snapshot: tokens each running request may still generate
 
     def observe_arrival(self, t: float, prompt_tokens: int, max_output_tokens: int = 0) -> None:
         """A request arrived at time `t` (same clock as decide's `now`) with `prompt_tokens` to prefill and at most
@@ -52,9 +53,14 @@ class LoadTracker:
         self._outputs.append((int(output_tokens), int(max_output_tokens)))
 
     def update_queue(self, waiting_prompt_tokens: Sequence[int], running_batch: int,
-                     running_context_tokens: int) -> None:
+                     running_context_tokens: int, running_remaining_tokens: Sequence[int] = ()) -> None:
         """Queue state now (call it every step or so): prompt tokens still to prefill per waiting request, and the
-        running decode batch with its total context tokens. decide() uses the mean since the last decision."""
+        running decode batch with its total context tokens. decide() uses the mean since the last decision, and
+        the latest `running_remaining_tokens` (max_tokens left per running request; () if not known)."""
+        if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0
+               for n in running_remaining_tokens):
+            raise ValueError(f"running_remaining_tokens must be ints >= 0, got {running_remaining_tokens!r}")
+        self._remaining = tuple(sorted(int(n) for n in running_remaining_tokens))
         waiting = np.asarray(list(waiting_prompt_tokens), dtype=np.float64)
         if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0 for n in waiting_prompt_tokens):
             raise ValueError(f"waiting_prompt_tokens must be ints >= 0, got {waiting_prompt_tokens!r}")
@@ -106,8 +112,16 @@ class LoadTracker:
         # plain floats: these end up in msgspec-encoded stats, which reject numpy scalars
         mean_out = self.output_estimate(limits)
         waiting_reqs, waiting_tokens, waiting_attn, batch, context = (float(v) for v in q[1:])
+        used = self.used_share()
+        rate_se, prompt_se, attn_se = (float(e) for e in errors)
         return LoadState(float(rate), float(mean_n), float(mean_attn), waiting_reqs, waiting_tokens, waiting_attn,
-                         batch, context, mean_out, *(float(e) for e in errors))
+                         batch, context, mean_out, rate_se, prompt_se, attn_se,
+                         slot_free_tokens=tuple(used * n for n in self._remaining))
+
+    def used_share(self) -> float:
+        """The share of max_tokens finished requests generated (EOS ends most early; 1 when unknown)."""
+        done = [(n, cap) for n, cap in self._outputs if cap > 0]
+        return min(1.0, sum(n for n, _ in done) / sum(cap for _, cap in done)) if done else 1.0
 
     def output_estimate(self, limits: list[int]) -> float:
         """Output tokens of a new request: the latest arrivals' max_tokens, times the share of max_tokens finished

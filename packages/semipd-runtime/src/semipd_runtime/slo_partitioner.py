@@ -8,7 +8,7 @@ Pure Python + numpy; it imports nothing else from semipd, so any engine can feed
     p.observe_decode(batch, context_tokens, sm_share, seconds)        # after every decode step
     p.observe_arrival(t, prompt_tokens)                               # when a request arrives
     p.observe_finish(output_tokens, max_output_tokens)                # when a request finishes
-    p.update_queue(waiting_prompt_tokens, running_batch, running_context_tokens)
+    p.update_queue(waiting_prompt_tokens, running_batch, running_context_tokens, running_remaining_tokens)
     d = p.decide(now)            # re-evaluates every repartition_interval_s; d.changed -> apply the new split
 
 The policy, all of it. The load: arrival rate lam, mean prompt, W requests waiting, the running decode batch, mean
@@ -17,7 +17,8 @@ Step times come from the fitted models (`latency_model.py`). For each candidate 
 
     S        prefill seconds per request (prompts batched up to the token budget); mu = 1/S; own = one prompt's
     slot     seconds between decode-slot frees with a full batch, L x TPOT(cap) / cap (0: cap unknown)   [slots]
-    b        seconds of prefill (or of slot frees, past the free slots) queued ahead of a newcomer now
+    b        seconds of prefill (or of slot frees, past the free slots: the running requests' own ends, then
+             slot each) queued ahead of a newcomer now                                           [slot_frees]
     B        steady decode batch: B = max(running, min((lam + W/H) L tau, mu L tau, cap)), tau = TPOT(B)
              (what arrives, and what waits over the horizon H, reaches decode only as fast as this split
              prefills it: Little's law); L = the latest arrivals' max_tokens x the share of max_tokens finished
@@ -130,10 +131,12 @@ class SloPartitioner:
         self.tracker.observe_finish(output_tokens, max_output_tokens)
 
     def update_queue(self, waiting_prompt_tokens: Sequence[int], running_batch: int,
-                     running_context_tokens: int) -> None:
+                     running_context_tokens: int, running_remaining_tokens: Sequence[int] = ()) -> None:
         """Queue state now (call it every step or so): prompt tokens still to prefill per waiting request, and the
-        running decode batch with its total context tokens. decide() uses the mean since the last decision."""
-        self.tracker.update_queue(waiting_prompt_tokens, running_batch, running_context_tokens)
+        running decode batch with its total context tokens. decide() uses the mean since the last decision, and
+        the latest max_tokens left per running request (when a decode slot frees)."""
+        self.tracker.update_queue(waiting_prompt_tokens, running_batch, running_context_tokens,
+                                  running_remaining_tokens)
 
     def load_state(self, now: float, consume: bool = False) -> LoadState:
         """The load seen at `now`; `consume` starts a new queue-averaging window (decide() does)."""
@@ -179,8 +182,24 @@ class SloPartitioner:
                 np.array([steps, load.waiting_tokens, load.waiting_attn]), p_share)
         if slot_s > 0:
             free = max(0.0, float(cfg.max_decode_batch or 0) - load.decode_batch)
-            backlog = max(backlog, max(0.0, load.waiting_requests - free) * slot_s)
+            backlog = max(backlog, self.slot_wait_s(load, load.waiting_requests - free, slot_s))
         return backlog
+
+    def slot_wait_s(self, load: LoadState, past: float, slot_s: float) -> float:
+        """Seconds until `past` more decode slots free: the running requests' own ends where known (the k-th
+        soonest to finish frees the k-th slot after its tokens left x one full-batch step), new requests' slot_s
+        each beyond them. Sized from new requests alone, slots behind a batch of 1k-token outputs looked free
+        4x sooner than they came, and the policy gave prefill SMs that could only wait (H100, 2026-12-08)."""
+        if past <= 0:
+            return 0.0
+        frees = load.slot_free_tokens
+        if not frees or load.mean_output_tokens <= 0:
+            return past * slot_s
+        step = slot_s * float(self.config.max_decode_batch or 0) / load.mean_output_tokens  # TPOT at the cap
+        k = max(1, math.ceil(past - 1e-9))
+        if k <= len(frees):
+            return frees[k - 1] * step
+        return frees[-1] * step + (past - len(frees)) * slot_s
 
     @staticmethod
     def batch_swing(batch: float) -> float:

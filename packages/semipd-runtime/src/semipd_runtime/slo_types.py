@@ -24,6 +24,9 @@ class LoadState:
     arrival_rate_stderr: float = 0.0  # Poisson: sqrt(count) / span
     prompt_tokens_stderr: float = 0.0
     prompt_attn_stderr: float = 0.0
+    # tokens to the end of each running request, ascending (max_tokens left x the share used): the k-th frees
+    # the k-th decode slot after that many steps (empty: not known)
+    slot_free_tokens: tuple[float, ...] = ()
 
     def shifted(self, z: float) -> LoadState:
         """The arrival statistics moved by z standard errors (z < 0: lighter load), clipped at 0."""
