@@ -80,7 +80,7 @@ def test_phased_load_beats_the_best_static_split_without_flapping() -> None:
     """Long prompts (prefill-bound), then short prompts with long outputs (decode-bound), twice: no static split
     serves both (decode 40% is the best static one, in the oracle of sim_slo_policy.py --oracle), a policy that
     follows the phases does. Moves back: one per phase change (three), plus the start, where the first move is
-    made from a few seconds of arrivals (5 for both seeds; 9 and 15 without the `reverses` rule)."""
+    made from a few seconds of arrivals (3 and 3; 9 and 15 without the `reverses` rule)."""
     for seed in (0, 1):
         slo = sim.run("8b", "slo", [sim.phased(1.0)], (2000.0, 15.0), seed)
         static = sim.run("8b", "static", [sim.phased(1.0)], (2000.0, 15.0), seed, decode_percent=40.0)

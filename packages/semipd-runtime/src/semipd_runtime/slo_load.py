@@ -12,6 +12,8 @@ import numpy as np
 
 from semipd_runtime.slo_types import LoadState
 
+CHANGE_Z = 3.0  # standard errors an estimate must move by to count as a change of load (not noise)
+
 
 class LoadTracker:
     """Owns the arrival window, the finished outputs and the queue snapshots since the last decision."""
@@ -145,6 +147,6 @@ class LoadTracker:
         rate_all, rate_new = len(window) / lookback, k / short
         prompts = np.asarray([a[1] for a in window], dtype=np.float64)
         new = prompts[-k:]
-        moved_rate = abs(rate_new - rate_all) > 3 * rate_all / math.sqrt(k)
-        moved_prompt = abs(float(new.mean()) - float(prompts.mean())) > 3 * float(prompts.std()) / math.sqrt(k)
+        moved_rate = abs(rate_new - rate_all) > CHANGE_Z * rate_all / math.sqrt(k)
+        moved_prompt = abs(float(new.mean()) - float(prompts.mean())) > CHANGE_Z * float(prompts.std()) / math.sqrt(k)
         return short if moved_rate or moved_prompt else lookback

@@ -49,7 +49,7 @@ and prompt length moved +-`load_confidence_z` standard errors (a move for T alon
 end) [load_band]
 unless the current split fails most requests with a queue waiting while the best serves most [rescue],
 and the current split has been held `dwell_s` [dwell] (with cheap moves a move that wins A back need not wait),
-and a move back against the last move for A or G waits 2H unless the rate, prompt or output length moved [reversal].
+and a move back against the last move for A or G waits for the rate, prompt or output length to move [reversal].
 Each bracketed term changes decisions in benchmarks/sim_slo_policy.py (`--ablate TERM`; RESULTS.md has the table).
 """
 
@@ -69,9 +69,9 @@ from semipd_runtime.latency_model import (
     decode_features,
 )
 from semipd_runtime.slo_config import POLICIES, SloPartitionerConfig, check_split, sm_split_candidates
-from semipd_runtime.slo_load import LoadTracker
+from semipd_runtime.slo_load import CHANGE_Z, LoadTracker
 from semipd_runtime.slo_scoring import queue_kept_share, tpot_attainment, ttft_attainment
-from semipd_runtime.slo_types import Decision, LoadState, SplitPrediction, beats, fmt
+from semipd_runtime.slo_types import Decision, LoadState, SplitPrediction, beats, fmt, load_moved
 
 __all__ = ["POLICIES", "Decision", "LoadState", "SloPartitioner", "SloPartitionerConfig", "SplitPrediction",
            "sm_split_candidates"]
@@ -208,9 +208,8 @@ class SloPartitioner:
         return 1.0 + 1.0 / math.sqrt(batch)
 
     def capped_swing(self, batch: float) -> float:
-        """The swing, but never past the engine's cap on running requests: a full batch cannot swing up. Uncapped,
-        a batch at the cap of 64 was judged at 72 sequences, 25.6 ms for a split that ran 22-24 ms against a TPOT
-        SLO of 25, and the policy left it for one that starved prefill (H100, 2026-12-08, RESULTS.md)."""
+        """The swing, never past the engine's cap on running requests: uncapped, a batch at the cap of 64 was
+        judged at 72 sequences, 25.6 ms against 22-24 ms run (H100, 2026-12-08, RESULTS.md)."""
         swing, cap = self.batch_swing(batch), self.config.max_decode_batch
         if cap is not None and batch * swing > cap:
             return max(1.0, cap / batch)
@@ -368,28 +367,18 @@ class SloPartitioner:
         return current.attainment < 0.5 <= best.attainment and load.waiting_requests >= 1
 
     def reverses(self, best: SplitPrediction, current: SplitPrediction, load: LoadState, now: float) -> bool:
-        """A move back (against the last move's direction, when that one was for attainment or served share)
-        within 2 horizon_s of it (the span `kept` judges a
-        split over), under the load that move was made for (rate and prompt length within +-load_confidence_z
-        standard errors, output length within `hysteresis`): not taken. Each split is judged from the queue and
-        batch the other one left, so under a steady load between two neighbours the choice flipped with the
-        queue, 76 <-> 84 SMs every 2-8 s for a whole phase (simulation on the SM grid green contexts grant); a
-        change of load frees the way back."""
-        if self._last_move is None or now - self._last_switch >= 2 * self.config.horizon_s:
+        """A move back against the last move (one made for A or G) under the load that move was made for (not
+        `load_moved` by CHANGE_Z standard errors, as the tracker reads a change) is not taken. Each split is
+        judged from the queue the other one left, so between two neighbours the choice flipped with the queue,
+        76 <-> 84 SMs every 2-8 s for a whole phase (simulation, granted SM grid); a change of load frees the
+        way back. (Freed after 2H, or at 2 standard errors, the way back was taken 40 s later on a 0.021 gain
+        in A: hypothesis found both.)"""
+        if self._last_move is None:
             return False
         direction, then = self._last_move
         if (best.prefill_percent - current.prefill_percent) * direction >= 0:
             return False
-        z = self.config.load_confidence_z
-
-        def moved(a: float, b: float, se_a: float, se_b: float) -> bool:
-            return abs(a - b) > z * math.hypot(se_a, se_b)
-
-        out_then, out_now = then.mean_output_tokens, load.mean_output_tokens
-        return not (moved(load.arrival_rate, then.arrival_rate, load.arrival_rate_stderr, then.arrival_rate_stderr)
-                    or moved(load.mean_prompt_tokens, then.mean_prompt_tokens, load.prompt_tokens_stderr,
-                             then.prompt_tokens_stderr)
-                    or abs(out_now - out_then) > self.config.hysteresis * max(out_now, out_then))
+        return not load_moved(then, load, CHANGE_Z, self.config.hysteresis)
 
     def _robust(self, best: SplitPrediction, current: SplitPrediction, load: LoadState, by_ttft: bool) -> bool:
         # a rate measured from a hundred Poisson arrivals wanders by ~10%, and TTFT near saturation amplifies

@@ -4,6 +4,7 @@ plus how a split's rank counts when moving (pure Python; imports nothing from se
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -106,6 +107,19 @@ def beats(x: SplitPrediction, y: SplitPrediction, tie: float, hysteresis: float,
                                            or y.served > x.served * (1 + hysteresis)):
         return x.served > y.served
     return by_ttft and x.ttft_ms < y.ttft_ms * (1 - hysteresis)
+
+
+def load_moved(then: LoadState, now: LoadState, z: float, out_rel: float) -> bool:
+    """The arrival rate or mean prompt length moved by over z standard errors (of both estimates), or the output
+    length by over `out_rel` of the larger (it has no standard error: it comes from max_tokens)."""
+    def moved(a: float, b: float, se_a: float, se_b: float) -> bool:
+        return abs(a - b) > z * math.hypot(se_a, se_b)
+
+    out = max(now.mean_output_tokens, then.mean_output_tokens)
+    return (moved(now.arrival_rate, then.arrival_rate, now.arrival_rate_stderr, then.arrival_rate_stderr)
+            or moved(now.mean_prompt_tokens, then.mean_prompt_tokens, now.prompt_tokens_stderr,
+                     then.prompt_tokens_stderr)
+            or abs(now.mean_output_tokens - then.mean_output_tokens) > out_rel * out)
 
 
 def fmt(p: SplitPrediction) -> str:
