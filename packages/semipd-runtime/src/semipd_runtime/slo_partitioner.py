@@ -13,7 +13,8 @@ Pure Python + numpy; it imports nothing else from semipd, so any engine can feed
 
 The policy, all of it. The load: arrival rate lam, mean prompt, W requests waiting, the running decode batch, mean
 output tokens L (read from the latest 20 arrivals when they differ from the window's by 3 std errors [change]).
-Step times come from the fitted models (`latency_model.py`). For each candidate split s:
+Step times come from the fitted models (`latency_model.py`). The candidates are the splits green contexts grant
+(decode on a multiple of 8 SMs, prefill on the rest: `slo_config.sm_split_candidates`). For each split s:
 
     S        prefill seconds per request (prompts batched up to the token budget); mu = 1/S; own = one prompt's
     slot     seconds between decode-slot frees with a full batch, L x TPOT(cap) / cap (0: cap unknown)   [slots]
