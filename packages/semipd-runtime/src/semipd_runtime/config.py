@@ -114,7 +114,9 @@ class SemiPDOptions:
                                           "$SEMI_PD_PREFILL_SM_PERCENTILE, else 50)",
                                           flags=("--prefill-sm-percent",), minimum=1, maximum=100, group="pd")
     decode_sm_percent: int | None = knob(None, "decode worker's SM share (semi-pd; default: "
-                                         "$SEMI_PD_DECODE_SM_PERCENTILE, else what prefill leaves)",
+                                         "$SEMI_PD_DECODE_SM_PERCENTILE, else what prefill leaves; green "
+                                         "contexts round decode's SMs up to a multiple of 8 on Hopper, 40 -> 56 "
+                                         "of 132, and give prefill the rest)",
                                          flags=("--decode-sm-percent",), minimum=1, maximum=100, group="pd")
     prefill_placement: str = knob("process", "where the prefill worker runs without a forced placement",
                                   choices=("process", "thread"))
