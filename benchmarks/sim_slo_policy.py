@@ -203,13 +203,13 @@ def rate_at(rates: Sequence[float], attainment: Sequence[float], goal: float = 9
 
 
 def phase_oracle(shape: str, loads: Sequence[Sequence[Phase]], slo: tuple[float, float], seeds: int,
-                 start: dict[str, float]) -> tuple[dict[str, float], float]:
+                 start: dict[str, float], contention: float = 0.0) -> tuple[dict[str, float], float]:
     """A static split per phase that knows the phases (switched at each phase's start): coordinate ascent on overall
     attainment from `start` (each phase's best static split), one phase at a time over the oracle's grid, until no
     phase's split improves it. Not an upper bound for a dynamic policy (one split per phase, backlog included),
     but what knowing the phases alone buys."""
     def score(per_phase: dict[str, float]) -> float:
-        return float(np.mean([run(shape, "static", loads, slo, s, phase_decode=per_phase).overall
+        return float(np.mean([run(shape, "static", loads, slo, s, phase_decode=per_phase, contention=contention).overall
                               for s in range(seeds)]))
 
     best, best_score = dict(start), score(start)
@@ -244,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--phase-s", type=float, default=60.0, help="seconds per phase (phased; the GPU stage: 25)")
     ap.add_argument("--grain", type=int, default=0, metavar="SMS",
                     help="run each split on the SMs green contexts grant (decode rounded up to a multiple of SMS; "
-                         "8 on Hopper) while the policy sees the split asked, as on the GPU (default 0: as asked)")
+                         "8 on Hopper) while the policy sees the split asked (default 0: as asked). The policy's "
+                         "candidates are granted splits already: this matters only for other candidate sets")
     ap.add_argument("--contention", type=float, default=0.0, metavar="C",
                     help="prefill runs 1 + C x (decode batch / 64) times slower beside decode, while the start-up "
                          "profile runs without it, as on the GPU (default 0)")
@@ -301,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workload == "phased" and args.phase_oracle:
             names = [c.name for c in runs[0].columns]
             start = {n: float(b.removeprefix("static-d")) for n, b in zip(names, best, strict=True)}
-            per_phase, overall = phase_oracle(args.shape, loads, slo, args.seeds, start)
+            per_phase, overall = phase_oracle(args.shape, loads, slo, args.seeds, start, args.contention)
             print(f"  {'phase oracle':14s}  " + "   ".join(f"{n}: d{d:g}" for n, d in per_phase.items())
                   + f"   | all {overall:5.1f}")
     return 0
