@@ -69,7 +69,7 @@ ABLATIONS: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "load_band": ({"load_confidence_z": 0.0}, {}),
     "rescue": ({}, {"rescues": staticmethod(lambda best, current, load: False)}),
     "dwell": ({"min_dwell_s": 0.0}, {}),
-    "reversal": ({}, {"reverses": lambda self, best, current, load, now: False}),
+    "reversal": ({}, {"reverses": lambda self, best, current, load: False}),
 }
 
 

@@ -43,15 +43,14 @@ def test_a_move_back_waits_for_a_change_of_load() -> None:
         return SplitPrediction(100 * sms / 132, 100 * (132 - sms) / 132, 500, 12, 0.9, 0.9, 1.0, 1.0, 0.8, 16)
 
     left, current, further = at(76), at(84), at(92)
-    assert not p.reverses(left, current, then, 10.0)  # no move yet
-    p._last_move, p._last_switch = (1.0, then), 10.0  # moved 76 -> 84 at t = 10 under `then`
+    assert not p.reverses(left, current, then)  # no move yet
+    p._last_move = (1.0, then)  # moved 76 -> 84 under `then`
     now = dataclasses.replace(then, arrival_rate=8.3, waiting_requests=6.0)  # the queue moved; the rate < 3 SE
-    assert p.reverses(left, current, now, 20.0)
-    assert not p.reverses(further, current, now, 20.0)  # onwards is no move back
-    assert p.reverses(left, current, now, 10.0 + 10 * p.config.horizon_s)
-    assert not p.reverses(left, current, dataclasses.replace(now, arrival_rate=9.5), 20.0)  # > 3 SE
-    assert not p.reverses(left, current, dataclasses.replace(now, mean_prompt_tokens=1000), 20.0)
-    assert not p.reverses(left, current, dataclasses.replace(now, mean_output_tokens=1000), 20.0)
+    assert p.reverses(left, current, now)
+    assert not p.reverses(further, current, now)  # onwards is no move back
+    assert not p.reverses(left, current, dataclasses.replace(now, arrival_rate=9.5))  # > 3 SE
+    assert not p.reverses(left, current, dataclasses.replace(now, mean_prompt_tokens=1000))
+    assert not p.reverses(left, current, dataclasses.replace(now, mean_output_tokens=1000))
 
 
 def test_slots_free_when_the_running_requests_end() -> None:

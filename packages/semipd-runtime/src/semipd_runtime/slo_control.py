@@ -89,7 +89,6 @@ class SloSettings:
             cheap_moves=cheap_moves)
 
 
-
 class SloController:
     """Observations in, decisions out; `profiling` mutes arrivals/queue/decisions while the startup pass runs."""
 

@@ -326,7 +326,7 @@ class SloPartitioner:
             reason = f"hold: best {fmt(best)} gains under tie/hysteresis over {fmt(current)}"
         elif not self._robust(best, current, load, by_ttft):
             reason = f"hold: best {fmt(best)}, but not at the load +-{cfg.load_confidence_z} std errors"
-        elif self.reverses(best, current, load, now):
+        elif self.reverses(best, current, load):
             reason = f"hold: best {fmt(best)} moves back, but the load is the one the last move was made for"
         else:
             reason = f"move: {fmt(best)} beats {fmt(current)}"
@@ -367,7 +367,7 @@ class SloPartitioner:
         queued (simulation, a phase of 4k prompts after one of 256)."""
         return current.attainment < 0.5 <= best.attainment and load.waiting_requests >= 1
 
-    def reverses(self, best: SplitPrediction, current: SplitPrediction, load: LoadState, now: float) -> bool:
+    def reverses(self, best: SplitPrediction, current: SplitPrediction, load: LoadState) -> bool:
         """A move back against the last move (one made for A or G) under the load that move was made for (not
         `load_moved` by CHANGE_Z standard errors, as the tracker reads a change) is not taken. Each split is
         judged from the queue the other one left, so between two neighbours the choice flipped with the queue,
