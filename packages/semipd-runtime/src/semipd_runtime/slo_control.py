@@ -103,7 +103,10 @@ class SloController:
         self._arrived: dict[str, float] = {}
         # measured since the previous decision: sums and counts of TTFT, prefill and decode step seconds
         self._window = {"ttft": [0.0, 0], "prefill": [0.0, 0], "decode": [0.0, 0]}
-        self.measured = {"ttft": 0.0, "prefill": 0.0, "decode": 0.0}
+        self._window_start: float | None = None  # when the previous decision was made
+        # means over the last window, plus the share of it the prefill worker was busy and first tokens per
+        # second: against the predicted prefill utilization and rate, they show time lost between prefill steps
+        self.measured = {"ttft": 0.0, "prefill": 0.0, "decode": 0.0, "prefill_busy": 0.0, "first_tokens_per_s": 0.0}
 
     @property
     def split(self) -> tuple[float, float]:
@@ -163,10 +166,16 @@ class SloController:
         for key, (total, n) in self._window.items():
             if n:
                 self.measured[key] = total / n
-        self._window = {k: [0.0, 0] for k in self._window}
+        if self._window_start is not None and now > self._window_start:
+            span = now - self._window_start
+            self.measured["prefill_busy"] = self._window["prefill"][0] / span
+            self.measured["first_tokens_per_s"] = self._window["ttft"][1] / span
+        self._window, self._window_start = {k: [0.0, 0] for k in self._window}, now
         info = d.as_dict()
         info.update(measured_ttft_ms=1000 * self.measured["ttft"], measured_prefill_step_ms=1000 *
-                    self.measured["prefill"], measured_decode_step_ms=1000 * self.measured["decode"])
+                    self.measured["prefill"], measured_decode_step_ms=1000 * self.measured["decode"],
+                    measured_prefill_busy=self.measured["prefill_busy"],
+                    measured_first_tokens_per_s=self.measured["first_tokens_per_s"])
         log.info("slo decision: %s", {k: round(v, 3) if isinstance(v, float) else v for k, v in info.items()})
         return d
 
