@@ -115,27 +115,29 @@ class LoadTracker:
         mean_out = self.output_estimate(limits)
         waiting_reqs, waiting_tokens, waiting_attn, batch, context = (float(v) for v in q[1:])
         used = self.used_share()
+        used = 1.0 if used is None else used
         rate_se, prompt_se, attn_se = (float(e) for e in errors)
         return LoadState(float(rate), float(mean_n), float(mean_attn), waiting_reqs, waiting_tokens, waiting_attn,
                          batch, context, mean_out, rate_se, prompt_se, attn_se,
                          slot_free_tokens=tuple(used * n for n in self._remaining))
 
-    def used_share(self) -> float:
-        """The share of max_tokens finished requests generated (EOS ends most early; 1 when unknown)."""
+    def used_share(self) -> float | None:
+        """The share of max_tokens finished requests generated (EOS ends most early); None: no finished request
+        with a known max_tokens."""
         done = [(n, cap) for n, cap in self._outputs if cap > 0]
-        return min(1.0, sum(n for n, _ in done) / sum(cap for _, cap in done)) if done else 1.0
+        return min(1.0, sum(n for n, _ in done) / sum(cap for _, cap in done)) if done else None
 
     def output_estimate(self, limits: list[int]) -> float:
         """Output tokens of a new request: the latest arrivals' max_tokens, times the share of max_tokens finished
         requests used (EOS ends most early). Finished requests alone lag a change by a whole output (a phase of
         1k-token outputs read as 256 for 20 s on an H100, so TPOT was sized for a quarter of its batch), and
         max_tokens alone over-states outputs that stop at EOS. 0: nothing known yet."""
-        done = [(n, cap) for n, cap in self._outputs if cap > 0]
         finished = float(np.mean([n for n, _ in self._outputs])) if self._outputs else 0.0
         if not limits:
             return finished
-        if done:
-            return float(np.mean(limits)) * min(1.0, sum(n for n, _ in done) / sum(cap for _, cap in done))
+        used = self.used_share()
+        if used is not None:
+            return float(np.mean(limits)) * used
         # finishes without their max_tokens: the finished mean still bounds a loose limit (chat clients ask 2048)
         return min(float(np.mean(limits)), finished) if self._outputs else float(np.mean(limits))
 
