@@ -40,7 +40,6 @@ from semipd_runtime.slo_partitioner import LoadState, SloPartitioner, SloPartiti
 from semipd_runtime.slo_profile import profile_splits
 
 TIMEOUT_S = 60.0
-ORACLE_DECODE_PERCENTS = (20, 25, 35, 40, 45, 50, 55, 65, 70, 75, 80)  # each a different split granted (30 runs as 25)
 
 
 def _running_batch(self: SloPartitioner, load: LoadState, d_share: float, rate: float) -> tuple[float, float]:
@@ -97,6 +96,10 @@ class SimRun:
 def nearest_split(decode_percent: float) -> tuple[float, float]:
     """The candidate split `--decode-sm-percent` runs as on the GPU (decode's SMs rounded up to a multiple of 8)."""
     return slo_config.nearest_split(SloPartitionerConfig().candidates or (), (100 - decode_percent, decode_percent))
+
+
+# decode 20..80% in steps of 5, each kept only where it runs a different split than the step before (30 runs as 25)
+ORACLE_DECODE_PERCENTS = tuple(d for d in range(20, 85, 5) if d == 20 or nearest_split(d) != nearest_split(d - 5))
 
 
 def make_server(shape: str, policy: str, slo: tuple[float, float], seed: int, decode_percent: float = 40.0,
